@@ -1,0 +1,42 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test bench lint clean zoo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e ".[test,dev]"
+	touch $@ $(STAMP)
+
+## make demo: learn an explanation of a shipped model, print it and write a PNG
+demo: $(STAMP)
+	$(BIN)/explainer train --model planted-joint --seed 0 --out demo-run --overwrite
+	$(BIN)/explainer show demo-run --png demo-run/masks.png
+
+## make test: the whole test suite, notebooks included
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(TEST_STAMP)
+	$(BIN)/python benchmarks/speed.py
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check explainer adversary tests benchmarks
+	$(BIN)/ruff format --check explainer adversary tests benchmarks
+
+## regenerate the planted models shipped in the zoo (deterministic, no training)
+zoo: $(STAMP)
+	$(BIN)/python -m explainer.models.planted
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache

@@ -1,0 +1,25 @@
+"""explainer: learned, adversarially robust explanations of transformer behaviours.
+
+>>> import explainer
+>>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+>>> e.size
+2
+"""
+
+__version__ = "0.1.0"
+
+from explainer.api import evaluate, explain, open_run  # noqa: E402
+from explainer.config import TrainConfig, load_config  # noqa: E402
+from explainer.errors import ExplainerError  # noqa: E402
+from explainer.explanation import Explanation, load  # noqa: E402
+
+__all__ = [
+    "Explanation",
+    "ExplainerError",
+    "TrainConfig",
+    "evaluate",
+    "explain",
+    "load",
+    "load_config",
+    "open_run",
+]

@@ -1,0 +1,150 @@
+"""The plain functions behind the CLI: the same code path for notebooks and the command line."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from explainer.config import TrainConfig, load_config
+from explainer.errors import ExplainerError
+from explainer.explanation import Explanation, check_writable, load
+from explainer.masks import Mask, as_mask
+from explainer.metrics import faithfulness
+from explainer.models import load_model, resolve_model, weights_sha256
+from explainer.models.transformer import Transformer
+from explainer.models.zoo import ZOO_DIR
+from explainer.scrub import Scrubber
+from explainer.tasks import Task, resolve_task
+from explainer.tasks.base import Batch
+from explainer.train import InLoopAdversary, finish, train_gates
+
+
+def _model_record(folder: Path) -> dict[str, Any]:
+    folder = folder.resolve()
+    in_zoo = folder.parent == ZOO_DIR.resolve()
+    return {"name": folder.name if in_zoo else None, "path": str(folder), "sha256": weights_sha256(folder)}
+
+
+def _task_record(task_arg: str | os.PathLike | None, task: Task) -> dict[str, Any]:
+    if task_arg is None:
+        return {"name": task.name, "source": "model"}
+    text = str(task_arg)
+    if Path(text).is_file():
+        return {"name": task.name, "source": "file", "path": str(Path(text).resolve())}
+    return {"name": task.name, "source": "builtin"}
+
+
+def evaluate_keep(scrubber: Scrubber, batch: Batch, keep: Mask, seed: int = 0, chunk: int = 512) -> dict[str, float]:
+    """Faithfulness of a (binary) keep mask on ``batch``, in chunks, as plain floats."""
+
+    @eqx.filter_jit
+    def run(scrubber, part: Batch, key):
+        full, repl = scrubber.reference(part, key)
+        return full, scrubber.logits(part.clean, keep, repl)
+
+    fulls, scrubbed = [], []
+    key = jax.random.key(seed)
+    for start in range(0, len(batch), chunk):
+        part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
+        full, logits = run(scrubber, part, jax.random.fold_in(key, start))
+        fulls.append(full)
+        scrubbed.append(logits)
+    return faithfulness(jnp.concatenate(fulls), jnp.concatenate(scrubbed), batch.answers, batch.wrong_answers)
+
+
+def explain(
+    model: str | os.PathLike = "planted-distractor",
+    task: str | os.PathLike | None = None,
+    config: TrainConfig | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    adversary: InLoopAdversary | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> Explanation:
+    """Learn an explanation of ``model`` on ``task``; save it to ``out`` when given.
+
+    ``model`` is a zoo name or a model folder; ``task`` a prompts file, a built-in task name, or
+    ``None`` for the model folder's own ``prompts.json``. ``settings`` override ``config``
+    (a :class:`TrainConfig` or a TOML file), e.g. ``steps=500, lam=0.05``.
+
+    >>> e = explain("planted-joint", seed=1, progress=False)
+    >>> e.kept
+    {'blocks.0.attn.in': [0], 'blocks.0.mlp.in': [1, 2], 'unembed.in': [3]}
+    """
+    if not isinstance(config, TrainConfig):
+        config = load_config(config) if config is not None else TrainConfig()
+    config = config.replace(**settings)
+    if out is not None:
+        check_writable(Path(out), overwrite)
+    folder = resolve_model(model)
+    net = load_model(folder)
+    the_task = resolve_task(task, folder)
+    the_task.check(net.config)
+    scrubber = Scrubber.build(net, the_task.train_data(), config.sites, config.ablation)
+    started = time.perf_counter()
+    gates, history = train_gates(scrubber, the_task.train_data(), config, adversary, progress)
+    history["seconds"] = [time.perf_counter() - started]
+    kept = finish(gates, config)
+    result = Explanation(
+        kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
+        n_units=scrubber.n_units,
+        gate_logits={site: jax.device_get(v) for site, v in gates.logits.items()},
+        model=_model_record(folder),
+        task=_task_record(task, the_task),
+        config={**config.to_json(), "adversary": getattr(adversary, "name", None)},
+        faithfulness=evaluate_keep(scrubber, the_task.heldout_data(), as_mask(kept), config.seed),
+        history=history,
+    )
+    if out is not None:
+        result.save(out, overwrite=overwrite)
+    return result
+
+
+def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explanation, Transformer, Path]:
+    """Load a run with the model it explains, refusing if the model's weights changed since."""
+    expl = load(run)
+    name, path = expl.model.get("name"), expl.model.get("path")
+    folder = resolve_model(name) if name else Path(str(path))
+    if not folder.is_dir():
+        raise ExplainerError(f"the model of run {str(run)!r} is gone: {str(folder)!r} does not exist")
+    if check_weights and weights_sha256(folder) != expl.model.get("sha256"):
+        raise ExplainerError(
+            f"the weights in {str(folder)!r} changed since run {str(run)!r} was trained (sha256 differs); "
+            "retrain the explanation on the current weights"
+        )
+    net = load_model(folder)
+    missing = [s for s in expl.n_units if s not in net.sites]
+    if missing or any(n != net.config.d_model for n in expl.n_units.values()):
+        raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r} (sites {missing}); retrain")
+    return expl, net, folder
+
+
+def run_task(expl: Explanation, folder: Path, task: str | os.PathLike | None = None) -> Task:
+    """The task a run was trained on (or ``task`` instead, when given)."""
+    if task is not None:
+        return resolve_task(task, folder)
+    record = expl.task
+    if record.get("source") == "file":
+        return resolve_task(record["path"], folder)
+    if record.get("source") == "builtin":
+        return resolve_task(record["name"], folder)
+    return resolve_task(None, folder)
+
+
+def evaluate(run: str | os.PathLike, task: str | os.PathLike | None = None, ablation: str | None = None) -> dict[str, Any]:
+    """Re-measure a saved explanation on held-out prompts (optionally another task or ablation)."""
+    expl, net, folder = open_run(run)
+    the_task = run_task(expl, folder, task)
+    the_task.check(net.config)
+    ablation = ablation or expl.config.get("ablation", "resample")
+    scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), ablation)
+    scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
+    return {"run": str(run), "size": expl.size, "kept": expl.kept, "ablation": ablation,
+            "task": the_task.name, "faithfulness": scores}

@@ -1,0 +1,134 @@
+"""Training settings: one frozen dataclass whose defaults are the settings, loadable from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from explainer.errors import ExplainerError, did_you_mean
+from explainer.scrub import check_ablation
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How an explanation is trained.
+
+    The size penalty has three modes; the default needs no tuning per model:
+
+    - ``kl_budget`` (default): the smallest explanation whose KL stays within ``kl_budget`` nats;
+      the penalty multiplier is learned by dual ascent;
+    - ``lam``: a fixed penalty, in nats per kept unit (a unit is kept only if it buys more KL);
+    - ``target_size``: an explanation of exactly ``target_size`` units (multiplier learned while
+      training, the top units by gate logit kept at the end).
+
+    Gates start mostly closed (``init_logit = -1``, about a one-in-three chance of being open) so
+    that every unit has to earn its place: started open, a pair of units whose contributions cancel
+    sits in a local optimum (closing either one alone costs KL), and the smaller explanation that
+    drops both is never found. ``λ`` moves slowly (``dual_lr``) and backs off ten times faster than
+    it grows, because a ``λ`` that overshoots closes every gate of a serial pathway at once.
+
+    >>> TrainConfig(lam=0.1).mode
+    'lambda'
+    >>> TrainConfig().mode
+    'kl_budget'
+    """
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 0.05
+    ablation: str = "resample"
+    kl_budget: float = 0.01
+    lam: float | None = None
+    target_size: int | None = None
+    init_lambda: float = 0.1
+    dual_lr: float = 0.005
+    init_logit: float = -1.0
+    sites: tuple[str, ...] | None = None
+    adversary_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ExplainerError(f"setting {name!r} must be a positive number, got {value!r}")
+        for name in ("steps", "batch_size", "seed"):
+            if not isinstance(getattr(self, name), int):
+                raise ExplainerError(f"setting {name!r} must be an integer, got {getattr(self, name)!r}")
+        if self.lam is not None and self.target_size is not None:
+            raise ExplainerError("give either lam (--lambda) or target_size (--target-size), not both")
+        if self.lam is not None and (not isinstance(self.lam, (int, float)) or self.lam < 0):
+            raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
+        if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
+            raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
+        if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
+            raise ExplainerError(f"setting 'adversary_weight' must be >= 0, got {self.adversary_weight!r}")
+        check_ablation(self.ablation)
+        if self.sites is not None:
+            object.__setattr__(self, "sites", tuple(self.sites))
+
+    @property
+    def mode(self) -> str:
+        if self.lam is not None:
+            return "lambda"
+        if self.target_size is not None:
+            return "target_size"
+        return "kl_budget"
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; ``None`` values are ignored (handy for CLI flags)."""
+        return from_dict({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["sites"] is not None:
+            out["sites"] = list(out["sites"])
+        return out
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A config from a dictionary; unknown keys are errors that list the valid ones."""
+    if not isinstance(data, dict):
+        raise ExplainerError(f"{source} must be a table of settings")
+    names = field_names()
+    for key in data:
+        if key not in names:
+            raise ExplainerError(f"{source}: unknown setting {key!r}; {did_you_mean(key, names)}")
+    try:
+        return TrainConfig(**data)
+    except TypeError as err:  # pragma: no cover - all fields have defaults
+        raise ExplainerError(f"{source}: {err}") from None
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read settings from a TOML file (top-level keys, or a ``[train]`` table).
+
+    Example file::
+
+        steps = 2000
+        ablation = "mean"
+        kl_budget = 0.005
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExplainerError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ExplainerError(f"{path} is not valid TOML: {err}") from None
+    if set(data) == {"train"}:
+        data = data["train"]
+    return from_dict(data, source=str(path))

@@ -1,0 +1,248 @@
+"""The Explanation artifact and its run folder.
+
+A run folder holds:
+
+- ``explanation.json``: ``schema_version``, ``model`` (``name`` for zoo models, ``path``,
+  ``sha256`` of ``model.safetensors``), ``task`` (``name``, ``source``), ``config`` (every training
+  setting), ``sites`` (units per site), ``size``, ``size_per_site``, ``kept`` (``{site: [units]}``),
+  ``faithfulness`` (``kl_mean``, ``kl_p90``, ``kl_p99``, ``kl_max``, ``logit_diff_recovered``,
+  ``accuracy``, ... on held-out prompts), ``seed`` and library ``versions``;
+- ``explanation.safetensors``: ``mask.{site}`` (the binary keep mask, float32 0/1) and
+  ``gate_logits.{site}`` (the trained hard-concrete log-alphas);
+- ``history.json``: per-step training curves (``loss``, ``kl``, ``size``, ``lambda``, ``gap``);
+- optionally ``attack.json`` and ``masks.png``.
+
+Everything is written into a temporary sibling folder first and renamed into place, so a failed or
+interrupted run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from explainer.errors import ExplainerError
+from explainer.models.native import read_json, write_json
+
+SCHEMA_VERSION = 1
+JSON_FILE = "explanation.json"
+TENSORS_FILE = "explanation.safetensors"
+HISTORY_FILE = "history.json"
+
+
+def library_versions() -> dict[str, str]:
+    import equinox
+    import jax
+    import optax
+
+    from explainer import __version__
+
+    return {
+        "explainer": __version__,
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclasses.dataclass
+class Explanation:
+    """A finished explanation: which units each site's reader keeps, and how faithful that is.
+
+    >>> import explainer
+    >>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+    >>> e.kept
+    {'blocks.0.attn.in': [0], 'unembed.in': [1]}
+    """
+
+    kept: dict[str, list[int]]
+    n_units: dict[str, int]
+    gate_logits: dict[str, np.ndarray]
+    model: dict[str, Any]
+    task: dict[str, Any]
+    config: dict[str, Any]
+    faithfulness: dict[str, float]
+    history: dict[str, list[float]] | None = None
+    attack: dict[str, Any] | None = None
+    versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(u) for u in self.kept.values())
+
+    @property
+    def size_per_site(self) -> dict[str, int]:
+        return {site: len(self.kept.get(site, [])) for site in self.n_units}
+
+    @property
+    def total_units(self) -> int:
+        return sum(self.n_units.values())
+
+    def mask(self) -> dict[str, np.ndarray]:
+        """The binary keep mask per site (float32 0/1)."""
+        out = {}
+        for site, n in self.n_units.items():
+            m = np.zeros(n, np.float32)
+            m[self.kept.get(site, [])] = 1.0
+            out[site] = m
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "task": self.task,
+            "config": self.config,
+            "seed": self.config.get("seed"),
+            "sites": self.n_units,
+            "size": self.size,
+            "total_units": self.total_units,
+            "size_per_site": self.size_per_site,
+            "kept": self.kept,
+            "faithfulness": self.faithfulness,
+            "versions": self.versions,
+        }
+
+    def result(self) -> dict[str, Any]:
+        """The CLI's JSON result: ``run``, ``size``, ``kept``, ``faithfulness`` and more."""
+        return {"run": str(self.path) if self.path else None, **self.to_json()}
+
+    def summary(self) -> str:
+        """A few lines for people: size, kept units per site, faithfulness."""
+        f = self.faithfulness
+        lines = [
+            f"explanation of {self.model.get('name') or self.model.get('path')} on task {self.task.get('name')}",
+            f"size {self.size} of {self.total_units} units "
+            f"({100 * self.size / max(1, self.total_units):.1f}%)",
+        ]
+        width = max(len(s) for s in self.n_units)
+        for site, n in self.n_units.items():
+            units = self.kept.get(site, [])
+            lines.append(f"  {site:<{width}}  {len(units):>3}/{n:<4} {units}")
+        lines.append(
+            f"held-out: KL mean {f['kl_mean']:.4g} p99 {f['kl_p99']:.4g} max {f['kl_max']:.4g} nats, "
+            f"logit diff recovered {f['logit_diff_recovered']:.3f}, accuracy {f['accuracy']:.3f} "
+            f"(full model {f.get('accuracy_full', float('nan')):.3f})"
+        )
+        if self.attack:
+            a = self.attack
+            lines.append(
+                f"attack ({a.get('method')}, budget {a.get('budget')}): gap KL mean "
+                f"{a['gap']['kl_mean']:.4g} max {a['gap']['kl_max']:.4g} by re-including {a.get('reincluded')}"
+            )
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the run folder atomically; refuses to replace anything that is not a run folder."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        check_writable(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            write_json(tmp / JSON_FILE, self.to_json())
+            tensors = {}
+            for site, m in self.mask().items():
+                tensors[f"mask.{site}"] = m
+                tensors[f"gate_logits.{site}"] = np.asarray(self.gate_logits[site], np.float32)
+            save_file(tensors, str(tmp / TENSORS_FILE))
+            if self.history is not None:
+                write_json(tmp / HISTORY_FILE, self.history)
+            if self.attack is not None:
+                write_json(tmp / "attack.json", self.attack)
+            _swap_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = path
+        return path
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Raise unless ``path`` is free, or is a run folder and ``overwrite`` is set."""
+    if not path.exists():
+        return
+    if not (path / JSON_FILE).is_file():
+        raise ExplainerError(
+            f"{str(path)!r} exists and is not a run folder; choose another --out (nothing was changed)"
+        )
+    if not overwrite:
+        raise ExplainerError(f"run folder {str(path)!r} already exists; pass --overwrite or choose another --out")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike) -> Explanation:
+    """Load a run folder written by :meth:`Explanation.save` (or ``explainer train --out``).
+
+    >>> import explainer, tempfile
+    >>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+    >>> run = e.save(tempfile.mkdtemp() + "/run")
+    >>> explainer.load(run).kept == e.kept
+    True
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not (path / JSON_FILE).is_file():
+        what = "does not exist" if not path.exists() else f"is not a run folder (no {JSON_FILE})"
+        raise ExplainerError(f"{str(path)!r} {what}; pass a folder written by `explainer train --out`")
+    data = read_json(path / JSON_FILE)
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ExplainerError(f"{path / JSON_FILE} is not an explanation (no schema_version)")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise ExplainerError(
+            f"{path} has schema version {version!r}; this explainer reads version {SCHEMA_VERSION}: "
+            + ("upgrade explainer" if newer else "retrain the explanation with this version")
+        )
+    try:
+        tensors = load_file(str(path / TENSORS_FILE))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExplainerError(f"{path / TENSORS_FILE} is missing or corrupt ({err}); retrain the run") from None
+    try:
+        n_units = {s: int(n) for s, n in data["sites"].items()}
+        kept = {s: [int(u) for u in units] for s, units in data["kept"].items()}
+        logits = {s: tensors[f"gate_logits.{s}"] for s in n_units}
+        for site, units in kept.items():
+            mask = tensors[f"mask.{site}"]
+            if sorted(np.flatnonzero(mask > 0.5).tolist()) != sorted(units):
+                raise ExplainerError(f"{path}: the mask of {site!r} disagrees with explanation.json; retrain the run")
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise ExplainerError(f"{path} is an incomplete run folder ({err!r}); retrain the run") from None
+    history = read_json(path / HISTORY_FILE) if (path / HISTORY_FILE).is_file() else None
+    attack = read_json(path / "attack.json") if (path / "attack.json").is_file() else None
+    return Explanation(
+        kept=kept,
+        n_units=n_units,
+        gate_logits=logits,
+        model=data["model"],
+        task=data["task"],
+        config=data["config"],
+        faithfulness=data["faithfulness"],
+        history=history,  # type: ignore[arg-type]
+        attack=attack,  # type: ignore[arg-type]
+        versions=data.get("versions", {}),
+        path=path,
+    )

@@ -1,0 +1,76 @@
+"""Divergences and task metrics. Everything reads the logits at the last position.
+
+- ``kl``: KL(full ‖ scrubbed) per example, in nats; reported as mean, p90, p99 and max, since a
+  mean can hide a few prompts where the explanation fails badly.
+- ``logit_diff``: mean logit of the answers minus mean logit of the wrong answers, per example.
+- ``logit_diff_recovered``: mean scrubbed logit difference / mean full-model logit difference.
+- ``accuracy``: share of prompts whose best answer beats every wrong answer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+Logits = Float[Array, "batch vocab"]
+
+
+def kl_divergence(ref: Logits, other: Logits) -> Float[Array, " batch"]:
+    """KL(softmax(ref) ‖ softmax(other)) per example, in nats.
+
+    >>> x = jnp.array([[0.0, 1.0]])
+    >>> float(kl_divergence(x, x)[0])
+    0.0
+    """
+    ref_logp = jax.nn.log_softmax(ref, axis=-1)
+    logp = jax.nn.log_softmax(other, axis=-1)
+    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+
+
+def divergence(kind: str, ref: Logits, other: Logits) -> Float[Array, " batch"]:
+    """``kl`` = KL(ref ‖ other), ``reverse_kl`` = KL(other ‖ ref), ``symmetric`` = their mean."""
+    if kind == "kl":
+        return kl_divergence(ref, other)
+    if kind == "reverse_kl":
+        return kl_divergence(other, ref)
+    if kind == "symmetric":
+        return 0.5 * (kl_divergence(ref, other) + kl_divergence(other, ref))
+    raise ValueError(f"unknown divergence {kind!r}; valid: kl, reverse_kl, symmetric")
+
+
+def logit_diff(
+    logits: Logits, answers: Int[Array, "batch n_answers"], wrong: Int[Array, "batch n_wrong"]
+) -> Float[Array, " batch"]:
+    """Mean answer logit minus mean wrong-answer logit, per example."""
+    right = jnp.take_along_axis(logits, answers, axis=-1).mean(-1)
+    return right - jnp.take_along_axis(logits, wrong, axis=-1).mean(-1)
+
+
+def accuracy(logits: Logits, answers: Int[Array, "batch n_answers"], wrong: Int[Array, "batch n_wrong"]):
+    """Share of prompts whose best answer logit beats every wrong-answer logit.
+
+    >>> float(accuracy(jnp.array([[2.0, 1.0]]), jnp.array([[0]]), jnp.array([[1]])))
+    1.0
+    """
+    right = jnp.take_along_axis(logits, answers, axis=-1).max(-1)
+    return jnp.mean(right > jnp.take_along_axis(logits, wrong, axis=-1).max(-1))
+
+
+def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, float]:
+    """Every faithfulness number for one explanation, as plain floats (JSON-ready)."""
+    kl = np.asarray(kl_divergence(full, scrubbed), dtype=np.float64)
+    full_ld = float(logit_diff(full, answers, wrong).mean())
+    scrubbed_ld = float(logit_diff(scrubbed, answers, wrong).mean())
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p90": float(np.quantile(kl, 0.9)),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "logit_diff": scrubbed_ld,
+        "logit_diff_full": full_ld,
+        "logit_diff_recovered": scrubbed_ld / full_ld if full_ld != 0 else float("nan"),
+        "accuracy": float(accuracy(scrubbed, answers, wrong)),
+        "accuracy_full": float(accuracy(full, answers, wrong)),
+    }

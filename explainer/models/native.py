@@ -1,0 +1,258 @@
+"""The native model format: a folder with ``config.json`` and ``model.safetensors``.
+
+This format is a public contract; people write it by hand. ``config.json`` uses TransformerLens
+``HookedTransformerConfig`` field names (see :class:`~explainer.models.config.ModelConfig`) and
+``model.safetensors`` holds TransformerLens parameter names and shapes::
+
+    embed.W_E                [d_vocab, d_model]
+    pos_embed.W_pos          [n_ctx, d_model]
+    blocks.{l}.ln1.w, .b     [d_model]                 (normalization_type "LN" only)
+    blocks.{l}.attn.W_Q      [n_heads, d_model, d_head] (also W_K, W_V)
+    blocks.{l}.attn.b_Q      [n_heads, d_head]          (also b_K, b_V)
+    blocks.{l}.attn.W_O      [n_heads, d_head, d_model]
+    blocks.{l}.attn.b_O      [d_model]
+    blocks.{l}.ln2.w, .b     [d_model]                 (LN, and not attn_only)
+    blocks.{l}.mlp.W_in      [d_model, d_mlp]
+    blocks.{l}.mlp.b_in      [d_mlp]
+    blocks.{l}.mlp.W_out     [d_mlp, d_model]
+    blocks.{l}.mlp.b_out     [d_model]
+    ln_final.w, .b           [d_model]                 (LN only)
+    unembed.W_U              [d_model, d_vocab_out]
+    unembed.b_U              [d_vocab_out]
+
+A model folder may also hold ``truth.json`` (``{site: [units]}``, its ground-truth explanation
+under resample ablation with its own prompts), ``prompts.json`` (its task, in the prompts format of
+:mod:`explainer.tasks.prompts`) and ``card.json`` (name, task, accuracy, description).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from explainer.errors import ExplainerError
+from explainer.models.config import ModelConfig
+from explainer.models.transformer import MLP, Attention, Block, LayerNorm, Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the native format requires for ``cfg``, with its shape."""
+    d, h, e = cfg.d_model, cfg.n_heads, cfg.d_head
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.W_E": (cfg.d_vocab, d),
+        "pos_embed.W_pos": (cfg.n_ctx, d),
+    }
+    has_ln = cfg.normalization_type == "LN"
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}."
+        if has_ln:
+            shapes |= {p + "ln1.w": (d,), p + "ln1.b": (d,)}
+        for name in "QKV":
+            shapes[p + f"attn.W_{name}"] = (h, d, e)
+            shapes[p + f"attn.b_{name}"] = (h, e)
+        shapes |= {p + "attn.W_O": (h, e, d), p + "attn.b_O": (d,)}
+        if not cfg.attn_only:
+            assert cfg.d_mlp is not None
+            if has_ln:
+                shapes |= {p + "ln2.w": (d,), p + "ln2.b": (d,)}
+            shapes |= {
+                p + "mlp.W_in": (d, cfg.d_mlp),
+                p + "mlp.b_in": (cfg.d_mlp,),
+                p + "mlp.W_out": (cfg.d_mlp, d),
+                p + "mlp.b_out": (d,),
+            }
+    if has_ln:
+        shapes |= {"ln_final.w": (d,), "ln_final.b": (d,)}
+    shapes |= {"unembed.W_U": (d, cfg.vocab_out), "unembed.b_U": (cfg.vocab_out,)}
+    return shapes
+
+
+def from_state_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str = "weights") -> Transformer:
+    """Build a :class:`Transformer` from TransformerLens-named tensors, validating every one."""
+    shapes = expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing:
+        raise ExplainerError(
+            f"{source} is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            f"the config (n_layers={cfg.n_layers}, normalization_type={cfg.normalization_type!r}, "
+            f"attn_only={cfg.attn_only}) requires them: add them or fix config.json"
+        )
+    if extra:
+        raise ExplainerError(
+            f"{source} has tensor(s) the config does not use: {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}; remove them or fix config.json "
+            f"(n_layers={cfg.n_layers}, normalization_type={cfg.normalization_type!r}, "
+            f"attn_only={cfg.attn_only})"
+        )
+    arrays: dict[str, jax.Array] = {}
+    for name, shape in shapes.items():
+        value = np.asarray(tensors[name])
+        if value.shape != shape:
+            raise ExplainerError(
+                f"{source}: tensor {name!r} has shape {list(value.shape)} but config.json implies "
+                f"{list(shape)}; the weights and config.json disagree"
+            )
+        if value.dtype.kind != "f":
+            raise ExplainerError(f"{source}: tensor {name!r} has dtype {value.dtype}; expected a float dtype")
+        value = value.astype(np.float32)
+        if not np.isfinite(value).all():
+            raise ExplainerError(f"{source}: tensor {name!r} holds NaN or inf values; the weights are corrupt")
+        arrays[name] = jnp.asarray(value)
+    return _assemble(cfg, arrays)
+
+
+def _assemble(cfg: ModelConfig, a: dict[str, jax.Array]) -> Transformer:
+    def ln(prefix: str) -> LayerNorm | None:
+        if cfg.normalization_type is None:
+            return None
+        if cfg.normalization_type == "LNPre":
+            return LayerNorm(None, None, cfg.eps)
+        return LayerNorm(a[prefix + ".w"], a[prefix + ".b"], cfg.eps)
+
+    blocks = []
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}."
+        attn = Attention(
+            *(a[p + f"attn.{n}"] for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")),
+            scale=cfg.scale,
+            causal=cfg.attention_dir == "causal",
+        )
+        mlp = None
+        if not cfg.attn_only:
+            mlp = MLP(*(a[p + f"mlp.{n}"] for n in ("W_in", "b_in", "W_out", "b_out")), act_fn=cfg.act_fn)
+        blocks.append(Block(ln(p + "ln1"), attn, None if cfg.attn_only else ln(p + "ln2"), mlp))
+    return Transformer(
+        config=cfg,
+        W_E=a["embed.W_E"],
+        W_pos=a["pos_embed.W_pos"],
+        blocks=tuple(blocks),
+        ln_final=ln("ln_final"),
+        W_U=a["unembed.W_U"],
+        b_U=a["unembed.b_U"],
+    )
+
+
+def to_state_dict(model: Transformer) -> dict[str, np.ndarray]:
+    """The TransformerLens-named tensors of ``model`` (float32 numpy arrays)."""
+    cfg = model.config
+    out = {"embed.W_E": model.W_E, "pos_embed.W_pos": model.W_pos}
+
+    def put_ln(prefix: str, ln: LayerNorm | None) -> None:
+        if ln is not None and ln.w is not None:
+            out[prefix + ".w"], out[prefix + ".b"] = ln.w, ln.b
+
+    for layer, block in enumerate(model.blocks):
+        p = f"blocks.{layer}."
+        put_ln(p + "ln1", block.ln1)
+        for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O"):
+            out[p + f"attn.{n}"] = getattr(block.attn, n)
+        if block.mlp is not None:
+            put_ln(p + "ln2", block.ln2)
+            for n in ("W_in", "b_in", "W_out", "b_out"):
+                out[p + f"mlp.{n}"] = getattr(block.mlp, n)
+    put_ln("ln_final", model.ln_final)
+    out |= {"unembed.W_U": model.W_U, "unembed.b_U": model.b_U}
+    assert set(out) == set(expected_shapes(cfg))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def init_random(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Transformer:
+    """A randomly initialised model (GPT-2-style normal init; LayerNorm weights one, biases zero).
+
+    >>> cfg = ModelConfig(n_layers=1, d_model=4, n_heads=1, d_head=2, d_vocab=3, n_ctx=2, attn_only=True)
+    >>> init_random(cfg, jax.random.key(0)).W_E.shape
+    (3, 4)
+    """
+    shapes = expected_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    tensors = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if name.endswith(".w"):
+            tensors[name] = np.ones(shape, np.float32)
+        elif name.split(".")[-1].startswith("b"):
+            tensors[name] = np.zeros(shape, np.float32)
+        else:
+            tensors[name] = np.asarray(std * jax.random.normal(k, shape), np.float32)
+    return from_state_dict(cfg, tensors, source="random init")
+
+
+def load_model(folder: str | os.PathLike) -> Transformer:
+    """Load a model folder in the native format.
+
+    >>> from explainer.models.zoo import resolve_model
+    >>> load_model(resolve_model("planted-distractor")).config.n_layers
+    1
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExplainerError(f"model folder {str(folder)!r} does not exist; pass a zoo name or a folder")
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise ExplainerError(
+                f"model folder {str(folder)!r} has no {path.name}; a model folder needs "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
+    cfg = ModelConfig.from_json(read_json(cfg_path), source=str(cfg_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExplainerError(
+            f"{weights_path} is not a readable safetensors file ({err}); the file is truncated or "
+            "corrupt: write it again"
+        ) from None
+    return from_state_dict(cfg, tensors, source=str(weights_path))
+
+
+def save_model(model: Transformer, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a native model folder (atomically per file)."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / CONFIG_FILE, model.config.to_json())
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(to_state_dict(model), str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    return folder
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of ``model.safetensors``: runs record it, to notice weights that changed since."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Read a JSON file, turning syntax errors into a message with the line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExplainerError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except UnicodeDecodeError:
+        raise ExplainerError(f"{path} is not a UTF-8 text file; it should hold JSON") from None
+
+
+def write_json(path: str | os.PathLike, data: object) -> None:
+    """Write JSON atomically: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

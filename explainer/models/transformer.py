@@ -1,0 +1,155 @@
+"""A GPT-2-style transformer in Equinox, with named read sites.
+
+Vocabulary (used across the project):
+
+- ``batch``, ``seq``: prompt index and token position; ``d_model``: residual width.
+- a *site* is where a component reads the residual stream, before its LayerNorm:
+  ``blocks.{l}.attn.in``, ``blocks.{l}.mlp.in``, ``unembed.in``.
+
+Interventions are explicit arguments of the forward pass: ``edit(site, h)`` returns what the reader
+at ``site`` reads instead of the residual ``h``. The residual stream itself (the skip connection)
+is never edited, so an edit at one site changes only that reader's path ("treeified" scrubbing).
+Parameters use TransformerLens names and shapes, so the native format maps one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from explainer.models.config import ModelConfig
+
+Resid = Float[Array, "batch seq d_model"]
+Edit = Callable[[str, Resid], Resid]
+
+
+class LayerNorm(eqx.Module):
+    """TransformerLens LayerNorm; ``w``/``b`` are ``None`` for ``LNPre`` (no affine part)."""
+
+    w: Float[Array, " d_model"] | None
+    b: Float[Array, " d_model"] | None
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x: Resid) -> Resid:
+        x = x - x.mean(-1, keepdims=True)
+        x = x / jnp.sqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        if self.w is not None:
+            x = x * self.w + self.b
+        return x
+
+
+class Attention(eqx.Module):
+    W_Q: Float[Array, "n_heads d_model d_head"]
+    b_Q: Float[Array, "n_heads d_head"]
+    W_K: Float[Array, "n_heads d_model d_head"]
+    b_K: Float[Array, "n_heads d_head"]
+    W_V: Float[Array, "n_heads d_model d_head"]
+    b_V: Float[Array, "n_heads d_head"]
+    W_O: Float[Array, "n_heads d_head d_model"]
+    b_O: Float[Array, " d_model"]
+    scale: float = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
+
+    def __call__(self, x: Resid) -> Resid:
+        q = jnp.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q
+        k = jnp.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K
+        v = jnp.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
+        scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / self.scale
+        if self.causal:
+            seq = x.shape[1]
+            allowed = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+            scores = jnp.where(allowed, scores, -jnp.inf)
+        pattern = jax.nn.softmax(scores, axis=-1)
+        z = jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
+        return jnp.einsum("bqhe,hem->bqm", z, self.W_O) + self.b_O
+
+
+class MLP(eqx.Module):
+    W_in: Float[Array, "d_model d_mlp"]
+    b_in: Float[Array, " d_mlp"]
+    W_out: Float[Array, "d_mlp d_model"]
+    b_out: Float[Array, " d_model"]
+    act_fn: str = eqx.field(static=True)
+
+    def __call__(self, x: Resid) -> Resid:
+        pre = x @ self.W_in + self.b_in
+        if self.act_fn == "relu":
+            post = jax.nn.relu(pre)
+        else:
+            post = jax.nn.gelu(pre, approximate=self.act_fn == "gelu_new")
+        return post @ self.W_out + self.b_out
+
+
+class Block(eqx.Module):
+    ln1: LayerNorm | None
+    attn: Attention
+    ln2: LayerNorm | None
+    mlp: MLP | None
+
+
+def _norm(ln: LayerNorm | None, x: Resid) -> Resid:
+    return x if ln is None else ln(x)
+
+
+class Transformer(eqx.Module):
+    """GPT-2-style transformer: embeddings, ``n_layers`` blocks, final LayerNorm, unembedding.
+
+    >>> import jax
+    >>> from explainer.models import ModelConfig, init_random
+    >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=5, n_ctx=4)
+    >>> model = init_random(cfg, jax.random.key(0))
+    >>> model(jax.numpy.zeros((2, 3), dtype=int)).shape
+    (2, 3, 5)
+    """
+
+    config: ModelConfig = eqx.field(static=True)
+    W_E: Float[Array, "d_vocab d_model"]
+    W_pos: Float[Array, "n_ctx d_model"]
+    blocks: tuple[Block, ...]
+    ln_final: LayerNorm | None
+    W_U: Float[Array, "d_model d_vocab_out"]
+    b_U: Float[Array, " d_vocab_out"]
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.config.sites
+
+    def __call__(self, tokens: Int[Array, "batch seq"], edit: Edit | None = None) -> Float[
+        Array, "batch seq d_vocab_out"
+    ]:
+        """Logits for every position; ``edit(site, h)`` replaces what the reader at ``site`` reads."""
+        logits, _ = self.run(tokens, edit=edit)
+        return logits
+
+    def run(
+        self,
+        tokens: Int[Array, "batch seq"],
+        edit: Edit | None = None,
+        capture: Sequence[str] = (),
+    ) -> tuple[Float[Array, "batch seq d_vocab_out"], dict[str, Resid]]:
+        """Logits plus the residual ``h`` arriving at each site in ``capture`` (before any edit).
+
+        Only the sites asked for are kept, so memory grows with ``len(capture)``, not the model.
+        """
+        captured: dict[str, Resid] = {}
+
+        def read(site: str, resid: Resid) -> Resid:
+            if site in capture:
+                captured[site] = resid
+            return resid if edit is None else edit(site, resid)
+
+        seq = tokens.shape[-1]
+        resid = self.W_E[tokens] + self.W_pos[:seq]
+        for layer, block in enumerate(self.blocks):
+            x = read(f"blocks.{layer}.attn.in", resid)
+            resid = resid + block.attn(_norm(block.ln1, x))
+            if block.mlp is not None:
+                x = read(f"blocks.{layer}.mlp.in", resid)
+                resid = resid + block.mlp(_norm(block.ln2, x))
+        x = read("unembed.in", resid)
+        logits = _norm(self.ln_final, x) @ self.W_U + self.b_U
+        return logits, captured

@@ -1,0 +1,147 @@
+"""The scrubbed forward pass and its ablation sources.
+
+At each site ``s`` the reader's input is ``B (m ⊙ Bᵀh + (1 − m) ⊙ Bᵀr)``: ``h`` is the scrubbed
+run's own residual at ``s``, ``r`` the replacement at ``s``. The replacement comes from the
+*ablation*:
+
+- ``resample`` (default): the full model's residual at ``s`` on the task's counterfactual input, or
+  on a permutation of the batch when the task has none (causal-scrubbing style);
+- ``mean``: the full model's mean residual at ``s`` over the task's training prompts, per position;
+- ``zero``: zeros.
+
+With every mask all ones the scrubbed model is the full model, bit for bit; with resample and every
+mask all zeros it is the full model on the resample input.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from explainer.errors import ExplainerError, did_you_mean
+from explainer.masks import STANDARD, Basis, Mask
+from explainer.models.transformer import Resid, Transformer
+from explainer.tasks.base import Batch
+
+ABLATIONS = ("resample", "mean", "zero")
+Replacement = dict[str, Resid]
+
+
+def check_sites(model: Transformer, sites) -> tuple[str, ...]:
+    """Validate site names against ``model``; errors list the valid ones."""
+    valid = model.sites
+    for site in sites:
+        if site not in valid:
+            layers = model.config.n_layers
+            raise ExplainerError(
+                f"site {site!r} does not exist; this model has blocks 0-{layers - 1} and sites "
+                f"{', '.join(valid)} ({did_you_mean(site, valid).split('? ')[0]})"
+            )
+    return tuple(sites)
+
+
+def check_ablation(ablation: str) -> str:
+    if ablation not in ABLATIONS:
+        raise ExplainerError(f"unknown ablation {ablation!r}; {did_you_mean(ablation, ABLATIONS)}")
+    return ablation
+
+
+def last(logits: Float[Array, "batch seq vocab"]) -> Float[Array, "batch vocab"]:
+    return logits[:, -1, :]
+
+
+def scrubbed_logits(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    keep: Mask,
+    replacement: Replacement,
+    bases: dict[str, Basis] | None = None,
+) -> Float[Array, "batch seq vocab"]:
+    """Logits of the model whose reader at each masked site sees kept units from its own run and
+    the rest from ``replacement``. Sites absent from ``keep`` are left alone."""
+    bases = bases or {}
+
+    def edit(site: str, h: Resid) -> Resid:
+        if site not in keep:
+            return h
+        return bases.get(site, STANDARD).mix(h, replacement[site], keep[site])
+
+    return model(tokens, edit=edit)
+
+
+class Scrubber(eqx.Module):
+    """A model, the sites it masks, and where replacements come from.
+
+    >>> import jax
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> model, task = load_model(folder), resolve_task(None, folder)
+    >>> scrubber = Scrubber.build(model, task.train_data())
+    >>> batch = task.heldout_data()
+    >>> full, repl = scrubber.reference(batch, jax.random.key(0))
+    >>> ones = {s: jnp.ones(n) for s, n in scrubber.n_units.items()}
+    >>> bool((scrubber.logits(batch.clean, ones, repl) == full).all())
+    True
+    """
+
+    model: Transformer
+    sites: tuple[str, ...] = eqx.field(static=True)
+    ablation: str = eqx.field(static=True)
+    means: Replacement | None
+    bases: dict[str, Basis]
+
+    @classmethod
+    def build(
+        cls,
+        model: Transformer,
+        train: Batch,
+        sites=None,
+        ablation: str = "resample",
+        bases: dict[str, Basis] | None = None,
+    ) -> Scrubber:
+        sites = check_sites(model, model.sites if sites is None else sites)
+        check_ablation(ablation)
+        means = site_means(model, train.clean, sites) if ablation == "mean" else None
+        return cls(model, sites, ablation, means, dict(bases or {}))
+
+    @property
+    def n_units(self) -> dict[str, int]:
+        return {site: self.model.config.d_model for site in self.sites}
+
+    def replacement(self, batch: Batch, key: PRNGKeyArray) -> Replacement:
+        """The replacement ``r`` at every site, for ``batch`` (no gradient flows into it)."""
+        if self.ablation == "resample":
+            source = batch.corrupt
+            if source is None:
+                source = batch.clean[jax.random.permutation(key, batch.clean.shape[0])]
+            _, cache = self.model.run(source, capture=self.sites)
+        elif self.ablation == "mean":
+            assert self.means is not None
+            cache = {s: jnp.broadcast_to(m, batch.clean.shape + m.shape[-1:]) for s, m in self.means.items()}
+        else:
+            shape = batch.clean.shape + (self.model.config.d_model,)
+            cache = {s: jnp.zeros(shape, jnp.float32) for s in self.sites}
+        return jax.lax.stop_gradient(cache)
+
+    def reference(self, batch: Batch, key: PRNGKeyArray) -> tuple[Float[Array, "batch vocab"], Replacement]:
+        """The full model's last-position logits on ``batch.clean`` and the replacements."""
+        full = jax.lax.stop_gradient(last(self.model(batch.clean)))
+        return full, self.replacement(batch, key)
+
+    def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
+        """Last-position logits of the scrubbed model."""
+        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases))
+
+
+def site_means(model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256) -> Replacement:
+    """Per-position mean of the full model's residual at each site over ``tokens``."""
+    run = eqx.filter_jit(lambda t: model.run(t, capture=sites)[1])
+    totals: dict[str, jax.Array] = {}
+    for start in range(0, tokens.shape[0], chunk):
+        cache = run(tokens[start : start + chunk])
+        for site, h in cache.items():
+            totals[site] = totals.get(site, 0.0) + h.sum(0)
+    return {site: total / tokens.shape[0] for site, total in totals.items()}

@@ -1,0 +1,44 @@
+"""Tasks: the Task protocol, the generic prompts file, and built-in task generators."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from explainer.errors import ExplainerError, did_you_mean
+from explainer.tasks.base import Batch, Task
+from explainer.tasks.prompts import PromptsTask, parse_prompts, prompts_json
+
+
+def task_names() -> list[str]:
+    """Names of the built-in task generators."""
+    from explainer.models.planted import TASKS
+
+    return sorted(TASKS)
+
+
+def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike | None = None) -> Task:
+    """A task from a prompts file, a built-in name, or (``task=None``) the model folder's prompts.
+
+    >>> from explainer.models import resolve_model
+    >>> resolve_task("xor-class").name
+    'xor-class'
+    """
+    if task is None:
+        if model_folder is not None and (Path(model_folder) / "prompts.json").is_file():
+            return PromptsTask.from_file(Path(model_folder) / "prompts.json", name="prompts.json")
+        raise ExplainerError(
+            "no task given and the model folder has no prompts.json; pass --task PROMPTS.json or "
+            f"a built-in task ({', '.join(task_names())})"
+        )
+    text = str(task)
+    if Path(text).is_file() or text.endswith(".json"):
+        return PromptsTask.from_file(text)
+    from explainer.models.planted import TASKS
+
+    if text in TASKS:
+        return PromptsTask(TASKS[text](), name=text)
+    raise ExplainerError(f"unknown task {text!r}: not a prompts file nor a built-in task; {did_you_mean(text, task_names())}")
+
+
+__all__ = ["Batch", "PromptsTask", "Task", "parse_prompts", "prompts_json", "resolve_task", "task_names"]

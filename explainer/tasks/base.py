@@ -1,0 +1,52 @@
+"""The Task protocol: what a behaviour to explain provides.
+
+A task hands out prompts as a :class:`Batch`: ``clean`` tokens, ``corrupt`` tokens (its
+counterfactual inputs, or ``None`` when the task has none and a permutation of the batch stands in),
+and the ``answers`` / ``wrong_answers`` whose logits the metrics compare at the last position.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from explainer.models.config import ModelConfig
+
+
+class Batch(eqx.Module):
+    """Prompts as arrays. Metrics read the logits at the last position."""
+
+    clean: Int[Array, "batch seq"]
+    corrupt: Int[Array, "batch seq"] | None
+    answers: Int[Array, "batch n_answers"]
+    wrong_answers: Int[Array, "batch n_wrong"]
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    def take(self, index: Int[Array, " n"]) -> Batch:
+        """The prompts at ``index`` (works under ``jit``)."""
+        return jax.tree.map(lambda x: jnp.take(x, index, axis=0), self)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A behaviour: named prompts split into training and held-out sets."""
+
+    name: str
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise :class:`~explainer.errors.ExplainerError` if the prompts do not fit the model."""
+        ...
+
+    def train_data(self) -> Batch:
+        """Prompts the explanation is trained on."""
+        ...
+
+    def heldout_data(self) -> Batch:
+        """Prompts the finished explanation is evaluated on."""
+        ...
