@@ -29,7 +29,7 @@ class TrainConfig:
     - ``target_size``: an explanation of exactly ``target_size`` units (multiplier learned while
       training, the top units by gate logit kept at the end).
 
-    Gates start mostly closed (``init_logit = -1``, about a one-in-three chance of being open) so
+    Gates start mostly closed (``init_logit = -1``: a noise-free gate value of 0.22) so
     that every unit has to earn its place: started open, a pair of units whose contributions cancel
     sits in a local optimum (closing either one alone costs KL), and the smaller explanation that
     drops both is never found. ``λ`` moves slowly (``dual_lr``) and backs off ten times faster than

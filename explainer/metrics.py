@@ -74,3 +74,18 @@ def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, fl
         "accuracy": float(accuracy(scrubbed, answers, wrong)),
         "accuracy_full": float(accuracy(full, answers, wrong)),
     }
+
+
+def truth_scores(kept: dict[str, list[int]], truth: dict[str, list[int]]) -> dict[str, float]:
+    """Precision, recall and F1 of kept units against a ground-truth explanation.
+
+    >>> truth_scores({"unembed.in": [1, 2]}, {"unembed.in": [1]})
+    {'precision': 0.5, 'recall': 1.0, 'f1': 0.6666666666666666, 'exact': False}
+    """
+    got = {(s, u) for s, units in kept.items() for u in units}
+    want = {(s, u) for s, units in truth.items() for u in units}
+    hits = len(got & want)
+    precision = hits / len(got) if got else float(not want)
+    recall = hits / len(want) if want else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "exact": got == want}

@@ -17,6 +17,17 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
+def _own_task_name(folder: Path) -> str:
+    """The task name on the folder's ``card.json``, else ``prompts.json``."""
+    import json
+
+    try:
+        name = json.loads((folder / "card.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) else "prompts.json"
+
+
 def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike | None = None) -> Task:
     """A task from a prompts file, a built-in name, or (``task=None``) the model folder's prompts.
 
@@ -26,7 +37,7 @@ def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike
     """
     if task is None:
         if model_folder is not None and (Path(model_folder) / "prompts.json").is_file():
-            return PromptsTask.from_file(Path(model_folder) / "prompts.json", name="prompts.json")
+            return PromptsTask.from_file(Path(model_folder) / "prompts.json", name=_own_task_name(Path(model_folder)))
         raise ExplainerError(
             "no task given and the model folder has no prompts.json; pass --task PROMPTS.json or "
             f"a built-in task ({', '.join(task_names())})"

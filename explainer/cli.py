@@ -1,0 +1,175 @@
+"""The ``explainer`` command line: a thin shell over :mod:`explainer.api`.
+
+Every command takes ``--json`` and then prints one JSON object as its last line of stdout
+(progress and messages go to stderr). Mistakes print ``error: ...`` naming the fix and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from explainer.errors import ExplainerError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Learn small, faithful, adversarially robust explanations of transformer behaviours.",
+)
+zoo_app = typer.Typer(help="Models shipped with explainer.", invoke_without_command=True)
+app.add_typer(zoo_app, name="zoo")
+out = Console()
+err = Console(stderr=True)
+
+
+def _emit(result: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif text is not None:
+        out.print(text, highlight=False, markup=False)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@zoo_app.callback()
+def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the shipped models, their tasks, accuracy and ground truth."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from explainer.models.zoo import zoo_entries
+
+    entries = zoo_entries()
+    result = {"models": [e.to_json() for e in entries]}
+    if as_json:
+        _emit(result, True)
+        return
+    table = Table(title="explainer zoo")
+    for column in ("name", "task", "accuracy", "ground truth"):
+        table.add_column(column, no_wrap=True)
+    for e in entries:
+        truth = "-" if e.ground_truth is None else f"{sum(map(len, e.ground_truth.values()))} units"
+        acc = "-" if e.accuracy is None else f"{100 * e.accuracy:.1f}%"
+        table.add_row(e.name, e.task, acc, truth)
+    out.print(table)
+    for e in entries:
+        out.print(f"[bold]{e.name}[/]: {e.description}", highlight=False)
+        if e.ground_truth:
+            out.print("    truth: " + ", ".join(f"{s} {u}" for s, u in e.ground_truth.items() if u), highlight=False)
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Prompts file or built-in task; default: the model's own prompts."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of training settings."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Fixed size penalty (nats per kept unit)."),
+    target_size: Optional[int] = typer.Option(None, "--target-size", help="Train an explanation of exactly N units."),
+    kl_budget: Optional[float] = typer.Option(None, "--kl-budget", help="Smallest explanation with KL <= this (default 0.01)."),
+    ablation: Optional[str] = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1500)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    run: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Learn an explanation and save it as a run folder."""
+    from explainer.api import explain
+
+    settings = {"lam": lam, "target_size": target_size, "kl_budget": kl_budget, "ablation": ablation,
+                "steps": steps, "seed": seed}
+    if run is None:
+        run = Path("runs") / f"{Path(model).name}-s{seed or 0}"
+    expl = explain(model, task, config, out=run, overwrite=overwrite, progress=progress, **settings)
+    _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    run: Path = typer.Argument(..., help="Run folder."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Evaluate on another prompts file or task."),
+    ablation: Optional[str] = typer.Option(None, "--ablation", help="Evaluate under another ablation."),
+    truth: bool = typer.Option(False, "--truth", help="Score kept units against the model's ground truth."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Re-measure a saved explanation on held-out prompts."""
+    from explainer.api import evaluate, open_run
+    from explainer.metrics import truth_scores
+    from explainer.models import load_truth
+
+    result = evaluate(run, task, ablation)
+    f = result["faithfulness"]
+    text = (
+        f"{run}: size {result['size']}, ablation {result['ablation']}, task {result['task']}\n"
+        f"KL mean {f['kl_mean']:.4g}  p90 {f['kl_p90']:.4g}  p99 {f['kl_p99']:.4g}  max {f['kl_max']:.4g} nats\n"
+        f"logit diff recovered {f['logit_diff_recovered']:.3f}  accuracy {f['accuracy']:.3f} "
+        f"(full model {f['accuracy_full']:.3f})"
+    )
+    if truth:
+        expl, _, folder = open_run(run)
+        known = load_truth(folder)
+        if known is None:
+            _fail(f"model {str(folder)!r} has no truth.json; --truth needs a model with a ground truth")
+        result["truth"] = {**truth_scores(expl.kept, known), "ground_truth": known}
+        t = result["truth"]
+        text += f"\nvs ground truth: precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}"
+    _emit(result, as_json, text)
+
+
+@app.command()
+def show(
+    run: Path = typer.Argument(..., help="Run folder."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Where to write the heatmap (default RUN/masks.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Summarise a run and draw its masks (sites × units) with the training curves."""
+    from explainer.api import open_run
+    from explainer.metrics import truth_scores
+    from explainer.models import load_truth
+    from explainer.plotting import plot_explanation
+
+    expl, _, folder = open_run(run, check_weights=False)
+    truth = load_truth(folder)
+    picture = plot_explanation(expl, png or Path(run) / "masks.png", truth)
+    result = {**expl.result(), "png": str(picture)}
+    text = expl.summary()
+    if truth is not None:
+        result["truth"] = truth_scores(expl.kept, truth)
+        text += f"\nground truth {truth}: F1 {result['truth']['f1']:.3f}"
+    _emit(result, as_json, text + f"\nwrote {picture}")
+
+
+def main() -> None:
+    """Console entry point: project errors become ``error: ...`` and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except ExplainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

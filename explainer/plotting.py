@@ -1,0 +1,89 @@
+"""Pictures of explanations: a heatmap of masks (sites × units) and the training curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from explainer.explanation import Explanation
+from explainer.masks import GAMMA, ZETA
+
+
+def gate_values(expl: Explanation) -> np.ndarray:
+    """Deterministic gate value per site (rows, forward order) and unit (columns), NaN-padded."""
+    width = max(expl.n_units.values())
+    grid = np.full((len(expl.n_units), width), np.nan)
+    for row, (site, n) in enumerate(expl.n_units.items()):
+        logit = np.asarray(expl.gate_logits[site], np.float64)
+        grid[row, :n] = np.clip(1 / (1 + np.exp(-logit)) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    return grid
+
+
+def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str, list[int]] | None = None) -> Path:
+    """Write a PNG: the mask heatmap (kept units boxed, ground truth crossed) and training curves.
+
+    >>> import explainer, tempfile
+    >>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+    >>> plot_explanation(e, tempfile.mkdtemp() + "/masks.png").suffix
+    '.png'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = list(expl.n_units)
+    grid = gate_values(expl)
+    curves = bool(expl.history and expl.history.get("kl"))
+    fig, axes = plt.subplots(
+        1 + curves, 1, figsize=(max(6.0, 0.35 * grid.shape[1] + 3), 1.2 + 0.5 * len(sites) + 2.6 * curves),
+        gridspec_kw={"height_ratios": [max(1.0, 0.5 * len(sites))] + [2.2] * curves},
+        squeeze=False,
+    )
+    ax = axes[0, 0]
+    image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(sites)), sites)
+    ax.set_xlabel("unit (residual dimension)")
+    if grid.shape[1] <= 64:
+        ax.set_xticks(range(grid.shape[1]))
+    for row, site in enumerate(sites):
+        for unit in expl.kept.get(site, []):
+            ax.add_patch(plt.Rectangle((unit - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+        for unit in (truth or {}).get(site, []):
+            ax.plot(unit, row, marker="x", color="tab:red", markersize=8, mew=2)
+    fig.colorbar(image, ax=ax, label="gate", fraction=0.03)
+    f = expl.faithfulness
+    legend = "boxed: kept" + ("   x: ground truth" if truth is not None else "")
+    ax.set_title(
+        f"size {expl.size}/{expl.total_units}   KL mean {f['kl_mean']:.3g}   "
+        f"logit diff recovered {f['logit_diff_recovered']:.2f}\n{legend}",
+        fontsize=9,
+    )
+    if curves:
+        assert expl.history is not None
+        ax2 = axes[1, 0]
+        steps = np.arange(len(expl.history["kl"]))
+        kl = np.asarray(expl.history["kl"])
+        window = max(1, len(kl) // 50)
+        smooth = np.convolve(kl, np.ones(window) / window, mode="same")
+        ax2.plot(steps, smooth, color="tab:blue", lw=1.0, label="KL, sampled gates (running mean)")
+        if expl.history.get("kl_deterministic") and any(expl.history["kl_deterministic"]):
+            ax2.plot(steps, expl.history["kl_deterministic"], color="tab:green", lw=0.8,
+                     label="KL, noise-free gates")
+        ax2.legend(loc="upper right", fontsize=7)
+        ax2.set_yscale("symlog", linthresh=1e-3)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("KL (nats)", color="tab:blue")
+        twin = ax2.twinx()
+        twin.plot(steps, expl.history["size"], color="tab:orange", lw=1.2, label="expected size")
+        twin.set_ylabel("expected size", color="tab:orange")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
