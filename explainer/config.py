@@ -51,7 +51,7 @@ class TrainConfig:
     init_lambda: float = 0.1
     dual_lr: float = 0.005
     init_logit: float = -1.0
-    sites: tuple[str, ...] | None = None
+    sites: tuple[str, ...] | list[str] | None = None
     adversary_weight: float = 1.0
     seed: int = 0
 

@@ -17,7 +17,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 # Hard-concrete stretch interval and temperature (Louizos et al.'s defaults).
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
@@ -102,7 +102,7 @@ class Gates(eqx.Module):
         return {site: logit > 0.0 for site, logit in self.logits.items()}
 
 
-def as_mask(kept: dict[str, jax.Array]) -> Mask:
+def as_mask(kept: dict[str, ArrayLike]) -> Mask:
     """Boolean keep vectors as a float keep mask."""
     return {site: jnp.asarray(v, jnp.float32) for site, v in kept.items()}
 

@@ -27,6 +27,7 @@ from explainer.tasks.base import Batch
 
 ABLATIONS = ("resample", "mean", "zero")
 Replacement = dict[str, Resid]
+SiteMeans = dict[str, Float[Array, "seq d_model"]]
 
 
 def check_sites(model: Transformer, sites) -> tuple[str, ...]:
@@ -90,7 +91,7 @@ class Scrubber(eqx.Module):
     model: Transformer
     sites: tuple[str, ...] = eqx.field(static=True)
     ablation: str = eqx.field(static=True)
-    means: Replacement | None
+    means: SiteMeans | None
     bases: dict[str, Basis]
 
     @classmethod
@@ -136,7 +137,7 @@ class Scrubber(eqx.Module):
         return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases))
 
 
-def site_means(model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256) -> Replacement:
+def site_means(model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256) -> SiteMeans:
     """Per-position mean of the full model's residual at each site over ``tokens``."""
     run = eqx.filter_jit(lambda t: model.run(t, capture=sites)[1])
     totals: dict[str, jax.Array] = {}

@@ -12,7 +12,7 @@ is present only when an adversary is passed in. The adversary is any object with
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -31,6 +31,7 @@ LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
 DUAL_BACKOFF = 10.0
 
 
+@runtime_checkable
 class InLoopAdversary(Protocol):
     """What the loop needs from an adversary trained alongside the explanation.
 
@@ -114,7 +115,8 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             return loss, (kl, size, gap)
 
         (loss, (kl, size, gap)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.gates)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.gates)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.gates)
         gates = eqx.apply_updates(state.gates, updates)
         kl_det = jnp.zeros(())
         if config.mode == "kl_budget":

@@ -1,0 +1,151 @@
+"""The command line, run as a user runs it: a subprocess, its stdout, stderr and exit code."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from explainer.models import resolve_model
+
+FAST = ["--steps", "400", "--no-progress"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def last_json(proc):
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def folder_digest(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "joint"
+    result = last_json(cli("train", "--model", "planted-joint", "--seed", "0", "--out", out, "--json", "--no-progress"))
+    return out, result
+
+
+def test_zoo_json_contract():
+    result = last_json(cli("zoo", "--json"))
+    names = {m["name"] for m in result["models"]}
+    assert {"planted-distractor", "planted-cancel", "planted-joint"} <= names
+    for m in result["models"]:
+        assert {"name", "task", "accuracy", "ground_truth"} <= set(m)
+        assert m["accuracy"] == 1.0
+    assert "planted-joint" in cli("zoo").stdout
+
+
+def test_train_json_contract(run):
+    out, result = run
+    assert {"run", "size", "kept", "faithfulness"} <= set(result)
+    assert {"kl_mean", "kl_p99", "logit_diff_recovered", "accuracy"} <= set(result["faithfulness"])
+    assert result["run"] == str(out)
+    assert result["kept"] == {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1, 2], "unembed.in": [3]}
+    assert result["size"] == 4
+    assert (out / "explanation.json").is_file() and (out / "explanation.safetensors").is_file()
+    saved = json.loads((out / "explanation.json").read_text())
+    assert saved["schema_version"] == 1 and saved["seed"] == 0 and "jax" in saved["versions"]
+    assert len(saved["model"]["sha256"]) == 64
+
+
+def test_eval_and_show(run, tmp_path):
+    out, _ = run
+    result = last_json(cli("eval", out, "--json", "--truth"))
+    assert result["faithfulness"]["kl_mean"] <= 0.01
+    assert result["truth"]["f1"] == 1.0
+    mean = last_json(cli("eval", out, "--json", "--ablation", "mean"))
+    assert mean["ablation"] == "mean"
+    shown = last_json(cli("show", out, "--json", "--png", tmp_path / "m.png"))
+    assert Path(shown["png"]).stat().st_size > 1000
+    text = cli("show", out, "--png", tmp_path / "m2.png")
+    assert "blocks.0.mlp.in" in text.stdout and text.returncode == 0
+
+
+def test_existing_run_is_not_replaced_without_overwrite(run):
+    out, _ = run
+    before = folder_digest(out)
+    proc = cli("train", "--model", "planted-joint", "--out", out, *FAST)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert folder_digest(out) == before
+
+
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    proc = cli("train", "--model", "planted-joint", "--out", tmp_path / "notes", "--overwrite", *FAST)
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_a_run(tmp_path):
+    out = tmp_path / "r"
+    last_json(cli("train", "--model", "planted-distractor", "--out", out, "--json", *FAST))
+    again = last_json(cli("train", "--model", "planted-distractor", "--out", out, "--overwrite", "--seed", "1", "--json", *FAST))
+    assert json.loads((out / "explanation.json").read_text())["seed"] == 1 == again["config"]["seed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folders left behind
+
+
+def test_prompts_file_and_config_file(tmp_path):
+    prompts = tmp_path / "p.json"
+    shutil.copy(resolve_model("planted-distractor") / "prompts.json", prompts)
+    config = tmp_path / "c.toml"
+    config.write_text('steps = 400\nablation = "resample"\n')
+    result = last_json(cli("train", "--model", "planted-distractor", "--task", prompts, "--config", config,
+                           "--out", tmp_path / "r", "--json", "--no-progress"))
+    assert result["config"]["steps"] == 400 and result["task"]["source"] == "file"
+    assert last_json(cli("eval", tmp_path / "r", "--json"))["task"] == str(prompts)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model", "planted-jiont"], "did you mean 'planted-joint'"),
+        (["train", "--model", "planted-joint", "--ablation", "resampel"], "did you mean 'resample'"),
+        (["train", "--model", "planted-joint", "--lambda", "0.1", "--target-size", "3"], "not both"),
+        (["train", "--model", "planted-joint", "--task", "nope.json"], "does not exist"),
+        (["eval", "nowhere"], "does not exist"),
+        (["show", "."], "not a run folder"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path):
+    proc = cli(*args, "--out", tmp_path / "r") if args[0] == "train" else cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_config_file(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("stpes = 10\n")
+    proc = cli("train", "--model", "planted-joint", "--config", config, "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "unknown setting 'stpes'; did you mean 'steps'" in proc.stderr
+
+
+def test_bad_prompts_leave_nothing_behind(tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"prompts": [{"clean": [1, 2], "answers": [8], "wrong_answers": [9]},
+                                               {"clean": [1], "answers": [8], "wrong_answers": [9]}]}))
+    proc = cli("train", "--model", "planted-joint", "--task", prompts, "--out", tmp_path / "r", *FAST)
+    assert proc.returncode == 2 and "unequal 'clean' lengths" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_changed_weights_are_detected(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model("planted-distractor"), model)
+    last_json(cli("train", "--model", model, "--out", tmp_path / "r", "--json", *FAST))
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 of the last tensor becomes 1.0
+    (model / "model.safetensors").write_bytes(bytes(data))
+    proc = cli("eval", tmp_path / "r")
+    assert proc.returncode == 2 and "changed since" in proc.stderr

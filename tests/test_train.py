@@ -1,0 +1,112 @@
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import explainer
+from explainer.api import evaluate_keep
+from explainer.config import TrainConfig
+from explainer.masks import as_mask
+from explainer.models import load_truth, resolve_model
+from explainer.scrub import Scrubber
+from explainer.tasks import resolve_task
+from explainer.train import init_state, make_step
+
+SEEDS = range(5)
+PAIR = [6, 7]
+
+
+def _setup(name, planted_models, **kw):
+    folder = resolve_model(name)
+    task = resolve_task(None, folder)
+    return Scrubber.build(planted_models[name], task.train_data(), **kw), task
+
+
+def _keep(scrubber, kept):
+    return as_mask({s: np.isin(np.arange(n), kept.get(s, [])) for s, n in scrubber.n_units.items()})
+
+
+def _nonempty(kept):
+    return {s: u for s, u in kept.items() if u}
+
+
+def test_step_is_traced_once(planted_models):
+    scrubber, task = _setup("planted-joint", planted_models)
+    config = TrainConfig(steps=5)
+    optimizer = optax.adam(config.lr)
+    step, counter = make_step(scrubber, task.train_data(), config, optimizer)
+    state = init_state(scrubber, config, optimizer)
+    for _ in range(5):
+        state, _ = step(state)
+    assert counter["traces"] == 1
+    assert int(state.step) == 5
+
+
+@pytest.mark.parametrize("name", ["planted-distractor", "planted-cancel", "planted-joint"])
+def test_planted_truth_is_faithful_minimal_and_closed(name, planted_models):
+    """The shipped ground truth is right: faithful, every unit needed, every other unit idle."""
+    scrubber, task = _setup(name, planted_models)
+    truth = load_truth(resolve_model(name))
+    batch = task.heldout_data()
+    assert evaluate_keep(scrubber, batch, _keep(scrubber, truth))["kl_max"] < 1e-6
+    for site, units in truth.items():
+        for unit in units:
+            fewer = {**truth, site: [u for u in units if u != unit]}
+            assert evaluate_keep(scrubber, batch, _keep(scrubber, fewer))["kl_mean"] > 0.5, (site, unit)
+    for site, n in scrubber.n_units.items():
+        for unit in sorted(set(range(n)) - set(truth.get(site, []))):
+            more = {**truth, site: sorted(truth.get(site, []) + [unit])}
+            assert evaluate_keep(scrubber, batch, _keep(scrubber, more))["kl_max"] < 1e-6, (site, unit)
+
+
+@pytest.mark.parametrize("name", ["planted-distractor", "planted-joint"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_recovers_planted_truth_exactly(name, seed):
+    e = explainer.explain(name, seed=seed, progress=False)
+    assert _nonempty(e.kept) == _nonempty(load_truth(resolve_model(name)))
+    assert e.faithfulness["kl_mean"] <= 0.01
+    assert e.history["traces"] == [1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cancellation_pair_is_dropped_without_adversary(seed, planted_models):
+    e = explainer.explain("planted-cancel", seed=seed, progress=False)
+    truth = load_truth(resolve_model("planted-cancel"))
+    without_pair = {s: [u for u in units if not (s == "unembed.in" and u in PAIR)] for s, units in truth.items()}
+    assert _nonempty(e.kept) == without_pair
+    assert e.faithfulness["kl_mean"] <= 0.01  # dropping both looks faithful ...
+    scrubber, task = _setup("planted-cancel", planted_models)
+    for unit in PAIR:  # ... but re-including either one is not
+        one = {**e.kept, "unembed.in": sorted(e.kept["unembed.in"] + [unit])}
+        assert evaluate_keep(scrubber, task.heldout_data(), _keep(scrubber, one))["kl_mean"] > 0.5
+
+
+def test_target_size_and_fixed_lambda():
+    truth = _nonempty(load_truth(resolve_model("planted-distractor")))
+    sized = explainer.explain("planted-distractor", target_size=2, progress=False)
+    assert sized.size == 2 and _nonempty(sized.kept) == truth
+    fixed = explainer.explain("planted-distractor", lam=0.05, progress=False)
+    assert _nonempty(fixed.kept) == truth
+    assert fixed.history["lambda"][0] == fixed.history["lambda"][-1] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_other_ablations_train(ablation):
+    e = explainer.explain("planted-joint", ablation=ablation, progress=False)
+    assert e.config["ablation"] == ablation
+    assert e.faithfulness["kl_mean"] <= 0.01
+
+
+def test_same_seed_same_gates_bit_for_bit():
+    a = explainer.explain("planted-joint", seed=3, steps=300, progress=False)
+    b = explainer.explain("planted-joint", seed=3, steps=300, progress=False)
+    for site in a.gate_logits:
+        np.testing.assert_array_equal(a.gate_logits[site], b.gate_logits[site])
+    c = explainer.explain("planted-joint", seed=4, steps=300, progress=False)
+    assert any(not np.array_equal(a.gate_logits[s], c.gate_logits[s]) for s in a.gate_logits)
+
+
+def test_site_subset(planted_models):
+    e = explainer.explain("planted-joint", sites=["unembed.in"], steps=300, progress=False)
+    assert list(e.n_units) == ["unembed.in"] and e.kept["unembed.in"] == [3]
+    assert jnp.isfinite(e.faithfulness["kl_mean"])
