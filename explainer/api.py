@@ -64,7 +64,7 @@ def explain(
     config: TrainConfig | str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
-    adversary: InLoopAdversary | None = None,
+    adversary: InLoopAdversary | str | None = "learned",
     progress: bool = True,
     **settings: Any,
 ) -> Explanation:
@@ -72,7 +72,9 @@ def explain(
 
     ``model`` is a zoo name or a model folder; ``task`` a prompts file, a built-in task name, or
     ``None`` for the model folder's own ``prompts.json``. ``settings`` override ``config``
-    (a :class:`TrainConfig` or a TOML file), e.g. ``steps=500, lam=0.05``.
+    (a :class:`TrainConfig` or a TOML file), e.g. ``steps=500, lam=0.05``. ``adversary`` is
+    ``"learned"`` (the default: an adversary trained in the loop tries to re-include excluded
+    units, and the explanation learns to be robust to it), ``"none"``, or an adversary object.
 
     >>> e = explain("planted-joint", seed=1, progress=False)
     >>> e.kept
@@ -83,6 +85,12 @@ def explain(
     config = config.replace(**settings)
     if out is not None:
         check_writable(Path(out), overwrite)
+    if isinstance(adversary, str) or adversary is None:
+        from adversary.learned import make_adversary
+
+        adversary = make_adversary(adversary)
+    if adversary is not None and config.adversary_weight == 0:
+        raise ExplainerError("adversary_weight is 0, so the adversary would learn nothing; use adversary 'none'")
     folder = resolve_model(model)
     net = load_model(folder)
     the_task = resolve_task(task, folder)

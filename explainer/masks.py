@@ -71,14 +71,20 @@ class Gates(eqx.Module):
     def init(cls, n_units: dict[str, int], logit: float = 3.0) -> Gates:
         return cls({site: jnp.full((n,), logit, jnp.float32) for site, n in n_units.items()})
 
-    def sample(self, key: PRNGKeyArray, beta: float = BETA) -> Mask:
-        """A stochastic keep mask in [0, 1] (exact zeros and ones have positive probability)."""
+    def sample(self, key: PRNGKeyArray, beta: float = BETA, straight_through: bool = False) -> Mask:
+        """A stochastic keep mask in [0, 1] (exact zeros and ones have positive probability).
+
+        With ``straight_through`` the clip to [0, 1] passes gradients as if it were not there, so
+        a gate that sampled exactly 0 still learns which way it should move.
+        """
         keys = jax.random.split(key, len(self.logits))
         out = {}
         for k, (site, logit) in zip(keys, sorted(self.logits.items())):
             u = jax.random.uniform(k, logit.shape, minval=1e-6, maxval=1.0 - 1e-6)
             s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / beta)
-            out[site] = jnp.clip(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+            stretched = s * (ZETA - GAMMA) + GAMMA
+            z = jnp.clip(stretched, 0.0, 1.0)
+            out[site] = stretched + jax.lax.stop_gradient(z - stretched) if straight_through else z
         return out
 
     def deterministic(self) -> Mask:

@@ -35,20 +35,26 @@ DUAL_BACKOFF = 10.0
 class InLoopAdversary(Protocol):
     """What the loop needs from an adversary trained alongside the explanation.
 
-    ``state`` is any pytree. ``update`` runs the adversary's ascent steps against the current
-    (sampled, gradient-free) keep mask and returns the new state and its gap;
-    ``gap`` is ``D(S_m ‖ S_{m∨a})`` for the current state, differentiable in ``keep``.
+    Its learned state is a pytree of arrays (``init``); the loop owns its optax optimiser
+    (``adam(lr)``) and ascends ``combine(gaps) − cost`` with it: ``steps − 1`` ascent-only updates,
+    then one update that shares its forward pass with the explainer's step. ``gaps`` returns the
+    mean ``D(S_m ‖ S_{m∨a})`` per restart and must be differentiable in both ``params`` and ``keep``.
+    With ``warm_start`` false the state is re-initialised at every explainer step.
     """
+
+    name: str
+    steps: int
+    lr: float
+    warm_start: bool
 
     def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> Any: ...
 
-    def update(
-        self, state: Any, scrubber: Scrubber, batch: Batch, keep: Mask, replacement: Replacement, key: PRNGKeyArray
-    ) -> tuple[Any, Float[Array, ""]]: ...
+    def gaps(self, params: Any, scrubber: Scrubber, tokens: Array, keep: Mask, scrubbed: Array,
+             replacement: Replacement, key: PRNGKeyArray) -> Float[Array, " restarts"]: ...
 
-    def gap(
-        self, state: Any, scrubber: Scrubber, batch: Batch, keep: Mask, replacement: Replacement, key: PRNGKeyArray
-    ) -> Float[Array, ""]: ...
+    def combine(self, gaps: Float[Array, " restarts"]) -> Float[Array, ""]: ...
+
+    def cost(self, params: Any, keep: Mask) -> Float[Array, ""]: ...
 
 
 class TrainState(eqx.Module):
@@ -87,6 +93,13 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     """
     n = len(data)
     counter = {"traces": 0}
+    adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
+
+    def adversary_ascent(params, opt_state, grads):
+        neg = jax.tree.map(jnp.negative, grads)  # ascent
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = adv_optimizer.update(neg, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     @eqx.filter_jit
     def step(state: TrainState) -> tuple[TrainState, dict[str, Array]]:
@@ -97,35 +110,56 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         batch = data.take(index)
         ref, repl = scrubber.reference(batch, k_repl)
         lam = jnp.exp(state.log_lambda)
+        adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
 
-        adv_state, adv_gap = state.adversary, jnp.zeros(())
         if adversary is not None:
+            if not adversary.warm_start:
+                adv_params = adversary.init(jax.random.fold_in(k_adv, 1), scrubber.n_units)
+                adv_opt = adv_optimizer.init(adv_params)
             keep_now = jax.lax.stop_gradient(state.gates.sample(k_gate))
-            adv_state, adv_gap = adversary.update(adv_state, scrubber, batch, keep_now, repl, k_adv)
+            scrubbed_now = jax.lax.stop_gradient(scrubber.logits(batch.clean, keep_now, repl))
+            for i in range(adversary.steps - 1):  # ascent-only steps against the current explanation
+                k_i = jax.random.fold_in(k_adv, 2 + i)
 
-        def loss_fn(gates: Gates):
-            keep = gates.sample(k_gate)
-            kl = kl_divergence(ref, scrubber.logits(batch.clean, keep, repl)).mean()
+                def objective(p, k_i=k_i):
+                    gaps = adversary.gaps(p, scrubber, batch.clean, keep_now, scrubbed_now, repl, k_i)
+                    return adversary.combine(gaps) - adversary.cost(p, keep_now)
+
+                adv_params, adv_opt = adversary_ascent(adv_params, adv_opt, jax.grad(objective)(adv_params))
+
+        def loss_fn(params):
+            gates, adv = params
+            keep = gates.sample(k_gate, straight_through=adversary is not None)
+            scrubbed = scrubber.logits(batch.clean, keep, repl)
+            kl = kl_divergence(ref, scrubbed).mean()
             size = gates.expected_size()
             loss = kl + lam * size
             gap = jnp.zeros(())
             if adversary is not None:
-                gap = adversary.gap(adv_state, scrubber, batch, keep, repl, k_adv)
-                loss = loss + config.adversary_weight * gap
+                gaps = adversary.gaps(adv, scrubber, batch.clean, keep, scrubbed, repl, k_adv)
+                gap = jnp.max(gaps)
+                # the explainer descends and the adversary ascends this one objective; its cost
+                # term depends on the adversary alone, so it pulls only the adversary
+                loss = loss + config.adversary_weight * (adversary.combine(gaps) - adversary.cost(adv, keep))
             return loss, (kl, size, gap)
 
-        (loss, (kl, size, gap)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.gates)
+        (loss, (kl, size, gap)), (grads, adv_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+            (state.gates, adv_params)
+        )
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
             updates, opt_state = optimizer.update(grads, state.opt_state, state.gates)
         gates = eqx.apply_updates(state.gates, updates)
+        adv_state = None
+        if adversary is not None:
+            adv_state = adversary_ascent(adv_params, adv_opt, adv_grads)
+
         kl_det = jnp.zeros(())
         if config.mode == "kl_budget":
             det = state.gates.deterministic()
             kl_det = kl_divergence(ref, scrubber.logits(batch.clean, det, repl)).mean()
         log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
         new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key)
-        metrics = {"loss": loss, "kl": kl, "kl_deterministic": kl_det, "size": size, "lambda": lam,
-                   "gap": gap, "adversary_gap": adv_gap}
+        metrics = {"loss": loss, "kl": kl, "kl_deterministic": kl_det, "size": size, "lambda": lam, "gap": gap}
         return new, metrics
 
     return step, counter
@@ -138,7 +172,10 @@ def init_state(scrubber: Scrubber, config: TrainConfig, optimizer, adversary=Non
     log_lambda = math.log(config.lam if config.mode == "lambda" and config.lam > 0 else config.init_lambda)
     if config.mode == "lambda" and config.lam == 0:
         log_lambda = -math.inf
-    adv = adversary.init(k_adv, scrubber.n_units) if adversary is not None else None
+    adv = None
+    if adversary is not None:
+        params = adversary.init(k_adv, scrubber.n_units)
+        adv = (params, optax.adam(adversary.lr).init(params))
     return TrainState(
         gates,
         optimizer.init(eqx.filter(gates, eqx.is_array)),

@@ -1,0 +1,186 @@
+"""The learned adversary: trained inside the loop, against the explanation as it trains.
+
+It holds hard-concrete gates over every unit, in several restarts at once (a leading ``restarts``
+axis, evaluated with ``vmap``). A sample re-includes units only where the explanation excludes
+them (``a ⊆ ¬m``: the gate is multiplied by ``1 − m``); with a hard budget ``k`` only the ``k``
+largest re-inclusions of each restart count, with a penalty ``ν`` instead every unit may be
+re-included at a cost. The scrubbed model with ``m ∨ a`` keeps the re-included units at the
+scrubbed run's own value, and the adversary ascends ``D(S_m ‖ S_{m∨a})`` per example, with ``D``
+KL in either direction or their mean (re-inclusion can also *improve* predictions: cancellation,
+negative components).
+
+The restarts are combined by a smooth maximum (log-sum-exp at ``temperature`` nats), so the
+explainer is pushed by the worst restart while every restart still receives its own gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from explainer.errors import ExplainerError, did_you_mean
+from explainer.masks import BETA, GAMMA, ZETA, Mask
+from explainer.metrics import divergence
+from explainer.scrub import Replacement, Scrubber
+
+DIVERGENCES = ("kl", "reverse_kl", "symmetric")
+Params = dict[str, Float[Array, "restarts units"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedAdversary:
+    """Settings of the in-loop adversary (the state it learns is a separate pytree of gate logits).
+
+    >>> LearnedAdversary(budget=2, restarts=4).name
+    'learned'
+    """
+
+    budget: int | None = 1
+    penalty: float = 0.0
+    restarts: int = 2
+    steps: int = 1
+    lr: float = 0.1
+    init_logit: float = 0.0
+    divergence: str = "kl"
+    warm_start: bool = True
+    temperature: float = 0.01
+    name: str = "learned"
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ExplainerError(
+                f"adversary budget must be a positive integer or None, got {self.budget!r}"
+            )
+        if self.budget is None and self.penalty <= 0:
+            raise ExplainerError(
+                "an adversary without a budget needs a penalty > 0 per re-included unit"
+            )
+        for name in ("restarts", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ExplainerError(
+                    f"adversary {name} must be a positive integer, got {getattr(self, name)!r}"
+                )
+        if self.divergence not in DIVERGENCES:
+            raise ExplainerError(
+                f"unknown divergence {self.divergence!r}; {did_you_mean(self.divergence, DIVERGENCES)}"
+            )
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ExplainerError("adversary lr and temperature must be positive")
+
+    def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> Params:
+        """Gate logits per site, ``[restarts, units]``, jittered so that restarts differ."""
+        keys = jax.random.split(key, len(n_units))
+        return {
+            site: self.init_logit + 0.5 * jax.random.normal(k, (self.restarts, n), jnp.float32)
+            for k, (site, n) in zip(keys, sorted(n_units.items()))
+        }
+
+    def reinclusion(self, params: Params, keep: Mask, key: PRNGKeyArray) -> Params:
+        """A sampled re-inclusion ``a`` per restart, zero wherever ``keep`` is one.
+
+        With a budget, the ``k`` excluded units whose noisy gates are largest *before* clipping are
+        re-included (ranking clipped values would tie at 1 and always pick the same units), and
+        gradients pass the clip straight through, so a gate sampled at exactly 0 or 1 still learns.
+        """
+        sites = sorted(params)
+        keys = jax.random.split(key, len(sites))
+        stretched, gated = {}, {}
+        for k, site in zip(keys, sites):
+            logit = params[site]
+            u = jax.random.uniform(k, logit.shape, minval=1e-6, maxval=1.0 - 1e-6)
+            s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / BETA) * (ZETA - GAMMA) + GAMMA
+            z = s + jax.lax.stop_gradient(jnp.clip(s, 0.0, 1.0) - s)
+            free = 1.0 - keep[site]
+            gated[site] = z * free
+            stretched[site] = jax.lax.stop_gradient(jnp.where(free > 0.5, s, -jnp.inf))
+        if self.budget is None:
+            return gated
+        chosen = _top_k_indicator(stretched, self.budget)
+        return {s: gated[s] * chosen[s] for s in sites}
+
+    def gaps(
+        self,
+        params: Params,
+        scrubber: Scrubber,
+        tokens,
+        keep: Mask,
+        scrubbed: Float[Array, "batch vocab"],
+        replacement: Replacement,
+        key: PRNGKeyArray,
+    ) -> Float[Array, " restarts"]:
+        """Mean ``D(S_m ‖ S_{m∨a})`` per restart for a sampled ``a`` (differentiable in both)."""
+        a = self.reinclusion(params, keep, key)
+
+        def one(a_r: Mask) -> Float[Array, ""]:
+            widened = {s: 1.0 - (1.0 - keep[s]) * (1.0 - a_r[s]) for s in keep}
+            return divergence(
+                self.divergence, scrubbed, scrubber.logits(tokens, widened, replacement)
+            ).mean()
+
+        return jax.vmap(one)(a)
+
+    def cost(self, params: Params, keep: Mask) -> Float[Array, ""]:
+        """The adversary's own size cost ``ν·E|a|`` (zero with a hard budget); no gradient to ``keep``."""
+        if self.budget is not None:
+            return jnp.zeros(())
+        shift = BETA * math.log(-GAMMA / ZETA)
+        free = {s: 1.0 - jax.lax.stop_gradient(keep[s]) for s in keep}
+        size = sum((jax.nn.sigmoid(params[s] - shift) * free[s]).sum(-1) for s in params)
+        return self.penalty * size.max()
+
+    def combine(self, gaps: Float[Array, " restarts"]) -> Float[Array, ""]:
+        """Smooth maximum over restarts: the worst restart counts."""
+        t = self.temperature
+        return t * (jax.nn.logsumexp(gaps / t) - math.log(gaps.shape[0]))
+
+    def best(self, params: Params, keep: Mask, restart: int = 0) -> dict[str, list[int]]:
+        """The hard re-inclusion of one restart: its ``budget`` largest gate logits among excluded units."""
+        sites = sorted(params)
+        flat = np.concatenate(
+            [
+                np.where(np.asarray(keep[s]) > 0.5, -np.inf, np.asarray(params[s][restart]))
+                for s in sites
+            ]
+        )
+        k = self.budget if self.budget is not None else int((flat > 0).sum())
+        order = [int(i) for i in np.argsort(-flat, kind="stable")[:k] if np.isfinite(flat[i])]
+        bounds = np.cumsum([0] + [params[s].shape[-1] for s in sites])
+        return {
+            s: sorted(i - int(bounds[j]) for i in order if bounds[j] <= i < bounds[j + 1])
+            for j, s in enumerate(sites)
+        }
+
+
+def _top_k_indicator(score: Params, k: int) -> Params:
+    """1 at the ``k`` largest scores of each restart (across all sites), 0 elsewhere."""
+    sites = sorted(score)
+    flat = jnp.concatenate([score[s] for s in sites], axis=-1)
+    rank = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1)
+    chosen = (rank < k).astype(jnp.float32)
+    out, start = {}, 0
+    for s in sites:
+        n = score[s].shape[-1]
+        out[s] = chosen[..., start : start + n]
+        start += n
+    return out
+
+
+ADVERSARIES = ("learned", "none")
+
+
+def make_adversary(name: str | None, **settings) -> LearnedAdversary | None:
+    """The in-loop adversary called ``name`` (``learned`` or ``none``), with ``settings``.
+
+    >>> make_adversary("none") is None
+    True
+    """
+    if name in (None, "none"):
+        return None
+    if name == "learned":
+        return LearnedAdversary(**settings)
+    raise ExplainerError(f"unknown adversary {name!r}; {did_you_mean(str(name), ADVERSARIES)}")
