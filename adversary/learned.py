@@ -170,6 +170,45 @@ def _top_k_indicator(score: Params, k: int) -> Params:
     return out
 
 
+def learn_reinclusions(
+    adversary: LearnedAdversary,
+    scrubber: Scrubber,
+    tokens,
+    keep: Mask,
+    replacement: Replacement,
+    scrubbed: Float[Array, "batch vocab"],
+    steps: int,
+    key: PRNGKeyArray,
+) -> list[dict[str, list[int]]]:
+    """Train the adversary against a fixed explanation; return each restart's hard re-inclusion.
+
+    This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
+    ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
+    """
+    import optax
+
+    k_init, k_run = jax.random.split(key)
+    n_units = {s: int(v.shape[-1]) for s, v in keep.items()}
+    params = adversary.init(k_init, n_units)
+    optimizer = optax.adam(adversary.lr)
+
+    @jax.jit
+    def step(params, opt_state, k):
+        def objective(p):
+            gaps = adversary.gaps(p, scrubber, tokens, keep, scrubbed, replacement, k)
+            return adversary.combine(gaps) - adversary.cost(p, keep)
+
+        grads = jax.tree.map(jnp.negative, jax.grad(objective)(params))
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for i in range(steps):
+        params, opt_state = step(params, opt_state, jax.random.fold_in(k_run, i))
+    return [adversary.best(params, keep, r) for r in range(adversary.restarts)]
+
+
 ADVERSARIES = ("learned", "none")
 
 

@@ -156,3 +156,43 @@ def evaluate(run: str | os.PathLike, task: str | os.PathLike | None = None, abla
     scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
     return {"run": str(run), "size": expl.size, "kept": expl.kept, "ablation": ablation,
             "task": the_task.name, "faithfulness": scores}
+
+
+def attack_run(
+    run: str | os.PathLike,
+    budget: int = 1,
+    method: str = "all",
+    seed: int = 0,
+    divergence: str = "kl",
+    task: str | os.PathLike | None = None,
+    save: bool = True,
+) -> dict[str, Any]:
+    """Grade a saved explanation with the discrete adversaries; write ``attack.json`` into the run.
+
+    ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive`` or ``all`` (every method
+    that fits; the strongest is reported, with the per-method list under ``methods``).
+    """
+    from adversary.discrete import METHODS, attack, attack_all
+
+    if method != "all" and method not in METHODS:
+        from explainer.errors import did_you_mean
+
+        raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
+    expl, net, folder = open_run(run)
+    the_task = run_task(expl, folder, task)
+    the_task.check(net.config)
+    scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), expl.config.get("ablation", "resample"))
+    key = jax.random.key(seed)
+    batch, keep = the_task.heldout_data(), expl.mask()
+    if method == "all":
+        best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
+        result = {**best.to_json(), "method": "all", "strongest": best.method,
+                  "methods": [r.to_json() for r in every]}
+    else:
+        result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
+    result = {**result, "run": str(run), "seed": seed}
+    if save:
+        from explainer.models.native import write_json
+
+        write_json(Path(run) / "attack.json", result)
+    return result

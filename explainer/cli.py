@@ -78,6 +78,7 @@ def train(
     ablation: Optional[str] = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    adversary: str = typer.Option("learned", "--adversary", help="learned (default): train against an adversary in the loop; none."),
     run: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
@@ -90,7 +91,7 @@ def train(
                 "steps": steps, "seed": seed}
     if run is None:
         run = Path("runs") / f"{Path(model).name}-s{seed or 0}"
-    expl = explain(model, task, config, out=run, overwrite=overwrite, progress=progress, **settings)
+    expl = explain(model, task, config, out=run, overwrite=overwrite, adversary=adversary, progress=progress, **settings)
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
 
 
@@ -124,6 +125,32 @@ def evaluate_cmd(
         t = result["truth"]
         text += f"\nvs ground truth: precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}"
     _emit(result, as_json, text)
+
+
+@app.command()
+def attack(
+    run: Path = typer.Argument(..., help="Run folder."),
+    budget: int = typer.Option(1, "--budget", "-k", help="How many excluded units the adversary may re-include."),
+    method: str = typer.Option("all", "--method", help="greedy, random, gradient, exhaustive or all."),
+    divergence: str = typer.Option("kl", "--divergence", help="kl, reverse_kl or symmetric."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the searches."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Grade an explanation: re-include up to K excluded units to move its predictions."""
+    from explainer.api import attack_run
+
+    result = attack_run(run, budget, method, seed, divergence)
+    gap = result["gap"]
+    lines = [
+        f"{run}: strongest attack at budget {budget}"
+        + (f" ({result['strongest']})" if method == "all" else f" ({method})"),
+        f"re-included {result['reincluded']}",
+        f"gap: KL mean {gap['kl_mean']:.4g}, max {gap['kl_max']:.4g} nats; "
+        f"accuracy change {result['accuracy_change']:+.3f}, logit diff change {result['logit_diff_change']:+.3f}",
+    ]
+    for r in result.get("methods", []):
+        lines.append(f"  {r['method']:<10} gap {r['gap']['kl_mean']:.4g}  re-included {r['reincluded']}")
+    _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(run) / 'attack.json'}")
 
 
 @app.command()

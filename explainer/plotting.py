@@ -29,18 +29,16 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
     >>> plot_explanation(e, tempfile.mkdtemp() + "/masks.png").suffix
     '.png'
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     sites = list(expl.n_units)
     grid = gate_values(expl)
     curves = bool(expl.history and expl.history.get("kl"))
-    fig, axes = plt.subplots(
-        1 + curves, 1, figsize=(max(6.0, 0.35 * grid.shape[1] + 3), 1.2 + 0.5 * len(sites) + 2.6 * curves),
-        gridspec_kw={"height_ratios": [max(1.0, 0.5 * len(sites))] + [2.2] * curves},
-        squeeze=False,
+    # a bare Figure: no pyplot, so the caller's matplotlib backend and state are left alone
+    fig = Figure(figsize=(max(6.0, 0.35 * grid.shape[1] + 3), 1.2 + 0.5 * len(sites) + 2.6 * curves))
+    axes = fig.subplots(
+        1 + curves, 1, gridspec_kw={"height_ratios": [max(1.0, 0.5 * len(sites))] + [2.2] * curves}, squeeze=False
     )
     ax = axes[0, 0]
     image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
@@ -50,7 +48,7 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
         ax.set_xticks(range(grid.shape[1]))
     for row, site in enumerate(sites):
         for unit in expl.kept.get(site, []):
-            ax.add_patch(plt.Rectangle((unit - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+            ax.add_patch(Rectangle((unit - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
         for unit in (truth or {}).get(site, []):
             ax.plot(unit, row, marker="x", color="tab:red", markersize=8, mew=2)
     fig.colorbar(image, ax=ax, label="gate", fraction=0.03)
@@ -82,8 +80,7 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
+    fig.savefig(tmp, dpi=110, format="png")
     os.replace(tmp, path)
     return path

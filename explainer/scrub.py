@@ -137,6 +137,54 @@ class Scrubber(eqx.Module):
         return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases))
 
 
+class ReferenceCache(eqx.Module):
+    """The full model's last-position logits and site residuals on every training prompt.
+
+    The reference and the replacements do not depend on the masks, so they are computed once
+    instead of twice per step. For permutation resampling the cache holds the clean prompts'
+    residuals, which a batch then permutes.
+    """
+
+    full: Float[Array, "n vocab"]
+    sources: Replacement | None
+    permute: bool = eqx.field(static=True)
+
+    def take(self, scrubber: Scrubber, batch: Batch, index: Int[Array, " b"], key: PRNGKeyArray):
+        """``(full, replacement)`` for the prompts at ``index`` (same values as ``reference``)."""
+        full = self.full[index]
+        if self.sources is None:  # mean and zero ablations need no forward pass
+            return full, scrubber.replacement(batch, key)
+        repl = {s: v[index] for s, v in self.sources.items()}
+        if self.permute:
+            perm = jax.random.permutation(key, index.shape[0])
+            repl = {s: v[perm] for s, v in repl.items()}
+        return full, repl
+
+
+def cache_bytes(scrubber: Scrubber, data: Batch) -> int:
+    """Memory a :class:`ReferenceCache` of ``data`` would take."""
+    n, seq = data.clean.shape
+    return 4 * n * (seq * scrubber.model.config.d_model * len(scrubber.sites) + scrubber.model.config.vocab_out)
+
+
+def build_cache(scrubber: Scrubber, data: Batch, chunk: int = 256) -> ReferenceCache:
+    """Run the full model once over ``data`` and keep what every training step would recompute."""
+    model, sites = scrubber.model, scrubber.sites
+    run = eqx.filter_jit(lambda t: model.run(t, capture=sites))
+    permute = scrubber.ablation == "resample" and data.corrupt is None
+    fulls, sources = [], {s: [] for s in sites}
+    for start in range(0, len(data), chunk):
+        logits, _ = run(data.clean[start : start + chunk])
+        fulls.append(last(logits))
+        if scrubber.ablation == "resample":
+            source = data.clean if permute else data.corrupt
+            _, cache = run(source[start : start + chunk])
+            for site in sites:
+                sources[site].append(cache[site])
+    joined = {s: jnp.concatenate(v) for s, v in sources.items()} if scrubber.ablation == "resample" else None
+    return ReferenceCache(jnp.concatenate(fulls), joined, permute)
+
+
 def site_means(model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256) -> SiteMeans:
     """Per-position mean of the full model's residual at each site over ``tokens``."""
     run = eqx.filter_jit(lambda t: model.run(t, capture=sites)[1])

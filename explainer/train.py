@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from explainer.config import TrainConfig
 from explainer.masks import Gates, Mask
 from explainer.metrics import kl_divergence
-from explainer.scrub import Replacement, Scrubber
+from explainer.scrub import Replacement, Scrubber, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 
 LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
@@ -86,12 +86,18 @@ def _dual_update(config: TrainConfig, log_lambda, kl_deterministic, size):
     return jnp.clip(log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
 
 
+CACHE_LIMIT_BYTES = 256 * 2**20
+
+
 def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, adversary=None):
     """The jitted training step ``state -> (state, metrics)``, and a dict counting its traces.
 
-    The step is traced once per run: shapes never change between steps.
+    The step is traced once per run: shapes never change between steps. When the full model's
+    outputs on the training prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here,
+    instead of in every step.
     """
     n = len(data)
+    cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
 
@@ -108,7 +114,10 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         k_batch, k_repl, k_gate, k_adv = jax.random.split(key, 4)
         index = jax.random.randint(k_batch, (config.batch_size,), 0, n)
         batch = data.take(index)
-        ref, repl = scrubber.reference(batch, k_repl)
+        if cache is not None:
+            ref, repl = cache.take(scrubber, batch, index, k_repl)
+        else:
+            ref, repl = scrubber.reference(batch, k_repl)
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
 

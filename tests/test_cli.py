@@ -147,5 +147,43 @@ def test_changed_weights_are_detected(tmp_path):
     data = bytearray((model / "model.safetensors").read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 of the last tensor becomes 1.0
     (model / "model.safetensors").write_bytes(bytes(data))
-    proc = cli("eval", tmp_path / "r")
+    for command in ("eval", "attack"):
+        proc = cli(command, tmp_path / "r")
+        assert proc.returncode == 2 and "changed since" in proc.stderr
+
+
+def test_attack_json_contract(run):
+    out, _ = run
+    result = last_json(cli("attack", out, "--budget", "1", "--method", "all", "--json"))
+    assert {"budget", "method", "reincluded", "gap", "accuracy_change", "logit_diff_change"} <= set(result)
+    assert {"kl_mean", "kl_max"} <= set(result["gap"])
+    assert result["gap"]["kl_mean"] < 1e-4  # the planted truth leaves nothing to find
+    assert {m["method"] for m in result["methods"]} >= {"greedy", "random", "gradient", "exhaustive"}
+    assert json.loads((out / "attack.json").read_text())["budget"] == 1
+    assert "attack" in cli("show", out, "--png", out / "m.png").stdout
+    single = last_json(cli("attack", out, "--budget", "2", "--method", "greedy", "--json"))
+    assert single["method"] == "greedy" and single["budget"] == 2
+
+
+def test_attack_bad_input(run, tmp_path):
+    out, _ = run
+    too_big = cli("attack", out, "--budget", "99")
+    assert too_big.returncode == 2 and "excludes only 26 units" in too_big.stderr
+    bad_method = cli("attack", out, "--method", "greedyy")
+    assert bad_method.returncode == 2 and "did you mean 'greedy'" in bad_method.stderr
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    record = json.loads((other / "explanation.json").read_text())
+    record["model"]["name"] = "planted-distractor"  # a run folder that claims another model
+    (other / "explanation.json").write_text(json.dumps(record))
+    proc = cli("attack", other)
     assert proc.returncode == 2 and "changed since" in proc.stderr
+
+
+def test_train_without_adversary_flag(tmp_path):
+    result = last_json(cli("train", "--model", "planted-cancel", "--adversary", "none", "--out", tmp_path / "r",
+                           "--json", "--no-progress"))
+    assert result["config"]["adversary"] is None
+    assert result["kept"]["unembed.in"] == [1]
+    bad = cli("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")
+    assert bad.returncode == 2 and "did you mean 'learned'" in bad.stderr

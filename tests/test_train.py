@@ -59,10 +59,11 @@ def test_planted_truth_is_faithful_minimal_and_closed(name, planted_models):
             assert evaluate_keep(scrubber, batch, _keep(scrubber, more))["kl_max"] < 1e-6, (site, unit)
 
 
+@pytest.mark.parametrize("adversary", ["none", "learned"])
 @pytest.mark.parametrize("name", ["planted-distractor", "planted-joint"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_recovers_planted_truth_exactly(name, seed):
-    e = explainer.explain(name, seed=seed, progress=False)
+def test_recovers_planted_truth_exactly(name, seed, adversary):
+    e = explainer.explain(name, seed=seed, adversary=adversary, progress=False)
     assert _nonempty(e.kept) == _nonempty(load_truth(resolve_model(name)))
     assert e.faithfulness["kl_mean"] <= 0.01
     assert e.history["traces"] == [1]
@@ -70,7 +71,7 @@ def test_recovers_planted_truth_exactly(name, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cancellation_pair_is_dropped_without_adversary(seed, planted_models):
-    e = explainer.explain("planted-cancel", seed=seed, progress=False)
+    e = explainer.explain("planted-cancel", seed=seed, adversary="none", progress=False)
     truth = load_truth(resolve_model("planted-cancel"))
     without_pair = {s: [u for u in units if not (s == "unembed.in" and u in PAIR)] for s, units in truth.items()}
     assert _nonempty(e.kept) == without_pair
@@ -83,16 +84,16 @@ def test_cancellation_pair_is_dropped_without_adversary(seed, planted_models):
 
 def test_target_size_and_fixed_lambda():
     truth = _nonempty(load_truth(resolve_model("planted-distractor")))
-    sized = explainer.explain("planted-distractor", target_size=2, progress=False)
+    sized = explainer.explain("planted-distractor", target_size=2, adversary="none", progress=False)
     assert sized.size == 2 and _nonempty(sized.kept) == truth
-    fixed = explainer.explain("planted-distractor", lam=0.05, progress=False)
+    fixed = explainer.explain("planted-distractor", lam=0.05, adversary="none", progress=False)
     assert _nonempty(fixed.kept) == truth
     assert fixed.history["lambda"][0] == fixed.history["lambda"][-1] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_other_ablations_train(ablation):
-    e = explainer.explain("planted-joint", ablation=ablation, progress=False)
+    e = explainer.explain("planted-joint", ablation=ablation, adversary="none", progress=False)
     assert e.config["ablation"] == ablation
     assert e.faithfulness["kl_mean"] <= 0.01
 

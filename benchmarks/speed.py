@@ -1,0 +1,162 @@
+"""Speed of one explainer training step next to one plain training step of the model itself.
+
+For every shipped zoo model this times, side by side in one run:
+
+- **step**: one step of the explainer's training loop without an adversary, built exactly as
+  :func:`explainer.train.train_gates` builds it (``Scrubber.build(..., "resample")``,
+  ``optax.adam``, ``init_state``, ``make_step``, the default :class:`~explainer.TrainConfig`);
+  it runs the full model on the clean and resample prompts, the scrubbed forward and backward
+  pass, an adam update of the gates and the dual update of λ;
+- **min-max step**: the same step with the learned adversary in the loop (``n_adv = 1``, its
+  default restarts): the adversary's ascent shares the explainer's forward pass;
+- **plain**: one jitted ``eqx.filter_value_and_grad`` of the mean cross-entropy of the model's
+  last-position logits against ``batch.answers[:, 0]`` with respect to its parameters, plus an
+  adam update of those parameters, on the same number of the same task's prompts.
+
+Both are compiled first; each number is the median over ``--repeats`` repeats of the mean time
+of ``--steps`` consecutive steps, synchronised with ``block_until_ready``. The ratio step / plain
+is the overhead of explaining a model over training it; the targets are at most 2.5 for the
+step and at most 3 for the min-max step.
+
+Run it with ``make bench`` (that is, ``python benchmarks/speed.py``); it prints a table and writes
+the rows with the exact command line to ``benchmarks/results/speed.json``::
+
+    python benchmarks/speed.py --batch-size 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from rich.console import Console
+from rich.table import Table
+
+from adversary.learned import LearnedAdversary
+from explainer.config import TrainConfig
+from explainer.models import load_model, resolve_model, zoo_names
+from explainer.scrub import Scrubber, last
+from explainer.tasks import resolve_task
+from explainer.tasks.base import Batch
+from explainer.train import init_state, make_step
+
+RESULTS = Path(__file__).parent / "results" / "speed.json"
+TARGET_RATIO = 2.5
+TARGET_MINMAX = 3.0
+
+
+def time_steps(step, state, steps: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean seconds per step of ``state = step(state)``."""
+    state = step(state)  # compile
+    jax.block_until_ready(eqx.filter(state, eqx.is_array))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            state = step(state)
+        jax.block_until_ready(eqx.filter(state, eqx.is_array))
+        times.append((time.perf_counter() - started) / steps)
+    return statistics.median(times)
+
+
+def explainer_step(model, data: Batch, config: TrainConfig, adversary=None):
+    """The explainer's step and initial state, as ``train_gates`` makes them."""
+    scrubber = Scrubber.build(model, data, None, "resample")
+    optimizer = optax.adam(config.lr)
+    step, _ = make_step(scrubber, data, config, optimizer, adversary)
+    return lambda state: step(state)[0], init_state(scrubber, config, optimizer, adversary)
+
+
+def plain_step(model, batch: Batch, config: TrainConfig):
+    """One forward + backward of the model's own loss and an adam update of its parameters."""
+    optimizer = optax.adam(config.lr)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(params):
+        logits = last(eqx.combine(params, static)(batch.clean))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch.answers[:, 0]).mean()
+
+    @eqx.filter_jit
+    def step(state):
+        params, opt_state = state
+        _, grads = eqx.filter_value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state
+
+    return step, (params, optimizer.init(params))
+
+
+def measure(name: str, config: TrainConfig, steps: int, repeats: int) -> dict:
+    folder = resolve_model(name)
+    model, task = load_model(folder), resolve_task(None, folder)
+    data = task.train_data()
+    batch = data.take(jnp.arange(config.batch_size) % len(data))
+    step_s = time_steps(*explainer_step(model, data, config), steps, repeats)
+    minmax_s = time_steps(*explainer_step(model, data, config, LearnedAdversary()), steps, repeats)
+    plain_s = time_steps(*plain_step(model, batch, config), steps, repeats)
+    return {
+        "model": name,
+        "batch_size": config.batch_size,
+        "step_ms": 1e3 * step_s,
+        "minmax_ms": 1e3 * minmax_s,
+        "plain_ms": 1e3 * plain_s,
+        "ratio": step_s / plain_s,
+        "minmax_ratio": minmax_s / plain_s,
+    }
+
+
+def show(rows: list[dict]) -> None:
+    title = f"explainer step vs plain fwd+bwd (targets: step ≤ {TARGET_RATIO}, min-max ≤ {TARGET_MINMAX})"
+    table = Table(title=title)
+    for column in ("model", "step ms", "min-max ms", "plain fwd+bwd ms", "step ratio", "min-max ratio"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" + ("" if r["ratio"] <= TARGET_RATIO else " (over)")
+        minmax = f"{r['minmax_ratio']:.2f}" + ("" if r["minmax_ratio"] <= TARGET_MINMAX else " (over)")
+        table.add_row(r["model"], f"{r['step_ms']:.3f}", f"{r['minmax_ms']:.3f}", f"{r['plain_ms']:.3f}", ratio, minmax)
+    Console().print(table)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": shlex.join(sys.orig_argv),
+        "settings": vars(args),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "target_ratio": TARGET_RATIO,
+        "target_minmax_ratio": TARGET_MINMAX,
+        "rows": rows,
+    }
+    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats; the median is reported"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
+    args = parser.parse_args(argv)
+    config = TrainConfig().replace(batch_size=args.batch_size)
+    rows = [measure(name, config, args.steps, args.repeats) for name in zoo_names()]
+    show(rows)
+    write(rows, args)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
