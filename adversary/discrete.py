@@ -162,7 +162,7 @@ def attack_all(
     >>> keep = {"blocks.0.attn.in": np.eye(10)[0], "unembed.in": np.eye(10)[1]}
     >>> best, every = attack_all(scrubber, task.heldout_data(), keep, 2, jax.random.key(0))
     >>> [r.method for r in every], best.gap["kl_mean"] < 1e-4
-    (['greedy', 'random', 'gradient', 'exhaustive'], True)
+    (['greedy', 'random', 'gradient', 'exhaustive', 'learned'], True)
     """
     for method in methods:
         _check_method(method)
@@ -201,9 +201,7 @@ def _check_divergence(kind: str) -> None:
 
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ExplainerError(
-            f"option {name} must be a positive integer (got {value!r}); pass {name}=1 or more"
-        )
+        raise ExplainerError(f"option {name} must be a positive integer (got {value!r}); pass {name}=1 or more")
     return int(value)
 
 
@@ -213,8 +211,7 @@ def _settings(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for name in options:
         if name not in defaults:
             raise ExplainerError(
-                f"unknown option {name!r} for attack method {method!r}; "
-                + did_you_mean(name, tuple(defaults))
+                f"unknown option {name!r} for attack method {method!r}; " + did_you_mean(name, tuple(defaults))
             )
     settings = {**defaults, **options}
     return {k: v if v is None and k == "sample" else _positive(k, v) for k, v in settings.items()}
@@ -222,27 +219,19 @@ def _settings(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_budget(budget: int, n_excluded: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ExplainerError(
-            f"the attack budget must be a positive integer (got {budget!r}); use --budget 1 or more"
-        )
+        raise ExplainerError(f"the attack budget must be a positive integer (got {budget!r}); use --budget 1 or more")
     if n_excluded == 0:
-        raise ExplainerError(
-            "the explanation excludes no units, so there is nothing to re-include; no attack needed"
-        )
+        raise ExplainerError("the explanation excludes no units, so there is nothing to re-include; no attack needed")
     if budget > n_excluded:
         raise ExplainerError(
-            f"the explanation excludes only {n_excluded} units; "
-            f"use --budget {n_excluded} or less (got {budget})"
+            f"the explanation excludes only {n_excluded} units; use --budget {n_excluded} or less (got {budget})"
         )
 
 
 def check_keep(scrubber: Scrubber, keep: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The keep mask as float32 0/1 vectors, checked against ``scrubber``'s sites and sizes."""
     if not isinstance(keep, Mapping) or not keep:
-        raise ExplainerError(
-            "the keep mask must map site names to 0/1 vectors over units, "
-            "e.g. {'unembed.in': [0, 1]}"
-        )
+        raise ExplainerError("the keep mask must map site names to 0/1 vectors over units, e.g. {'unembed.in': [0, 1]}")
     out = {}
     for site, values in keep.items():
         if site not in scrubber.sites:
@@ -253,22 +242,16 @@ def check_keep(scrubber: Scrubber, keep: Mapping[str, Any]) -> dict[str, np.ndar
         v = np.asarray(values)
         n = scrubber.n_units[site]
         if v.shape != (n,):
-            raise ExplainerError(
-                f"the keep mask of {site!r} has shape {v.shape}; "
-                f"it needs one entry per unit: ({n},)"
-            )
+            raise ExplainerError(f"the keep mask of {site!r} has shape {v.shape}; it needs one entry per unit: ({n},)")
         if not np.isin(v, (0, 1)).all():
             raise ExplainerError(
-                f"the keep mask of {site!r} is not binary; threshold it first "
-                "(e.g. Gates.binary() or mask > 0.5)"
+                f"the keep mask of {site!r} is not binary; threshold it first (e.g. Gates.binary() or mask > 0.5)"
             )
         out[site] = v.astype(np.float32)
     return out
 
 
-def _check_attack(
-    scrubber: Scrubber, keep: Mapping[str, Any], budget: int, kind: str
-) -> dict[str, np.ndarray]:
+def _check_attack(scrubber: Scrubber, keep: Mapping[str, Any], budget: int, kind: str) -> dict[str, np.ndarray]:
     _check_divergence(kind)
     keep = check_keep(scrubber, keep)
     _check_budget(budget, _n_excluded(keep))
@@ -493,9 +476,7 @@ def _step(oracle: _Oracle, current: UnitSet, pool: np.ndarray) -> UnitSet:
     return sets[int(np.argmax(oracle.gaps(sets)))]
 
 
-def _greedy(
-    oracle: _Oracle, budget: int, rng: np.random.Generator, restarts: int, sample: int | None
-) -> None:
+def _greedy(oracle: _Oracle, budget: int, rng: np.random.Generator, restarts: int, sample: int | None) -> None:
     """Restart 0 tries every remaining unit per step (up to ``GREEDY_ALL``) unless ``sample`` is
     set; later restarts try a random half (or ``sample``) of them, so they explore other paths."""
     for restart in range(restarts):
@@ -521,9 +502,7 @@ def _random(oracle: _Oracle, budget: int, rng: np.random.Generator, samples: int
     oracle.gaps(sets)
 
 
-def _gradient(
-    oracle: _Oracle, budget: int, rng: np.random.Generator, verify: int, probes: int
-) -> None:
+def _gradient(oracle: _Oracle, budget: int, rng: np.random.Generator, verify: int, probes: int) -> None:
     """Gradients are taken at the current set and at ``probes`` random relaxed points around it
     (remaining units uniform in [0, 1]): at the current set alone the gradient of a divergence from
     ``S_m`` vanishes (it is a minimum), and a cancelling pair has zero gradient wherever both units
@@ -552,16 +531,18 @@ def _learned(oracle: _Oracle, budget: int, rng: np.random.Generator, steps: int,
     from adversary.learned import LearnedAdversary, learn_reinclusions
 
     offsets = np.cumsum([0] + [n for _, n in oracle.layout])
-    keep = {site: jnp.asarray(oracle.base[offsets[i] : offsets[i + 1]], jnp.float32)
-            for i, (site, _) in enumerate(oracle.layout)}
+    keep = {
+        site: jnp.asarray(oracle.base[offsets[i] : offsets[i + 1]], jnp.float32)
+        for i, (site, _) in enumerate(oracle.layout)
+    }
     adversary = LearnedAdversary(budget=budget, restarts=restarts, divergence=oracle.kind)
     key = jax.random.key(int(rng.integers(0, np.iinfo(np.int32).max)))
-    found = learn_reinclusions(adversary, oracle.scrubber, oracle.batch.clean, keep, oracle.replacement,
-                               oracle.ref, steps, key)
+    found = learn_reinclusions(
+        adversary, oracle.scrubber, oracle.batch.clean, keep, oracle.replacement, oracle.ref, steps, key
+    )
     position = {int(flat): i for i, flat in enumerate(oracle.excluded)}
     index = {site: int(offsets[i]) for i, (site, _) in enumerate(oracle.layout)}
     oracle.gaps([tuple(position[index[s] + u] for s, units in sets.items() for u in units) for sets in found])
 
 
-SEARCHES = {"greedy": _greedy, "random": _random, "gradient": _gradient, "exhaustive": _exhaustive,
-            "learned": _learned}
+SEARCHES = {"greedy": _greedy, "random": _random, "gradient": _gradient, "exhaustive": _exhaustive, "learned": _learned}

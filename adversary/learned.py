@@ -53,18 +53,12 @@ class LearnedAdversary:
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ExplainerError(
-                f"adversary budget must be a positive integer or None, got {self.budget!r}"
-            )
+            raise ExplainerError(f"adversary budget must be a positive integer or None, got {self.budget!r}")
         if self.budget is None and self.penalty <= 0:
-            raise ExplainerError(
-                "an adversary without a budget needs a penalty > 0 per re-included unit"
-            )
+            raise ExplainerError("an adversary without a budget needs a penalty > 0 per re-included unit")
         for name in ("restarts", "steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ExplainerError(
-                    f"adversary {name} must be a positive integer, got {getattr(self, name)!r}"
-                )
+                raise ExplainerError(f"adversary {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.divergence not in DIVERGENCES:
             raise ExplainerError(
                 f"unknown divergence {self.divergence!r}; {did_you_mean(self.divergence, DIVERGENCES)}"
@@ -77,7 +71,7 @@ class LearnedAdversary:
         keys = jax.random.split(key, len(n_units))
         return {
             site: self.init_logit + 0.5 * jax.random.normal(k, (self.restarts, n), jnp.float32)
-            for k, (site, n) in zip(keys, sorted(n_units.items()))
+            for k, (site, n) in zip(keys, sorted(n_units.items()), strict=True)
         }
 
     def reinclusion(self, params: Params, keep: Mask, key: PRNGKeyArray) -> Params:
@@ -90,7 +84,7 @@ class LearnedAdversary:
         sites = sorted(params)
         keys = jax.random.split(key, len(sites))
         stretched, gated = {}, {}
-        for k, site in zip(keys, sites):
+        for k, site in zip(keys, sites, strict=True):
             logit = params[site]
             u = jax.random.uniform(k, logit.shape, minval=1e-6, maxval=1.0 - 1e-6)
             s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / BETA) * (ZETA - GAMMA) + GAMMA
@@ -118,9 +112,7 @@ class LearnedAdversary:
 
         def one(a_r: Mask) -> Float[Array, ""]:
             widened = {s: 1.0 - (1.0 - keep[s]) * (1.0 - a_r[s]) for s in keep}
-            return divergence(
-                self.divergence, scrubbed, scrubber.logits(tokens, widened, replacement)
-            ).mean()
+            return divergence(self.divergence, scrubbed, scrubber.logits(tokens, widened, replacement)).mean()
 
         return jax.vmap(one)(a)
 
@@ -142,17 +134,13 @@ class LearnedAdversary:
         """The hard re-inclusion of one restart: its ``budget`` largest gate logits among excluded units."""
         sites = sorted(params)
         flat = np.concatenate(
-            [
-                np.where(np.asarray(keep[s]) > 0.5, -np.inf, np.asarray(params[s][restart]))
-                for s in sites
-            ]
+            [np.where(np.asarray(keep[s]) > 0.5, -np.inf, np.asarray(params[s][restart])) for s in sites]
         )
         k = self.budget if self.budget is not None else int((flat > 0).sum())
         order = [int(i) for i in np.argsort(-flat, kind="stable")[:k] if np.isfinite(flat[i])]
         bounds = np.cumsum([0] + [params[s].shape[-1] for s in sites])
         return {
-            s: sorted(i - int(bounds[j]) for i in order if bounds[j] <= i < bounds[j + 1])
-            for j, s in enumerate(sites)
+            s: sorted(i - int(bounds[j]) for i in order if bounds[j] <= i < bounds[j + 1]) for j, s in enumerate(sites)
         }
 
 

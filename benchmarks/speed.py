@@ -146,9 +146,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats; the median is reported"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)

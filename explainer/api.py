@@ -146,7 +146,9 @@ def run_task(expl: Explanation, folder: Path, task: str | os.PathLike | None = N
     return resolve_task(None, folder)
 
 
-def evaluate(run: str | os.PathLike, task: str | os.PathLike | None = None, ablation: str | None = None) -> dict[str, Any]:
+def evaluate(
+    run: str | os.PathLike, task: str | os.PathLike | None = None, ablation: str | None = None
+) -> dict[str, Any]:
     """Re-measure a saved explanation on held-out prompts (optionally another task or ablation)."""
     expl, net, folder = open_run(run)
     the_task = run_task(expl, folder, task)
@@ -154,8 +156,14 @@ def evaluate(run: str | os.PathLike, task: str | os.PathLike | None = None, abla
     ablation = ablation or expl.config.get("ablation", "resample")
     scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), ablation)
     scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
-    return {"run": str(run), "size": expl.size, "kept": expl.kept, "ablation": ablation,
-            "task": the_task.name, "faithfulness": scores}
+    return {
+        "run": str(run),
+        "size": expl.size,
+        "kept": expl.kept,
+        "ablation": ablation,
+        "task": the_task.name,
+        "faithfulness": scores,
+    }
 
 
 def attack_run(
@@ -186,8 +194,7 @@ def attack_run(
     batch, keep = the_task.heldout_data(), expl.mask()
     if method == "all":
         best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
-        result = {**best.to_json(), "method": "all", "strongest": best.method,
-                  "methods": [r.to_json() for r in every]}
+        result = {**best.to_json(), "method": "all", "strongest": best.method, "methods": [r.to_json() for r in every]}
     else:
         result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
     result = {**result, "run": str(run), "seed": seed}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -70,16 +70,22 @@ def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="
 @app.command()
 def train(
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Prompts file or built-in task; default: the model's own prompts."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of training settings."),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="Fixed size penalty (nats per kept unit)."),
-    target_size: Optional[int] = typer.Option(None, "--target-size", help="Train an explanation of exactly N units."),
-    kl_budget: Optional[float] = typer.Option(None, "--kl-budget", help="Smallest explanation with KL <= this (default 0.01)."),
-    ablation: Optional[str] = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1500)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    adversary: str = typer.Option("learned", "--adversary", help="learned (default): train against an adversary in the loop; none."),
-    run: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
+    task: str | None = typer.Option(
+        None, "--task", "-t", help="Prompts file or built-in task; default: the model's own prompts."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="TOML file of training settings."),
+    lam: float | None = typer.Option(None, "--lambda", help="Fixed size penalty (nats per kept unit)."),
+    target_size: int | None = typer.Option(None, "--target-size", help="Train an explanation of exactly N units."),
+    kl_budget: float | None = typer.Option(
+        None, "--kl-budget", help="Smallest explanation with KL <= this (default 0.01)."
+    ),
+    ablation: str | None = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    adversary: str = typer.Option(
+        "learned", "--adversary", help="learned (default): train against an adversary in the loop; none."
+    ),
+    run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
@@ -87,19 +93,27 @@ def train(
     """Learn an explanation and save it as a run folder."""
     from explainer.api import explain
 
-    settings = {"lam": lam, "target_size": target_size, "kl_budget": kl_budget, "ablation": ablation,
-                "steps": steps, "seed": seed}
+    settings = {
+        "lam": lam,
+        "target_size": target_size,
+        "kl_budget": kl_budget,
+        "ablation": ablation,
+        "steps": steps,
+        "seed": seed,
+    }
     if run is None:
         run = Path("runs") / f"{Path(model).name}-s{seed or 0}"
-    expl = explain(model, task, config, out=run, overwrite=overwrite, adversary=adversary, progress=progress, **settings)
+    expl = explain(
+        model, task, config, out=run, overwrite=overwrite, adversary=adversary, progress=progress, **settings
+    )
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
 
 
 @app.command("eval")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run folder."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Evaluate on another prompts file or task."),
-    ablation: Optional[str] = typer.Option(None, "--ablation", help="Evaluate under another ablation."),
+    task: str | None = typer.Option(None, "--task", "-t", help="Evaluate on another prompts file or task."),
+    ablation: str | None = typer.Option(None, "--ablation", help="Evaluate under another ablation."),
     truth: bool = typer.Option(False, "--truth", help="Score kept units against the model's ground truth."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
@@ -156,7 +170,7 @@ def attack(
 @app.command()
 def show(
     run: Path = typer.Argument(..., help="Run folder."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Where to write the heatmap (default RUN/masks.png)."),
+    png: Path | None = typer.Option(None, "--png", help="Where to write the heatmap (default RUN/masks.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Summarise a run and draw its masks (sites × units) with the training curves."""

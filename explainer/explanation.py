@@ -122,8 +122,7 @@ class Explanation:
         f = self.faithfulness
         lines = [
             f"explanation of {self.model.get('name') or self.model.get('path')} on task {self.task.get('name')}",
-            f"size {self.size} of {self.total_units} units "
-            f"({100 * self.size / max(1, self.total_units):.1f}%)",
+            f"size {self.size} of {self.total_units} units ({100 * self.size / max(1, self.total_units):.1f}%)",
         ]
         width = max(len(s) for s in self.n_units)
         for site, n in self.n_units.items():

@@ -60,7 +60,7 @@ class Gates(eqx.Module):
 
     >>> g = Gates.init({"unembed.in": 4}, logit=3.0)
     >>> round(float(g.expected_size()), 2)
-    3.97
+    3.96
     >>> g.binary()["unembed.in"].tolist()
     [True, True, True, True]
     """
@@ -79,7 +79,7 @@ class Gates(eqx.Module):
         """
         keys = jax.random.split(key, len(self.logits))
         out = {}
-        for k, (site, logit) in zip(keys, sorted(self.logits.items())):
+        for k, (site, logit) in zip(keys, sorted(self.logits.items()), strict=True):
             u = jax.random.uniform(k, logit.shape, minval=1e-6, maxval=1.0 - 1e-6)
             s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logit) / beta)
             stretched = s * (ZETA - GAMMA) + GAMMA

@@ -68,8 +68,7 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
         smooth = np.convolve(kl, np.ones(window) / window, mode="same")
         ax2.plot(steps, smooth, color="tab:blue", lw=1.0, label="KL, sampled gates (running mean)")
         if expl.history.get("kl_deterministic") and any(expl.history["kl_deterministic"]):
-            ax2.plot(steps, expl.history["kl_deterministic"], color="tab:green", lw=0.8,
-                     label="KL, noise-free gates")
+            ax2.plot(steps, expl.history["kl_deterministic"], color="tab:green", lw=0.8, label="KL, noise-free gates")
         ax2.legend(loc="upper right", fontsize=7)
         ax2.set_yscale("symlog", linthresh=1e-3)
         ax2.set_xlabel("step")

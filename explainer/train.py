@@ -49,8 +49,16 @@ class InLoopAdversary(Protocol):
 
     def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> Any: ...
 
-    def gaps(self, params: Any, scrubber: Scrubber, tokens: Array, keep: Mask, scrubbed: Array,
-             replacement: Replacement, key: PRNGKeyArray) -> Float[Array, " restarts"]: ...
+    def gaps(
+        self,
+        params: Any,
+        scrubber: Scrubber,
+        tokens: Array,
+        keep: Mask,
+        scrubbed: Array,
+        replacement: Replacement,
+        key: PRNGKeyArray,
+    ) -> Float[Array, " restarts"]: ...
 
     def combine(self, gaps: Float[Array, " restarts"]) -> Float[Array, ""]: ...
 
@@ -232,8 +240,12 @@ class _progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.description}"), TimeRemainingColumn(), console=Console(stderr=True),
+            TextColumn("training"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.description}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
             transient=True,
         )
         self.bar.__enter__()

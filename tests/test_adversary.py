@@ -91,8 +91,12 @@ def test_minmax_step_is_traced_once_and_records_the_gap():
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(warm_start=False, steps=3), dict(budget=None, penalty=0.05), dict(divergence="symmetric"),
-     dict(divergence="reverse_kl", budget=2)],
+    [
+        dict(warm_start=False, steps=3),
+        dict(budget=None, penalty=0.05),
+        dict(divergence="symmetric"),
+        dict(divergence="reverse_kl", budget=2),
+    ],
 )
 def test_adversary_options_train(settings):
     e = explainer.explain("planted-cancel", adversary=LearnedAdversary(**settings), steps=300, progress=False)

@@ -15,7 +15,9 @@ FAST = ["--steps", "400", "--no-progress"]
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def last_json(proc):
@@ -89,7 +91,9 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path):
 def test_overwrite_replaces_a_run(tmp_path):
     out = tmp_path / "r"
     last_json(cli("train", "--model", "planted-distractor", "--out", out, "--json", *FAST))
-    again = last_json(cli("train", "--model", "planted-distractor", "--out", out, "--overwrite", "--seed", "1", "--json", *FAST))
+    again = last_json(
+        cli("train", "--model", "planted-distractor", "--out", out, "--overwrite", "--seed", "1", "--json", *FAST)
+    )
     assert json.loads((out / "explanation.json").read_text())["seed"] == 1 == again["config"]["seed"]
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folders left behind
 
@@ -99,8 +103,21 @@ def test_prompts_file_and_config_file(tmp_path):
     shutil.copy(resolve_model("planted-distractor") / "prompts.json", prompts)
     config = tmp_path / "c.toml"
     config.write_text('steps = 400\nablation = "resample"\n')
-    result = last_json(cli("train", "--model", "planted-distractor", "--task", prompts, "--config", config,
-                           "--out", tmp_path / "r", "--json", "--no-progress"))
+    result = last_json(
+        cli(
+            "train",
+            "--model",
+            "planted-distractor",
+            "--task",
+            prompts,
+            "--config",
+            config,
+            "--out",
+            tmp_path / "r",
+            "--json",
+            "--no-progress",
+        )
+    )
     assert result["config"]["steps"] == 400 and result["task"]["source"] == "file"
     assert last_json(cli("eval", tmp_path / "r", "--json"))["task"] == str(prompts)
 
@@ -133,8 +150,16 @@ def test_bad_config_file(tmp_path):
 
 def test_bad_prompts_leave_nothing_behind(tmp_path):
     prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps({"prompts": [{"clean": [1, 2], "answers": [8], "wrong_answers": [9]},
-                                               {"clean": [1], "answers": [8], "wrong_answers": [9]}]}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "prompts": [
+                    {"clean": [1, 2], "answers": [8], "wrong_answers": [9]},
+                    {"clean": [1], "answers": [8], "wrong_answers": [9]},
+                ]
+            }
+        )
+    )
     proc = cli("train", "--model", "planted-joint", "--task", prompts, "--out", tmp_path / "r", *FAST)
     assert proc.returncode == 2 and "unequal 'clean' lengths" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
@@ -181,8 +206,19 @@ def test_attack_bad_input(run, tmp_path):
 
 
 def test_train_without_adversary_flag(tmp_path):
-    result = last_json(cli("train", "--model", "planted-cancel", "--adversary", "none", "--out", tmp_path / "r",
-                           "--json", "--no-progress"))
+    result = last_json(
+        cli(
+            "train",
+            "--model",
+            "planted-cancel",
+            "--adversary",
+            "none",
+            "--out",
+            tmp_path / "r",
+            "--json",
+            "--no-progress",
+        )
+    )
     assert result["config"]["adversary"] is None
     assert result["kept"]["unembed.in"] == [1]
     bad = cli("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")

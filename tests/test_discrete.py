@@ -116,10 +116,7 @@ def test_same_key_same_result(setups, method):
     scrubber, batch, truth = setups["planted-joint"]
     keep = keep_mask(scrubber, truth, {"blocks.0.mlp.in": [1, 2]})
     options = {"samples": 32} if method == "random" else {}
-    runs = [
-        attack(scrubber, batch, keep, 2, method, jax.random.key(7), **options).to_json()
-        for _ in range(2)
-    ]
+    runs = [attack(scrubber, batch, keep, 2, method, jax.random.key(7), **options).to_json() for _ in range(2)]
     for run in runs:
         run.pop("seconds")
     assert runs[0] == runs[1]
@@ -127,9 +124,7 @@ def test_same_key_same_result(setups, method):
 
 def test_to_json_is_json(setups, getkey):
     scrubber, batch, truth = setups["planted-distractor"]
-    result = attack(
-        scrubber, batch, keep_mask(scrubber, truth, DROPPED["planted-distractor"]), 1, key=getkey()
-    )
+    result = attack(scrubber, batch, keep_mask(scrubber, truth, DROPPED["planted-distractor"]), 1, key=getkey())
     assert isinstance(result, AttackResult)
     data = json.loads(json.dumps(result.to_json()))
     assert data["method"] == "greedy" and data["budget"] == 1 and data["divergence"] == "kl"

@@ -40,16 +40,12 @@ def test_committed_without_outputs(path):
     nbformat.validate(nb)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [], (
-                f"{path.name} cell {index} has outputs; clear them before committing"
-            )
+            assert cell.outputs == [], f"{path.name} cell {index} has outputs; clear them before committing"
             assert cell.execution_count is None, f"{path.name} cell {index} has an execution count"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, python3_kernel):
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on the first cell that raises

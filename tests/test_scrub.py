@@ -77,7 +77,9 @@ def test_scrubbing_one_site_leaves_the_residual_stream_alone(planted_models, get
     scrubber = Scrubber.build(model, batch, sites=["blocks.0.attn.in"])
     _, repl = scrubber.reference(batch, getkey())
     keep = {"blocks.0.attn.in": jnp.zeros(10)}
-    _, cache = model.run(batch.clean, edit=lambda s, h: h if s != "blocks.0.attn.in" else repl[s], capture=["unembed.in"])
+    _, cache = model.run(
+        batch.clean, edit=lambda s, h: h if s != "blocks.0.attn.in" else repl[s], capture=["unembed.in"]
+    )
     _, clean_cache = model.run(batch.clean, capture=["unembed.in"])
     # the token's own embedding (dims 4-9 carry the distractors of the last token) is untouched
     np.testing.assert_array_equal(cache["unembed.in"][:, -1, 6:], clean_cache["unembed.in"][:, -1, 6:])

@@ -5,13 +5,24 @@ import pytest
 
 from explainer.errors import ExplainerError
 from explainer.models import ModelConfig, init_random, load_model, save_model
-from explainer.models.native import expected_shapes, from_state_dict, to_state_dict
+from explainer.models.native import expected_shapes, to_state_dict
 
 CONFIGS = [
     dict(n_layers=2, d_model=16, n_heads=2, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8, act_fn="gelu_new"),
     dict(n_layers=1, d_model=8, n_heads=1, d_head=8, d_vocab=5, n_ctx=4, attn_only=True, normalization_type=None),
-    dict(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=8, d_vocab=5, n_ctx=4, act_fn="relu",
-         normalization_type="LNPre", attention_dir="bidirectional", d_vocab_out=3),
+    dict(
+        n_layers=2,
+        d_model=8,
+        n_heads=2,
+        d_head=4,
+        d_mlp=8,
+        d_vocab=5,
+        n_ctx=4,
+        act_fn="relu",
+        normalization_type="LNPre",
+        attention_dir="bidirectional",
+        d_vocab_out=3,
+    ),
     dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, d_vocab=5, n_ctx=4, act_fn="gelu"),
 ]
 

@@ -90,8 +90,7 @@ class ModelConfig:
                 )
         if self.normalization_type not in NORMALIZATIONS:
             raise ExplainerError(
-                f"config field 'normalization_type' is {self.normalization_type!r}; "
-                "valid: 'LN', 'LNPre' or null"
+                f"config field 'normalization_type' is {self.normalization_type!r}; valid: 'LN', 'LNPre' or null"
             )
         if self.positional_embedding_type != "standard":
             raise ExplainerError(
@@ -152,14 +151,8 @@ class ModelConfig:
                         f"{key}={_REQUIRED_TL_VALUES[key][0]!r} (GPT-2-style blocks)"
                     )
             elif key not in _IGNORED_TL_FIELDS:
-                raise ExplainerError(
-                    f"{source}: unknown field {key!r}; {did_you_mean(key, sorted(fields))}"
-                )
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.name not in kwargs
-        ]
+                raise ExplainerError(f"{source}: unknown field {key!r}; {did_you_mean(key, sorted(fields))}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in kwargs]
         if missing:
             raise ExplainerError(f"{source} is missing required field(s) {missing}; add them")
         if kwargs.get("attn_only") is False and kwargs.get("d_mlp") is None and "d_mlp" not in data:

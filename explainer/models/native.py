@@ -176,7 +176,7 @@ def init_random(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Transfor
     shapes = expected_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
     tensors = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+    for k, (name, shape) in zip(keys, sorted(shapes.items()), strict=True):
         if name.endswith(".w"):
             tensors[name] = np.ones(shape, np.float32)
         elif name.split(".")[-1].startswith("b"):

@@ -76,8 +76,17 @@ def _answer_readout(w: dict[str, np.ndarray], dim: int, scale: float = UNEMBED) 
 
 
 def build_distractor() -> Transformer:
-    cfg = ModelConfig(n_layers=1, d_model=D_MODEL, n_heads=2, d_head=2, d_vocab=10, n_ctx=4,
-                      attn_only=True, normalization_type=None, act_fn="relu")
+    cfg = ModelConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_heads=2,
+        d_head=2,
+        d_vocab=10,
+        n_ctx=4,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+    )
     w = _zeros(cfg)
     w["embed.W_E"][:8, 0] = _class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
@@ -90,8 +99,17 @@ def build_distractor() -> Transformer:
 
 
 def build_cancel() -> Transformer:
-    cfg = ModelConfig(n_layers=1, d_model=D_MODEL, n_heads=1, d_head=2, d_vocab=10, n_ctx=4,
-                      attn_only=True, normalization_type=None, act_fn="relu")
+    cfg = ModelConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_heads=1,
+        d_head=2,
+        d_vocab=10,
+        n_ctx=4,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+    )
     w = _zeros(cfg)
     w["embed.W_E"][:8, 0] = _class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
@@ -106,8 +124,18 @@ def build_cancel() -> Transformer:
 
 
 def build_joint() -> Transformer:
-    cfg = ModelConfig(n_layers=1, d_model=D_MODEL, n_heads=1, d_head=2, d_mlp=4, d_vocab=10, n_ctx=2,
-                      attn_only=False, normalization_type=None, act_fn="relu")
+    cfg = ModelConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_heads=1,
+        d_head=2,
+        d_mlp=4,
+        d_vocab=10,
+        n_ctx=2,
+        attn_only=False,
+        normalization_type=None,
+        act_fn="relu",
+    )
     w = _zeros(cfg)
     w["embed.W_E"][:4, 0] = _pair_class(np.arange(4))  # a-tokens 0-3 write their class to dim 0
     w["embed.W_E"][4:8, 1] = _pair_class(np.arange(4, 8))  # b-tokens 4-7 write theirs to dim 1
@@ -130,7 +158,7 @@ def _batch(clean, corrupt, answer_is_a) -> Batch:
     wrong = np.where(answer_is_a, ANSWER_B, ANSWER_A)[:, None]
     rows = [
         {"clean": c.tolist(), "corrupt": r.tolist(), "answers": a.tolist(), "wrong_answers": b.tolist()}
-        for c, r, a, b in zip(clean, corrupt, answers, wrong)
+        for c, r, a, b in zip(clean, corrupt, answers, wrong, strict=True)
     ]
     return parse_prompts({"prompts": rows})
 

@@ -118,9 +118,9 @@ class Transformer(eqx.Module):
     def sites(self) -> tuple[str, ...]:
         return self.config.sites
 
-    def __call__(self, tokens: Int[Array, "batch seq"], edit: Edit | None = None) -> Float[
-        Array, "batch seq d_vocab_out"
-    ]:
+    def __call__(
+        self, tokens: Int[Array, "batch seq"], edit: Edit | None = None
+    ) -> Float[Array, "batch seq d_vocab_out"]:
         """Logits for every position; ``edit(site, h)`` replaces what the reader at ``site`` reads."""
         logits, _ = self.run(tokens, edit=edit)
         return logits

@@ -47,10 +47,9 @@ def load_truth(folder: str | os.PathLike) -> dict[str, list[int]] | None:
         return None
     data = read_json(path)
     if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, list) and all(isinstance(u, int) for u in v)
-        for k, v in data.items()
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(u, int) for u in v) for k, v in data.items()
     ):
-        raise ExplainerError(f"{path} must map site names to lists of unit indices, e.g. {{\"unembed.in\": [1]}}")
+        raise ExplainerError(f'{path} must map site names to lists of unit indices, e.g. {{"unembed.in": [1]}}')
     return {k: sorted(v) for k, v in data.items()}
 
 

@@ -49,7 +49,9 @@ def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike
 
     if text in TASKS:
         return PromptsTask(TASKS[text](), name=text)
-    raise ExplainerError(f"unknown task {text!r}: not a prompts file nor a built-in task; {did_you_mean(text, task_names())}")
+    raise ExplainerError(
+        f"unknown task {text!r}: not a prompts file nor a built-in task; {did_you_mean(text, task_names())}"
+    )
 
 
 __all__ = ["Batch", "PromptsTask", "Task", "parse_prompts", "prompts_json", "resolve_task", "task_names"]

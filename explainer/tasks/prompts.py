@@ -28,9 +28,7 @@ _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
 
 
 def _int_list(value: Any, where: str, key: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    ):
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise ExplainerError(f"{where}: {key!r} must be a list of integer token ids, got {value!r:.80}")
     return value
 
@@ -99,12 +97,14 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
     seq = batch.clean.shape[1]
     if seq > config.n_ctx:
         raise ExplainerError(
-            f"{source}: prompts have {seq} tokens but the model's context is n_ctx={config.n_ctx}; "
-            "shorten the prompts"
+            f"{source}: prompts have {seq} tokens but the model's context is n_ctx={config.n_ctx}; shorten the prompts"
         )
-    checks = [("clean", batch.clean, config.d_vocab), ("corrupt", batch.corrupt, config.d_vocab),
-              ("answers", batch.answers, config.vocab_out),
-              ("wrong_answers", batch.wrong_answers, config.vocab_out)]
+    checks = [
+        ("clean", batch.clean, config.d_vocab),
+        ("corrupt", batch.corrupt, config.d_vocab),
+        ("answers", batch.answers, config.vocab_out),
+        ("wrong_answers", batch.wrong_answers, config.vocab_out),
+    ]
     for key, tokens, vocab in checks:
         if tokens is None:
             continue
@@ -152,7 +152,7 @@ class PromptsTask:
         if not path.is_file():
             raise ExplainerError(f"prompts file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
-            raise ExplainerError(f"prompts file {str(path)!r} is empty; it should hold {{\"prompts\": [...]}}")
+            raise ExplainerError(f'prompts file {str(path)!r} is empty; it should hold {{"prompts": [...]}}')
         return cls(parse_prompts(read_json(path), source=str(path)), name=name or str(path))
 
     def check(self, config: ModelConfig) -> None:
