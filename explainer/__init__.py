@@ -8,12 +8,13 @@
 
 __version__ = "0.1.0"
 
-from explainer.api import evaluate, explain, open_run  # noqa: E402
+from explainer.api import attack_run, evaluate, explain, open_run  # noqa: E402
 from explainer.config import TrainConfig, load_config  # noqa: E402
 from explainer.errors import ExplainerError  # noqa: E402
 from explainer.explanation import Explanation, load  # noqa: E402
 
 __all__ = [
+    "attack_run",
     "Explanation",
     "ExplainerError",
     "TrainConfig",

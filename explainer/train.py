@@ -151,16 +151,17 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             kl = kl_divergence(ref, scrubbed).mean()
             size = gates.expected_size()
             loss = kl + lam * size
-            gap = jnp.zeros(())
+            gap = objective = jnp.zeros(())
             if adversary is not None:
                 gaps = adversary.gaps(adv, scrubber, batch.clean, keep, scrubbed, repl, k_adv)
                 gap = jnp.max(gaps)
                 # the explainer descends and the adversary ascends this one objective; its cost
                 # term depends on the adversary alone, so it pulls only the adversary
-                loss = loss + config.adversary_weight * (adversary.combine(gaps) - adversary.cost(adv, keep))
-            return loss, (kl, size, gap)
+                objective = adversary.combine(gaps) - adversary.cost(adv, keep)
+                loss = loss + config.adversary_weight * objective
+            return loss, (kl, size, gap, objective)
 
-        (loss, (kl, size, gap)), (grads, adv_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (kl, size, gap, objective)), (grads, adv_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
             (state.gates, adv_params)
         )
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
@@ -176,7 +177,15 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             kl_det = kl_divergence(ref, scrubber.logits(batch.clean, det, repl)).mean()
         log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
         new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key)
-        metrics = {"loss": loss, "kl": kl, "kl_deterministic": kl_det, "size": size, "lambda": lam, "gap": gap}
+        metrics = {
+            "loss": loss,
+            "kl": kl,
+            "kl_deterministic": kl_det,
+            "size": size,
+            "lambda": lam,
+            "gap": gap,
+            "adversary_objective": objective,
+        }
         return new, metrics
 
     return step, counter
