@@ -37,8 +37,7 @@ def _emit(result: dict[str, Any], as_json: bool, text: str | None = None) -> Non
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+    raise ExplainerError(message)
 
 
 @zoo_app.callback()
@@ -191,25 +190,15 @@ def show(
 
 
 def main() -> None:
-    """Console entry point: project errors become ``error: ...`` and exit status 2."""
+    """Console entry point: project errors become ``error: ...`` and exit status 2.
+
+    Usage errors (an unknown flag, a missing option) are click's: they also exit with status 2.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except ExplainerError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

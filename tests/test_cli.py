@@ -223,3 +223,17 @@ def test_train_without_adversary_flag(tmp_path):
     assert result["kept"]["unembed.in"] == [1]
     bad = cli("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")
     assert bad.returncode == 2 and "did you mean 'learned'" in bad.stderr
+
+
+def test_truth_needs_a_model_with_ground_truth(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model("planted-distractor"), model)
+    (model / "truth.json").unlink()
+    last_json(cli("train", "--model", model, "--out", tmp_path / "r", "--adversary", "none", "--json", *FAST))
+    proc = cli("eval", tmp_path / "r", "--truth")
+    assert proc.returncode == 2 and "has no truth.json" in proc.stderr
+
+
+def test_usage_errors_exit_2():
+    proc = cli("train")
+    assert proc.returncode == 2 and "--model" in proc.stderr
