@@ -400,8 +400,13 @@ class _Oracle:
         return np.asarray(grads, np.float64)[:, self.excluded]
 
     def best(self) -> UnitSet:
-        """The evaluated set with the largest mean gap (on ties the smallest, then the earliest)."""
-        return max(self.cache, key=lambda units: (self.cache[units], -len(units)))
+        """The evaluated set with the largest mean gap (on ties the smallest, then the earliest).
+
+        When nothing moved the predictions at all, the answer is the empty set: reporting some
+        arbitrary set with a zero gap would read like a finding.
+        """
+        units = max(self.cache, key=lambda units: (self.cache[units], -len(units)), default=())
+        return units if units and self.cache[units] > 0.0 else ()
 
     def reincluded(self, units: UnitSet) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {site: [] for site, _ in self.layout}

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from explainer.errors import ExplainerError, did_you_mean
@@ -173,28 +175,29 @@ def learn_reinclusions(
     This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
     """
-    import optax
-
     k_init, k_run = jax.random.split(key)
     n_units = {s: int(v.shape[-1]) for s, v in keep.items()}
     params = adversary.init(k_init, n_units)
-    optimizer = optax.adam(adversary.lr)
-
-    @jax.jit
-    def step(params, opt_state, k):
-        def objective(p):
-            gaps = adversary.gaps(p, scrubber, tokens, keep, scrubbed, replacement, k)
-            return adversary.combine(gaps) - adversary.cost(p, keep)
-
-        grads = jax.tree.map(jnp.negative, jax.grad(objective)(params))
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    opt_state = optimizer.init(params)
+    opt_state = optax.adam(adversary.lr).init(params)
     for i in range(steps):
-        params, opt_state = step(params, opt_state, jax.random.fold_in(k_run, i))
+        params, opt_state = _ascent_step(
+            adversary, scrubber, tokens, keep, replacement, scrubbed, params, opt_state, jax.random.fold_in(k_run, i)
+        )
     return [adversary.best(params, keep, r) for r in range(adversary.restarts)]
+
+
+@eqx.filter_jit
+def _ascent_step(adversary, scrubber, tokens, keep, replacement, scrubbed, params, opt_state, key):
+    """One adam ascent step of a stand-alone adversary (module level, so compiled once per shape)."""
+
+    def objective(p):
+        gaps = adversary.gaps(p, scrubber, tokens, keep, scrubbed, replacement, key)
+        return adversary.combine(gaps) - adversary.cost(p, keep)
+
+    grads = jax.tree.map(jnp.negative, jax.grad(objective)(params))
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optax.adam(adversary.lr).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 ADVERSARIES = ("learned", "none")

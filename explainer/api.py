@@ -166,6 +166,45 @@ def evaluate(
     }
 
 
+def attack_explanation(
+    expl: Explanation,
+    model: Transformer,
+    task: Task,
+    budget: int = 1,
+    method: str = "all",
+    seed: int = 0,
+    divergence: str = "kl",
+) -> dict[str, Any]:
+    """Grade an explanation (saved or not) with the discrete adversaries, on held-out prompts.
+
+    ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive``, ``learned`` or ``all``
+    (every method that fits; the strongest is reported, with the per-method list under
+    ``methods`` and any method left out, e.g. exhaustive with too many sets, under ``skipped``).
+    """
+    from adversary.discrete import METHODS, attack, attack_all
+
+    if method != "all" and method not in METHODS:
+        from explainer.errors import did_you_mean
+
+        raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
+    task.check(model.config)
+    scrubber = Scrubber.build(model, task.train_data(), list(expl.n_units), expl.config.get("ablation", "resample"))
+    key = jax.random.key(seed)
+    batch, keep = task.heldout_data(), expl.mask()
+    if method != "all":
+        return {**attack(scrubber, batch, keep, budget, method, key, divergence).to_json(), "seed": seed}
+    best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
+    ran = [r.method for r in every]
+    return {
+        **best.to_json(),
+        "method": "all",
+        "strongest": best.method,
+        "methods": [r.to_json() for r in every],
+        "skipped": [m for m in METHODS if m not in ran],
+        "seed": seed,
+    }
+
+
 def attack_run(
     run: str | os.PathLike,
     budget: int = 1,
@@ -175,29 +214,12 @@ def attack_run(
     task: str | os.PathLike | None = None,
     save: bool = True,
 ) -> dict[str, Any]:
-    """Grade a saved explanation with the discrete adversaries; write ``attack.json`` into the run.
-
-    ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive`` or ``all`` (every method
-    that fits; the strongest is reported, with the per-method list under ``methods``).
-    """
-    from adversary.discrete import METHODS, attack, attack_all
-
-    if method != "all" and method not in METHODS:
-        from explainer.errors import did_you_mean
-
-        raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
+    """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically)."""
     expl, net, folder = open_run(run)
-    the_task = run_task(expl, folder, task)
-    the_task.check(net.config)
-    scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), expl.config.get("ablation", "resample"))
-    key = jax.random.key(seed)
-    batch, keep = the_task.heldout_data(), expl.mask()
-    if method == "all":
-        best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
-        result = {**best.to_json(), "method": "all", "strongest": best.method, "methods": [r.to_json() for r in every]}
-    else:
-        result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
-    result = {**result, "run": str(run), "seed": seed}
+    result = {
+        **attack_explanation(expl, net, run_task(expl, folder, task), budget, method, seed, divergence),
+        "run": str(run),
+    }
     if save:
         from explainer.models.native import write_json
 
