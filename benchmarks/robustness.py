@@ -30,16 +30,13 @@ line to ``benchmarks/results/robustness.json`` and a bar chart of the gaps to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from _results import RESULTS_DIR, write_record
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
@@ -51,7 +48,7 @@ from explainer.models import load_model, load_truth, resolve_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 
-RESULTS = Path(__file__).parent / "results" / "robustness.json"
+RESULTS = RESULTS_DIR / "robustness.json"
 PLOT = RESULTS.with_suffix(".png")
 MODELS = ("planted-distractor", "planted-cancel", "planted-joint")
 ADVERSARIES = ("learned", "none")
@@ -169,19 +166,7 @@ def plot(summary: list[dict], budgets: list[int]) -> None:
 
 
 def write(rows: list[dict], summary: list[dict], args: argparse.Namespace, seconds: float) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": shlex.join(sys.orig_argv),
-        "settings": vars(args),
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "seconds": seconds,
-        "summary": summary,
-        "rows": rows,
-    }
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_record(RESULTS, args, seconds=seconds, summary=summary, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> None:

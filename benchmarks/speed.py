@@ -27,18 +27,14 @@ the rows with the exact command line to ``benchmarks/results/speed.json``::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from _results import RESULTS_DIR, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -50,7 +46,7 @@ from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
 from explainer.train import init_state, make_step
 
-RESULTS = Path(__file__).parent / "results" / "speed.json"
+RESULTS = RESULTS_DIR / "speed.json"
 TARGET_RATIO = 2.5
 TARGET_MINMAX = 3.0
 
@@ -128,19 +124,7 @@ def show(rows: list[dict]) -> None:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": shlex.join(sys.orig_argv),
-        "settings": vars(args),
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "target_ratio": TARGET_RATIO,
-        "target_minmax_ratio": TARGET_MINMAX,
-        "rows": rows,
-    }
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_record(RESULTS, args, target_ratio=TARGET_RATIO, target_minmax_ratio=TARGET_MINMAX, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> None:
