@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench lint clean zoo
+.PHONY: demo test bench lint clean zoo zoo-tracr
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(TEST_STAMP)
 ## regenerate the planted models shipped in the zoo (deterministic, no training)
 zoo: $(STAMP)
 	$(BIN)/python -m explainer.models.planted
+
+## regenerate the tracr-compiled models shipped in the zoo (needs the tracr extra, part of the test extras)
+zoo-tracr: $(TEST_STAMP)
+	$(BIN)/python -m explainer.models.tracr_import
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

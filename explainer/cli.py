@@ -66,6 +66,64 @@ def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="
             out.print("    truth: " + ", ".join(f"{s} {u}" for s, u in e.ground_truth.items() if u), highlight=False)
 
 
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument(..., help="Trained zoo model: induction, direct, ioi or paren."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the shipped weights use 0)."),
+    folder: Path | None = typer.Option(None, "--out", "-o", help="Model folder to write (default zoo/NAME)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Retrain a trained zoo model from a seed: its weights, prompts.json and card.json."""
+    from explainer.models.training import shipped_accuracy, write_trained
+
+    folder = folder or Path("zoo") / name
+    card = write_trained(name, folder, seed=seed, progress=progress, overwrite=overwrite)
+    result = {
+        "name": name,
+        "out": str(folder),
+        "seed": seed,
+        "task": card["task"],
+        "accuracy": card["accuracy"],
+        "top1_accuracy": card["top1_accuracy"],
+        "shipped_accuracy": shipped_accuracy(name),
+        "train_seconds": card["training"]["train_seconds"],
+    }
+    text = (
+        f"trained {name} (seed {seed}) in {result['train_seconds']} s: held-out accuracy "
+        f"{100 * card['accuracy']:.1f}%, top-1 {100 * card['top1_accuracy']:.1f}% "
+        f"(shipped model: {100 * (result['shipped_accuracy'] or 0):.1f}%)\nwrote {folder}"
+    )
+    _emit(result, as_json, text)
+
+
+@zoo_app.command("import-tracr")
+def zoo_import_tracr(
+    program: str = typer.Argument(..., help="A function of tracr.compiler.lib, e.g. make_reverse or frac_prevs."),
+    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
+    vocab: str | None = typer.Option(None, "--vocab", help="Comma-separated tokens, e.g. a,b,c (default per program)."),
+    max_seq_len: int = typer.Option(5, "--max-seq-len", help="Longest input, BOS not counted."),
+    bos: str = typer.Option("BOS", "--bos", help="The compiler's BOS token."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Compile a RASP program with tracr into a model folder with prompts and ground truth."""
+    from explainer.models.tracr_import import import_tracr
+
+    result = import_tracr(
+        program, folder, vocab=vocab, max_seq_len=max_seq_len, bos=bos, seed=seed, overwrite=overwrite
+    )
+    lines = [f"{result['program']}: {result['n_layers']} layers, d_model {result['d_model']}"]
+    if result["note"]:
+        lines.append(f"note: {result['note']}")
+    else:
+        lines.append(f"accuracy {100 * result['accuracy']:.1f}% on {result['prompts']} prompts; ground truth:")
+        lines += [f"    {site}: {', '.join(labels)}" for site, labels in result["truth_labels"].items()]
+    _emit(result, as_json, "\n".join(lines) + f"\nwrote {folder}")
+
+
 @app.command()
 def train(
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),

@@ -226,6 +226,7 @@ def save_model(model: Transformer, folder: str | os.PathLike) -> Path:
     write_json(folder / CONFIG_FILE, model.config.to_json())
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(to_state_dict(model), str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; model folders are meant to be shared
     os.replace(tmp, folder / WEIGHTS_FILE)
     return folder
 

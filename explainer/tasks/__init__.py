@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from explainer.errors import ExplainerError, did_you_mean
@@ -10,11 +11,21 @@ from explainer.tasks.base import Batch, Task
 from explainer.tasks.prompts import PromptsTask, parse_prompts, prompts_json
 
 
+def builtin_tasks() -> dict[str, Callable[..., Batch]]:
+    """The built-in task generators by name: ``generator(n, seed=0) -> Batch``.
+
+    >>> len(builtin_tasks()["induction"](8, seed=1))
+    8
+    """
+    from explainer.models.planted import TASKS
+    from explainer.tasks import direct, induction, ioi, paren
+
+    return {**TASKS, **{m.NAME: m.prompts for m in (direct, induction, ioi, paren)}}
+
+
 def task_names() -> list[str]:
     """Names of the built-in task generators."""
-    from explainer.models.planted import TASKS
-
-    return sorted(TASKS)
+    return sorted(builtin_tasks())
 
 
 def _own_task_name(folder: Path) -> str:
@@ -45,13 +56,21 @@ def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike
     text = str(task)
     if Path(text).is_file() or text.endswith(".json"):
         return PromptsTask.from_file(text)
-    from explainer.models.planted import TASKS
-
-    if text in TASKS:
-        return PromptsTask(TASKS[text](), name=text)
+    tasks = builtin_tasks()
+    if text in tasks:
+        return PromptsTask(tasks[text](), name=text)
     raise ExplainerError(
         f"unknown task {text!r}: not a prompts file nor a built-in task; {did_you_mean(text, task_names())}"
     )
 
 
-__all__ = ["Batch", "PromptsTask", "Task", "parse_prompts", "prompts_json", "resolve_task", "task_names"]
+__all__ = [
+    "Batch",
+    "PromptsTask",
+    "Task",
+    "builtin_tasks",
+    "parse_prompts",
+    "prompts_json",
+    "resolve_task",
+    "task_names",
+]

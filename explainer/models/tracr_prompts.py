@@ -1,0 +1,89 @@
+"""Prompts for a compiled tracr program: inputs of one length, balanced answers, counterfactuals.
+
+The answer is the RASP program's own output at the last position (``rasp.evaluate``). A numerical
+output becomes a class, above or below a threshold θ (see :mod:`explainer.models.tracr_import`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from explainer.models.tracr_compile import LOGIT_SCALE, Compiled
+from explainer.tasks.base import Batch
+from explainer.tasks.prompts import parse_prompts
+
+N_PROMPTS = 512
+POOL = 20_000  # random inputs drawn to find prompts and counterfactuals
+
+
+def _pool(compiled: Compiled, length: int, rng: np.random.Generator) -> tuple[list[tuple], list]:
+    """Distinct random inputs of ``length`` tokens with the program's answer at the last position."""
+    from tracr.rasp import rasp
+
+    vocab = list(compiled.vocab)
+    if compiled.recipe.distinct and length > len(vocab):
+        return [], []
+    if compiled.recipe.distinct:
+        picks = np.argsort(rng.random((POOL, len(vocab))), axis=1)[:, :length]
+    else:
+        picks = rng.integers(len(vocab), size=(POOL, length))
+    ordered = [tuple(vocab[i] for i in row) for row in np.unique(picks, axis=0)]
+    answers = [rasp.evaluate(compiled.program, list(x))[-1] for x in ordered]
+    keep = [i for i, a in enumerate(answers) if a is not None]
+    return [ordered[i] for i in keep], [answers[i] for i in keep]
+
+
+def _threshold(values: list[float]) -> dict[str, float] | None:
+    """θ between two neighbouring values that best balances ``values``; ``None`` if all are equal."""
+    distinct = np.unique(np.asarray(values, dtype=np.float64))
+    if len(distinct) < 2:
+        return None
+    above = np.asarray([np.mean(np.asarray(values) > v) for v in distinct[:-1]])
+    i = int(np.argmin(np.abs(above - 0.5)))
+    gap = float(distinct[i + 1] - distinct[i])
+    return {"threshold": float(distinct[i] + gap / 2), "scale": LOGIT_SCALE / gap}
+
+
+def _classes(compiled: Compiled, answers: list, readout: dict[str, float] | None) -> np.ndarray:
+    if compiled.categorical:
+        index = {v: i for i, v in enumerate(compiled.outputs)}
+        return np.asarray([index[a] for a in answers])
+    assert readout is not None
+    return np.where(np.asarray(answers, dtype=np.float64) > readout["threshold"], 0, 1)
+
+
+def make_prompts(compiled: Compiled, n: int = N_PROMPTS, seed: int = 0) -> tuple[Batch, dict[str, Any]] | None:
+    """Prompts for the compiled program and how they were made, or ``None`` when no prompt length
+    gives two different answers at the last position (e.g. ``make_length``)."""
+    rng = np.random.default_rng(seed)
+    for length in range(compiled.max_seq_len, 0, -1):
+        inputs, answers = _pool(compiled, length, rng)
+        if len(set(answers)) < 2:
+            continue
+        readout = None if compiled.categorical else _threshold(answers)
+        classes = _classes(compiled, answers, readout)
+        batch = _sample(compiled, inputs, classes, n, rng)
+        return batch, {"length": length, "readout": readout}
+    return None
+
+
+def _sample(compiled: Compiled, inputs: list[tuple], classes: np.ndarray, n: int, rng) -> Batch:
+    """``n`` prompts, each answer class equally often, each with a counterfactual of another class."""
+    ids = compiled.token_ids
+    tokens = np.asarray([[ids[compiled.bos]] + [ids[t] for t in x] for x in inputs])
+    labels = np.unique(classes)
+    by_class = {c: np.flatnonzero(classes == c) for c in labels}
+    clean = np.asarray([rng.choice(by_class[c]) for c in rng.choice(labels, size=n)])
+    corrupt = np.asarray([rng.choice(np.flatnonzero(classes != classes[i])) for i in clean])
+    rows = [
+        {
+            "clean": tokens[i].tolist(),
+            "corrupt": tokens[j].tolist(),
+            "answers": [int(classes[i])],
+            "wrong_answers": [int(classes[j])],
+        }
+        for i, j in zip(clean, corrupt, strict=True)
+    ]
+    return parse_prompts({"prompts": rows}, source=f"tracr {compiled.name} prompts")

@@ -1,0 +1,112 @@
+"""The trained zoo models: shipped weights load, cards tell the truth, and training reproduces them."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from explainer.models import load_model, resolve_model, zoo_names
+from explainer.models.training import RECIPES, measure, shipped_prompts, training_pool
+from explainer.tasks import builtin_tasks, resolve_task, task_names
+
+TRAINED = ("induction", "direct", "ioi", "paren")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def last_json(proc):
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def card(name):
+    return json.loads((resolve_model(name) / "card.json").read_text())
+
+
+def test_every_recipe_is_shipped_and_its_task_is_built_in():
+    assert set(TRAINED) == set(RECIPES)
+    assert set(TRAINED) <= set(zoo_names())
+    assert set(TRAINED) <= set(task_names())
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_card_accuracy_matches_a_recomputation(name):
+    folder = resolve_model(name)
+    model = load_model(folder)
+    task = resolve_task(None, folder)
+    task.check(model.config)  # prompts fit: length, vocabulary, answers
+    assert task.name == name and len(task.batch) >= 200
+    heldout = task.heldout_data()
+    recorded, measured = card(name), measure(model, heldout)
+    assert recorded["kind"] == "trained" and recorded["task"] == name
+    for key in ("accuracy", "top1_accuracy"):
+        assert recorded[key] >= 0.99
+        assert abs(measured[key] - recorded[key]) <= 1 / len(heldout) + 1e-6  # one prompt of slack across machines
+    assert (folder / "model.safetensors").stat().st_size < 1_000_000
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_shipped_prompts_are_the_seeded_generator_and_never_trained_on(name):
+    shipped = resolve_task(None, resolve_model(name)).batch
+    again = builtin_tasks()[name](len(shipped), seed=0)
+    for field in ("clean", "corrupt", "answers", "wrong_answers"):
+        np.testing.assert_array_equal(getattr(shipped, field), getattr(again, field))
+    if name == "induction":  # the cheapest pool to draw
+        tokens, _ = training_pool(name, seed=0)
+        seen = {row.tobytes() for row in tokens}
+        assert not any(row.tobytes() in seen for row in np.asarray(shipped_prompts(name).clean))
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_counterfactuals_have_the_wrong_answer_as_their_answer(name):
+    """The task contract training relies on: a corrupt prompt's answer is its clean prompt's wrong answer."""
+    model = load_model(resolve_model(name))
+    batch = resolve_task(None, resolve_model(name)).heldout_data()
+    logits = model(batch.corrupt)[:, -1]
+    assert float(np.mean(np.argmax(logits, -1) == np.asarray(batch.wrong_answers[:, 0]))) >= 0.99
+
+
+def test_retraining_induction_from_its_seed_reproduces_its_accuracy(tmp_path):
+    out = tmp_path / "induction"
+    result = last_json(cli("zoo", "train", "induction", "--seed", "0", "--out", out, "--json", "--no-progress"))
+    assert result["out"] == str(out) and result["task"] == "induction"
+    assert abs(result["accuracy"] - card("induction")["accuracy"]) <= 0.01
+    assert result["shipped_accuracy"] == card("induction")["accuracy"]
+    retrained = json.loads((out / "card.json").read_text())
+    assert retrained["training"]["traces"] == 1  # the jitted update is traced once
+    assert (out / "prompts.json").read_text() == (resolve_model("induction") / "prompts.json").read_text()
+    load_model(out)
+    refused = cli("zoo", "train", "induction", "--out", out, "--no-progress")  # exists: needs --overwrite
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+
+
+def test_zoo_json_lists_the_trained_models():
+    models = {m["name"]: m for m in last_json(cli("zoo", "--json"))["models"]}
+    for name in TRAINED:
+        assert models[name]["task"] == name
+        assert models[name]["accuracy"] >= 0.99
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inductoin"], "no trained zoo model named 'inductoin'; did you mean 'induction'?"),
+        (["planted-joint"], "valid: direct, induction, ioi, paren"),
+    ],
+)
+def test_zoo_train_errors_clearly_on_an_unknown_name(args, message, tmp_path):
+    proc = cli("zoo", "train", *args, "--out", tmp_path / "m")
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_zoo_train_never_touches_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    proc = cli("zoo", "train", "direct", "--out", tmp_path, "--overwrite")
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
