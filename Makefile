@@ -30,6 +30,7 @@ test: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/robustness.py
+	$(BIN)/python benchmarks/zoo.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check explainer adversary tests benchmarks
