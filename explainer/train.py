@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from explainer.config import TrainConfig
 from explainer.masks import Gates, Mask
 from explainer.metrics import kl_divergence
+from explainer.progress import progress_bar
 from explainer.scrub import Replacement, Scrubber, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 
@@ -224,7 +225,7 @@ def train_gates(
     state = init_state(scrubber, config, optimizer, adversary)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
     records: list[dict[str, Array]] = []
-    with _progress(progress, config.steps) as advance:
+    with progress_bar(progress, config.steps) as advance:
         for i in range(config.steps):
             state, metrics = step(state)
             records.append(metrics)
@@ -234,37 +235,6 @@ def train_gates(
     history = {k: np.asarray(jax.device_get([r[k] for r in records]), np.float64).tolist() for k in records[0]}
     history["traces"] = [counter["traces"]]
     return state.gates, history
-
-
-class _progress:
-    """A rich progress bar on stderr (or nothing), as a context manager yielding ``advance``."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda done, text: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("training"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.description}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task("", total=self.total)
-        return lambda done, text: self.bar.update(task, completed=done, description=text)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ from explainer.errors import ExplainerError, did_you_mean
 from explainer.models.config import ModelConfig
 from explainer.models.native import CONFIG_FILE, init_random, save_model, write_json
 from explainer.models.transformer import Transformer
+from explainer.progress import progress_bar
 from explainer.tasks import direct, induction, ioi, paren
 from explainer.tasks.base import Batch
 from explainer.tasks.prompts import PromptsTask, prompts_json
@@ -205,7 +206,7 @@ def train_model(name: str, seed: int = 0, progress: bool = True) -> tuple[Transf
     keys = jax.random.split(k_data, r.steps).reshape(r.steps // CHUNK, CHUNK)
     tokens_j, answers_j = jnp.asarray(tokens, jnp.int32), jnp.asarray(answers, jnp.int32)
     losses = []
-    with _progress(progress, r.steps, name) as advance:
+    with progress_bar(progress, r.steps, f"training {name}") as advance:
         for i, chunk_keys in enumerate(keys):
             model, opt_state, chunk_losses = chunk(model, opt_state, tokens_j, answers_j, chunk_keys)
             losses.append(np.asarray(chunk_losses))
@@ -293,37 +294,6 @@ def _check_writable(folder: Path, overwrite: bool) -> None:
         raise ExplainerError(f"{str(folder)!r} exists and is not a model folder (no {CONFIG_FILE}); pick another --out")
     if not overwrite:
         raise ExplainerError(f"model folder {str(folder)!r} already exists; pass --overwrite to replace it")
-
-
-class _progress:
-    """A rich progress bar on stderr (or nothing), as a context manager yielding ``advance``."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda done, text: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn(f"training {self.label}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task("", total=self.total)
-        return lambda done, text: self.bar.update(task, completed=done, description=text)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def main() -> None:
