@@ -42,6 +42,12 @@ UNEMBED = 4.0  # logit difference between the answers: 2 * UNEMBED = 8 nats
 N_PROMPTS = 512
 
 
+def _config(**fields) -> ModelConfig:
+    """A planted model's config: one layer, no LayerNorm (it would couple every dimension), relu."""
+    base = dict(n_layers=1, d_model=D_MODEL, d_head=2, d_vocab=10, normalization_type=None, act_fn="relu")
+    return ModelConfig(**{**base, **fields})
+
+
 def _zeros(cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(cfg).items()}
 
@@ -76,17 +82,7 @@ def _answer_readout(w: dict[str, np.ndarray], dim: int, scale: float = UNEMBED) 
 
 
 def build_distractor() -> Transformer:
-    cfg = ModelConfig(
-        n_layers=1,
-        d_model=D_MODEL,
-        n_heads=2,
-        d_head=2,
-        d_vocab=10,
-        n_ctx=4,
-        attn_only=True,
-        normalization_type=None,
-        act_fn="relu",
-    )
+    cfg = _config(n_heads=2, n_ctx=4, attn_only=True)
     w = _zeros(cfg)
     w["embed.W_E"][:8, 0] = _class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
@@ -99,17 +95,7 @@ def build_distractor() -> Transformer:
 
 
 def build_cancel() -> Transformer:
-    cfg = ModelConfig(
-        n_layers=1,
-        d_model=D_MODEL,
-        n_heads=1,
-        d_head=2,
-        d_vocab=10,
-        n_ctx=4,
-        attn_only=True,
-        normalization_type=None,
-        act_fn="relu",
-    )
+    cfg = _config(n_heads=1, n_ctx=4, attn_only=True)
     w = _zeros(cfg)
     w["embed.W_E"][:8, 0] = _class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
@@ -124,18 +110,7 @@ def build_cancel() -> Transformer:
 
 
 def build_joint() -> Transformer:
-    cfg = ModelConfig(
-        n_layers=1,
-        d_model=D_MODEL,
-        n_heads=1,
-        d_head=2,
-        d_mlp=4,
-        d_vocab=10,
-        n_ctx=2,
-        attn_only=False,
-        normalization_type=None,
-        act_fn="relu",
-    )
+    cfg = _config(n_heads=1, d_mlp=4, n_ctx=2, attn_only=False)
     w = _zeros(cfg)
     w["embed.W_E"][:4, 0] = _pair_class(np.arange(4))  # a-tokens 0-3 write their class to dim 0
     w["embed.W_E"][4:8, 1] = _pair_class(np.arange(4, 8))  # b-tokens 4-7 write theirs to dim 1
