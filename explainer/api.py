@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -11,9 +13,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from explainer.config import TrainConfig, load_config
+from explainer import resume as resume_files
+from explainer.config import TrainConfig, from_dict, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import Explanation, check_writable, load
+from explainer.lock import run_lock
 from explainer.masks import Mask, as_mask
 from explainer.metrics import faithfulness
 from explainer.models import load_model, resolve_model, weights_sha256
@@ -66,6 +70,7 @@ def explain(
     overwrite: bool = False,
     adversary: InLoopAdversary | str | None = "learned",
     progress: bool = True,
+    resume: bool = False,
     **settings: Any,
 ) -> Explanation:
     """Learn an explanation of ``model`` on ``task``; save it to ``out`` when given.
@@ -76,6 +81,10 @@ def explain(
     ``"learned"`` (the default: an adversary trained in the loop tries to re-include excluded
     units, and the explanation learns to be robust to it), ``"none"``, or an adversary object.
 
+    With ``out``, training holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
+    ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished run (see
+    :func:`resume_run`, which reads its settings back).
+
     >>> e = explain("planted-joint", seed=1, progress=False)
     >>> e.kept
     {'blocks.0.attn.in': [0], 'blocks.0.mlp.in': [1, 2], 'unembed.in': [3]}
@@ -83,8 +92,12 @@ def explain(
     if not isinstance(config, TrainConfig):
         config = load_config(config) if config is not None else TrainConfig()
     config = config.replace(**settings)
-    if out is not None:
+    if out is not None and not resume:
         check_writable(Path(out), overwrite)
+        if not overwrite:
+            resume_files.refuse_unfinished(out)
+    if resume and out is None:
+        raise ExplainerError("resume=True needs the run folder to continue (out)")
     if isinstance(adversary, str) or adversary is None:
         from adversary.learned import make_adversary
 
@@ -96,11 +109,39 @@ def explain(
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     scrubber = Scrubber.build(net, the_task.train_data(), config.sites, config.ablation)
+    if out is None:
+        return _explanation(scrubber, the_task, folder, task, config, adversary, progress)
+    record = {
+        "model": _model_record(folder),
+        "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
+        "config": config.to_json(),
+        "adversary": getattr(adversary, "name", None),
+        "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
+        "overwrite": overwrite,
+    }
+    with run_lock(out):
+        if resume:
+            _check_same_run(out, record)
+            checkpoints = resume_files.checkpoint_folder(out)
+        else:
+            check_writable(Path(out), overwrite)  # again, now that we hold the lock
+            checkpoints = resume_files.start(out, record, overwrite)
+        try:
+            result = _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints)
+        except BaseException:
+            resume_files.discard_if_empty(out)
+            raise
+        result.save(out, overwrite=True if resume else overwrite)
+        resume_files.finish(out)
+    return result
+
+
+def _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints=None) -> Explanation:
     started = time.perf_counter()
-    gates, history = train_gates(scrubber, the_task.train_data(), config, adversary, progress)
+    gates, history = train_gates(scrubber, the_task.train_data(), config, adversary, progress, checkpoints)
     history["seconds"] = [time.perf_counter() - started]
     kept = finish(gates, config)
-    result = Explanation(
+    return Explanation(
         kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
         n_units=scrubber.n_units,
         gate_logits={site: jax.device_get(v) for site, v in gates.logits.items()},
@@ -110,9 +151,89 @@ def explain(
         faithfulness=evaluate_keep(scrubber, the_task.heldout_data(), as_mask(kept), config.seed),
         history=history,
     )
-    if out is not None:
-        result.save(out, overwrite=overwrite)
-    return result
+
+
+def _check_same_run(out: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` with anything other than what it was started with."""
+    recorded = resume_files.read_record(out)
+    if not recorded["overwrite"] and (Path(out) / "explanation.json").is_file():
+        resume_files.finish(out)
+        raise ExplainerError(f"run {str(out)!r} has finished; there is nothing to resume")
+    if recorded["model"].get("sha256") != record["model"]["sha256"]:
+        raise ExplainerError(
+            f"the weights of {record['model']['path']!r} changed since run {str(out)!r} started (sha256 "
+            "differs); it cannot be resumed: start again with --overwrite"
+        )
+    for key in ("model", "task", "config", "adversary", "adversary_settings"):
+        if key != "model" and recorded.get(key) != record.get(key):
+            raise ExplainerError(
+                f"run {str(out)!r} was started with {key} {recorded.get(key)!r}, not {record.get(key)!r}; "
+                "resume it with the recorded settings (`explainer train --resume RUN` alone)"
+            )
+
+
+def resume_run(run: str | os.PathLike, progress: bool = True, **given: Any) -> Explanation:
+    """Continue the unfinished run ``run`` (killed, or stopped by a fault) from its newest checkpoint.
+
+    The settings come from ``RUN.partial/resume.json``. Anything in ``given`` (``model``,
+    ``task``, ``config``, ``adversary`` or a training setting such as ``steps``) must agree with
+    them; a conflict is an error naming it. The result is the explanation an uninterrupted run
+    would have saved (bit for bit on the same machine).
+    """
+    record = resume_files.read_record(run)
+    recorded = from_dict({k: v for k, v in record["config"].items()}, source=f"run {str(run)!r}")
+    _refuse_conflicts(run, record, recorded, given)
+    adversary: Any = record["adversary"] or "none"
+    if record.get("adversary_settings") and record["adversary"] == "learned":
+        from adversary.learned import make_adversary
+
+        settings = {k: v for k, v in record["adversary_settings"].items() if k != "name"}
+        adversary = make_adversary("learned", **settings)
+    model = record["model"].get("name") or record["model"]["path"]
+    return explain(
+        model,
+        record["task"],
+        recorded,
+        out=run,
+        overwrite=record["overwrite"],
+        adversary=adversary,
+        progress=progress,
+        resume=True,
+    )
+
+
+def _refuse_conflicts(run, record: dict[str, Any], recorded: TrainConfig, given: dict[str, Any]) -> None:
+    given = {k: v for k, v in given.items() if v is not None}
+    if "config" in given:
+        file_config = load_config(given.pop("config")).to_json()
+        given = {**{k: v for k, v in file_config.items() if v != TrainConfig().to_json()[k]}, **given}
+    if "model" in given and resolve_model(given["model"]).resolve() != Path(record["model"]["path"]):
+        given["model"] = str(given["model"])
+    else:
+        given.pop("model", None)
+    if "task" in given:
+        task = given["task"]
+        if (str(Path(task).resolve()) if Path(task).is_file() else task) == record["task"]:
+            given.pop("task")
+    if given.get("adversary") == (record["adversary"] or "none"):
+        given.pop("adversary")
+    wanted = recorded.to_json()
+    conflicts = [k for k, v in given.items() if k in ("model", "task", "adversary") or wanted.get(k, v) != v]
+    unknown = [k for k in given if k not in wanted and k not in ("model", "task", "adversary")]
+    if unknown:
+        raise ExplainerError(f"unknown setting(s) {unknown} for resume")
+    if conflicts:
+        was = {
+            "model": record["model"].get("name") or record["model"]["path"],
+            "task": record["task"],
+            "adversary": record["adversary"] or "none",
+            **wanted,
+        }
+        listed = ", ".join(f"{k} {given[k]!r} (recorded: {was[k]!r})" for k in conflicts)
+        raise ExplainerError(
+            f"--resume continues run {str(run)!r} with the settings it was started with; these differ: "
+            f"{listed}. Drop them, or start a new run with --overwrite"
+        )
 
 
 def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explanation, Transformer, Path]:
@@ -120,8 +241,10 @@ def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explan
     expl = load(run)
     name, path = expl.model.get("name"), expl.model.get("path")
     folder = resolve_model(name) if name else Path(str(path))
-    if not folder.is_dir():
-        raise ExplainerError(f"the model of run {str(run)!r} is gone: {str(folder)!r} does not exist")
+    if not folder.is_dir() or not (folder / "model.safetensors").is_file():
+        raise ExplainerError(
+            f"the model of run {str(run)!r} is gone: {str(folder / 'model.safetensors')!r} does not exist"
+        )
     if check_weights and weights_sha256(folder) != expl.model.get("sha256"):
         raise ExplainerError(
             f"the weights in {str(folder)!r} changed since run {str(run)!r} was trained (sha256 differs); "
@@ -214,14 +337,18 @@ def attack_run(
     task: str | os.PathLike | None = None,
     save: bool = True,
 ) -> dict[str, Any]:
-    """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically)."""
-    expl, net, folder = open_run(run)
-    result = {
-        **attack_explanation(expl, net, run_task(expl, folder, task), budget, method, seed, divergence),
-        "run": str(run),
-    }
-    if save:
-        from explainer.models.native import write_json
+    """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically).
 
-        write_json(Path(run) / "attack.json", result)
+    While it runs it holds the run's lock, so it never writes into a run being replaced.
+    """
+    expl, net, folder = open_run(run)
+    with run_lock(run) if save else contextlib.nullcontext():
+        result = {
+            **attack_explanation(expl, net, run_task(expl, folder, task), budget, method, seed, divergence),
+            "run": str(run),
+        }
+        if save:
+            from explainer.models.native import write_json
+
+            write_json(Path(run) / "attack.json", result)
     return result

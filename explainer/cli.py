@@ -126,7 +126,7 @@ def zoo_import_tracr(
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Zoo name or model folder (required)."),
     task: str | None = typer.Option(
         None, "--task", "-t", help="Prompts file or built-in task; default: the model's own prompts."
     ),
@@ -139,16 +139,22 @@ def train(
     ablation: str | None = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    adversary: str = typer.Option(
-        "learned", "--adversary", help="learned (default): train against an adversary in the loop; none."
+    adversary: str | None = typer.Option(
+        None, "--adversary", help="learned (default): train against an adversary in the loop; none."
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
     ),
     run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the interrupted run RUN from its last checkpoint, with its settings."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
-    """Learn an explanation and save it as a run folder."""
-    from explainer.api import explain
+    """Learn an explanation and save it as a run folder (or continue one with --resume RUN)."""
+    from explainer.api import explain, resume_run
 
     settings = {
         "lam": lam,
@@ -157,12 +163,29 @@ def train(
         "ablation": ablation,
         "steps": steps,
         "seed": seed,
+        "checkpoint_every": checkpoint_every,
     }
-    if run is None:
-        run = Path("runs") / f"{Path(model).name}-s{seed or 0}"
-    expl = explain(
-        model, task, config, out=run, overwrite=overwrite, adversary=adversary, progress=progress, **settings
-    )
+    if resume is not None:
+        if overwrite:
+            _fail("--resume continues a run and --overwrite starts one again; give one of them")
+        if run is not None and Path(run).resolve() != resume.resolve():
+            _fail(f"--resume {resume} writes that run; drop --out {run}")
+        run = resume
+        expl = resume_run(resume, progress, model=model, task=task, config=config, adversary=adversary, **settings)
+    else:
+        if model is None:
+            _fail("missing option --model: pass a zoo name or a model folder (or --resume RUN)")
+        run = run or Path("runs") / f"{Path(model).name}-s{seed or 0}"
+        expl = explain(
+            model,
+            task,
+            config,
+            out=run,
+            overwrite=overwrite,
+            adversary=adversary or "learned",
+            progress=progress,
+            **settings,
+        )
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
 
 
@@ -247,13 +270,14 @@ def show(
     _emit(result, as_json, text + f"\nwrote {picture}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: project errors become ``error: ...`` and exit status 2.
 
     Usage errors (an unknown flag, a missing option) are click's: they also exit with status 2.
+    ``argv`` (default: the command line) lets tests run a command in-process.
     """
     try:
-        app()
+        app(args=argv, prog_name="explainer")
     except ExplainerError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainConfig:
     sites: tuple[str, ...] | list[str] | None = None
     adversary_weight: float = 1.0
     seed: int = 0
+    checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr")
@@ -72,6 +74,7 @@ class TrainConfig:
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
         if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
             raise ExplainerError(f"setting 'adversary_weight' must be >= 0, got {self.adversary_weight!r}")
+        _check_ranges(self)
         check_ablation(self.ablation)
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(self.sites))
@@ -93,6 +96,28 @@ class TrainConfig:
         if out["sites"] is not None:
             out["sites"] = list(out["sites"])
         return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Types and ranges the checks above leave out: finite numbers, integer seeds, site names."""
+    for name in ("lr", "kl_budget", "init_lambda", "dual_lr", "init_logit", "adversary_weight", "lam"):
+        value = getattr(config, name)
+        if value is not None and (not _number(value) or not math.isfinite(value)):
+            raise ExplainerError(f"setting {name!r} must be a finite number, got {value!r}")
+    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        raise ExplainerError(f"setting 'seed' must be an integer in 0..2**63-1, got {config.seed!r}")
+    every = config.checkpoint_every
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ExplainerError(f"setting 'checkpoint_every' must be an integer >= 0 (0: never), got {every!r}")
+    if isinstance(config.target_size, bool):
+        raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {config.target_size!r}")
+    sites = config.sites
+    if sites is not None and (not isinstance(sites, (list, tuple)) or not all(isinstance(s, str) for s in sites)):
+        raise ExplainerError(f"setting 'sites' must be a list of site names, got {sites!r}")
 
 
 def field_names() -> list[str]:

@@ -230,8 +230,13 @@ def load(path: str | os.PathLike) -> Explanation:
                 raise ExplainerError(f"{path}: the mask of {site!r} disagrees with explanation.json; retrain the run")
     except (KeyError, AttributeError, TypeError, ValueError) as err:
         raise ExplainerError(f"{path} is an incomplete run folder ({err!r}); retrain the run") from None
+    _check_record(path, data, n_units, kept, logits)
     history = read_json(path / HISTORY_FILE) if (path / HISTORY_FILE).is_file() else None
     attack = read_json(path / "attack.json") if (path / "attack.json").is_file() else None
+    if history is not None and not _is_history(history):
+        raise ExplainerError(f"{path / HISTORY_FILE} is not a training history ({{name: [numbers]}}); delete it")
+    if attack is not None and not isinstance(attack, dict):
+        raise ExplainerError(f"{path / 'attack.json'} is not an attack result; delete it or run explainer attack")
     return Explanation(
         kept=kept,
         n_units=n_units,
@@ -245,3 +250,35 @@ def load(path: str | os.PathLike) -> Explanation:
         versions=data.get("versions", {}),
         path=path,
     )
+
+
+def _is_history(history: Any) -> bool:
+    return isinstance(history, dict) and all(
+        isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        for v in history.values()
+    )
+
+
+def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dict) -> None:
+    """The fields of ``explanation.json`` that commands read, with the types they need."""
+    from explainer.config import field_names, from_dict
+
+    problem = None
+    model, task, config, faith = (data.get(k) for k in ("model", "task", "config", "faithfulness"))
+    if not isinstance(model, dict) or not isinstance(model.get("path", model.get("name")), str):
+        problem = "'model' must be an object with the model's 'path' (or zoo 'name') and 'sha256'"
+    elif not isinstance(task, dict) or not all(isinstance(task.get(k), str) for k in ("name", "source")):
+        problem = "'task' must be an object with 'name' and 'source'"
+    elif not isinstance(config, dict):
+        problem = "'config' must be an object of training settings"
+    elif not isinstance(faith, dict) or not all(isinstance(v, (int, float)) for v in faith.values()):
+        problem = "'faithfulness' must be an object of numbers"
+    elif any(n < 1 for n in n_units.values()) or any(s not in n_units for s in kept):
+        problem = "'sites' must give a positive number of units per site, and 'kept' name only those sites"
+    elif any(u < 0 or u >= n_units[s] for s, us in kept.items() for u in us):
+        problem = "'kept' names a unit outside its site"
+    elif any(np.shape(logits[s]) != (n,) for s, n in n_units.items()):
+        problem = "the gate logits do not have one value per unit"
+    if problem:
+        raise ExplainerError(f"{path / JSON_FILE} is damaged: {problem}; retrain the run")
+    from_dict({k: v for k, v in config.items() if k in field_names()}, source=f"{path / JSON_FILE} config")

@@ -12,6 +12,7 @@ is present only when an adversary is passed in. The adversary is any object with
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
@@ -21,7 +22,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig
+from explainer.faults import History, checked_step
 from explainer.masks import Gates, Mask
 from explainer.metrics import kl_divergence
 from explainer.progress import progress_bar
@@ -219,22 +222,41 @@ def train_gates(
     config: TrainConfig,
     adversary: InLoopAdversary | None = None,
     progress: bool = True,
+    checkpoints: str | os.PathLike | None = None,
 ) -> tuple[Gates, dict[str, list[float]]]:
-    """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap)."""
+    """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap).
+
+    With a ``checkpoints`` folder, the state is saved there every ``config.checkpoint_every`` steps
+    and at the end, and training continues from the newest good checkpoint found there. A NaN or
+    inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
+    """
     optimizer = optax.adam(config.lr)
     state = init_state(scrubber, config, optimizer, adversary)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
-    records: list[dict[str, Array]] = []
+    step, fault_names = checked_step(step)
+    saved = latest_checkpoint(checkpoints, like=state) if checkpoints is not None else None
+    if saved is not None:
+        state = saved.state
+    history = History(saved.history if saved else {}, fault_names)
+    where = ""
     with progress_bar(progress, config.steps) as advance:
-        for i in range(config.steps):
+        advance(int(state.step), "")
+        for i in range(int(state.step), config.steps):
             state, metrics = step(state)
-            records.append(metrics)
-            if (i + 1) % 50 == 0 or i + 1 == config.steps:
-                m = jax.device_get(metrics)
-                advance(i + 1, f"kl {float(m['kl']):.4f}  size {float(m['size']):.1f}")
-    history = {k: np.asarray(jax.device_get([r[k] for r in records]), np.float64).tolist() for k in records[0]}
-    history["traces"] = [counter["traces"]]
-    return state.gates, history
+            history.append(metrics)
+            done = i + 1
+            due = checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0
+            if done % 50 == 0 or done == config.steps or due:
+                history.flush(where)
+                m = history.values
+                advance(done, f"kl {m['kl'][-1]:.4f}  size {m['size'][-1]:.1f}")
+            if due or (checkpoints is not None and config.checkpoint_every and done == config.steps):
+                path = save_checkpoint(checkpoints, state, done, history.values)
+                where = f"The last good checkpoint (step {done}) is {path}. "
+    history.flush(where)
+    out = history.values
+    out["traces"] = [counter["traces"]]
+    return state.gates, out
 
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -201,6 +202,8 @@ def load_model(folder: str | os.PathLike) -> Transformer:
         raise ExplainerError(f"model folder {str(folder)!r} does not exist; pass a zoo name or a folder")
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (cfg_path, weights_path):
+        if path == weights_path and not path.is_file():
+            _refuse_pickles(folder)
         if not path.is_file():
             raise ExplainerError(
                 f"model folder {str(folder)!r} has no {path.name}; a model folder needs "
@@ -215,6 +218,20 @@ def load_model(folder: str | os.PathLike) -> Transformer:
             "corrupt: write it again"
         ) from None
     return from_state_dict(cfg, tensors, source=str(weights_path))
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    """Explain why weights in a pickled file are not read (unpickling can run arbitrary code)."""
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
+    if pickled:
+        raise ExplainerError(
+            f"model folder {str(folder)!r} has {pickled[0]} but no {WEIGHTS_FILE}: pickled weights are never "
+            "loaded (unpickling can run arbitrary code); convert them once, e.g. "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+        )
 
 
 def save_model(model: Transformer, folder: str | os.PathLike) -> Path:
@@ -249,11 +266,19 @@ def read_json(path: str | os.PathLike) -> object:
         raise ExplainerError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except UnicodeDecodeError:
         raise ExplainerError(f"{path} is not a UTF-8 text file; it should hold JSON") from None
+    except RecursionError:
+        raise ExplainerError(f"{path} is nested too deeply to be read as JSON") from None
+    except OSError as err:
+        raise ExplainerError(f"{path} cannot be read ({err.strerror or err})") from None
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:
     """Write JSON atomically: a temp file in the same folder, then a rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
