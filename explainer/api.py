@@ -26,7 +26,7 @@ from explainer.models.zoo import ZOO_DIR
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
 from explainer.tasks.base import Batch
-from explainer.train import InLoopAdversary, finish, train_gates
+from explainer.train import InLoopAdversary, fit
 
 
 def _model_record(folder: Path) -> dict[str, Any]:
@@ -138,9 +138,8 @@ def explain(
 
 def _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints=None) -> Explanation:
     started = time.perf_counter()
-    gates, history = train_gates(scrubber, the_task.train_data(), config, adversary, progress, checkpoints)
+    kept, gates, history = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints)
     history["seconds"] = [time.perf_counter() - started]
-    kept = finish(gates, config)
     return Explanation(
         kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
         n_units=scrubber.n_units,

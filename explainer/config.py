@@ -36,6 +36,12 @@ class TrainConfig:
     drops both is never found. ``λ`` moves slowly (``dual_lr``) and backs off ten times faster than
     it grows, because a ``λ`` that overshoots closes every gate of a serial pathway at once.
 
+    In ``kl_budget`` mode two safeguards follow training (:func:`explainer.train.fit`): ``repair``
+    adds back, by exact search, units whose gates closed for good although the budget needs them;
+    ``open_restart`` trains once more from open gates (logit 3) when the explanation still misses
+    the budget, which happens when every sampled mask of a mostly closed start breaks the model
+    and the KL has no slope to follow, and keeps the better of the two.
+
     >>> TrainConfig(lam=0.1).mode
     'lambda'
     >>> TrainConfig().mode
@@ -54,6 +60,8 @@ class TrainConfig:
     init_logit: float = -1.0
     sites: tuple[str, ...] | list[str] | None = None
     adversary_weight: float = 1.0
+    repair: bool = True
+    open_restart: bool = True
     seed: int = 0
     checkpoint_every: int = 250
 
@@ -72,6 +80,9 @@ class TrainConfig:
             raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
         if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
+        for name in ("repair", "open_restart"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
             raise ExplainerError(f"setting 'adversary_weight' must be >= 0, got {self.adversary_weight!r}")
         _check_ranges(self)
@@ -124,7 +135,7 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+def from_dict(data: Any, source: str = "config") -> TrainConfig:
     """A config from a dictionary; unknown keys are errors that list the valid ones."""
     if not isinstance(data, dict):
         raise ExplainerError(f"{source} must be a table of settings")

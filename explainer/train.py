@@ -274,3 +274,52 @@ def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
         out[s] = chosen[start : start + n]
         start += n
     return out
+
+
+OPEN_LOGIT = 3.0
+
+
+def fit(
+    scrubber: Scrubber,
+    data: Batch,
+    config: TrainConfig,
+    adversary: InLoopAdversary | None = None,
+    progress: bool = True,
+    checkpoints: str | os.PathLike | None = None,
+) -> tuple[dict[str, np.ndarray], Gates, dict[str, list[float]]]:
+    """Train, threshold, and in ``kl_budget`` mode repair or restart an explanation that misses
+    its budget. Returns the binary keep mask, the gates it came from and the history.
+
+    The history gains ``kl_finished`` (the KL of the finished explanation on the repair prompts),
+    ``repaired`` (units added back) and ``open_restart`` (1 when the kept result came from the
+    restart from open gates). The restart checkpoints into ``checkpoints/open-restart``.
+    """
+    gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
+    keep = finish(gates, config)
+    if config.mode != "kl_budget" or not (config.repair or config.open_restart):
+        return keep, gates, history
+    from explainer.polish import KLOracle, repair
+
+    oracle = KLOracle(scrubber, data, config.seed)
+
+    def polished(keep):
+        flat = oracle.flat(keep)
+        added: list[int] = []
+        if config.repair:
+            flat, added = repair(oracle, flat, config.kl_budget)
+        return oracle.split(flat), float(oracle.kl(flat)[0]), len(added)
+
+    keep, kl, repaired = polished(keep)
+    restarted = 0.0
+    if kl > config.kl_budget and config.open_restart and config.init_logit < OPEN_LOGIT:
+        open_config = config.replace(init_logit=OPEN_LOGIT)
+        more = None if checkpoints is None else os.path.join(checkpoints, "open-restart")
+        gates2, history2 = train_gates(scrubber, data, open_config, adversary, progress, more)
+        keep2, kl2, repaired2 = polished(finish(gates2, open_config))
+        size, size2 = (sum(int(v.sum()) for v in k.values()) for k in (keep, keep2))
+        if (kl2 <= config.kl_budget and (kl > config.kl_budget or size2 < size)) or (
+            kl > config.kl_budget and kl2 < kl
+        ):
+            keep, kl, repaired, gates, history, restarted = keep2, kl2, repaired2, gates2, history2, 1.0
+    history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}
+    return keep, gates, history
