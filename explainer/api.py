@@ -23,6 +23,7 @@ from explainer.metrics import faithfulness
 from explainer.models import load_model, resolve_model, weights_sha256
 from explainer.models.transformer import Transformer
 from explainer.models.zoo import ZOO_DIR
+from explainer.optimal import for_mask
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
 from explainer.tasks.base import Batch
@@ -147,7 +148,12 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
         model=_model_record(folder),
         task=_task_record(task, the_task),
         config={**config.to_json(), "adversary": getattr(adversary, "name", None)},
-        faithfulness=evaluate_keep(scrubber, the_task.heldout_data(), as_mask(kept), config.seed),
+        faithfulness=evaluate_keep(
+            for_mask(scrubber, the_task.train_data(), kept, config.seed),  # optimal: fitted for this mask
+            the_task.heldout_data(),
+            as_mask(kept),
+            config.seed,
+        ),
         history=history,
     )
 
@@ -277,6 +283,7 @@ def evaluate(
     the_task.check(net.config)
     ablation = ablation or expl.config.get("ablation", "resample")
     scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), ablation)
+    scrubber = for_mask(scrubber, the_task.train_data(), expl.mask(), int(expl.config.get("seed", 0)))
     scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
     return {
         "run": str(run),
@@ -311,6 +318,7 @@ def attack_explanation(
         raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
     task.check(model.config)
     scrubber = Scrubber.build(model, task.train_data(), list(expl.n_units), expl.config.get("ablation", "resample"))
+    scrubber = for_mask(scrubber, task.train_data(), expl.mask(), int(expl.config.get("seed", 0)))
     key = jax.random.key(seed)
     batch, keep = task.heldout_data(), expl.mask()
     if method != "all":

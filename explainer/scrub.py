@@ -7,7 +7,9 @@ run's own residual at ``s``, ``r`` the replacement at ``s``. The replacement com
 - ``resample`` (default): the full model's residual at ``s`` on the task's counterfactual input, or
   on a permutation of the batch when the task has none (causal-scrubbing style);
 - ``mean``: the full model's mean residual at ``s`` over the task's training prompts, per position;
-- ``zero``: zeros.
+- ``zero``: zeros;
+- ``optimal``: a learned constant per site, position and unit (Li & Janson's optimal ablation),
+  started at the ``mean`` and fitted for a given keep mask by :func:`explainer.optimal.fit_optimal`.
 
 With every mask all ones the scrubbed model is the full model, bit for bit; with resample and every
 mask all zeros it is the full model on the resample input.
@@ -25,7 +27,7 @@ from explainer.masks import STANDARD, Basis, Mask
 from explainer.models.transformer import Resid, Transformer
 from explainer.tasks.base import Batch
 
-ABLATIONS = ("resample", "mean", "zero")
+ABLATIONS = ("resample", "mean", "zero", "optimal")
 Replacement = dict[str, Resid]
 SiteMeans = dict[str, Float[Array, "seq d_model"]]
 
@@ -105,7 +107,7 @@ class Scrubber(eqx.Module):
     ) -> Scrubber:
         sites = check_sites(model, model.sites if sites is None else sites)
         check_ablation(ablation)
-        means = site_means(model, train.clean, sites) if ablation == "mean" else None
+        means = site_means(model, train.clean, sites) if ablation in ("mean", "optimal") else None
         return cls(model, sites, ablation, means, dict(bases or {}))
 
     @property
@@ -119,7 +121,7 @@ class Scrubber(eqx.Module):
             if source is None:
                 source = batch.clean[jax.random.permutation(key, batch.clean.shape[0])]
             _, cache = self.model.run(source, capture=self.sites)
-        elif self.ablation == "mean":
+        elif self.ablation in ("mean", "optimal"):  # optimal: the learned constants
             assert self.means is not None
             cache = {s: jnp.broadcast_to(m, batch.clean.shape + m.shape[-1:]) for s, m in self.means.items()}
         else:

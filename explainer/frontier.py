@@ -1,0 +1,210 @@
+"""Frontier metrics: how faithful explanations are across a ladder of sizes, as single numbers.
+
+For an explanation ``C`` with metric ``m`` (the mean logit difference on held-out prompts), the
+*normalised faithfulness* is ``f(C) = (m(C) − m(∅)) / (m(N) − m(∅))``: ``m(N)`` is the full model
+(every unit kept), ``m(∅)`` the model with every unit of every masked site ablated. ``f = 1``
+recovers the full model, ``f = 0`` does no better than nothing. Both ends depend on the ablation.
+
+The frontier's areas follow the MIB benchmark (Mueller et al. 2025, circuit localisation track):
+the x axis is the *fraction of units kept* (``size / total``), points are joined by trapezoids and
+no point is added at 0. MIB evaluates at 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50 and 100 % of the
+units (``int(p * total)`` units each, :func:`mib_ladder`); the last point is the full model, so
+when a ladder stops short of it we append ``(1, f = 1)``, which is what MIB's ladder contains.
+
+- **CPR** (circuit performance ratio): ``∫ f`` over that ladder; higher is better.
+- **CMD** (circuit–model distance): ``∫ |1 − f|``; lower is better (0 = faithful at every size).
+
+Areas are comparable only between frontiers on the same ladder (use :func:`mib_ladder`).
+
+Causal scrubbing's **loss recovered** is the same normalisation applied to the task loss
+``L = −log p(answers)``: ``(L(∅) − L(C)) / (L(∅) − L(N))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from explainer.metrics import faithfulness
+from explainer.scrub import Scrubber, SiteMeans
+from explainer.tasks.base import Batch
+
+MIB_PERCENTAGES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+MASK_CHUNK = 8  # masks evaluated per compiled call (padded), so every ladder compiles once
+
+
+def mib_ladder(total: int, percentages: Sequence[float] = MIB_PERCENTAGES) -> list[int]:
+    """MIB's sizes for ``total`` units: ``int(p * total)`` per percentage, without repeats.
+
+    >>> mib_ladder(30)
+    [0, 1, 3, 6, 15, 30]
+    """
+    return sorted({int(p * total) for p in percentages})
+
+
+def normalized_faithfulness(m: float, m_empty: float, m_full: float) -> float:
+    """``(m − m(∅)) / (m(N) − m(∅))``; NaN when the full model and the empty one agree.
+
+    >>> normalized_faithfulness(3.0, 1.0, 5.0)
+    0.5
+    """
+    span = m_full - m_empty
+    return float((m - m_empty) / span) if span != 0 else float("nan")
+
+
+def loss_recovered(loss: float, loss_empty: float, loss_full: float) -> float:
+    """Causal scrubbing's loss recovered: ``(L(∅) − L) / (L(∅) − L(N))``.
+
+    >>> loss_recovered(1.0, 2.0, 0.0)
+    0.5
+    """
+    span = loss_empty - loss_full
+    return float((loss_empty - loss) / span) if span != 0 else float("nan")
+
+
+def frontier_areas(sizes: Sequence[float | int], f: Sequence[float | int], total: int) -> tuple[float, float]:
+    """``(CPR, CMD)`` of a frontier: trapezoid areas of ``f`` and ``|1 − f|`` over ``size / total``.
+
+    Points are sorted by size; points of equal size keep the best ``f`` (a method may offer
+    several explanations of one size). ``(1, 1)``, the full model, is appended when the largest
+    size is below ``total``. Nothing is added at size 0.
+
+    >>> frontier_areas([0, 15, 30], [0.0, 1.0, 1.0], 30)  # a triangle, then a square
+    (0.75, 0.25)
+    >>> frontier_areas([15], [0.5], 30)  # the full model's point is appended
+    (0.375, 0.125)
+    """
+    if total <= 0:
+        raise ValueError(f"total must be a positive number of units, got {total}")
+    best: dict[float, float] = {}
+    for size, value in zip(sizes, f, strict=True):
+        if not np.isfinite(value):
+            continue
+        x = float(size) / total
+        best[x] = max(best.get(x, -np.inf), float(value))
+    if not best:
+        return float("nan"), float("nan")
+    if max(best) < 1.0:
+        best[1.0] = 1.0
+    x = np.array(sorted(best))
+    y = np.array([best[v] for v in x])
+    cpr = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    gap = np.abs(1.0 - y)
+    cmd = float(np.sum(np.diff(x) * (gap[1:] + gap[:-1]) / 2))
+    return cpr, cmd
+
+
+def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_answers"]) -> Float[Array, " batch"]:
+    """``−log`` of the probability the model puts on the answers, per prompt.
+
+    >>> round(float(task_loss(jnp.array([[0.0, 0.0]]), jnp.array([[0]]))[0]), 4)
+    0.6931
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jax.scipy.special.logsumexp(jnp.take_along_axis(logp, answers, axis=-1), axis=-1)
+
+
+# --- measuring many masks at once ---------------------------------------------------------------
+
+
+def _stack(masks: Sequence[dict[str, Any]], sites: Sequence[str]) -> dict[str, Array]:
+    return {s: jnp.asarray(np.stack([np.asarray(m[s], np.float32) for m in masks])) for s in sites}
+
+
+@eqx.filter_jit
+def _scrubbed_stack(
+    scrubber: Scrubber,
+    tokens: Int[Array, "batch seq"],
+    replacement: dict[str, Array],
+    masks: dict[str, Float[Array, "k units"]],
+    constants: dict[str, Float[Array, "k seq d_model"]] | None,
+) -> Float[Array, "k batch vocab"]:
+    """Scrubbed logits for a stack of masks (each with its own constants, for ``optimal``)."""
+
+    def one(keep, means):
+        if means is None:
+            return scrubber.logits(tokens, keep, replacement)
+        repl = {s: jnp.broadcast_to(c, tokens.shape + c.shape[-1:]) for s, c in means.items()}
+        return scrubber.logits(tokens, keep, repl)
+
+    if constants is None:
+        return jax.vmap(lambda keep: one(keep, None))(masks)
+    return jax.vmap(one)(masks, constants)
+
+
+def measure(
+    scrubber: Scrubber,
+    batch: Batch,
+    masks: Sequence[dict[str, Any]],
+    seed: int = 0,
+    constants: Sequence[SiteMeans] | None = None,
+    chunk: int = 512,
+) -> list[dict[str, float]]:
+    """Faithfulness of each binary keep mask on ``batch``, plus the task ``loss`` and ``loss_full``.
+
+    The keys of :func:`explainer.metrics.faithfulness`, with the same replacement as
+    :func:`explainer.api.evaluate_keep` (prompts in chunks of ``chunk``, key ``fold_in(seed,
+    start)``). Masks are evaluated ``MASK_CHUNK`` at a time under ``vmap``. ``constants`` gives
+    each mask its own ``optimal`` ablation constants (from :func:`explainer.optimal.fit_constants`).
+    """
+    masks = list(masks)
+    if not masks:
+        return []
+    sites = scrubber.sites
+    key = jax.random.key(seed)
+    fulls, parts = [], []
+    for start in range(0, len(batch), chunk):
+        part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
+        full, repl = scrubber.reference(part, jax.random.fold_in(key, start))
+        rows = []
+        for m0 in range(0, len(masks), MASK_CHUNK):
+            group = masks[m0 : m0 + MASK_CHUNK]
+            pad = MASK_CHUNK - len(group)
+            stacked = _stack(group + [group[-1]] * pad, sites)
+            consts = None
+            if constants is not None:
+                cgroup = list(constants[m0 : m0 + MASK_CHUNK])
+                cgroup += [cgroup[-1]] * pad
+                consts = {s: jnp.stack([c[s] for c in cgroup]) for s in sites}
+            rows.append(_scrubbed_stack(scrubber, part.clean, repl, stacked, consts)[: len(group)])
+        fulls.append(full)
+        parts.append(jnp.concatenate(rows))
+    full = jnp.concatenate(fulls)
+    scrubbed = jnp.concatenate(parts, axis=1)
+    loss_full = float(task_loss(full, batch.answers).mean())
+    out = []
+    for logits in scrubbed:
+        scores = faithfulness(full, logits, batch.answers, batch.wrong_answers)
+        scores["loss"] = float(task_loss(logits, batch.answers).mean())
+        scores["loss_full"] = loss_full
+        out.append(scores)
+    return out
+
+
+def add_normalized(scores: list[dict[str, float]], empty: dict[str, float]) -> list[dict[str, float]]:
+    """Each score with ``normalized_faithfulness`` and ``loss_recovered`` against ``empty`` (m(∅)).
+
+    >>> add_normalized([{"logit_diff": 2.0, "logit_diff_full": 4.0, "loss": 1.0, "loss_full": 0.0}],
+    ...                {"logit_diff": 0.0, "loss": 2.0})[0]["normalized_faithfulness"]
+    0.5
+    """
+    out = []
+    for s in scores:
+        f = normalized_faithfulness(s["logit_diff"], empty["logit_diff"], s["logit_diff_full"])
+        lr = loss_recovered(s["loss"], empty["loss"], s["loss_full"])
+        out.append({**s, "normalized_faithfulness": f, "loss_recovered": lr})
+    return out
+
+
+def empty_mask(n_units: dict[str, int]) -> dict[str, np.ndarray]:
+    return {s: np.zeros(n, np.float32) for s, n in n_units.items()}
+
+
+def full_mask(n_units: dict[str, int]) -> dict[str, np.ndarray]:
+    return {s: np.ones(n, np.float32) for s, n in n_units.items()}

@@ -1,0 +1,118 @@
+"""Frontier metrics on hand-made curves, batched measurement, and the optimal ablation."""
+
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from explainer.api import evaluate_keep
+from explainer.frontier import (
+    add_normalized,
+    empty_mask,
+    frontier_areas,
+    full_mask,
+    loss_recovered,
+    measure,
+    mib_ladder,
+    normalized_faithfulness,
+)
+from explainer.masks import as_mask
+from explainer.models import resolve_model
+from explainer.optimal import fit_constants, fit_optimal, for_mask
+from explainer.scrub import ABLATIONS, Scrubber
+from explainer.tasks import resolve_task
+
+
+def test_mib_ladder():
+    assert mib_ladder(1000) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    assert mib_ladder(30) == [0, 1, 3, 6, 15, 30]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "f", "total", "cpr", "cmd"),
+    [
+        ([0, 10], [1.0, 1.0], 10, 1.0, 0.0),  # faithful everywhere
+        ([0, 10], [0.0, 1.0], 10, 0.5, 0.5),  # a straight line from nothing to the full model
+        ([0, 5, 10], [0.0, 1.0, 1.0], 10, 0.75, 0.25),  # faithful from half the units on
+        ([5], [0.0], 10, 0.25, 0.25),  # (1, 1) is appended: one triangle from x = 0.5
+        ([0, 5, 10], [0.0, 1.5, 1.0], 10, 1.0, 0.5),  # overshoot counts in CMD, not against CPR
+        ([2, 2, 10], [0.2, 0.6, 1.0], 10, 0.64, 0.16),  # equal sizes keep the best f
+    ],
+)
+def test_frontier_areas_on_known_curves(sizes, f, total, cpr, cmd):
+    got = frontier_areas(sizes, f, total)
+    assert got == pytest.approx((cpr, cmd))
+
+
+def test_frontier_areas_ignore_nan_and_need_units():
+    assert frontier_areas([0, 5, 10], [0.0, math.nan, 1.0], 10) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError):
+        frontier_areas([1], [1.0], 0)
+
+
+def test_normalisations():
+    assert normalized_faithfulness(1.0, 1.0, 3.0) == 0.0
+    assert normalized_faithfulness(3.0, 1.0, 3.0) == 1.0
+    assert math.isnan(normalized_faithfulness(1.0, 2.0, 2.0))
+    assert loss_recovered(0.5, 2.0, 0.5) == 1.0
+    assert loss_recovered(2.0, 2.0, 0.5) == 0.0
+
+
+@pytest.fixture(scope="module")
+def distractor():
+    folder = resolve_model("planted-distractor")
+    task = resolve_task(None, folder)
+    from explainer.models import load_model
+
+    return load_model(folder), task
+
+
+def _truth(scrubber):
+    keep = empty_mask(scrubber.n_units)
+    keep["blocks.0.attn.in"][0] = keep["unembed.in"][1] = 1
+    return keep
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+def test_measure_agrees_with_evaluate_keep(distractor, ablation):
+    model, task = distractor
+    scrubber = Scrubber.build(model, task.train_data(), ablation=ablation)
+    masks = [empty_mask(scrubber.n_units), _truth(scrubber), full_mask(scrubber.n_units)]
+    batched = measure(scrubber, task.heldout_data(), masks, seed=3)
+    for mask, got in zip(masks, batched, strict=True):
+        want = evaluate_keep(scrubber, task.heldout_data(), as_mask(mask), 3)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
+    scored = add_normalized(batched, batched[0])
+    assert scored[0]["normalized_faithfulness"] == 0.0 and scored[0]["loss_recovered"] == 0.0
+    assert scored[2]["normalized_faithfulness"] == pytest.approx(1.0)
+    assert scored[2]["loss_recovered"] == pytest.approx(1.0)
+
+
+def test_optimal_is_an_ablation_and_starts_at_the_mean(distractor):
+    model, task = distractor
+    assert "optimal" in ABLATIONS
+    mean = Scrubber.build(model, task.train_data(), ablation="mean")
+    optimal = Scrubber.build(model, task.train_data(), ablation="optimal")
+    for site in mean.sites:
+        np.testing.assert_array_equal(mean.means[site], optimal.means[site])
+
+
+def test_optimal_constants_fit_from_a_bad_start_and_keep_kept_units(distractor):
+    model, task = distractor
+    train = task.train_data()
+    scrubber = Scrubber.build(model, train, ablation="optimal")
+    zeros = eqx.tree_at(lambda s: s.means, scrubber, {s: jnp.zeros_like(m) for s, m in scrubber.means.items()})
+    keep = empty_mask(scrubber.n_units)
+    keep["blocks.0.attn.in"][0] = 1
+    [constants] = fit_constants(zeros, train, [keep], steps=300)
+    start, mean, fitted = measure(scrubber, train, [keep] * 3, constants=[zeros.means, scrubber.means, constants])
+    assert fitted["kl_mean"] < start["kl_mean"] - 0.005  # from zeros, the fit reaches the mean's level or better
+    assert fitted["kl_mean"] <= mean["kl_mean"] + 0.01
+    np.testing.assert_array_equal(constants["blocks.0.attn.in"][:, 0], 0.0)  # a kept unit gets no gradient
+    refit = fit_optimal(zeros, train, keep, steps=300)
+    np.testing.assert_allclose(refit.means["unembed.in"], constants["unembed.in"], rtol=1e-5, atol=1e-6)
+    resample = Scrubber.build(model, train)
+    assert for_mask(resample, train, keep) is resample
