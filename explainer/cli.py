@@ -136,7 +136,7 @@ def train(
     kl_budget: float | None = typer.Option(
         None, "--kl-budget", help="Smallest explanation with KL <= this (default 0.01)."
     ),
-    ablation: str | None = typer.Option(None, "--ablation", help="resample (default), mean or zero."),
+    ablation: str | None = typer.Option(None, "--ablation", help="resample (default), mean, zero or optimal."),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
     adversary: str | None = typer.Option(
@@ -268,6 +268,60 @@ def show(
         result["truth"] = truth_scores(expl.kept, truth)
         text += f"\nground truth {truth}: F1 {result['truth']['f1']:.3f}"
     _emit(result, as_json, text + f"\nwrote {picture}")
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),
+    task: str | None = typer.Option(None, "--task", "-t", help="Prompts file or built-in task."),
+    lambdas: str | None = typer.Option(None, "--lambdas", help="Fixed penalties, e.g. 0.001,0.01,0.1."),
+    sizes: str | None = typer.Option(None, "--sizes", help="Target sizes, e.g. 1,2,4,8 (default: MIB's ladder)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML file of training settings."),
+    adversary: str = typer.Option("learned", "--adversary", help="learned (default) or none."),
+    budget: int = typer.Option(2, "--budget", "-k", help="Attack budget of the reported gap."),
+    ablation: str | None = typer.Option(None, "--ablation", help="Training ablation (default resample)."),
+    ablations: str = typer.Option(
+        "resample,mean,zero,optimal", "--ablations", help="Also report the frontier under these ablations ('' none)."
+    ),
+    strategy: str = typer.Option("auto", "--strategy", help="auto, vmap (one compiled run) or continuation."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print frontier.json as the last line."),
+) -> None:
+    """Train a ladder of explanations (sizes or penalties) and grade each: the frontier."""
+    from explainer.sweep import sweep as run_sweep
+
+    result = run_sweep(
+        model,
+        task,
+        lambdas=lambdas,
+        sizes=sizes,
+        config=config,
+        adversary=adversary,
+        budget=budget,
+        ablations=[a for a in ablations.split(",") if a.strip()],
+        strategy=strategy,
+        out=out_dir,
+        overwrite=overwrite,
+        progress=progress,
+        ablation=ablation,
+        steps=steps,
+        seed=seed,
+    )
+    head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
+    lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"]
+    lines.append(f"  {'size':>5} {'KL mean':>9} {'KL p99':>9} {'f':>6} {'LD rec':>7} {'acc':>6} {'gap':>8}  run")
+    for r in result["records"]:
+        lines.append(
+            f"  {r['size']:>5} {r['kl_mean']:>9.4g} {r['kl_p99']:>9.4g} {r['normalized_faithfulness']:>6.3f} "
+            f"{r['logit_diff_recovered']:>7.3f} {r['accuracy']:>6.3f} {r['gap']:>8.4g}  {r['run']}"
+        )
+    for name, g in result.get("ablations", {}).items():
+        lines.append(f"  under {name:<8} CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}")
+    _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(out_dir) / 'frontier.json'} and frontier.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ def gate_values(expl: Explanation) -> np.ndarray:
     grid = np.full((len(expl.n_units), width), np.nan)
     for row, (site, n) in enumerate(expl.n_units.items()):
         logit = np.asarray(expl.gate_logits[site], np.float64)
-        grid[row, :n] = np.clip(1 / (1 + np.exp(-logit)) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        sigmoid = 0.5 * (1 + np.tanh(logit / 2))  # the logistic function, without overflow on corrupt logits
+        grid[row, :n] = np.clip(sigmoid * (ZETA - GAMMA) + GAMMA, 0, 1)
     return grid
 
 
@@ -76,6 +77,84 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
         twin = ax2.twinx()
         twin.plot(steps, expl.history["size"], color="tab:orange", lw=1.2, label="expected size")
         twin.set_ylabel("expected size", color="tab:orange")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_frontier(
+    frontiers: dict[str, dict], path: str | os.PathLike, title: str | None = None, ablations_of: str | None = None
+) -> Path:
+    """Write a PNG of frontiers: size against normalised faithfulness, the adversarial gap as colour.
+
+    ``frontiers`` maps a label (``"ours"``, a baseline's name) to a frontier dict as returned by
+    :func:`explainer.sweep.sweep` or :func:`explainer.baselines.baseline_frontier`. A second panel
+    shows the frontier ``ablations_of`` (default: the first with ``ablations``) under every ablation.
+
+    >>> import tempfile
+    >>> f = {"records": [{"size": 1, "normalized_faithfulness": 0.2, "gap": 0.1, "logit_diff_recovered": 0.3},
+    ...                  {"size": 2, "normalized_faithfulness": 1.0, "gap": 0.0, "logit_diff_recovered": 1.0}],
+    ...      "cpr": 0.9, "cmd": 0.1, "total_units": 30}
+    >>> plot_frontier({"ours": f}, tempfile.mkdtemp() + "/frontier.png").suffix
+    '.png'
+    """
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    with_ablations = ablations_of or next((k for k, f in frontiers.items() if f.get("ablations")), None)
+    fig = Figure(figsize=(11.0 if with_ablations else 6.5, 4.2))
+    axes = fig.subplots(1, 2 if with_ablations else 1, squeeze=False)[0]
+    ax = axes[0]
+    gaps = [r.get("gap", 0.0) or 0.0 for f in frontiers.values() for r in f["records"]]
+    norm = Normalize(vmin=0.0, vmax=max(1e-3, max(gaps, default=0.0)))
+    markers = "osD^vP*Xh"
+    scatter = None
+    for i, (label, f) in enumerate(frontiers.items()):
+        records = sorted(f["records"], key=lambda r: r["size"])
+        x = [max(r["size"], 0.5) for r in records]  # size 0 drawn at 0.5 on the log axis
+        y = [r["normalized_faithfulness"] for r in records]
+        ax.plot(x, y, color="0.6", lw=1.0, zorder=1)
+        scatter = ax.scatter(
+            x,
+            y,
+            c=[r.get("gap", 0.0) or 0.0 for r in records],
+            cmap="magma_r",
+            norm=norm,
+            marker=markers[i % len(markers)],
+            edgecolors="black",
+            s=45,
+            zorder=2,
+            label=f"{label}  CPR {f.get('cpr', float('nan')):.3f}  CMD {f.get('cmd', float('nan')):.3f}",
+        )
+    ax.axhline(1.0, color="tab:green", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("size (units kept, log scale)")
+    ax.set_ylabel("normalised faithfulness (logit difference)")
+    ax.legend(loc="lower right", fontsize=7)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=ax, label="adversarial gap (KL, nats)", fraction=0.04)
+    if with_ablations:
+        ax2 = axes[1]
+        for name, g in frontiers[with_ablations]["ablations"].items():
+            records = sorted(g["records"], key=lambda r: r["size"])
+            ax2.plot(
+                [max(r["size"], 0.5) for r in records],
+                [r["normalized_faithfulness"] for r in records],
+                marker="o",
+                ms=4,
+                label=f"{name}  CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}",
+            )
+        ax2.axhline(1.0, color="tab:green", lw=0.8, ls="--")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("size (units kept, log scale)")
+        ax2.set_title(f"{with_ablations}: the same explanations under each ablation", fontsize=9)
+        ax2.legend(loc="lower right", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,530 @@
+"""The frontier: train a whole ladder of explanations at once, grade each, and save them.
+
+A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of target sizes
+(``sizes``, units kept). :func:`train_ladder` trains every rung with the existing training step
+(:func:`explainer.train.make_step`), either
+
+- ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose
+  ``log_lambda`` differ, every rung for ``config.steps`` steps (for target sizes, each rung's
+  ``λ`` follows its own dual ascent towards its size, outside the step); or
+- ``continuation``: one rung after the other, smallest explanation first, each warm-started from
+  the previous rung's state (gates, optimiser, adversary) for ``continuation_steps`` steps.
+
+On a CPU the step of a small model is dominated by overheads, so ``vmap`` costs little per extra
+rung; for larger models it costs about one run per rung and continuation is cheaper. ``auto``
+picks ``vmap`` for models with at most ``VMAP_MAX_PARAMS`` parameters.
+
+Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
+plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training.
+
+:func:`grade_masks` measures any list of keep masks the same way (baselines use it too): held-out
+faithfulness, normalised faithfulness and loss recovered (:mod:`explainer.frontier`), the
+strongest discrete attack's gap at ``budget`` (greedy and gradient-guided: both are exact on
+every set they report and fast at any unit count), CPR and CMD; and the same faithfulness numbers
+under other ablations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from explainer.config import TrainConfig, load_config
+from explainer.errors import ExplainerError
+from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_ladder
+from explainer.masks import Gates
+from explainer.progress import progress_bar
+from explainer.scrub import ABLATIONS, Scrubber, check_ablation
+from explainer.tasks.base import Batch
+from explainer.train import DUAL_BACKOFF, LOG_LAMBDA_RANGE, InLoopAdversary, TrainState, init_state, make_step
+
+STRATEGIES = ("auto", "vmap", "continuation")
+ATTACK_METHODS = ("greedy", "gradient")
+VMAP_MAX_PARAMS = 50_000
+FRONTIER_FILE = "frontier.json"
+TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
+Mask = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Rung:
+    """One trained rung of a ladder: its target (a size or a penalty), gates, keep mask, history."""
+
+    mode: str
+    value: float
+    gates: Gates
+    keep: Mask
+    history: dict[str, list[float]]
+
+    @property
+    def name(self) -> str:
+        return f"size-{int(self.value)}" if self.mode == "sizes" else f"lambda-{self.value:g}"
+
+    @property
+    def size(self) -> int:
+        return int(sum(int(v.sum()) for v in self.keep.values()))
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def _step_config(config: TrainConfig) -> TrainConfig:
+    """The step runs with a fixed penalty; the ladder sets each rung's ``log_lambda`` itself."""
+    return dataclasses.replace(config, lam=config.init_lambda, target_size=None)
+
+
+def _ladder_step(step, config: TrainConfig, mode: str):
+    @eqx.filter_jit
+    def ladder_step(states: TrainState, targets: jax.Array):
+        states, metrics = eqx.filter_vmap(step)(states)
+        if mode == "sizes":  # dual ascent on each rung's λ towards its own size (as target_size does)
+            direction = jnp.tanh(metrics["size"] - targets)
+            rate = jnp.where(direction > 0, config.dual_lr, DUAL_BACKOFF * config.dual_lr)
+            log_lambda = jnp.clip(states.log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
+            states = eqx.tree_at(lambda s: s.log_lambda, states, log_lambda)
+        return states, metrics
+
+    return ladder_step
+
+
+def _log_lambdas(mode: str, values: Sequence[float | int], config: TrainConfig) -> np.ndarray:
+    if mode == "sizes":
+        return np.full(len(values), math.log(config.init_lambda), np.float32)
+    return np.array([math.log(v) if v > 0 else -math.inf for v in values], np.float32)
+
+
+def _batch(state: TrainState, n: int, log_lambda: np.ndarray) -> TrainState:
+    states = eqx.filter_vmap(lambda _: state, axis_size=n)(jnp.arange(n))
+    return eqx.tree_at(lambda s: s.log_lambda, states, jnp.asarray(log_lambda))
+
+
+def _finish(mode: str, value: float, gates: Gates) -> Mask:
+    if mode == "lambdas":
+        return {s: np.asarray(v > 0, np.float32) for s, v in gates.logits.items()}
+    sites = list(gates.logits)
+    flat = np.concatenate([np.asarray(gates.logits[s]) for s in sites])
+    chosen = np.zeros(flat.shape, np.float32)
+    chosen[np.argsort(-flat, kind="stable")[: int(value)]] = 1.0
+    out, start = {}, 0
+    for s in sites:
+        n = gates.logits[s].shape[0]
+        out[s] = chosen[start : start + n]
+        start += n
+    return out
+
+
+def _run_steps(ladder_step, states, targets, steps: int, advance, done: int, label: str):
+    records = []
+    for i in range(steps):
+        states, metrics = ladder_step(states, targets)
+        records.append(metrics)
+        if (i + 1) % 50 == 0 or i + 1 == steps:
+            m = jax.device_get(metrics)
+            advance(done + i + 1, f"{label} kl {float(np.mean(m['kl'])):.4f}")
+    history = {k: np.asarray(jax.device_get([r[k] for r in records]), np.float64) for k in records[0]}
+    return states, history
+
+
+def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
+    """``vmap`` or ``continuation`` (``auto``: vmap for models of at most ``VMAP_MAX_PARAMS``)."""
+    if strategy not in STRATEGIES:
+        raise ExplainerError(f"unknown sweep strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy
+    params = sum(x.size for x in jax.tree.leaves(eqx.filter(scrubber.model, eqx.is_array)))
+    return "vmap" if params <= VMAP_MAX_PARAMS else "continuation"
+
+
+def train_ladder(
+    scrubber: Scrubber,
+    data: Batch,
+    config: TrainConfig,
+    mode: str,
+    values: Sequence[float | int],
+    adversary: InLoopAdversary | None = None,
+    strategy: str = "auto",
+    continuation_steps: int | None = None,
+    progress: bool = False,
+) -> list[Rung]:
+    """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
+
+    Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
+    ``config.steps // 4``) is the number of steps of every rung after the first under
+    ``continuation``. See the module docstring for the strategies.
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> scrubber = Scrubber.build(load_model(folder), task.train_data())
+    >>> rungs = train_ladder(scrubber, task.train_data(), TrainConfig(steps=300), "sizes", [1, 2])
+    >>> [r.size for r in rungs], rungs[1].keep["unembed.in"].nonzero()[0].tolist()
+    ([1, 2], [1])
+    """
+    if mode not in ("sizes", "lambdas"):
+        raise ExplainerError(f"ladder mode must be 'sizes' or 'lambdas', not {mode!r}")
+    values = [float(v) for v in values]
+    if not values:
+        raise ExplainerError("the ladder is empty; give at least one size (--sizes 1,2,4) or penalty (--lambdas)")
+    strategy = choose_strategy(strategy, scrubber)
+    config = _step_config(config)
+    optimizer = optax.adam(config.lr)
+    step, counter = make_step(scrubber, data, config, optimizer, adversary)
+    ladder_step = _ladder_step(step, config, mode)
+    start = init_state(scrubber, config, optimizer, adversary)
+    log_lambda = _log_lambdas(mode, values, config)
+    targets = jnp.asarray(values, jnp.float32)
+    if strategy == "vmap":
+        with progress_bar(progress, config.steps, label=f"sweep ({len(values)} rungs, vmap)") as advance:
+            states, history = _run_steps(
+                ladder_step, _batch(start, len(values), log_lambda), targets, config.steps, advance, 0, ""
+            )
+        gates = [jax.tree.map(lambda x, i=i: x[i], states.gates) for i in range(len(values))]
+        histories = [{k: v[:, i].tolist() for k, v in history.items()} for i in range(len(values))]
+    else:
+        more = continuation_steps if continuation_steps is not None else max(1, config.steps // 4)
+        # smallest explanation first: big penalties first, then growing (units earn their place)
+        order = sorted(range(len(values)), key=lambda i: values[i] if mode == "sizes" else -values[i])
+        gates, histories = [None] * len(values), [None] * len(values)
+        state = _batch(start, 1, log_lambda[order[:1]])
+        total = config.steps + more * (len(values) - 1)
+        done = 0
+        with progress_bar(progress, total, label=f"sweep ({len(values)} rungs, continuation)") as advance:
+            for j, i in enumerate(order):
+                if j > 0 and mode == "lambdas":
+                    state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[i : i + 1]))
+                n = config.steps if j == 0 else more
+                state, history = _run_steps(ladder_step, state, targets[i : i + 1], n, advance, done, f"rung {j + 1}")
+                done += n
+                gates[i] = jax.tree.map(lambda x: x[0], state.gates)
+                histories[i] = {k: v[:, 0].tolist() for k, v in history.items()}
+    for h in histories:
+        h["traces"] = [counter["traces"]]  # the step compiles once, whatever the ladder (tests check)
+    return [Rung(mode, v, g, _finish(mode, v, g), h) for v, g, h in zip(values, gates, histories, strict=True)]
+
+
+# --- grading --------------------------------------------------------------------------------------
+
+
+def _size(mask: Mask) -> int:
+    return int(sum(int(np.sum(np.asarray(v) > 0.5)) for v in mask.values()))
+
+
+def _kept(mask: Mask) -> dict[str, list[int]]:
+    return {s: [int(u) for u in np.flatnonzero(np.asarray(v) > 0.5)] for s, v in mask.items()}
+
+
+def _scores(scrubber: Scrubber, train: Batch, heldout: Batch, masks: list[Mask], seed: int):
+    """Held-out scores of ``masks`` (with normalisation) and the constants used (``optimal``)."""
+    everything = [empty_mask(scrubber.n_units), *masks]
+    constants = None
+    if scrubber.ablation == "optimal":
+        from explainer.optimal import fit_constants
+
+        constants = fit_constants(scrubber, train, everything, seed=seed)
+    scores = measure(scrubber, heldout, everything, seed, constants)
+    return add_normalized(scores[1:], scores[0]), (constants[1:] if constants else None)
+
+
+def _gap(scrubber: Scrubber, heldout: Batch, mask: Mask, budget: int, seed: int, methods) -> dict[str, Any]:
+    from adversary.discrete import attack_all
+
+    excluded = sum(int((np.asarray(v) < 0.5).sum()) for v in mask.values())
+    if excluded == 0 or budget < 1:
+        return {"gap": 0.0, "gap_max": 0.0, "attack": None}
+    best, _ = attack_all(scrubber, heldout, mask, min(budget, excluded), jax.random.key(seed), methods=methods)
+    return {
+        "gap": best.gap["kl_mean"],
+        "gap_max": best.gap["kl_max"],
+        "attack": {"method": best.method, "budget": best.budget, "reincluded": best.reincluded},
+    }
+
+
+def ablation_frontiers(
+    scrubber: Scrubber, train: Batch, heldout: Batch, masks: list[Mask], ablations: Sequence[str], seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """The same masks' faithfulness, normalised faithfulness, CPR and CMD under each ablation."""
+    total = sum(scrubber.n_units.values())
+    out = {}
+    for ablation in ablations:
+        check_ablation(ablation)
+        other = Scrubber.build(scrubber.model, train, scrubber.sites, ablation, scrubber.bases)
+        scores, _ = _scores(other, train, heldout, masks, seed)
+        keys = ("kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "loss_recovered")
+        records = [{"size": _size(m), **{k: s[k] for k in keys}} for m, s in zip(masks, scores, strict=True)]
+        cpr, cmd = frontier_areas([r["size"] for r in records], [r["normalized_faithfulness"] for r in records], total)
+        out[ablation] = {"records": records, "cpr": cpr, "cmd": cmd}
+    return out
+
+
+def grade_masks(
+    scrubber: Scrubber,
+    train: Batch,
+    heldout: Batch,
+    masks: Sequence[Mask],
+    budget: int = 2,
+    seed: int = 0,
+    ablations: Sequence[str] = (),
+    attack_methods: Sequence[str] = ATTACK_METHODS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Frontier records of any keep masks (ours or a baseline's), with CPR and CMD.
+
+    Each record has ``size``, ``kept``, the held-out faithfulness (``kl_mean``, ``kl_p99``,
+    ``logit_diff_recovered``, ``accuracy``, ...), ``normalized_faithfulness``, ``loss_recovered``
+    and ``gap`` (the mean KL gap of the strongest of ``attack_methods`` at ``budget``; 0 when
+    nothing is excluded). ``ablations`` adds ``{"ablations": {name: {"records", "cpr", "cmd"}}}``.
+
+    >>> import numpy as np
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> scrubber = Scrubber.build(load_model(folder), task.train_data())
+    >>> truth = {s: np.zeros(10) for s in scrubber.sites}
+    >>> truth["blocks.0.attn.in"][0] = truth["unembed.in"][1] = 1
+    >>> result = grade_masks(scrubber, task.train_data(), task.heldout_data(), [truth], budget=1)
+    >>> round(result["records"][0]["normalized_faithfulness"], 3), result["records"][0]["gap"] < 1e-3
+    (1.0, True)
+    """
+    masks = [{s: np.asarray(m[s], np.float32) for s in scrubber.sites} for m in masks]
+    scores, constants = _scores(scrubber, train, heldout, masks, seed)
+    records = []
+    with progress_bar(progress, len(masks), label="attacks") as advance:
+        for i, (mask, s) in enumerate(zip(masks, scores, strict=True)):
+            graded = scrubber
+            if constants is not None:
+                graded = eqx.tree_at(lambda x: x.means, scrubber, constants[i])
+            records.append({"size": _size(mask), **s, **_gap(graded, heldout, mask, budget, seed, attack_methods)})
+            records[-1]["kept"] = _kept(mask)
+            advance(i + 1, f"size {records[-1]['size']}")
+    total = sum(scrubber.n_units.values())
+    cpr, cmd = frontier_areas([r["size"] for r in records], [r["normalized_faithfulness"] for r in records], total)
+    result: dict[str, Any] = {
+        "records": records,
+        "cpr": cpr,
+        "cmd": cmd,
+        "total_units": total,
+        "ablation": scrubber.ablation,
+        "budget": budget,
+        "attack_methods": list(attack_methods),
+    }
+    if ablations:
+        result["ablations"] = ablation_frontiers(scrubber, train, heldout, masks, ablations, seed)
+    return result
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+
+def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[float] | None:
+    """``"1,2,4"`` (or a list) as numbers; sizes must be integers >= 0, penalties >= 0."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ExplainerError(f"--{kind} takes comma-separated numbers, e.g. 1,2,4; got {item!r}") from None
+        if not math.isfinite(value) or value < 0 or (kind == "sizes" and value != int(value)):
+            what = "integers >= 0" if kind == "sizes" else "numbers >= 0"
+            raise ExplainerError(f"--{kind} must be {what}; got {item!r}")
+        values.append(value)
+    if not values:
+        raise ExplainerError(f"--{kind} is empty; give comma-separated values, e.g. 1,2,4")
+    return sorted(set(values))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not (out / FRONTIER_FILE).is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise ExplainerError(f"{str(out)!r} exists and is not a sweep folder; choose another --out (nothing changed)")
+    if not overwrite:
+        raise ExplainerError(f"sweep folder {str(out)!r} already exists; pass --overwrite or choose another --out")
+
+
+def _trivial_rung(mode: str, value: float, n_units: dict[str, int], keep_all: bool) -> Rung:
+    logit = TRIVIAL_LOGIT if keep_all else -TRIVIAL_LOGIT
+    gates = Gates({s: jnp.full((n,), logit, jnp.float32) for s, n in n_units.items()})
+    keep = full_mask(n_units) if keep_all else empty_mask(n_units)
+    return Rung(mode, value, gates, keep, {})
+
+
+def sweep(
+    model: str | os.PathLike = "planted-distractor",
+    task: str | os.PathLike | None = None,
+    lambdas: str | Sequence[float | int] | None = None,
+    sizes: str | Sequence[float | int] | None = None,
+    config: TrainConfig | str | os.PathLike | None = None,
+    adversary: InLoopAdversary | str | None = "learned",
+    budget: int = 2,
+    ablations: Sequence[str] | None = ABLATIONS,
+    strategy: str = "auto",
+    continuation_steps: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Train a ladder of explanations of ``model`` on ``task`` and grade them: the frontier.
+
+    Give ``sizes`` (target sizes) or ``lambdas`` (fixed penalties), as ``"1,2,4"`` or a list;
+    neither means MIB's ladder of sizes (:func:`explainer.frontier.mib_ladder`). ``settings``
+    override ``config`` as in :func:`explainer.explain`; ``adversary`` too. Returns
+    ``{"records": [{"run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy",
+    "gap", ...}], "cpr", "cmd", "ablations": {...}, ...}`` (see :func:`grade_masks`). With
+    ``out``, every explanation is saved as a run folder ``OUT/runs/size-K`` (or ``lambda-X``)
+    and the result as ``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically.
+
+    >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
+    >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
+    [(1, 0.0), (2, 1.0)]
+    """
+    from explainer.api import _model_record, _task_record
+    from explainer.models import load_model, resolve_model
+    from explainer.tasks import resolve_task
+
+    started = time.perf_counter()
+    if lambdas is not None and sizes is not None:
+        raise ExplainerError("give either --lambdas or --sizes, not both")
+    if not isinstance(config, TrainConfig):
+        config = load_config(config) if config is not None else TrainConfig()
+    config = config.replace(**settings)
+    if isinstance(adversary, str) or adversary is None:
+        from adversary.learned import make_adversary
+
+        adversary = make_adversary(adversary)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ExplainerError(f"--budget must be an integer >= 0, got {budget!r}")
+    ablations = tuple(ablations or ())
+    for a in ablations:
+        check_ablation(a)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        _check_out(out_path, overwrite)
+    folder = resolve_model(model)
+    net = load_model(folder)
+    the_task = resolve_task(task, folder)
+    the_task.check(net.config)
+    train = the_task.train_data()
+    scrubber = Scrubber.build(net, train, config.sites, config.ablation)
+    total = sum(scrubber.n_units.values())
+    mode = "lambdas" if lambdas is not None else "sizes"
+    values = parse_ladder(lambdas, "lambdas") if lambdas is not None else parse_ladder(sizes, "sizes")
+    if values is None:
+        values = [float(k) for k in mib_ladder(total)]
+    trivial = [v for v in values if mode == "sizes" and (v == 0 or v >= total)]
+    trained_values = [v for v in values if v not in trivial]
+    strategy = choose_strategy(strategy, scrubber)
+    t0 = time.perf_counter()
+    rungs = {}
+    if trained_values:
+        for r in train_ladder(
+            scrubber, train, config, mode, trained_values, adversary, strategy, continuation_steps, progress
+        ):
+            rungs[r.value] = r
+    train_seconds = time.perf_counter() - t0
+    for v in trivial:
+        rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
+    ordered = [rungs[v] for v in values]
+    graded = grade_masks(
+        scrubber,
+        train,
+        the_task.heldout_data(),
+        [r.keep for r in ordered],
+        budget,
+        config.seed,
+        ablations,
+        progress=progress,
+    )
+    result: dict[str, Any] = {
+        "records": graded["records"],
+        "cpr": graded["cpr"],
+        "cmd": graded["cmd"],
+        "model": _model_record(folder),
+        "task": _task_record(task, the_task),
+        "mode": mode,
+        "ladder": values,
+        "strategy": strategy,
+        "adversary": getattr(adversary, "name", None),
+        **{k: v for k, v in graded.items() if k not in ("records", "cpr", "cmd")},
+        "train_seconds": train_seconds,
+    }
+    for rung, record in zip(ordered, result["records"], strict=True):
+        record["target"] = int(rung.value) if mode == "sizes" else rung.value
+        record["run"] = str(out_path / "runs" / rung.name) if out_path is not None else None
+    result["seconds"] = time.perf_counter() - started
+    if out_path is not None:
+        _save(out_path, overwrite, result, ordered, scrubber, config, adversary, strategy)
+    return result
+
+
+def _explanation(rung: Rung, record: dict[str, Any], result: dict[str, Any], scrubber, config, adversary, strategy):
+    from explainer.explanation import Explanation
+
+    if rung.mode == "sizes":
+        run_config = dataclasses.replace(config, target_size=int(rung.value), lam=None)
+    else:
+        run_config = dataclasses.replace(config, lam=rung.value, target_size=None)
+    faithfulness = {k: record[k] for k in record if k.startswith(("kl_", "logit_diff", "accuracy", "loss"))}
+    faithfulness["normalized_faithfulness"] = record["normalized_faithfulness"]
+    return Explanation(
+        kept=record["kept"],
+        n_units=scrubber.n_units,
+        gate_logits={s: np.asarray(v) for s, v in rung.gates.logits.items()},
+        model=result["model"],
+        task=result["task"],
+        config={**run_config.to_json(), "adversary": getattr(adversary, "name", None), "sweep": strategy},
+        faithfulness=faithfulness,
+        history=rung.history or None,
+        attack=None,
+    )
+
+
+def _save(out: Path, overwrite: bool, result, rungs: list[Rung], scrubber, config, adversary, strategy) -> None:
+    from explainer.models.native import write_json
+    from explainer.plotting import plot_frontier
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for rung, record in zip(rungs, result["records"], strict=True):
+            _explanation(rung, record, result, scrubber, config, adversary, strategy).save(tmp / "runs" / rung.name)
+        plot_frontier({"ours": result}, tmp / "frontier.png", title=_title(result))
+        result["png"] = str(out / "frontier.png")
+        result["command"] = " ".join(["explainer", *sys.argv[1:]]) if Path(sys.argv[0]).name == "explainer" else None
+        write_json(tmp / FRONTIER_FILE, result)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _title(result: dict[str, Any]) -> str:
+    name = result["model"].get("name") or Path(result["model"]["path"]).name
+    return f"{name} on {result['task']['name']}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"

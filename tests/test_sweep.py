@@ -1,0 +1,154 @@
+"""The sweep: a ladder trained in one compiled run or by continuation, graded, saved as runs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from explainer.api import evaluate, open_run
+from explainer.config import TrainConfig
+from explainer.errors import ExplainerError
+from explainer.models import load_model, resolve_model
+from explainer.scrub import Scrubber
+from explainer.sweep import grade_masks, parse_ladder, sweep, train_ladder
+from explainer.tasks import resolve_task
+
+CONTRACT = ("run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "gap")
+TRUTH = {"blocks.0.attn.in": [0], "unembed.in": [1]}
+
+
+@pytest.fixture(scope="module")
+def distractor():
+    folder = resolve_model("planted-distractor")
+    task = resolve_task(None, folder)
+    return Scrubber.build(load_model(folder), task.train_data()), task
+
+
+def _kept(mask):
+    return {s: np.flatnonzero(v).tolist() for s, v in mask.items() if v.any()}
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "continuation"])
+def test_target_sizes_are_met_and_the_truth_is_found(distractor, strategy):
+    scrubber, task = distractor
+    config = TrainConfig(steps=300)
+    rungs = train_ladder(scrubber, task.train_data(), config, "sizes", [3, 1, 2], strategy=strategy)
+    assert [r.size for r in rungs] == [3, 1, 2]  # in the order given
+    assert _kept(rungs[2].keep) == TRUTH
+    assert rungs[0].history["traces"] == [1]  # one compiled step for the whole ladder
+    assert len(rungs[0].history["kl"]) == (300 if strategy == "vmap" or rungs[0].value == 1 else 75)
+
+
+def test_penalties_order_the_sizes(distractor):
+    scrubber, task = distractor
+    rungs = train_ladder(scrubber, task.train_data(), TrainConfig(steps=300), "lambdas", [0.0, 0.05, 100.0])
+    sizes = [r.size for r in rungs]
+    assert sizes[0] >= sizes[1] >= sizes[2] == 0
+    assert _kept(rungs[1].keep) == TRUTH
+
+
+def test_grade_masks_scores_the_truth_and_an_unfaithful_set(distractor):
+    scrubber, task = distractor
+    truth = {s: np.zeros(10) for s in scrubber.sites}
+    truth["blocks.0.attn.in"][0] = truth["unembed.in"][1] = 1
+    half = {s: v.copy() for s, v in truth.items()}
+    half["unembed.in"][1] = 0
+    result = grade_masks(scrubber, task.train_data(), task.heldout_data(), [half, truth], budget=1, ablations=["zero"])
+    bad, good = result["records"]
+    assert good["normalized_faithfulness"] == pytest.approx(1.0) and good["gap"] < 1e-4
+    assert bad["normalized_faithfulness"] == pytest.approx(0.0, abs=1e-6) and bad["gap"] > 1.0
+    assert bad["attack"]["reincluded"]["unembed.in"] == [1]
+    assert result["cpr"] == pytest.approx(0.5 * 0.05 + 0.9)  # f: 0 at 1/20, 1 from 2/20 on
+    assert set(result["ablations"]) == {"zero"}
+    assert result["ablations"]["zero"]["records"][1]["size"] == 2
+
+
+def test_sweep_saves_runs_every_command_accepts(tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(
+        "planted-distractor",
+        sizes="0,2,20",
+        adversary="none",
+        ablations=("resample", "optimal"),
+        steps=200,
+        out=out,
+        progress=False,
+    )
+    saved = json.loads((out / "frontier.json").read_text())
+    assert {"records", "cpr", "cmd", "ablations"} <= set(saved)
+    assert set(saved["ablations"]) == {"resample", "optimal"}
+    assert [r["size"] for r in saved["records"]] == [0, 2, 20]
+    for record in saved["records"]:
+        assert set(CONTRACT) <= set(record)
+        expl, _, _ = open_run(record["run"])
+        assert expl.size == record["size"]
+    middle = saved["records"][1]
+    assert evaluate(middle["run"])["faithfulness"]["kl_mean"] == pytest.approx(middle["kl_mean"], abs=1e-5)
+    assert (out / "frontier.png").is_file()
+    assert saved["cpr"] == pytest.approx(result["cpr"])
+    with pytest.raises(ExplainerError, match="already exists"):
+        sweep("planted-distractor", sizes="1", adversary="none", out=out, progress=False)
+
+
+def test_bad_ladders_name_the_fix(tmp_path):
+    assert parse_ladder("3,1,1", "sizes") == [1.0, 3.0]
+    for text, match in [("1,x", "comma-separated"), ("1.5", "integers"), ("-1", "integers"), ("", "comma")]:
+        with pytest.raises(ExplainerError, match=match):
+            parse_ladder(text, "sizes")
+    with pytest.raises(ExplainerError, match="not both"):
+        sweep("planted-distractor", sizes="1", lambdas="0.1", progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ExplainerError, match="not a sweep folder"):
+        sweep("planted-distractor", sizes="1", out=tmp_path, progress=False)
+    with pytest.raises(ExplainerError, match="strategy"):
+        sweep("planted-distractor", sizes="1", strategy="fast", adversary="none", progress=False)
+
+
+def test_cli_sweep_prints_the_frontier_last(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explainer.cli",
+            "sweep",
+            "--model",
+            "planted-distractor",
+            "--sizes",
+            "1,2",
+            "--adversary",
+            "none",
+            "--steps",
+            "200",
+            "--ablations",
+            "",
+            "--out",
+            str(tmp_path / "s"),
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["size"] for r in result["records"]] == [1, 2]
+    assert "ablations" not in result
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explainer.cli",
+            "sweep",
+            "--model",
+            "planted-distractor",
+            "--sizes",
+            "a",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr
