@@ -12,6 +12,7 @@ from explainer.api import attack_run, evaluate, explain, open_run  # noqa: E402
 from explainer.config import TrainConfig, load_config  # noqa: E402
 from explainer.errors import ExplainerError  # noqa: E402
 from explainer.explanation import Explanation, load  # noqa: E402
+from explainer.sweep import sweep  # noqa: E402
 
 __all__ = [
     "attack_run",
@@ -23,4 +24,5 @@ __all__ = [
     "load",
     "load_config",
     "open_run",
+    "sweep",
 ]

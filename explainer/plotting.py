@@ -104,6 +104,7 @@ def plot_frontier(
     """
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     with_ablations = ablations_of or next((k for k, f in frontiers.items() if f.get("ablations")), None)
     fig = Figure(figsize=(11.0 if with_ablations else 6.5, 4.2))
@@ -132,6 +133,7 @@ def plot_frontier(
         )
     ax.axhline(1.0, color="tab:green", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("size (units kept, log scale)")
     ax.set_ylabel("normalised faithfulness (logit difference)")
     ax.legend(loc="lower right", fontsize=7)
@@ -150,6 +152,7 @@ def plot_frontier(
             )
         ax2.axhline(1.0, color="tab:green", lw=0.8, ls="--")
         ax2.set_xscale("log")
+        ax2.xaxis.set_major_formatter(ScalarFormatter())
         ax2.set_xlabel("size (units kept, log scale)")
         ax2.set_title(f"{with_ablations}: the same explanations under each ablation", fontsize=9)
         ax2.legend(loc="lower right", fontsize=7)
