@@ -31,6 +31,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/robustness.py
 	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/reliability.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check explainer adversary tests benchmarks

@@ -157,4 +157,7 @@ class ModelConfig:
             raise ExplainerError(f"{source} is missing required field(s) {missing}; add them")
         if kwargs.get("attn_only") is False and kwargs.get("d_mlp") is None and "d_mlp" not in data:
             raise ExplainerError(f"{source} is missing 'd_mlp'; it is required unless attn_only is true")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as err:  # a field of the wrong type, caught by a type checker before our checks
+            raise ExplainerError(f"{source}: {err}") from None
