@@ -48,7 +48,7 @@ class Checkpoint(NamedTuple):
 
     state: Any
     step: int
-    history: dict[str, list[float]]
+    history: dict[str, list[Any]]
     meta: dict[str, Any]
     path: Path
 
@@ -82,7 +82,7 @@ def save_checkpoint(
     folder: str | os.PathLike,
     state: Any,
     step: int,
-    history: dict[str, list[float]] | None = None,
+    history: dict[str, list[Any]] | None = None,
     meta: dict[str, Any] | None = None,
     keep: int = KEEP,
 ) -> Path:
@@ -103,7 +103,7 @@ def save_checkpoint(
         shapes.append(list(value.shape))  # safetensors stores a 0-d array as shape (1,)
         tensors[f"leaf.{i}"] = np.ascontiguousarray(value)
     for name, values in (history or {}).items():
-        tensors[f"history.{name}"] = np.asarray(values, np.float64).reshape(-1)
+        tensors[f"history.{name}"] = np.atleast_1d(np.asarray(values, np.float64))  # steps (× runs)
     metadata = {
         "format": "explainer-checkpoint/1",
         "step": str(int(step)),

@@ -31,15 +31,16 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def checked_step(step: Callable) -> tuple[Callable, list[str]]:
-    """Wrap a ``state -> (state, metrics)`` step: its metrics gain ``faults``, one flag per name.
+    """Wrap a ``(state, *args) -> (state, metrics)`` step: its metrics gain ``faults``, one flag per name.
 
-    Returns the wrapped (jitted) step and the names of its flags, in flag order.
+    Returns the wrapped (jitted) step and the names of its flags, in flag order. A flag covers the
+    whole term, so a vmapped step (one state per penalty of a sweep) still has one flag per name.
     """
     names: list[str] = []
 
     @eqx.filter_jit
-    def wrapped(state):
-        new, metrics = step(state)
+    def wrapped(state, *args):
+        new, metrics = step(state, *args)
         terms = sorted(metrics, key=lambda k: (TERM_ORDER.index(k) if k in TERM_ORDER else len(TERM_ORDER), k))
         flags = [~jnp.all(jnp.isfinite(metrics[k])) for k in terms]
         groups = [g for g in PARAMETERS if getattr(new, g, None) is not None]
@@ -86,13 +87,17 @@ class History:
                 )
             for k, v in metrics.items():
                 if k != "faults":
-                    self.values.setdefault(k, []).append(float(np.float64(v)))
+                    self.values.setdefault(k, []).append(np.asarray(v, np.float64).tolist())
 
 
 def _fault_error(step: int, metrics: dict[str, Any], bad: list[str], where: str) -> ExplainerError:
     term = bad[0]
     value = metrics.get(term)
-    what = f"the {term} term is {float(value)}" if value is not None else f"the {term} went NaN or inf"
+    what = f"the {term} went NaN or inf"
+    if value is not None:
+        v = np.asarray(value, np.float64).reshape(-1)
+        first = int(np.flatnonzero(~np.isfinite(v))[0]) if not np.isfinite(v).all() else 0
+        what = f"the {term} term is {v[first]}" + (f" (run {first} of the batch)" if len(v) > 1 else "")
     also = f" (also not finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""
     return ExplainerError(
         f"training stopped at step {step}: {what}{also}. {where}Lower the learning rate (lr) or the "

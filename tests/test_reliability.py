@@ -93,6 +93,32 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, getkey):
     assert latest_checkpoint(tmp_path / "empty", like=other) is None
 
 
+def test_a_vmapped_sweep_state_checkpoints_and_is_checked(tmp_path, getkey):
+    """What a sweep saves: a batch of states (one per penalty) with batched keys and 2-D curves."""
+    from explainer.faults import History, checked_step
+
+    states = jax.vmap(lambda k: _state(k))(jax.random.split(getkey(), 3))
+
+    def step(state, lam):
+        new = {**state, "params": jax.tree.map(lambda p: p - lam, state["params"]), "step": state["step"] + 1}
+        return new, {"kl": jnp.sum(new["params"]["w"]) * lam, "size": lam}
+
+    ladder, names = checked_step(jax.vmap(step))
+    history = History({}, names)
+    lams = jnp.asarray([0.1, 0.2, jnp.inf])
+    states, metrics = ladder(states, jnp.asarray([0.1, 0.1, 0.3]))
+    history.append(metrics)
+    history.flush()
+    assert len(history.values["kl"][0]) == 3  # one value per rung
+    save_checkpoint(tmp_path, states, 1, history.values, meta={"strategy": "vmap"})
+    back = latest_checkpoint(tmp_path, like=states)
+    assert back.history == history.values and back.meta == {"strategy": "vmap"}
+    assert bool((jax.random.key_data(back.state["key"]) == jax.random.key_data(states["key"])).all())
+    history.append(ladder(back.state, lams)[1])
+    with pytest.raises(ExplainerError, match=r"step 2: the kl term is -inf \(run 2 of the batch\)"):
+        history.flush()
+
+
 # --- kill and resume -----------------------------------------------------------------------------
 
 
