@@ -100,6 +100,16 @@ def frontier_areas(sizes: Sequence[float | int], f: Sequence[float | int], total
     return cpr, cmd
 
 
+def smallest_size(records: Sequence[dict[str, Any]], max_kl: float = 0.01, key: str = "kl_mean") -> int | None:
+    """The smallest ``size`` among ``records`` whose ``key`` is at most ``max_kl`` (``None`` if none).
+
+    >>> smallest_size([{"size": 1, "kl_mean": 0.5}, {"size": 3, "kl_mean": 0.0}, {"size": 2, "kl_mean": 0.01}])
+    2
+    """
+    sizes = [int(r["size"]) for r in records if r.get(key) is not None and r[key] <= max_kl]
+    return min(sizes) if sizes else None
+
+
 def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_answers"]) -> Float[Array, " batch"]:
     """``−log`` of the probability the model puts on the answers, per prompt.
 

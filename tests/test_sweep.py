@@ -41,9 +41,18 @@ def test_target_sizes_are_met_and_the_truth_is_found(distractor, strategy):
     assert len(rungs[0].history["kl"]) == (300 if strategy == "vmap" or rungs[0].value == 1 else 75)
 
 
-def test_penalties_order_the_sizes(distractor):
+@pytest.mark.parametrize("strategy", ["vmap", "continuation"])
+def test_penalties_order_the_sizes(distractor, strategy):
     scrubber, task = distractor
-    rungs = train_ladder(scrubber, task.train_data(), TrainConfig(steps=300), "lambdas", [0.0, 0.05, 100.0])
+    rungs = train_ladder(
+        scrubber,
+        task.train_data(),
+        TrainConfig(steps=300),
+        "lambdas",
+        [0.0, 0.05, 100.0],
+        strategy=strategy,
+        continuation_steps=300,  # a quarter of the steps is too short to close every gate at λ = 100
+    )
     sizes = [r.size for r in rungs]
     assert sizes[0] >= sizes[1] >= sizes[2] == 0
     assert _kept(rungs[1].keep) == TRUTH
