@@ -259,6 +259,9 @@ def _is_history(history: Any) -> bool:
     )
 
 
+FAITHFULNESS_KEYS = ("kl_mean", "kl_p99", "kl_max", "logit_diff_recovered", "accuracy")
+
+
 def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dict) -> None:
     """The fields of ``explanation.json`` that commands read, with the types they need."""
     from explainer.config import field_names, from_dict
@@ -273,6 +276,8 @@ def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dic
         problem = "'config' must be an object of training settings"
     elif not isinstance(faith, dict) or not all(isinstance(v, (int, float)) for v in faith.values()):
         problem = "'faithfulness' must be an object of numbers"
+    elif missing := [k for k in FAITHFULNESS_KEYS if k not in faith]:
+        problem = f"'faithfulness' lacks {missing}"
     elif any(n < 1 for n in n_units.values()) or any(s not in n_units for s in kept):
         problem = "'sites' must give a positive number of units per site, and 'kept' name only those sites"
     elif any(u < 0 or u >= n_units[s] for s, us in kept.items() for u in us):

@@ -360,6 +360,7 @@ def test_damaged_run_records_are_refused(tmp_path):
         {"model": 3},
         {"task": None},
         {"faithfulness": {"kl_mean": "low"}},
+        {"faithfulness": {"kl_mean": 0.1}},
         {"kept": {"unembed.in": [99]}},
         {"config": {**record["config"], "ablation": "resampel"}},
         {"sites": {**record["sites"], "unembed.in": 0}},
