@@ -18,7 +18,9 @@ adversary: 1.3× and 1.2×; ioi (72k parameters, 320 units, no adversary): vmap 
 ``continuation``; ``vmap`` trains every rung from scratch for the full ``config.steps``.
 
 Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
-plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training.
+plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. A rung of
+sizes that is no better on the training prompts than a smaller rung is replaced by it
+(:func:`at_most`), so the frontier offers the best explanation found with at most each size.
 
 :func:`grade_masks` measures any list of keep masks the same way (baselines use it too): held-out
 faithfulness, normalised faithfulness and loss recovered (:mod:`explainer.frontier`), the
@@ -331,6 +333,32 @@ def grade_masks(
 # --- the sweep ------------------------------------------------------------------------------------
 
 
+def at_most(scrubber: Scrubber, train: Batch, rungs: Sequence[Rung], seed: int = 0) -> list[Rung]:
+    """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
+
+    A rung whose KL on the training prompts is no lower than that of a smaller rung buys nothing
+    with its extra units, so it is replaced by the smallest such rung (keeping its own target and
+    history; the full model's rung stays). Baselines' searches are read the same way (``acdc``'s
+    set for size ``k`` is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of
+    the units": without it, a rung no better than a smaller one puts a dominated point on the
+    frontier, and the straight line to it from below lowers the area.
+    """
+    kls = [s["kl_mean"] for s in measure(scrubber, train, [r.keep for r in rungs], seed)]
+    total = sum(scrubber.n_units.values())
+    out: list[tuple[int, Rung]] = []
+    best = None
+    for i in sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i)):
+        rung = rungs[i]
+        whole = rung.value >= total  # the full model stays: it is the ladder's last point
+        if best is not None and not whole and kls[i] >= kls[best] - 1e-6 * max(1.0, abs(kls[best])):
+            smaller = rungs[best]
+            rung = Rung(rung.mode, rung.value, smaller.gates, smaller.keep, rung.history)
+        else:
+            best = i
+        out.append((i, rung))
+    return [r for _, r in sorted(out, key=lambda x: x[0])]
+
+
 def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[float] | None:
     """``"1,2,4"`` (or a list) as numbers; sizes must be integers >= 0, penalties >= 0."""
     if text is None:
@@ -446,6 +474,8 @@ def sweep(
     for v in trivial:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
+    if mode == "sizes":
+        ordered = at_most(scrubber, train, ordered, config.seed)
     graded = grade_masks(
         scrubber,
         train,

@@ -161,3 +161,23 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.sweep import Rung, at_most
+
+    scrubber, task = distractor
+    masks = {k: {s: np.zeros(10, np.float32) for s in scrubber.sites} for k in (0, 1, 2, 3)}
+    masks[1]["unembed.in"][1] = 1  # half the path: no better than nothing
+    for k in (2, 3):
+        masks[k]["blocks.0.attn.in"][0] = masks[k]["unembed.in"][1] = 1
+    masks[3]["blocks.0.attn.in"][5] = 1  # a unit that buys nothing
+    masks[20] = {s: np.ones(10, np.float32) for s in scrubber.sites}
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+    rungs = [Rung("sizes", float(k), gates, m, {"k": [float(k)]}) for k, m in masks.items()]
+    out = at_most(scrubber, task.train_data(), rungs)
+    assert [r.size for r in out] == [0, 0, 2, 2, 20]  # the full model stays
+    assert [r.value for r in out] == [0, 1, 2, 3, 20] and out[1].history == {"k": [1.0]}
