@@ -42,6 +42,11 @@ class TrainConfig:
     the budget, which happens when every sampled mask of a mostly closed start breaks the model
     and the KL has no slope to follow, and keeps the better of the two.
 
+    ``devices`` splits each step's batch across that many devices (unset: all of JAX's devices;
+    ``batch_size`` must be a multiple of it; see :mod:`explainer.parallel`), and ``remat``
+    recomputes each transformer block's activations in the backward pass instead of storing them
+    (``jax.checkpoint``): less memory, somewhat more time, the same explanation.
+
     >>> TrainConfig(lam=0.1).mode
     'lambda'
     >>> TrainConfig().mode
@@ -64,6 +69,8 @@ class TrainConfig:
     open_restart: bool = True
     seed: int = 0
     checkpoint_every: int = 250
+    devices: int | None = None
+    remat: bool = False
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr")
@@ -80,7 +87,7 @@ class TrainConfig:
             raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
         if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
-        for name in ("repair", "open_restart"):
+        for name in ("repair", "open_restart", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
@@ -124,6 +131,9 @@ def _check_ranges(config: TrainConfig) -> None:
     every = config.checkpoint_every
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise ExplainerError(f"setting 'checkpoint_every' must be an integer >= 0 (0: never), got {every!r}")
+    devices = config.devices
+    if devices is not None and (not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
+        raise ExplainerError(f"setting 'devices' must be a positive integer (unset: all devices), got {devices!r}")
     if isinstance(config.target_size, bool):
         raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {config.target_size!r}")
     sites = config.sites

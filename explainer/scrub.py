@@ -61,9 +61,11 @@ def scrubbed_logits(
     keep: Mask,
     replacement: Replacement,
     bases: dict[str, Basis] | None = None,
+    remat: bool = False,
 ) -> Float[Array, "batch seq vocab"]:
     """Logits of the model whose reader at each masked site sees kept units from its own run and
-    the rest from ``replacement``. Sites absent from ``keep`` are left alone."""
+    the rest from ``replacement``. Sites absent from ``keep`` are left alone. ``remat``: recompute
+    each block in the backward pass (``jax.checkpoint``) instead of storing its activations."""
     bases = bases or {}
 
     def edit(site: str, h: Resid) -> Resid:
@@ -71,7 +73,7 @@ def scrubbed_logits(
             return h
         return bases.get(site, STANDARD).mix(h, replacement[site], keep[site])
 
-    return model(tokens, edit=edit)
+    return model(tokens, edit=edit, remat=remat)
 
 
 class Scrubber(eqx.Module):
@@ -95,6 +97,7 @@ class Scrubber(eqx.Module):
     ablation: str = eqx.field(static=True)
     means: SiteMeans | None
     bases: dict[str, Basis]
+    remat: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def build(
@@ -136,7 +139,7 @@ class Scrubber(eqx.Module):
 
     def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
         """Last-position logits of the scrubbed model."""
-        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases))
+        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat))
 
 
 class ReferenceCache(eqx.Module):

@@ -11,8 +11,10 @@ is present only when an adversary is passed in. The adversary is any object with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
@@ -27,6 +29,7 @@ from explainer.config import TrainConfig
 from explainer.faults import History, checked_step
 from explainer.masks import Gates, Mask
 from explainer.metrics import kl_divergence
+from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import progress_bar
 from explainer.scrub import Replacement, Scrubber, build_cache, cache_bytes
 from explainer.tasks.base import Batch
@@ -107,9 +110,16 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     The step is traced once per run: shapes never change between steps. When the full model's
     outputs on the training prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here,
     instead of in every step.
+
+    With ``config.devices`` above one the batch is split across devices and the rest replicated
+    (:mod:`explainer.parallel`); with ``config.remat`` each block is recomputed in the backward pass.
     """
     n = len(data)
+    parallel = data_parallel(config.devices, config.batch_size)
+    if config.remat:
+        scrubber = dataclasses.replace(scrubber, remat=True)
     cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
+    scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
 
@@ -120,16 +130,19 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         return optax.apply_updates(params, updates), opt_state
 
     @eqx.filter_jit
-    def step(state: TrainState) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, operands) -> tuple[TrainState, dict[str, Array]]:
         counter["traces"] += 1  # a Python side effect: runs only while tracing
+        scrubber, data, cache = operands
+        state = parallel.replicate(state)
         key = jax.random.fold_in(state.key, state.step)
         k_batch, k_repl, k_gate, k_adv = jax.random.split(key, 4)
         index = jax.random.randint(k_batch, (config.batch_size,), 0, n)
-        batch = data.take(index)
+        batch = parallel.shard(data.take(index))
         if cache is not None:
             ref, repl = cache.take(scrubber, batch, index, k_repl)
         else:
             ref, repl = scrubber.reference(batch, k_repl)
+        ref, repl = parallel.shard((ref, repl))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
 
@@ -190,9 +203,36 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             "gap": gap,
             "adversary_objective": objective,
         }
-        return new, metrics
+        return parallel.replicate((new, metrics))
 
-    return step, counter
+    return TrainStep(step, (scrubber, data, cache), parallel), counter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted step ``state -> (state, metrics)`` and the arrays it reads: model, prompts, cache.
+
+    Those arrays are arguments of the compiled step, not constants it closes over: XLA copies
+    constants into the program, which for a GPT-2-small-sized model cost gigabytes and minutes of
+    compilation (``benchmarks/scale.py``). A caller that wraps the step in its own ``jit`` passes
+    them on, ``step(state, step.operands)``, for the same reason. Across devices the state is first
+    copied to every device, so that a fresh state and a stepped one compile only once.
+    """
+
+    fn: Callable
+    operands: Any
+    parallel: DataParallel
+
+    def __call__(self, state: TrainState, operands: Any = None) -> tuple[TrainState, dict[str, Array]]:
+        state = self.parallel.put_replicated(state)
+        return self.fn(state, self.operands if operands is None else operands)
+
+
+def _bind(step, state: TrainState) -> tuple[tuple[Any, ...], TrainState]:
+    """The arguments to pass ``step`` after the state, and the state placed where the step runs."""
+    if not isinstance(step, TrainStep):  # any other ``state -> (state, metrics)`` callable
+        return (), state
+    return (step.operands,), step.parallel.put_replicated(state)
 
 
 def init_state(scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None) -> TrainState:
@@ -232,17 +272,18 @@ def train_gates(
     """
     optimizer = optax.adam(config.lr)
     state = init_state(scrubber, config, optimizer, adversary)
-    step, counter = make_step(scrubber, data, config, optimizer, adversary)
-    step, fault_names = checked_step(step)
+    plain, counter = make_step(scrubber, data, config, optimizer, adversary)
+    step, fault_names = checked_step(plain)
     saved = latest_checkpoint(checkpoints, like=state) if checkpoints is not None else None
     if saved is not None:
         state = saved.state
+    operands, state = _bind(plain, state)
     history = History(saved.history if saved else {}, fault_names)
     where = ""
     with progress_bar(progress, config.steps) as advance:
         advance(int(state.step), "")
         for i in range(int(state.step), config.steps):
-            state, metrics = step(state)
+            state, metrics = step(state, *operands)
             history.append(metrics)
             done = i + 1
             due = checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0

@@ -14,6 +14,7 @@ Parameters use TransformerLens names and shapes, so the native format maps one t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -119,10 +120,10 @@ class Transformer(eqx.Module):
         return self.config.sites
 
     def __call__(
-        self, tokens: Int[Array, "batch seq"], edit: Edit | None = None
+        self, tokens: Int[Array, "batch seq"], edit: Edit | None = None, remat: bool = False
     ) -> Float[Array, "batch seq d_vocab_out"]:
         """Logits for every position; ``edit(site, h)`` replaces what the reader at ``site`` reads."""
-        logits, _ = self.run(tokens, edit=edit)
+        logits, _ = self.run(tokens, edit=edit, remat=remat)
         return logits
 
     def run(
@@ -130,26 +131,36 @@ class Transformer(eqx.Module):
         tokens: Int[Array, "batch seq"],
         edit: Edit | None = None,
         capture: Sequence[str] = (),
+        remat: bool = False,
     ) -> tuple[Float[Array, "batch seq d_vocab_out"], dict[str, Resid]]:
         """Logits plus the residual ``h`` arriving at each site in ``capture`` (before any edit).
 
         Only the sites asked for are kept, so memory grows with ``len(capture)``, not the model.
+        With ``remat`` each block is a ``jax.checkpoint``: a backward pass recomputes the block's
+        activations from its input instead of keeping them (same values, less memory).
         """
         captured: dict[str, Resid] = {}
 
-        def read(site: str, resid: Resid) -> Resid:
+        def read(site: str, resid: Resid, seen: dict[str, Resid]) -> Resid:
             if site in capture:
-                captured[site] = resid
+                seen[site] = resid
             return resid if edit is None else edit(site, resid)
+
+        def layer_fn(block: Block, resid: Resid, layer: int) -> tuple[Resid, dict[str, Resid]]:
+            seen: dict[str, Resid] = {}  # returned, not stored, so that no tracer leaks out of a checkpoint
+            x = read(f"blocks.{layer}.attn.in", resid, seen)
+            resid = resid + block.attn(_norm(block.ln1, x))
+            if block.mlp is not None:
+                x = read(f"blocks.{layer}.mlp.in", resid, seen)
+                resid = resid + block.mlp(_norm(block.ln2, x))
+            return resid, seen
 
         seq = tokens.shape[-1]
         resid = self.W_E[tokens] + self.W_pos[:seq]
         for layer, block in enumerate(self.blocks):
-            x = read(f"blocks.{layer}.attn.in", resid)
-            resid = resid + block.attn(_norm(block.ln1, x))
-            if block.mlp is not None:
-                x = read(f"blocks.{layer}.mlp.in", resid)
-                resid = resid + block.mlp(_norm(block.ln2, x))
-        x = read("unembed.in", resid)
+            fn = functools.partial(layer_fn, layer=layer)
+            resid, seen = (jax.checkpoint(fn) if remat else fn)(block, resid)
+            captured.update(seen)
+        x = read("unembed.in", resid, captured)
         logits = _norm(self.ln_final, x) @ self.W_U + self.b_U
         return logits, captured

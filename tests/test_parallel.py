@@ -1,0 +1,205 @@
+"""Data parallelism and rematerialisation: the same explanation on 4 devices as on 1, with and without remat.
+
+The 4-device runs happen in a subprocess started with ``--xla_force_host_platform_device_count=4``,
+since JAX fixes its device count when it starts. Both runs of a pair (``devices = 4`` and
+``devices = 1``) happen in that one process, so only the device count differs. Sharding changes the
+order of the batch-mean reductions, so the gate logits agree to ``LOGIT_ATOL``, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from explainer.config import TrainConfig, from_dict
+from explainer.errors import ExplainerError
+from explainer.parallel import data_parallel, distributed_settings, init_distributed, select_devices
+
+LOGIT_ATOL = 1e-4
+STEPS = 300
+
+FOUR_DEVICES = r"""
+import json, sys
+import jax
+from adversary.learned import make_adversary
+from explainer.config import TrainConfig, from_dict
+from explainer.errors import ExplainerError
+from explainer.models import load_model, resolve_model
+from explainer.scrub import Scrubber
+from explainer.tasks import resolve_task
+from explainer.train import finish, init_state, make_step, train_gates
+import optax
+
+steps = int(sys.argv[1])
+folder = resolve_model("planted-joint")
+model, data = load_model(folder), resolve_task(None, folder).train_data()
+out = {"devices": len(jax.devices()), "runs": {}}
+for adversary in ("none", "learned"):
+    for devices in (4, 1):
+        config = TrainConfig(steps=steps, devices=devices)
+        scrubber = Scrubber.build(model, data, None, config.ablation)
+        gates, history = train_gates(scrubber, data, config, make_adversary(adversary), progress=False)
+        out["runs"][f"{adversary}-{devices}"] = {
+            "logits": {s: v.tolist() for s, v in gates.logits.items()},
+            "kept": {s: [int(u) for u in v.nonzero()[0]] for s, v in finish(gates, config).items()},
+            "traces": history["traces"][0],
+            "sharding": str(next(iter(gates.logits.values())).sharding),
+        }
+config = TrainConfig(devices=4)
+scrubber = Scrubber.build(model, data)
+optimizer = optax.adam(config.lr)
+step, _ = make_step(scrubber, data, config, optimizer)
+state = step.parallel.put_replicated(init_state(scrubber, config, optimizer))
+out["hlo_all_reduce"] = "all-reduce" in step.fn.lower(state, step.operands).lowered.compile().as_text()
+try:
+    make_step(scrubber, data, TrainConfig(devices=4, batch_size=30), optimizer)
+except ExplainerError as e:
+    out["batch_error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES, str(STEPS)], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adversary", ["none", "learned"])
+def test_four_devices_give_the_one_device_explanation(four_devices, adversary):
+    assert four_devices["devices"] == 4
+    one, four = four_devices["runs"][f"{adversary}-1"], four_devices["runs"][f"{adversary}-4"]
+    assert four["kept"] == one["kept"]
+    assert {s: u for s, u in one["kept"].items() if u} == {
+        "blocks.0.attn.in": [0],
+        "blocks.0.mlp.in": [1, 2],
+        "unembed.in": [3],
+    }
+    for site in one["logits"]:
+        np.testing.assert_allclose(four["logits"][site], one["logits"][site], rtol=0, atol=LOGIT_ATOL)
+    assert one["traces"] == four["traces"] == 1
+    assert "SingleDeviceSharding" in one["sharding"] and "'batch': 4" in four["sharding"]
+
+
+@pytest.mark.slow
+def test_four_devices_split_the_batch(four_devices):
+    assert four_devices["hlo_all_reduce"]  # gradients are summed across devices by XLA
+    assert "batch_size 30 does not split evenly across 4 devices; use batch_size 32" in four_devices["batch_error"]
+
+
+def _scrubber(planted_models, remat: bool):
+    from explainer.models import resolve_model
+    from explainer.scrub import Scrubber
+    from explainer.tasks import resolve_task
+
+    task = resolve_task(None, resolve_model("planted-joint"))
+    scrubber = Scrubber.build(planted_models["planted-joint"], task.train_data())
+    return dataclasses.replace(scrubber, remat=remat), task
+
+
+def test_remat_gives_the_same_logits_and_gradients(planted_models, getkey):
+    outs = []
+    for remat in (False, True):
+        scrubber, task = _scrubber(planted_models, remat)
+        batch = task.heldout_data()
+        _, repl = scrubber.reference(batch, jax.random.key(0))
+        keep = {s: jax.random.uniform(jax.random.key(i), (n,)) for i, (s, n) in enumerate(scrubber.n_units.items())}
+
+        @jax.jit
+        def loss(keep, scrubber=scrubber, batch=batch, repl=repl):
+            return jax.nn.logsumexp(scrubber.logits(batch.clean, keep, repl), -1).mean()
+
+        outs.append(jax.value_and_grad(loss)(keep))
+    (v0, g0), (v1, g1) = outs
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for site in g0:
+        np.testing.assert_allclose(g1[site], g0[site], rtol=1e-5, atol=1e-7)
+
+
+def test_remat_captures_sites_like_the_plain_forward(planted_models):
+    model = planted_models["planted-joint"]
+    tokens = jnp.zeros((2, model.config.n_ctx), jnp.int32)
+    logits, cache = model.run(tokens, capture=model.sites)
+    logits_r, cache_r = jax.jit(lambda t: model.run(t, capture=model.sites, remat=True))(tokens)
+    assert sorted(cache_r) == sorted(cache) == sorted(model.sites)
+    np.testing.assert_allclose(logits_r, logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adversary", ["none", "learned"])
+def test_remat_trains_the_same_explanation(adversary):
+    import explainer
+
+    plain = explainer.explain("planted-joint", steps=STEPS, adversary=adversary, progress=False)
+    remat = explainer.explain("planted-joint", steps=STEPS, adversary=adversary, remat=True, progress=False)
+    assert remat.kept == plain.kept
+    for site, logits in plain.gate_logits.items():
+        np.testing.assert_allclose(remat.gate_logits[site], logits, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_one_device_is_the_plain_path():
+    dp = data_parallel(None, batch_size=7)  # an odd batch is fine on one device
+    assert dp.n_devices == 1 and dp.mesh is None
+    tree = {"a": jnp.ones(3)}
+    assert dp.shard(tree) is tree and dp.replicate(tree) is tree and dp.put_replicated(tree) is tree
+
+
+def test_more_devices_than_present_names_the_fix():
+    n = len(jax.devices()) + 1
+    message = f"--devices {n} asks for more devices.*xla_force_host_platform_device_count={n}"
+    with pytest.raises(ExplainerError, match=message):
+        select_devices(n)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_devices_setting_is_validated(bad):
+    with pytest.raises(ExplainerError, match="devices"):
+        from_dict({"devices": bad})
+
+
+def test_remat_setting_is_validated():
+    with pytest.raises(ExplainerError, match="remat"):
+        from_dict({"remat": "yes"})
+    assert TrainConfig(remat=True, devices=2).to_json()["devices"] == 2
+
+
+def test_distributed_settings_from_the_environment():
+    env = {"EXPLAINER_COORDINATOR": "10.0.0.1:1234", "EXPLAINER_NUM_PROCESSES": "4", "EXPLAINER_PROCESS_ID": "3"}
+    want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert distributed_settings(env) == want
+    assert distributed_settings({}) is None
+    assert distributed_settings({}, requested=True) == {}  # JAX detects the cluster itself
+    calls = []
+    assert init_distributed(env, initialize=lambda **kw: calls.append(kw)) is True
+    assert init_distributed({}, initialize=lambda **kw: calls.append(kw)) is False
+    assert calls == [want]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"EXPLAINER_COORDINATOR": "h:1"}, "EXPLAINER_NUM_PROCESSES must be too"),
+        ({"EXPLAINER_COORDINATOR": "h:1", "EXPLAINER_NUM_PROCESSES": "2"}, "EXPLAINER_PROCESS_ID must be too"),
+        (
+            {"EXPLAINER_COORDINATOR": "h:1", "EXPLAINER_NUM_PROCESSES": "two", "EXPLAINER_PROCESS_ID": "0"},
+            "must be an integer",
+        ),
+        ({"EXPLAINER_COORDINATOR": "h:1", "EXPLAINER_NUM_PROCESSES": "2", "EXPLAINER_PROCESS_ID": "2"}, "0..1"),
+    ],
+)
+def test_distributed_settings_errors_name_the_fix(env, message):
+    with pytest.raises(ExplainerError, match=message):
+        distributed_settings(env)
