@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 zoo_app = typer.Typer(help="Models shipped with explainer.", invoke_without_command=True)
 app.add_typer(zoo_app, name="zoo")
+import_app = typer.Typer(help="Bring your own model: convert a checkpoint into a model folder.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 out = Console()
 err = Console(stderr=True)
 
@@ -322,6 +324,57 @@ def sweep(
     for name, g in result.get("ablations", {}).items():
         lines.append(f"  under {name:<8} CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}")
     _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(out_dir) / 'frontier.json'} and frontier.png")
+
+
+@import_app.command("hf")
+def import_hf_cmd(
+    src: Path = typer.Argument(..., help="Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors)."),
+    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Convert a GPT-2-family Hugging Face checkpoint into a model folder (LayerNorm kept, nothing folded)."""
+    from explainer.models.hf_import import import_hf
+
+    r = import_hf(src, folder, overwrite=overwrite)
+    text = (
+        f"{src} ({r['weights']}): GPT-2, {r['n_layers']} layers, d_model {r['d_model']}, {r['n_heads']} heads, "
+        f"vocabulary {r['d_vocab']}, context {r['n_ctx']}, {r['parameters']:,} parameters\nwrote {folder}"
+    )
+    _emit(r, as_json, text)
+
+
+@import_app.command("tl")
+def import_tl_cmd(
+    src: Path = typer.Argument(..., help="Folder with a HookedTransformerConfig JSON and a state dict."),
+    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
+    config: Path | None = typer.Option(None, "--config", help="The config JSON (default SRC/config.json)."),
+    weights: Path | None = typer.Option(None, "--weights", help="The state dict (default: the one in SRC)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Convert TransformerLens files (config JSON + state dict) into a model folder."""
+    from explainer.models.tl import import_tl
+
+    r = import_tl(src, folder, overwrite=overwrite, config=config, weights=weights)
+    _emit(r, as_json, f"{src}: {r['n_layers']} layers, d_model {r['d_model']}\nwrote {folder}")
+
+
+@app.command("export-model")
+def export_model_cmd(
+    model: str = typer.Argument(..., help="Zoo name or model folder."),
+    folder: Path = typer.Argument(..., metavar="OUT", help="Folder to write."),
+    fmt: str = typer.Option("tl", "--format", help="tl: HookedTransformerConfig JSON + state dict (safetensors)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder written by this command."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Write a model as TransformerLens files, loadable with HookedTransformer.load_state_dict."""
+    from explainer.models.tl import export_tl
+
+    if fmt != "tl":
+        _fail(f"unknown model format {fmt!r}; valid: tl")
+    r = export_tl(model, folder, overwrite=overwrite)
+    _emit(r, as_json, f"wrote {folder}/config.json (HookedTransformerConfig) and {folder}/model.safetensors")
 
 
 def main(argv: list[str] | None = None) -> None:
