@@ -18,9 +18,10 @@ adversary: 1.3× and 1.2×; ioi (72k parameters, 320 units, no adversary): vmap 
 ``continuation``; ``vmap`` trains every rung from scratch for the full ``config.steps``.
 
 Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
-plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. A rung of
-sizes that is no better on the training prompts than a smaller rung is replaced by it
-(:func:`at_most`), so the frontier offers the best explanation found with at most each size.
+plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. Units that
+buy nothing are then dropped from each rung of sizes, and a rung no better on the training prompts
+than a smaller rung is replaced by it (:func:`at_most`), so the frontier offers the best
+explanation found with at most each size.
 
 :func:`grade_masks` measures any list of keep masks the same way (baselines use it too): held-out
 faithfulness, normalised faithfulness and loss recovered (:mod:`explainer.frontier`), the
@@ -333,29 +334,56 @@ def grade_masks(
 # --- the sweep ------------------------------------------------------------------------------------
 
 
+def _no_worse(kl: float, base: float) -> bool:
+    return bool(kl <= base + 1e-6 * max(1.0, abs(base)))
+
+
+def prune(oracle, flat: np.ndarray) -> np.ndarray:
+    """Drop, one at a time, the kept unit whose removal costs least, while it costs nothing (KL)."""
+    flat = np.asarray(flat, np.float32).copy()
+    base = float(oracle.kl(flat[None])[0])
+    while (kept := np.flatnonzero(flat > 0.5)).size:
+        trials = np.repeat(flat[None], kept.size, axis=0)
+        trials[np.arange(kept.size), kept] = 0.0
+        kls = oracle.kl(trials)
+        best = int(np.argmin(kls))
+        if not _no_worse(float(kls[best]), base):
+            break
+        flat[kept[best]] = 0.0
+        base = float(kls[best])
+    return flat
+
+
 def at_most(scrubber: Scrubber, train: Batch, rungs: Sequence[Rung], seed: int = 0) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
-    A rung whose KL on the training prompts is no lower than that of a smaller rung buys nothing
-    with its extra units, so it is replaced by the smallest such rung (keeping its own target and
-    history; the full model's rung stays). Baselines' searches are read the same way (``acdc``'s
-    set for size ``k`` is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of
-    the units": without it, a rung no better than a smaller one puts a dominated point on the
-    frontier, and the straight line to it from below lowers the area.
+    First, units whose removal does not raise the KL on the training prompts are dropped
+    (:func:`prune`: a target size forces ``k`` units in even when fewer do the job). Then a rung
+    whose KL is no lower than that of a smaller rung buys nothing with its extra units, so it is
+    replaced by the smallest such rung (keeping its own target and history). The full model's
+    rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
+    is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of the units":
+    without it, a rung no better than a smaller one puts a dominated point on the frontier, and
+    the straight line to it from below lowers the area.
     """
-    kls = [s["kl_mean"] for s in measure(scrubber, train, [r.keep for r in rungs], seed)]
+    from explainer.polish import KLOracle
+
+    oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
+    flats = [oracle.flat(r.keep) for r in rungs]
+    flats = [f if r.value >= total else prune(oracle, f) for f, r in zip(flats, rungs, strict=True)]
+    kls = oracle.kl(np.stack(flats))
     out: list[tuple[int, Rung]] = []
     best = None
     for i in sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i)):
         rung = rungs[i]
-        whole = rung.value >= total  # the full model stays: it is the ladder's last point
-        if best is not None and not whole and kls[i] >= kls[best] - 1e-6 * max(1.0, abs(kls[best])):
-            smaller = rungs[best]
-            rung = Rung(rung.mode, rung.value, smaller.gates, smaller.keep, rung.history)
-        else:
+        keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flats[i]).items()}
+        if rung.value >= total or best is None or not _no_worse(float(kls[best]), float(kls[i])):
             best = i
-        out.append((i, rung))
+            out.append((i, Rung(rung.mode, rung.value, rung.gates, keep, rung.history)))
+        else:
+            smaller = out[[j for j, _ in out].index(best)][1]
+            out.append((i, Rung(rung.mode, rung.value, smaller.gates, smaller.keep, rung.history)))
     return [r for _, r in sorted(out, key=lambda x: x[0])]
 
 
