@@ -42,6 +42,14 @@ def _fail(message: str) -> None:
     raise ExplainerError(message)
 
 
+def _join_cluster(requested: bool) -> None:
+    """``--distributed`` or ``EXPLAINER_COORDINATOR``: join a multi-host cluster before JAX starts."""
+    from explainer.parallel import init_distributed
+
+    if init_distributed(requested=requested):
+        err.print("joined the JAX cluster (jax.distributed)", highlight=False)
+
+
 @zoo_app.callback()
 def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the shipped models, their tasks, accuracy and ground truth."""
@@ -147,6 +155,15 @@ def train(
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
     ),
+    devices: int | None = typer.Option(
+        None, "--devices", help="Split each step's batch across N devices (default: all JAX sees)."
+    ),
+    remat: bool | None = typer.Option(
+        None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
+    ),
+    distributed: bool = typer.Option(
+        False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see the README)."
+    ),
     run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     resume: Path | None = typer.Option(
@@ -166,7 +183,10 @@ def train(
         "steps": steps,
         "seed": seed,
         "checkpoint_every": checkpoint_every,
+        "devices": devices,
+        "remat": remat,
     }
+    _join_cluster(distributed)
     if resume is not None:
         if overwrite:
             _fail("--resume continues a run and --overwrite starts one again; give one of them")
@@ -288,6 +308,12 @@ def sweep(
     strategy: str = typer.Option("auto", "--strategy", help="auto, vmap (one compiled run) or continuation."),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    devices: int | None = typer.Option(
+        None, "--devices", help="Split each step's batch across N devices (default: all JAX sees)."
+    ),
+    remat: bool | None = typer.Option(
+        None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
+    ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
@@ -312,6 +338,8 @@ def sweep(
         ablation=ablation,
         steps=steps,
         seed=seed,
+        devices=devices,
+        remat=remat,
     )
     head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
     lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"]

@@ -203,3 +203,14 @@ def test_distributed_settings_from_the_environment():
 def test_distributed_settings_errors_name_the_fix(env, message):
     with pytest.raises(ExplainerError, match=message):
         distributed_settings(env)
+
+
+def test_cli_devices_beyond_the_machine_exit_2_naming_the_fix(tmp_path, capsys):
+    from explainer.cli import main
+
+    n = len(jax.devices()) + 1
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", "planted-joint", "--devices", str(n), "--steps", "5", "--out", str(tmp_path / "r")])
+    assert done.value.code == 2
+    assert f"--devices {n} asks for more devices" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
