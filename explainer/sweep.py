@@ -39,7 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,15 @@ from explainer.masks import Gates
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.tasks.base import Batch
-from explainer.train import DUAL_BACKOFF, LOG_LAMBDA_RANGE, InLoopAdversary, TrainState, init_state, make_step
+from explainer.train import (
+    DUAL_BACKOFF,
+    LOG_LAMBDA_RANGE,
+    OPEN_LOGIT,
+    InLoopAdversary,
+    TrainState,
+    init_state,
+    make_step,
+)
 
 STRATEGIES = ("auto", "vmap", "continuation")
 ATTACK_METHODS = ("greedy", "gradient")
@@ -354,13 +362,41 @@ def prune(oracle, flat: np.ndarray) -> np.ndarray:
     return flat
 
 
-def at_most(scrubber: Scrubber, train: Batch, rungs: Sequence[Rung], seed: int = 0) -> list[Rung]:
+def polish(oracle, flat: np.ndarray, size: int, kl_budget: float) -> np.ndarray:
+    """:func:`prune`, then :func:`explainer.polish.repair` up to ``size`` units, then prune again.
+
+    Continuation can leave a rung stuck below its size with gates closed for good (their units get
+    no gradient back); the exact search of ``explain``'s repair step adds them back.
+    """
+    from explainer.polish import repair
+
+    flat = prune(oracle, flat)
+    room = size - int((flat > 0.5).sum())
+    if room > 0:
+        flat, added = repair(oracle, flat, kl_budget, max_added=room)
+        if added:
+            flat = prune(oracle, flat)
+    return flat
+
+
+def at_most(
+    scrubber: Scrubber,
+    train: Batch,
+    rungs: Sequence[Rung],
+    seed: int = 0,
+    kl_budget: float = 0.01,
+    restart: Callable[[float], Rung] | None = None,
+) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
-    First, units whose removal does not raise the KL on the training prompts are dropped
-    (:func:`prune`: a target size forces ``k`` units in even when fewer do the job). Then a rung
-    whose KL is no lower than that of a smaller rung buys nothing with its extra units, so it is
-    replaced by the smallest such rung (keeping its own target and history). The full model's
+    From the smallest rung up: units whose removal does not raise the KL on the training prompts
+    are dropped and, while the KL is above ``kl_budget`` and there is room below the rung's size,
+    units are added back by exact search (:func:`polish`; a target size forces ``k`` units in even
+    when fewer do the job, and continuation can leave gates closed for good). A rung still stuck
+    (over budget with room to spare, no smaller rung within budget) is trained again by
+    ``restart`` (``sweep``: from open gates, as ``explain``'s open restart) and the better kept.
+    Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
+    units, so it is replaced by that rung (keeping its own target and history). The full model's
     rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
     is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of the units":
     without it, a rung no better than a smaller one puts a dominated point on the frontier, and
@@ -370,21 +406,30 @@ def at_most(scrubber: Scrubber, train: Batch, rungs: Sequence[Rung], seed: int =
 
     oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
-    flats = [oracle.flat(r.keep) for r in rungs]
-    flats = [f if r.value >= total else prune(oracle, f) for f, r in zip(flats, rungs, strict=True)]
-    kls = oracle.kl(np.stack(flats))
-    out: list[tuple[int, Rung]] = []
-    best = None
+    out: dict[int, Rung] = {}
+    best, best_kl, met = None, math.inf, False
     for i in sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i)):
         rung = rungs[i]
-        keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flats[i]).items()}
-        if rung.value >= total or best is None or not _no_worse(float(kls[best]), float(kls[i])):
-            best = i
-            out.append((i, Rung(rung.mode, rung.value, rung.gates, keep, rung.history)))
+        flat = oracle.flat(rung.keep)
+        if rung.value < total:
+            flat = polish(oracle, flat, int(rung.value), kl_budget)
+        kl = float(oracle.kl(flat[None])[0])
+        if restart is not None and not met and kl > kl_budget and flat.sum() < rung.value < total:
+            again = restart(rung.value)
+            flat2 = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget)
+            kl2 = float(oracle.kl(flat2[None])[0])
+            history = {**rung.history, "open_restart": [float(kl2 < kl)]}
+            if kl2 < kl:
+                rung, flat, kl = Rung(rung.mode, rung.value, again.gates, again.keep, again.history), flat2, kl2
+            rung = Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history})
+        met = met or kl <= kl_budget
+        keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flat).items()}
+        if rung.value >= total or best is None or not _no_worse(best_kl, kl):
+            best, best_kl = i, kl
+            out[i] = Rung(rung.mode, rung.value, rung.gates, keep, rung.history)
         else:
-            smaller = out[[j for j, _ in out].index(best)][1]
-            out.append((i, Rung(rung.mode, rung.value, smaller.gates, smaller.keep, rung.history)))
-    return [r for _, r in sorted(out, key=lambda x: x[0])]
+            out[i] = Rung(rung.mode, rung.value, out[best].gates, out[best].keep, rung.history)
+    return [out[i] for i in range(len(rungs))]
 
 
 def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[float] | None:
@@ -503,7 +548,12 @@ def sweep(
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
-        ordered = at_most(scrubber, train, ordered, config.seed)
+        open_config = config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
+
+        def restart(value: float) -> Rung:
+            return train_ladder(scrubber, train, open_config, mode, [value], adversary, "continuation")[0]
+
+        ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart)
     graded = grade_masks(
         scrubber,
         train,

@@ -142,7 +142,8 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["size"] for r in result["records"]] == [1, 2]
+    assert [r["target"] for r in result["records"]] == [1, 2]
+    assert [r["size"] for r in result["records"]] == [0, 2]  # no unit alone helps: size 1 is the empty set
     assert "ablations" not in result
     bad = subprocess.run(
         [
