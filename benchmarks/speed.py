@@ -18,6 +18,15 @@ of ``--steps`` consecutive steps, synchronised with ``block_until_ready``. The r
 is the overhead of explaining a model over training it; the targets are at most 2.5 for the
 step and at most 3 for the min-max step.
 
+**Time to frontier** (``--frontier-models``): the wall time of an 8-point ladder of target sizes
+as :func:`explainer.sweep.sweep` trains it (:func:`~explainer.sweep.train_ladder` with its
+default strategy, then :func:`~explainer.sweep.at_most`'s polish), next to one single training
+run (:func:`explainer.train.train_gates`, default settings), both without an adversary and with
+compilation included, in the same process. The target is a ratio of at most 3; the rows go to
+``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips the step table)::
+
+    python benchmarks/speed.py --models --frontier-models planted-distractor ioi
+
 Run it with ``make bench`` (that is, ``python benchmarks/speed.py``); it prints a table and writes
 the rows with the exact command line to ``benchmarks/results/speed.json``::
 
@@ -33,6 +42,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from _results import RESULTS_DIR, write_record
 from rich.console import Console
@@ -47,8 +57,11 @@ from explainer.tasks.base import Batch
 from explainer.train import init_state, make_step
 
 RESULTS = RESULTS_DIR / "speed.json"
+FRONTIER_RESULTS = RESULTS_DIR / "time_to_frontier.json"
 TARGET_RATIO = 2.5
 TARGET_MINMAX = 3.0
+TARGET_FRONTIER = 3.0
+FRONTIER_MODELS = ("planted-distractor", "ioi")
 
 
 def time_steps(step, state, steps: int, repeats: int) -> float:
@@ -111,6 +124,42 @@ def measure(name: str, config: TrainConfig, steps: int, repeats: int) -> dict:
     }
 
 
+def ladder_sizes(total: int, points: int = 8) -> list[int]:
+    """``points`` distinct sizes spread geometrically from 1 to half the units."""
+    sizes = sorted({int(round(v)) for v in np.geomspace(1, max(points, total // 2), points * 2)})
+    return [sizes[round(i * (len(sizes) - 1) / (points - 1))] for i in range(points)]
+
+
+def time_to_frontier(name: str, config: TrainConfig) -> dict:
+    """Seconds of one training run and of an 8-point ladder, side by side, and their ratio."""
+    from explainer.sweep import at_most, train_ladder
+    from explainer.train import train_gates
+
+    folder = resolve_model(name)
+    model, task = load_model(folder), resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(model, data, None, "resample")
+    sizes = ladder_sizes(sum(scrubber.n_units.values()))
+    started = time.perf_counter()
+    train_gates(scrubber, data, config, progress=False)
+    single = time.perf_counter() - started
+    started = time.perf_counter()
+    rungs = train_ladder(scrubber, data, config, "sizes", sizes)
+    at_most(scrubber, data, rungs, config.seed, config.kl_budget)
+    ladder = time.perf_counter() - started
+    return {"model": name, "sizes": sizes, "single_s": single, "ladder_s": ladder, "ratio": ladder / single}
+
+
+def show_frontier(rows: list[dict]) -> None:
+    table = Table(title=f"time to an 8-point frontier vs one training run (target ≤ {TARGET_FRONTIER})")
+    for column in ("model", "ladder (sizes)", "one run s", "8-point ladder s", "ratio"):
+        table.add_column(column, justify="left" if column in ("model", "ladder (sizes)") else "right")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" + ("" if r["ratio"] <= TARGET_FRONTIER else " (over)")
+        table.add_row(r["model"], ",".join(map(str, r["sizes"])), f"{r['single_s']:.1f}", f"{r['ladder_s']:.1f}", ratio)
+    Console().print(table)
+
+
 def show(rows: list[dict]) -> None:
     title = f"explainer step vs plain fwd+bwd (targets: step ≤ {TARGET_RATIO}, min-max ≤ {TARGET_MINMAX})"
     table = Table(title=title)
@@ -123,8 +172,11 @@ def show(rows: list[dict]) -> None:
     Console().print(table)
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
-    write_record(RESULTS, args, target_ratio=TARGET_RATIO, target_minmax_ratio=TARGET_MINMAX, rows=rows)
+def write(rows: list[dict], args: argparse.Namespace, frontier: list[dict] | None = None) -> None:
+    if rows:
+        write_record(RESULTS, args, target_ratio=TARGET_RATIO, target_minmax_ratio=TARGET_MINMAX, rows=rows)
+    if frontier:
+        write_record(FRONTIER_RESULTS, args, target_ratio=TARGET_FRONTIER, rows=frontier)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,11 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
+    parser.add_argument("--models", nargs="*", default=None, help="models of the step table (default: all)")
+    parser.add_argument("--frontier-models", nargs="*", default=list(FRONTIER_MODELS), help="time-to-frontier models")
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)
-    rows = [measure(name, config, args.steps, args.repeats) for name in zoo_names()]
-    show(rows)
-    write(rows, args)
+    names = zoo_names() if args.models is None else args.models
+    rows = [measure(name, config, args.steps, args.repeats) for name in names]
+    frontier = [time_to_frontier(name, config) for name in args.frontier_models]
+    if rows:
+        show(rows)
+    if frontier:
+        show_frontier(frontier)
+    write(rows, args, frontier)
     print(f"wrote {RESULTS}")
 
 
