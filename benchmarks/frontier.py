@@ -234,12 +234,19 @@ def plot(models: dict[str, dict], path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def add_ladder_areas(row: dict, total: int) -> None:
+    """Areas over budgets for a row saved before they were computed."""
+    if "cpr_ladder" not in row:
+        targets = [p["target"] for p in row["records"]]
+        f = [p["normalized_faithfulness"] for p in row["records"]]
+        row["cpr_ladder"], row["cmd_ladder"] = frontier_areas(targets, f, total)
+
+
 def run_model(name: str, args: argparse.Namespace, earlier: dict) -> dict:
     rows = []
     reused = {r["method"]: r for r in earlier.get("rows", [])} if args.reuse_baselines else {}
-    for r in reused.values():  # rows saved before the areas over budgets were added
-        targets, f = [p["target"] for p in r["records"]], [p["normalized_faithfulness"] for p in r["records"]]
-        r["cpr_ladder"], r["cmd_ladder"] = frontier_areas(targets, f, total_units(name))
+    for r in reused.values():
+        add_ladder_areas(r, total_units(name))
     for adversary in args.adversaries:
         rows.append(ours(name, adversary, args))
         print(f"{name}: {rows[-1]['method']} CPR {rows[-1]['cpr']:.3f} CMD {rows[-1]['cmd']:.3f}", flush=True)
@@ -285,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     models = dict(earlier)
     if args.report:
         for name, entry in models.items():
+            for row in entry["rows"]:
+                add_ladder_areas(row, entry["total_units"])
             entry["verdict"] = verdict(name, entry["rows"])
         names = [n for n in names if n in models] if args.models else list(models)
     for name in [] if args.report else names:
