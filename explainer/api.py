@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from explainer import resume as resume_files
+from explainer.bases import build_bases, matrices
 from explainer.config import TrainConfig, from_dict, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import Explanation, check_writable, load
+from explainer.illusion import check_illusions
 from explainer.lock import run_lock
 from explainer.masks import Mask, as_mask
 from explainer.metrics import faithfulness
@@ -109,7 +111,14 @@ def explain(
     net = load_model(folder)
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
-    scrubber = Scrubber.build(net, the_task.train_data(), config.sites, config.ablation)
+    scrubber = Scrubber.build(
+        net,
+        the_task.train_data(),
+        config.sites,
+        config.ablation,
+        build_bases(config.basis, net, the_task.train_data(), config.sites or net.sites),
+        positional=config.positional,
+    )
     if out is None:
         return _explanation(scrubber, the_task, folder, task, config, adversary, progress)
     record = {
@@ -141,10 +150,12 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
     started = time.perf_counter()
     kept, gates, history = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints)
     history["seconds"] = [time.perf_counter() - started]
+    scrubber = scrubber.with_bases(gates.bases)  # a learned basis as trained
     return Explanation(
         kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
         n_units=scrubber.n_units,
         gate_logits={site: jax.device_get(v) for site, v in gates.logits.items()},
+        bases=matrices(scrubber.bases) or None,
         model=_model_record(folder),
         task=_task_record(task, the_task),
         config={**config.to_json(), "adversary": getattr(adversary, "name", None)},
@@ -257,9 +268,23 @@ def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explan
         )
     net = load_model(folder)
     missing = [s for s in expl.n_units if s not in net.sites]
-    if missing or any(n != net.config.d_model for n in expl.n_units.values()):
+    d, positional = net.config.d_model, bool(expl.config.get("positional", False))
+    if missing or any((n % d if positional else n - d) != 0 for n in expl.n_units.values()):
         raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r} (sites {missing}); retrain")
     return expl, net, folder
+
+
+def run_scrubber(expl: Explanation, model: Transformer, train: Batch, ablation: str | None = None) -> Scrubber:
+    """The scrubbed model a run was trained with: its sites, ablation, bases and mask layout."""
+    ablation = ablation or expl.config.get("ablation", "resample")
+    positional = bool(expl.config.get("positional", False))
+    scrubber = Scrubber.build(model, train, list(expl.n_units), ablation, expl.basis_modules(), positional)
+    if scrubber.n_units != expl.n_units:
+        raise ExplainerError(
+            f"run {str(expl.path)!r} has {expl.n_units} units per site but these prompts give {scrubber.n_units}; "
+            "position-specific masks need prompts of the length they were trained on"
+        )
+    return for_mask(scrubber, train, expl.mask(), int(expl.config.get("seed", 0)))
 
 
 def run_task(expl: Explanation, folder: Path, task: str | os.PathLike | None = None) -> Task:
@@ -282,8 +307,7 @@ def evaluate(
     the_task = run_task(expl, folder, task)
     the_task.check(net.config)
     ablation = ablation or expl.config.get("ablation", "resample")
-    scrubber = Scrubber.build(net, the_task.train_data(), list(expl.n_units), ablation)
-    scrubber = for_mask(scrubber, the_task.train_data(), expl.mask(), int(expl.config.get("seed", 0)))
+    scrubber = run_scrubber(expl, net, the_task.train_data(), ablation)
     scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
     return {
         "run": str(run),
@@ -292,6 +316,10 @@ def evaluate(
         "ablation": ablation,
         "task": the_task.name,
         "faithfulness": scores,
+        "basis": expl.config.get("basis", "standard"),
+        "illusion": check_illusions(
+            net, the_task.train_data(), expl.kept, expl.bases, bool(expl.config.get("positional", False))
+        ),
     }
 
 
@@ -317,8 +345,7 @@ def attack_explanation(
 
         raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
     task.check(model.config)
-    scrubber = Scrubber.build(model, task.train_data(), list(expl.n_units), expl.config.get("ablation", "resample"))
-    scrubber = for_mask(scrubber, task.train_data(), expl.mask(), int(expl.config.get("seed", 0)))
+    scrubber = run_scrubber(expl, model, task.train_data())
     key = jax.random.key(seed)
     batch, keep = task.heldout_data(), expl.mask()
     if method != "all":

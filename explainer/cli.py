@@ -164,6 +164,12 @@ def train(
     distributed: bool = typer.Option(
         False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see the README)."
     ),
+    basis: str | None = typer.Option(
+        None, "--basis", help="What a unit is: standard (default), pca, gradient, learned, or a .safetensors/.npz file."
+    ),
+    positional: bool | None = typer.Option(
+        None, "--positional/--no-positional", help="One gate per (position, unit) (fixed-length prompts)."
+    ),
     run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     resume: Path | None = typer.Option(
@@ -185,6 +191,8 @@ def train(
         "checkpoint_every": checkpoint_every,
         "devices": devices,
         "remat": remat,
+        "basis": basis,
+        "positional": positional,
     }
     _join_cluster(distributed)
     if resume is not None:
@@ -232,6 +240,10 @@ def evaluate_cmd(
         f"logit diff recovered {f['logit_diff_recovered']:.3f}  accuracy {f['accuracy']:.3f} "
         f"(full model {f['accuracy_full']:.3f})"
     )
+    for site, check in result["illusion"].items():
+        flagged = f"; possible illusion (effect through a dormant direction): units {check['flagged']}"
+        text += f"\n{site}: kept directions {100 * check['mean_used_share']:.0f}% in the reader's input space"
+        text += flagged if check["flagged"] else ""
     if truth:
         expl, _, folder = open_run(run)
         known = load_truth(folder)

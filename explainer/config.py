@@ -42,6 +42,10 @@ class TrainConfig:
     the budget, which happens when every sampled mask of a mostly closed start breaks the model
     and the KL has no slope to follow, and keeps the better of the two.
 
+    ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
+    ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
+    matrices; ``positional`` gives every (position, unit) pair its own gate (fixed-length tasks).
+
     ``devices`` splits each step's batch across that many devices (unset: all of JAX's devices;
     ``batch_size`` must be a multiple of it; see :mod:`explainer.parallel`), and ``remat``
     recomputes each transformer block's activations in the backward pass instead of storing them
@@ -71,9 +75,12 @@ class TrainConfig:
     checkpoint_every: int = 250
     devices: int | None = None
     remat: bool = False
+    basis: str = "standard"
+    basis_lr: float = 0.001
+    positional: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr")
+        positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr", "basis_lr")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -87,13 +94,18 @@ class TrainConfig:
             raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
         if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
-        for name in ("repair", "open_restart", "remat"):
+        for name in ("repair", "open_restart", "remat", "positional"):
             if not isinstance(getattr(self, name), bool):
                 raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
             raise ExplainerError(f"setting 'adversary_weight' must be >= 0, got {self.adversary_weight!r}")
         _check_ranges(self)
         check_ablation(self.ablation)
+        if not isinstance(self.basis, str):
+            raise ExplainerError(f"setting 'basis' must be a name or a file path, got {self.basis!r}")
+        from explainer.bases import check_basis
+
+        check_basis(self.basis)
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(self.sites))
 

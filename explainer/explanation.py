@@ -75,6 +75,15 @@ class Explanation:
     attack: dict[str, Any] | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
     path: Path | None = None
+    bases: dict[str, np.ndarray] | None = None  # per site, columns = units; absent sites: standard
+
+    def basis_modules(self) -> dict:
+        """The run's bases as :class:`~explainer.masks.OrthogonalBasis` objects, for a Scrubber."""
+        import jax.numpy as jnp
+
+        from explainer.masks import OrthogonalBasis
+
+        return {site: OrthogonalBasis(jnp.asarray(m, jnp.float32)) for site, m in (self.bases or {}).items()}
 
     @property
     def size(self) -> int:
@@ -155,6 +164,8 @@ class Explanation:
             for site, m in self.mask().items():
                 tensors[f"mask.{site}"] = m
                 tensors[f"gate_logits.{site}"] = np.asarray(self.gate_logits[site], np.float32)
+            for site, matrix in (self.bases or {}).items():
+                tensors[f"basis.{site}"] = np.asarray(matrix, np.float32)
             save_file(tensors, str(tmp / TENSORS_FILE))
             if self.history is not None:
                 write_json(tmp / HISTORY_FILE, self.history)
@@ -224,6 +235,9 @@ def load(path: str | os.PathLike) -> Explanation:
         n_units = {s: int(n) for s, n in data["sites"].items()}
         kept = {s: [int(u) for u in units] for s, units in data["kept"].items()}
         logits = {s: tensors[f"gate_logits.{s}"] for s in n_units}
+        bases = {k.removeprefix("basis."): v for k, v in tensors.items() if k.startswith("basis.")}
+        if any(site not in n_units or m.ndim != 2 or m.shape[0] != m.shape[1] for site, m in bases.items()):
+            raise ValueError("a basis tensor names an unknown site or is not square")
         for site, units in kept.items():
             mask = tensors[f"mask.{site}"]
             if sorted(np.flatnonzero(mask > 0.5).tolist()) != sorted(units):
@@ -249,6 +263,7 @@ def load(path: str | os.PathLike) -> Explanation:
         attack=attack,  # type: ignore[arg-type]
         versions=data.get("versions", {}),
         path=path,
+        bases=bases or None,
     )
 
 

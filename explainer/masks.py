@@ -52,6 +52,31 @@ class OrthogonalBasis(Basis):
         return h + ((1.0 - keep) * ((r - h) @ self.matrix)) @ self.matrix.T
 
 
+class LearnedBasis(Basis):
+    """An orthogonal basis trained with the mask: ``start · expm(A − Aᵀ)``.
+
+    The matrix exponential of a skew-symmetric matrix is a rotation, so the basis stays orthonormal
+    whatever ``A`` the optimiser makes; ``start`` is fixed (no gradient flows into it).
+    """
+
+    start: Float[Array, "d d"]
+    skew: Float[Array, "d d"]
+
+    @classmethod
+    def init(cls, start: ArrayLike) -> LearnedBasis:
+        start = jnp.asarray(start, jnp.float32)
+        return cls(start, jnp.zeros_like(start))
+
+    @property
+    def matrix(self) -> Float[Array, "d d"]:
+        rotation = jax.scipy.linalg.expm(self.skew - self.skew.T)
+        return jax.lax.stop_gradient(self.start) @ rotation
+
+    def mix(self, h, r, keep):
+        b = self.matrix
+        return h + ((1.0 - keep) * ((r - h) @ b)) @ b.T
+
+
 STANDARD = StandardBasis()
 
 
@@ -66,10 +91,11 @@ class Gates(eqx.Module):
     """
 
     logits: dict[str, Float[Array, " units"]]
+    bases: dict[str, LearnedBasis] = eqx.field(default_factory=dict)  # trained with the gates
 
     @classmethod
-    def init(cls, n_units: dict[str, int], logit: float = 3.0) -> Gates:
-        return cls({site: jnp.full((n,), logit, jnp.float32) for site, n in n_units.items()})
+    def init(cls, n_units: dict[str, int], logit: float = 3.0, bases: dict[str, LearnedBasis] | None = None) -> Gates:
+        return cls({site: jnp.full((n,), logit, jnp.float32) for site, n in n_units.items()}, dict(bases or {}))
 
     def sample(self, key: PRNGKeyArray, beta: float = BETA, straight_through: bool = False) -> Mask:
         """A stochastic keep mask in [0, 1] (exact zeros and ones have positive probability).

@@ -62,6 +62,7 @@ def scrubbed_logits(
     replacement: Replacement,
     bases: dict[str, Basis] | None = None,
     remat: bool = False,
+    positional: bool = False,
 ) -> Float[Array, "batch seq vocab"]:
     """Logits of the model whose reader at each masked site sees kept units from its own run and
     the rest from ``replacement``. Sites absent from ``keep`` are left alone. ``remat``: recompute
@@ -71,7 +72,8 @@ def scrubbed_logits(
     def edit(site: str, h: Resid) -> Resid:
         if site not in keep:
             return h
-        return bases.get(site, STANDARD).mix(h, replacement[site], keep[site])
+        m = keep[site].reshape(h.shape[-2:]) if positional else keep[site]  # units: (position, unit)
+        return bases.get(site, STANDARD).mix(h, replacement[site], m)
 
     return model(tokens, edit=edit, remat=remat)
 
@@ -98,6 +100,7 @@ class Scrubber(eqx.Module):
     means: SiteMeans | None
     bases: dict[str, Basis]
     remat: bool = eqx.field(static=True, default=False)
+    positions: int | None = eqx.field(static=True, default=None)  # position-specific masks: prompt length
 
     @classmethod
     def build(
@@ -107,15 +110,26 @@ class Scrubber(eqx.Module):
         sites=None,
         ablation: str = "resample",
         bases: dict[str, Basis] | None = None,
+        positional: bool = False,
     ) -> Scrubber:
+        """``positional``: one unit per (position, dimension), flat index ``position · d_model + dim``
+        (tasks of fixed length; the prompts' length is taken from ``train``)."""
         sites = check_sites(model, model.sites if sites is None else sites)
         check_ablation(ablation)
         means = site_means(model, train.clean, sites) if ablation in ("mean", "optimal") else None
-        return cls(model, sites, ablation, means, dict(bases or {}))
+        positions = int(train.clean.shape[1]) if positional else None
+        return cls(model, sites, ablation, means, dict(bases or {}), positions=positions)
 
     @property
     def n_units(self) -> dict[str, int]:
-        return {site: self.model.config.d_model for site in self.sites}
+        per_site = self.model.config.d_model * (self.positions or 1)
+        return {site: per_site for site in self.sites}
+
+    def with_bases(self, bases: dict[str, Basis]) -> Scrubber:
+        """The same scrubber with ``bases`` replacing the bases of their sites (e.g. learned ones)."""
+        if not bases:
+            return self
+        return eqx.tree_at(lambda s: s.bases, self, {**self.bases, **bases})
 
     def replacement(self, batch: Batch, key: PRNGKeyArray) -> Replacement:
         """The replacement ``r`` at every site, for ``batch`` (no gradient flows into it)."""
@@ -139,7 +153,13 @@ class Scrubber(eqx.Module):
 
     def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
         """Last-position logits of the scrubbed model."""
-        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat))
+        positional = self.positions is not None
+        if positional and tokens.shape[1] != self.positions:
+            raise ExplainerError(
+                f"position-specific masks were built for prompts of length {self.positions}, got {tokens.shape[1]}; "
+                "use prompts of one length (or masks that are not position-specific)"
+            )
+        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat, positional))
 
 
 class ReferenceCache(eqx.Module):

@@ -145,18 +145,19 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         ref, repl = parallel.shard((ref, repl))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
+        current = scrubber.with_bases(state.gates.bases)  # learned bases, if any, as they stand
 
         if adversary is not None:
             if not adversary.warm_start:
                 adv_params = adversary.init(jax.random.fold_in(k_adv, 1), scrubber.n_units)
                 adv_opt = adv_optimizer.init(adv_params)
             keep_now = jax.lax.stop_gradient(state.gates.sample(k_gate))
-            scrubbed_now = jax.lax.stop_gradient(scrubber.logits(batch.clean, keep_now, repl))
+            scrubbed_now = jax.lax.stop_gradient(current.logits(batch.clean, keep_now, repl))
             for i in range(adversary.steps - 1):  # ascent-only steps against the current explanation
                 k_i = jax.random.fold_in(k_adv, 2 + i)
 
                 def objective(p, k_i=k_i):
-                    gaps = adversary.gaps(p, scrubber, batch.clean, keep_now, scrubbed_now, repl, k_i)
+                    gaps = adversary.gaps(p, current, batch.clean, keep_now, scrubbed_now, repl, k_i)
                     return adversary.combine(gaps) - adversary.cost(p, keep_now)
 
                 adv_params, adv_opt = adversary_ascent(adv_params, adv_opt, jax.grad(objective)(adv_params))
@@ -164,13 +165,14 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         def loss_fn(params):
             gates, adv = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
-            scrubbed = scrubber.logits(batch.clean, keep, repl)
+            scr = scrubber.with_bases(gates.bases)  # learned bases train with the gates
+            scrubbed = scr.logits(batch.clean, keep, repl)
             kl = kl_divergence(ref, scrubbed).mean()
             size = gates.expected_size()
             loss = kl + lam * size
             gap = objective = jnp.zeros(())
             if adversary is not None:
-                gaps = adversary.gaps(adv, scrubber, batch.clean, keep, scrubbed, repl, k_adv)
+                gaps = adversary.gaps(adv, scr, batch.clean, keep, scrubbed, repl, k_adv)
                 gap = jnp.max(gaps)
                 # the explainer descends and the adversary ascends this one objective; its cost
                 # term depends on the adversary alone, so it pulls only the adversary
@@ -191,7 +193,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         kl_det = jnp.zeros(())
         if config.mode == "kl_budget":
             det = state.gates.deterministic()
-            kl_det = kl_divergence(ref, scrubber.logits(batch.clean, det, repl)).mean()
+            kl_det = kl_divergence(ref, current.logits(batch.clean, det, repl)).mean()
         log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
         new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key)
         metrics = {
@@ -235,10 +237,32 @@ def _bind(step, state: TrainState) -> tuple[tuple[Any, ...], TrainState]:
     return (step.operands,), step.parallel.put_replicated(state)
 
 
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adam on the gates; with a learned basis, a separate Adam (``basis_lr``) on its rotations.
+
+    A rotation moves every unit of its site at once, so it learns more slowly than the gates.
+    """
+    if config.basis != "learned":
+        return optax.adam(config.lr)
+
+    def labels(params):
+        def label(path, _):
+            return "basis" if any(getattr(k, "name", None) == "bases" for k in path) else "gates"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return optax.multi_transform({"gates": optax.adam(config.lr), "basis": optax.adam(config.basis_lr)}, labels)
+
+
 def init_state(scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None) -> TrainState:
     key = jax.random.key(config.seed)
     k_adv, k_run = jax.random.split(key)
-    gates = Gates.init(scrubber.n_units, config.init_logit)
+    learned = None
+    if config.basis == "learned":
+        from explainer.bases import learned_bases
+
+        learned = learned_bases(scrubber.bases, scrubber.sites, scrubber.model.config.d_model)
+    gates = Gates.init(scrubber.n_units, config.init_logit, learned)
     log_lambda = math.log(config.lam if config.mode == "lambda" and config.lam > 0 else config.init_lambda)
     if config.mode == "lambda" and config.lam == 0:
         log_lambda = -math.inf
@@ -270,7 +294,7 @@ def train_gates(
     and at the end, and training continues from the newest good checkpoint found there. A NaN or
     inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
     """
-    optimizer = optax.adam(config.lr)
+    optimizer = make_optimizer(config)
     state = init_state(scrubber, config, optimizer, adversary)
     plain, counter = make_step(scrubber, data, config, optimizer, adversary)
     step, fault_names = checked_step(plain)
@@ -341,22 +365,21 @@ def fit(
         return keep, gates, history
     from explainer.polish import KLOracle, repair
 
-    oracle = KLOracle(scrubber, data, config.seed)
-
-    def polished(keep):
+    def polished(keep, gates):
+        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
         flat = oracle.flat(keep)
         added: list[int] = []
         if config.repair:
             flat, added = repair(oracle, flat, config.kl_budget)
         return oracle.split(flat), float(oracle.kl(flat)[0]), len(added)
 
-    keep, kl, repaired = polished(keep)
+    keep, kl, repaired = polished(keep, gates)
     restarted = 0.0
     if kl > config.kl_budget and config.open_restart and config.init_logit < OPEN_LOGIT:
         open_config = config.replace(init_logit=OPEN_LOGIT)
         more = None if checkpoints is None else os.path.join(checkpoints, "open-restart")
         gates2, history2 = train_gates(scrubber, data, open_config, adversary, progress, more)
-        keep2, kl2, repaired2 = polished(finish(gates2, open_config))
+        keep2, kl2, repaired2 = polished(finish(gates2, open_config), gates2)
         size, size2 = (sum(int(v.sum()) for v in k.values()) for k in (keep, keep2))
         if (kl2 <= config.kl_budget and (kl > config.kl_budget or size2 < size)) or (
             kl > config.kl_budget and kl2 < kl
