@@ -32,6 +32,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/robustness.py
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/reliability.py
+	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/frontier.py
 	$(BIN)/python benchmarks/optimality.py
 
