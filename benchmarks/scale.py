@@ -83,30 +83,6 @@ def build(args: argparse.Namespace):
     return model, data, jnp.arange(args.batch_size) % args.prompts
 
 
-def plain_step(model, batch, lr: float, remat: bool):
-    """Forward + backward of the model's own loss and an adam update of every parameter."""
-    import equinox as eqx
-    import optax
-
-    from explainer.scrub import last
-
-    optimizer = optax.adam(lr)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss_fn(params):
-        logits = last(eqx.combine(params, static)(batch.clean, remat=remat))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch.answers[:, 0]).mean()
-
-    @eqx.filter_jit
-    def step(state):
-        params, opt_state = state
-        _, grads = eqx.filter_value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state
-
-    return step, (params, optimizer.init(params))
-
-
 def minmax_step(model, data, config):
     """The explainer's step with the learned adversary, as ``train_gates`` builds it."""
     import optax
@@ -149,6 +125,8 @@ def _timed(step, state, steps: int):
 
 def worker(args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process: ``plain``, ``minmax``, or ``timing`` (both, alternating)."""
+    from _plain import plain_step
+
     from explainer.config import TrainConfig
 
     config = TrainConfig(batch_size=args.batch_size, remat=bool(args.remat))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _plain import plain_step
 from _results import RESULTS_DIR, write_record
 from rich.console import Console
 from rich.table import Table
@@ -51,7 +52,7 @@ from rich.table import Table
 from adversary.learned import LearnedAdversary
 from explainer.config import TrainConfig
 from explainer.models import load_model, resolve_model, zoo_names
-from explainer.scrub import Scrubber, last
+from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
 from explainer.train import init_state, make_step
@@ -86,25 +87,6 @@ def explainer_step(model, data: Batch, config: TrainConfig, adversary=None):
     return lambda state: step(state)[0], init_state(scrubber, config, optimizer, adversary)
 
 
-def plain_step(model, batch: Batch, config: TrainConfig):
-    """One forward + backward of the model's own loss and an adam update of its parameters."""
-    optimizer = optax.adam(config.lr)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss_fn(params):
-        logits = last(eqx.combine(params, static)(batch.clean))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch.answers[:, 0]).mean()
-
-    @eqx.filter_jit
-    def step(state):
-        params, opt_state = state
-        _, grads = eqx.filter_value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state
-
-    return step, (params, optimizer.init(params))
-
-
 def measure(name: str, config: TrainConfig, steps: int, repeats: int) -> dict:
     folder = resolve_model(name)
     model, task = load_model(folder), resolve_task(None, folder)
@@ -112,7 +94,7 @@ def measure(name: str, config: TrainConfig, steps: int, repeats: int) -> dict:
     batch = data.take(jnp.arange(config.batch_size) % len(data))
     step_s = time_steps(*explainer_step(model, data, config), steps, repeats)
     minmax_s = time_steps(*explainer_step(model, data, config, LearnedAdversary()), steps, repeats)
-    plain_s = time_steps(*plain_step(model, batch, config), steps, repeats)
+    plain_s = time_steps(*plain_step(model, batch, config.lr), steps, repeats)
     return {
         "model": name,
         "batch_size": config.batch_size,

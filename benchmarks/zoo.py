@@ -8,7 +8,13 @@ and p99, logit difference recovered, accuracy, the adversarial gap at budget 2 (
 has one, and the training wall time (compilation included).
 
 The zoo's target for the trained models (``paren``, ``induction``, ``ioi``) is at most 25% of all
-units with logit difference recovered of at least 90%; the table marks each row.
+units with logit difference recovered of at least 90%; the table marks each row. For those models
+it also trains an explanation of exactly 25% of the units (``target_size``, no adversary) and
+reports its logit difference recovered (column "LD @25%"): how far the target is from what a
+quarter of the units can carry on that model at all.
+
+``--basis gradient`` counts units in the gradient basis (:mod:`explainer.bases`) instead and
+writes ``zoo-gradient.json``.
 
 Run it with ``python benchmarks/zoo.py`` (several minutes on 2 CPU cores; ``--models`` picks a
 subset). It writes the rows with the exact command line to ``benchmarks/results/zoo.json``::
@@ -36,10 +42,20 @@ TRAINED = ("paren", "induction", "ioi")
 MAX_SHARE, MIN_RECOVERED = 0.25, 0.90
 
 
-def measure(name: str, adversary: str, seed: int, budget: int) -> dict:
+def at_share(name: str, share: float, seed: int, basis: str) -> float:
+    """Logit difference recovered by an explanation of exactly ``share`` of the units."""
+    net = load_model(resolve_model(name))
+    units = len(net.sites) * net.config.d_model
+    e = explainer.explain(
+        name, adversary="none", seed=seed, target_size=int(share * units), basis=basis, progress=False
+    )
+    return e.faithfulness["logit_diff_recovered"]
+
+
+def measure(name: str, adversary: str, seed: int, budget: int, basis: str = "standard") -> dict:
     folder = resolve_model(name)
     started = time.perf_counter()
-    e = explainer.explain(name, adversary=adversary, seed=seed, progress=False)
+    e = explainer.explain(name, adversary=adversary, seed=seed, basis=basis, progress=False)
     seconds = time.perf_counter() - started
     excluded = e.total_units - e.size
     gap = None
@@ -50,6 +66,7 @@ def measure(name: str, adversary: str, seed: int, budget: int) -> dict:
     f = e.faithfulness
     return {
         "model": name,
+        "basis": basis,
         "adversary": adversary,
         "seed": seed,
         "size": e.size,
@@ -63,12 +80,28 @@ def measure(name: str, adversary: str, seed: int, budget: int) -> dict:
         "f1": truth_scores(e.kept, truth)["f1"] if truth is not None else None,
         "meets_target": e.size / e.total_units <= MAX_SHARE and f["logit_diff_recovered"] >= MIN_RECOVERED,
         "seconds": seconds,
+        "repaired": e.history.get("repaired", [0])[0],
+        "open_restart": bool(e.history.get("open_restart", [0])[0]),
+        "ld_at_max_share": at_share(name, MAX_SHARE, seed, basis) if name in TRAINED else None,
     }
 
 
 def show(rows: list[dict], budget: int) -> None:
     table = Table(title=f"zoo explanations at default settings (gap at budget {budget})")
-    columns = ("model", "size", "share", "KL mean", "KL p99", "LD recovered", "accuracy", "gap", "F1", "target", "s")
+    columns = (
+        "model",
+        "size",
+        "share",
+        "KL mean",
+        "KL p99",
+        "LD recovered",
+        "accuracy",
+        "gap",
+        "F1",
+        "target",
+        "LD @25%",
+        "s",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
@@ -84,6 +117,7 @@ def show(rows: list[dict], budget: int) -> None:
             "-" if r["gap"] is None else f"{r['gap']:.3g}",
             "-" if r["f1"] is None else f"{r['f1']:.2f}",
             target,
+            "-" if r["ld_at_max_share"] is None else f"{r['ld_at_max_share']:.2f}",
             f"{r['seconds']:.0f}",
         )
     Console(width=150).print(table)
@@ -95,11 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adversary", default="learned", choices=["learned", "none"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=2)
+    parser.add_argument("--basis", default="standard", help="standard (default), pca, gradient or learned")
     args = parser.parse_args(argv)
-    rows = [measure(name, args.adversary, args.seed, args.budget) for name in args.models]
+    rows = [measure(name, args.adversary, args.seed, args.budget, args.basis) for name in args.models]
     show(rows, args.budget)
-    write_record(RESULTS, args, rows=rows)
-    print(f"wrote {RESULTS}")
+    results = RESULTS if args.basis == "standard" else RESULTS.with_name(f"zoo-{args.basis}.json")
+    write_record(results, args, rows=rows)
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":
