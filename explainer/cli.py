@@ -306,53 +306,85 @@ def show(
 
 @app.command()
 def sweep(
-    model: str = typer.Option(..., "--model", "-m", help="Zoo name or model folder."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Zoo name or model folder (required)."),
     task: str | None = typer.Option(None, "--task", "-t", help="Prompts file or built-in task."),
     lambdas: str | None = typer.Option(None, "--lambdas", help="Fixed penalties, e.g. 0.001,0.01,0.1."),
     sizes: str | None = typer.Option(None, "--sizes", help="Target sizes, e.g. 1,2,4,8 (default: MIB's ladder)."),
     config: Path | None = typer.Option(None, "--config", help="TOML file of training settings."),
-    adversary: str = typer.Option("learned", "--adversary", help="learned (default) or none."),
-    budget: int = typer.Option(2, "--budget", "-k", help="Attack budget of the reported gap."),
+    adversary: str | None = typer.Option(None, "--adversary", help="learned (default) or none."),
+    budget: int | None = typer.Option(None, "--budget", "-k", help="Attack budget of the reported gap (default 2)."),
     ablation: str | None = typer.Option(None, "--ablation", help="Training ablation (default resample)."),
-    ablations: str = typer.Option(
-        "resample,mean,zero,optimal", "--ablations", help="Also report the frontier under these ablations ('' none)."
+    ablations: str | None = typer.Option(
+        None,
+        "--ablations",
+        help="Also report the frontier under these ablations (default resample,mean,zero,optimal; '' none).",
     ),
-    strategy: str = typer.Option("auto", "--strategy", help="auto, vmap (one compiled run) or continuation."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="auto (default), vmap (one compiled run) or continuation."
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
+    ),
     devices: int | None = typer.Option(
         None, "--devices", help="Split each step's batch across N devices (default: all JAX sees)."
     ),
     remat: bool | None = typer.Option(
         None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
     ),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder to write."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the interrupted sweep OUT from its checkpoints, with its settings."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print frontier.json as the last line."),
 ) -> None:
-    """Train a ladder of explanations (sizes or penalties) and grade each: the frontier."""
+    """Train a ladder of explanations (sizes or penalties) and grade each: the frontier (or continue
+    an interrupted sweep with --resume OUT)."""
+    from explainer.sweep import resume_sweep
     from explainer.sweep import sweep as run_sweep
 
-    result = run_sweep(
-        model,
-        task,
-        lambdas=lambdas,
-        sizes=sizes,
-        config=config,
-        adversary=adversary,
-        budget=budget,
-        ablations=[a for a in ablations.split(",") if a.strip()],
-        strategy=strategy,
-        out=out_dir,
-        overwrite=overwrite,
-        progress=progress,
-        ablation=ablation,
-        steps=steps,
-        seed=seed,
-        devices=devices,
-        remat=remat,
-    )
+    settings = {
+        "ablation": ablation,
+        "steps": steps,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "devices": devices,
+        "remat": remat,
+    }
+    listed = [a.strip() for a in ablations.split(",") if a.strip()] if ablations is not None else None
+    if resume is not None:
+        if overwrite:
+            _fail("--resume continues a sweep and --overwrite starts one again; give one of them")
+        if out_dir is not None and Path(out_dir).resolve() != resume.resolve():
+            _fail(f"--resume {resume} writes that sweep; drop --out {out_dir}")
+        out_dir = resume
+        given = {"model": model, "task": task, "lambdas": lambdas, "sizes": sizes, "config": config}
+        given |= {"adversary": adversary, "budget": budget, "ablations": listed, "strategy": strategy}
+        result = resume_sweep(resume, progress, **given, **settings)
+        model = result["model"].get("name") or result["model"]["path"]
+    else:
+        if model is None:
+            _fail("missing option --model: pass a zoo name or a model folder (or --resume OUT)")
+        if out_dir is None:
+            _fail("missing option --out: the sweep folder to write")
+        result = run_sweep(
+            model,
+            task,
+            lambdas=lambdas,
+            sizes=sizes,
+            config=config,
+            adversary=adversary or "learned",
+            budget=2 if budget is None else budget,
+            ablations=listed if listed is not None else ["resample", "mean", "zero", "optimal"],
+            strategy=strategy or "auto",
+            out=out_dir,
+            overwrite=overwrite,
+            progress=progress,
+            **settings,
+        )
     head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
     lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"]
     lines.append(f"  {'size':>5} {'KL mean':>9} {'KL p99':>9} {'f':>6} {'LD rec':>7} {'acc':>6} {'gap':>8}  run")

@@ -60,7 +60,7 @@ class History:
     {'kl': [0.5, 0.25]}
     """
 
-    def __init__(self, done: dict[str, list[float]], names: list[str]):
+    def __init__(self, done: dict[str, list[Any]], names: list[str]):
         self.values = {k: list(v) for k, v in done.items()}
         self.names = names
         self.pending: list[dict[str, jax.Array]] = []

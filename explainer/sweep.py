@@ -49,9 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from explainer import resume as resume_files
+from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig, load_config
 from explainer.errors import ExplainerError
+from explainer.faults import History, checked_step
 from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_ladder
+from explainer.lock import run_lock
 from explainer.masks import Gates
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
@@ -140,16 +144,28 @@ def _finish(mode: str, value: float, gates: Gates) -> Mask:
     return out
 
 
-def _run_steps(ladder_step, states, targets, steps: int, advance, done: int, label: str):
-    records = []
-    for i in range(steps):
-        states, metrics = ladder_step(states, targets)
-        records.append(metrics)
-        if (i + 1) % 50 == 0 or i + 1 == steps:
-            m = jax.device_get(metrics)
-            advance(done + i + 1, f"{label} kl {float(np.mean(m['kl'])):.4f}")
-    history = {k: np.asarray(jax.device_get([r[k] for r in records]), np.float64) for k in records[0]}
-    return states, history
+def _run_steps(ladder_step, states, targets, steps: int, advance, done: int, label: str, checkpoints=None, every=0):
+    """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
+    at the end, and continued from the newest good checkpoint found there (a finished one: no steps)."""
+    step, names = checked_step(ladder_step)
+    saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
+    if saved is not None:
+        states = saved.state
+    history = History(saved.history if saved else {}, names)
+    where = ""
+    for i in range(saved.step if saved else 0, steps):
+        states, metrics = step(states, targets)
+        history.append(metrics)
+        n = i + 1
+        due = checkpoints is not None and every and (n % every == 0 or n == steps)
+        if n % 50 == 0 or n == steps or due:
+            history.flush(where)
+            advance(done + n, f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}")
+        if due:
+            path = save_checkpoint(checkpoints, states, n, history.values, meta={"label": label})
+            where = f"The last good checkpoint (step {n}) is {path}. "
+    history.flush(where)
+    return states, {k: np.asarray(v, np.float64) for k, v in history.values.items()}
 
 
 def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
@@ -169,12 +185,15 @@ def train_ladder(
     strategy: str = "auto",
     continuation_steps: int | None = None,
     progress: bool = False,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
     ``config.steps // 4``) is the number of steps of every rung after the first under
-    ``continuation``. See the module docstring for the strategies.
+    ``continuation``. See the module docstring for the strategies. With a ``checkpoints`` folder,
+    training is saved there every ``config.checkpoint_every`` steps (``continuation``: each rung in
+    its own ``rung-J``, so a resumed ladder reloads finished rungs) and continued from what is there.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -198,11 +217,12 @@ def train_ladder(
     start = init_state(scrubber, config, optimizer, adversary)
     log_lambda = _log_lambdas(mode, values, config)
     targets = jnp.asarray(values, jnp.float32)
+    folder = Path(checkpoints) if checkpoints is not None else None
+    every = config.checkpoint_every
     if strategy == "vmap":
         with progress_bar(progress, config.steps, label=f"sweep ({len(values)} rungs, vmap)") as advance:
-            states, history = _run_steps(
-                ladder_step, _batch(start, len(values), log_lambda), targets, config.steps, advance, 0, ""
-            )
+            batch = _batch(start, len(values), log_lambda)
+            states, history = _run_steps(ladder_step, batch, targets, config.steps, advance, 0, "", folder, every)
         gates = [jax.tree.map(lambda x, i=i: x[i], states.gates) for i in range(len(values))]
         histories = [{k: v[:, i].tolist() for k, v in history.items()} for i in range(len(values))]
     else:
@@ -219,7 +239,10 @@ def train_ladder(
                 if j > 0 and mode == "lambdas":
                     state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[i : i + 1]))
                 n = config.steps if j == 0 else more
-                state, history = _run_steps(ladder_step, state, targets[i : i + 1], n, advance, done, f"rung {j + 1}")
+                rung_folder = folder / f"rung-{j}" if folder is not None else None
+                state, history = _run_steps(
+                    ladder_step, state, targets[i : i + 1], n, advance, done, f"rung {j + 1}", rung_folder, every
+                )
                 done += n
                 gates[i] = jax.tree.map(lambda x: x[0], state.gates)
                 histories[i] = {k: v[:, 0].tolist() for k, v in history.items()}
@@ -484,6 +507,7 @@ def sweep(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Train a ladder of explanations of ``model`` on ``task`` and grade them: the frontier.
@@ -495,12 +519,15 @@ def sweep(
     "gap", ...}], "cpr", "cmd", "ablations": {...}, ...}`` (see :func:`grade_masks`). With
     ``out``, every explanation is saved as a run folder ``OUT/runs/size-K`` (or ``lambda-X``)
     and the result as ``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically.
+    Meanwhile the sweep holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
+    ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished sweep (see
+    :func:`resume_sweep`, which reads its settings back).
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
     [(1, 0.0), (2, 1.0)]
     """
-    from explainer.api import _model_record, _task_record
+    from explainer.api import _model_record
     from explainer.models import load_model, resolve_model
     from explainer.tasks import resolve_task
 
@@ -520,8 +547,12 @@ def sweep(
     for a in ablations:
         check_ablation(a)
     out_path = Path(out) if out is not None else None
-    if out_path is not None:
+    if resume and out_path is None:
+        raise ExplainerError("resume=True needs the sweep folder to continue (out)")
+    if out_path is not None and not resume:
         _check_out(out_path, overwrite)
+        if not overwrite:
+            _refuse_unfinished(out_path)
     folder = resolve_model(model)
     net = load_model(folder)
     the_task = resolve_task(task, folder)
@@ -536,11 +567,64 @@ def sweep(
     trivial = [v for v in values if mode == "sizes" and (v == 0 or v >= total)]
     trained_values = [v for v in values if v not in trivial]
     strategy = choose_strategy(strategy, scrubber)
+    if out_path is None:
+        return _sweep(locals(), None)
+    record = {
+        "kind": "sweep",
+        "model": _model_record(folder),
+        "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
+        "config": config.to_json(),
+        "adversary": getattr(adversary, "name", None),
+        "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
+        "overwrite": overwrite,
+        "mode": mode,
+        "ladder": values,
+        "budget": budget,
+        "ablations": list(ablations),
+        "strategy": strategy,
+        "continuation_steps": continuation_steps,
+    }
+    with run_lock(out_path):
+        if resume:
+            _check_same_sweep(out_path, record)
+            checkpoints = resume_files.checkpoint_folder(out_path)
+        else:
+            _check_out(out_path, overwrite)  # again, now that we hold the lock
+            checkpoints = resume_files.start(out_path, record, overwrite)
+        try:
+            result = _sweep(locals(), checkpoints)
+        except BaseException:
+            if not any(checkpoints.rglob("step-*.safetensors")):
+                resume_files.finish(out_path)
+            raise
+        resume_files.finish(out_path)
+    return result
+
+
+def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
+    """Train, grade and save the ladder that :func:`sweep` set up (``ns``: its local variables)."""
+    from explainer.api import _model_record, _task_record
+
+    scrubber, train, config, mode, values, adversary = (
+        ns[k] for k in ("scrubber", "train", "config", "mode", "values", "adversary")
+    )
+    strategy, trained_values, trivial, total, out_path = (
+        ns[k] for k in ("strategy", "trained_values", "trivial", "total", "out_path")
+    )
     t0 = time.perf_counter()
     rungs = {}
     if trained_values:
         for r in train_ladder(
-            scrubber, train, config, mode, trained_values, adversary, strategy, continuation_steps, progress
+            scrubber,
+            train,
+            config,
+            mode,
+            trained_values,
+            adversary,
+            strategy,
+            ns["continuation_steps"],
+            ns["progress"],
+            checkpoints,
         ):
             rungs[r.value] = r
     train_seconds = time.perf_counter() - t0
@@ -551,25 +635,28 @@ def sweep(
         open_config = config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
 
         def restart(value: float) -> Rung:
-            return train_ladder(scrubber, train, open_config, mode, [value], adversary, "continuation")[0]
+            more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
+            return train_ladder(
+                scrubber, train, open_config, mode, [value], adversary, "continuation", checkpoints=more
+            )[0]
 
         ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart)
     graded = grade_masks(
         scrubber,
         train,
-        the_task.heldout_data(),
+        ns["the_task"].heldout_data(),
         [r.keep for r in ordered],
-        budget,
+        ns["budget"],
         config.seed,
-        ablations,
-        progress=progress,
+        ns["ablations"],
+        progress=ns["progress"],
     )
     result: dict[str, Any] = {
         "records": graded["records"],
         "cpr": graded["cpr"],
         "cmd": graded["cmd"],
-        "model": _model_record(folder),
-        "task": _task_record(task, the_task),
+        "model": _model_record(ns["folder"]),
+        "task": _task_record(ns["task"], ns["the_task"]),
         "mode": mode,
         "ladder": values,
         "strategy": strategy,
@@ -580,10 +667,95 @@ def sweep(
     for rung, record in zip(ordered, result["records"], strict=True):
         record["target"] = int(rung.value) if mode == "sizes" else rung.value
         record["run"] = str(out_path / "runs" / rung.name) if out_path is not None else None
-    result["seconds"] = time.perf_counter() - started
+    result["seconds"] = time.perf_counter() - ns["started"]
     if out_path is not None:
-        _save(out_path, overwrite, result, ordered, scrubber, config, adversary, strategy)
+        _save(out_path, ns["overwrite"], result, ordered, scrubber, config, adversary, strategy)
     return result
+
+
+def _refuse_unfinished(out: Path) -> None:
+    if resume_files.partial_path(out).exists():
+        raise ExplainerError(
+            f"sweep folder {str(out)!r} has an unfinished sweep in {resume_files.partial_path(out)}; continue "
+            f"it with `explainer sweep --resume {out}`, or pass --overwrite to start again"
+        )
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    if not (resume_files.partial_path(out) / resume_files.RECORD_FILE).is_file() and (out / FRONTIER_FILE).is_file():
+        raise ExplainerError(f"sweep {str(out)!r} has finished; there is nothing to resume")
+    record = resume_files.read_record(out)
+    if record.get("kind") != "sweep":
+        raise ExplainerError(f"{str(out)!r} is an unfinished `explainer train` run; resume it with `explainer train`")
+    return record
+
+
+def _check_same_sweep(out: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` with anything other than what it was started with."""
+    recorded = _read_record(out)
+    if recorded["model"].get("sha256") != record["model"]["sha256"]:
+        raise ExplainerError(
+            f"the weights of {record['model']['path']!r} changed since sweep {str(out)!r} started (sha256 "
+            "differs); it cannot be resumed: start again with --overwrite"
+        )
+    for key, value in record.items():
+        if key not in ("model", "overwrite") and recorded.get(key) != value:
+            raise ExplainerError(
+                f"sweep {str(out)!r} was started with {key} {recorded.get(key)!r}, not {value!r}; "
+                "resume it with the recorded settings (`explainer sweep --resume OUT` alone)"
+            )
+
+
+def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) -> dict[str, Any]:
+    """Continue the unfinished sweep ``out`` (killed, or stopped by a fault) from its checkpoints.
+
+    The settings come from ``OUT.partial/resume.json``; anything in ``given`` (``model``, ``task``,
+    ``sizes``, ``budget``, a training setting such as ``steps``, ...) must agree with them. The
+    result is what an uninterrupted sweep would have saved (bit for bit on the same machine).
+    """
+    from explainer.api import _refuse_conflicts
+    from explainer.config import from_dict
+
+    out = Path(out)
+    record = _read_record(out)
+    recorded = from_dict(dict(record["config"]), source=f"sweep {str(out)!r}")
+    given = {k: v for k, v in given.items() if v is not None}
+    ladder = {"lambdas": given.pop("lambdas", None), "sizes": given.pop("sizes", None)}
+    sweep_settings = {
+        "mode": next((k for k, v in ladder.items() if v is not None), record["mode"]),
+        "ladder": parse_ladder(ladder[record["mode"]], record["mode"]) or record["ladder"],
+        "budget": given.pop("budget", record["budget"]),
+        "ablations": list(given.pop("ablations", record["ablations"])),
+        "strategy": given.pop("strategy", record["strategy"]),
+    }
+    differ = [f"{k} {v!r} (recorded: {record[k]!r})" for k, v in sweep_settings.items() if v != record[k]]
+    if differ:
+        raise ExplainerError(
+            f"--resume continues sweep {str(out)!r} with the settings it was started with; these differ: "
+            f"{', '.join(differ)}. Drop them, or start a new sweep with --overwrite"
+        )
+    _refuse_conflicts(out, record, recorded, given)
+    adversary: Any = record["adversary"] or "none"
+    if record.get("adversary_settings") and record["adversary"] == "learned":
+        from adversary.learned import make_adversary
+
+        settings = {k: v for k, v in record["adversary_settings"].items() if k != "name"}
+        adversary = make_adversary("learned", **settings)
+    return sweep(
+        record["model"].get("name") or record["model"]["path"],
+        record["task"],
+        **{record["mode"]: record["ladder"]},
+        config=recorded,
+        adversary=adversary,
+        budget=record["budget"],
+        ablations=record["ablations"],
+        strategy=record["strategy"],
+        continuation_steps=record["continuation_steps"],
+        out=out,
+        overwrite=record["overwrite"],
+        progress=progress,
+        resume=True,
+    )
 
 
 def _explanation(rung: Rung, record: dict[str, Any], result: dict[str, Any], scrubber, config, adversary, strategy):

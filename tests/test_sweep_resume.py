@@ -1,0 +1,105 @@
+"""Kill and resume for ``explainer sweep``: a sweep killed with SIGKILL and resumed ends bit-identical."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from explainer import lock, resume
+
+ARGS = ["--model", "planted-distractor", "--sizes", "1,2,3", "--seed", "0", "--adversary", "none"]
+ARGS += ["--steps", "600", "--checkpoint-every", "100", "--ablations", "", "--no-progress"]
+TIMING = ("seconds", "train_seconds", "png", "command")  # and each record's run path
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    folder = resume.checkpoint_folder(out)
+    return sorted(folder.rglob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def _frontier(out: Path) -> dict:
+    data = json.loads((out / "frontier.json").read_text())
+    for key in TIMING:
+        data.pop(key, None)
+    for record in data["records"]:
+        assert Path(record.pop("run")).parent == out / "runs"
+    return data
+
+
+def _runs(out: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in sorted((out / "runs").glob("*/explanation.safetensors"))}
+
+
+def test_sweep_sigkill_then_resume_is_bit_identical(tmp_path):
+    whole, killed = tmp_path / "A", tmp_path / "B"
+    command = [sys.executable, "-m", "explainer.cli", "sweep", *ARGS, "--out", str(killed)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 240
+            while not _checkpoints(killed):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the sweep ended early"
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.05)
+            time.sleep(random.Random().uniform(0.0, 3.0))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+    if killed.exists():  # pragma: no cover - a fast machine finished before the kill
+        pytest.skip("the sweep finished before it could be killed")
+    saved = [str(p.relative_to(resume.checkpoint_folder(killed))) for p in _checkpoints(killed)]
+    assert saved and lock.lock_path(killed).exists()  # the dead process's lock is left behind
+    conflict = cli("sweep", "--resume", killed, "--steps", "500", "--no-progress")
+    assert conflict.returncode == 2 and "steps 500 (recorded: 600)" in conflict.stderr, conflict.stderr
+    resumed = cli("sweep", "--resume", killed, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not resume.partial_path(killed).exists() and not lock.lock_path(killed).exists()
+    again = cli("sweep", "--resume", killed, "--no-progress")
+    assert again.returncode == 2 and "nothing to resume" in again.stderr
+    assert cli("sweep", *ARGS, "--out", whole).returncode == 0
+    assert _runs(killed) == _runs(whole) and len(_runs(whole)) == 3, f"resumed from {saved}"
+    assert _frontier(killed) == _frontier(whole)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "continuation"])
+def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy):
+    """Resumed from an older checkpoint (the newest removed, as if killed before it), every rung's gates
+    are bit for bit those of the uninterrupted ladder; a finished ladder reloads without training."""
+    import numpy as np
+
+    from explainer.checkpoint import list_checkpoints
+    from explainer.config import TrainConfig
+    from explainer.models import load_model, resolve_model
+    from explainer.scrub import Scrubber
+    from explainer.sweep import train_ladder
+    from explainer.tasks import resolve_task
+
+    folder = resolve_model("planted-distractor")
+    task = resolve_task(None, folder)
+    scrubber = Scrubber.build(load_model(folder), task.train_data())
+    config = TrainConfig(steps=200, checkpoint_every=50)
+
+    def ladder(checkpoints=None):
+        rungs = train_ladder(
+            scrubber, task.train_data(), config, "sizes", [1, 2], None, strategy, 60, False, checkpoints
+        )
+        return [{s: np.asarray(v) for s, v in r.gates.logits.items()} for r in rungs], [r.history for r in rungs]
+
+    whole, history = ladder()
+    ladder(tmp_path)  # writes the checkpoints
+    last = tmp_path / "rung-1" if strategy == "continuation" else tmp_path
+    newest = list_checkpoints(last)
+    newest[0][1].unlink()  # killed before its final save: resume from the one before
+    again, history_again = ladder(tmp_path)
+    for a, b in zip(again, whole, strict=True):
+        assert all(np.array_equal(a[s], b[s]) for s in a)
+    assert history_again == history
