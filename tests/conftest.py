@@ -24,3 +24,14 @@ def planted_models():
     from explainer.models import load_model, resolve_model
 
     return {name: load_model(resolve_model(name)) for name in PLANTED}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: every module compiles steps for its
+    own models, and one process running the whole suite would otherwise keep all of them."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
