@@ -525,7 +525,7 @@ def sweep(
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
-    [(1, 0.0), (2, 1.0)]
+    [(0, 0.0), (2, 1.0)]
     """
     from explainer.api import _model_record
     from explainer.models import load_model, resolve_model
