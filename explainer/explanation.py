@@ -171,7 +171,7 @@ class Explanation:
                 write_json(tmp / HISTORY_FILE, self.history)
             if self.attack is not None:
                 write_json(tmp / "attack.json", self.attack)
-            _swap_into_place(tmp, path)
+            swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -191,7 +191,8 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise ExplainerError(f"run folder {str(path)!r} already exists; pass --overwrite or choose another --out")
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
+def swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``, replacing an old one only once ``tmp`` is whole."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)

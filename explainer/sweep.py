@@ -53,6 +53,7 @@ from explainer import resume as resume_files
 from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig, load_config
 from explainer.errors import ExplainerError
+from explainer.explanation import swap_into_place
 from explainer.faults import History, checked_step
 from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_ladder
 from explainer.lock import run_lock
@@ -794,13 +795,7 @@ def _save(out: Path, overwrite: bool, result, rungs: list[Rung], scrubber, confi
         from_cli = Path(sys.argv[0]).name in ("explainer", "cli.py")
         result["command"] = " ".join(["explainer", *sys.argv[1:]]) if from_cli else None
         write_json(tmp / FRONTIER_FILE, result)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,18 +30,14 @@ def check_out(out: Path, overwrite: bool, what: str = "model folder", marker: st
 
 def write_folder(out: Path, fill: Any) -> Path:
     """Create a sibling temp folder, let ``fill(tmp)`` write into it, then rename it to ``out``."""
+    from explainer.explanation import swap_into_place  # run folders are swapped in the same way
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; model folders are meant to be shared
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
