@@ -18,7 +18,8 @@ For each setting of ``remat`` (``jax.checkpoint`` per block) it measures:
 Each (step, remat) pair runs in its own subprocess for the memory figures; the step times come
 from one more subprocess per ``remat`` that alternates plain and min-max repeats, so both see the
 same machine load. The ratio is min-max / plain; the targets are ratio ≤ 2.5 and peak RSS ≤ 6 GB
-with remat. GPU figures are measured only when the script runs on a GPU (its ``device`` says so).
+with remat. On a GPU the same script also reports the peak accelerator memory (``memory_stats``) and
+writes ``scale-gpu.json`` instead (its ``device`` says which card); the targets are for the CPU.
 
 Run it with ``make bench``; it prints a table and writes ``benchmarks/results/scale.json``::
 
@@ -60,6 +61,18 @@ def _rss_gb(field: str) -> float:
 
 def _max_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def _device_peak_gb() -> float | None:
+    """Peak bytes in use on the first accelerator, in GB (None on the CPU, which reports no stats)."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
 
 
 def build(args: argparse.Namespace):
@@ -157,6 +170,7 @@ def worker(args: argparse.Namespace) -> dict:
         out[f"{name}_cpu_s"] = statistics.median(cpu[name])
         out[f"{name}_times_s"] = times[name]
     out["peak_rss_gb"] = _max_rss_gb()
+    out["device_peak_gb"] = _device_peak_gb()
     return out
 
 
@@ -189,6 +203,8 @@ def measure(args: argparse.Namespace, remat: bool) -> dict:
         "plain_peak_rss_gb": plain["peak_rss_gb"],
         "minmax_peak_rss_gb": minmax["peak_rss_gb"],
         "build_rss_gb": minmax["build_rss_gb"],
+        "plain_device_peak_gb": plain.get("device_peak_gb"),
+        "minmax_device_peak_gb": minmax.get("device_peak_gb"),
         "cache_bytes": minmax["cache_bytes"],
         "cache_used": minmax["cache_used"],
         "units": minmax["units"],
@@ -229,6 +245,12 @@ def show(rows: list[dict], args: argparse.Namespace) -> None:
             f"{r['plain_peak_rss_gb']:.2f} / {r['minmax_peak_rss_gb']:.2f}" + (" (over)" if big else ""),
         )
     Console().print(table)
+    for r in rows:
+        if r.get("minmax_device_peak_gb") is not None:
+            print(
+                f"remat {'on' if r['remat'] else 'off'}: peak accelerator memory "
+                f"{r['plain_device_peak_gb']:.2f} GB plain / {r['minmax_device_peak_gb']:.2f} GB min-max"
+            )
     r = rows[0]
     print(
         f"{r['units']} units; reference cache {r['cache_bytes'] / 2**20:.0f} MiB "
@@ -260,6 +282,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: results/scale.json, or scale-gpu.json on a GPU)"
+    )
     parser.add_argument("--worker", choices=("plain", "minmax", "timing"), help=argparse.SUPPRESS)
     parser.add_argument("--remat", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -274,8 +299,12 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [measure(args, remat) for remat in (False, True)]
     show(rows, args)
-    path = RESULTS_DIR / RESULTS_NAME
-    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("worker", "remat")})
+    import jax
+
+    platform_name = jax.devices()[0].platform
+    path = args.out or RESULTS_DIR / (RESULTS_NAME if platform_name == "cpu" else f"scale-{platform_name}.json")
+    skip = ("worker", "remat", "out")
+    settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in skip})
     write_record(
         path,
         settings,
