@@ -11,6 +11,11 @@ negative components).
 
 The restarts are combined by a smooth maximum (log-sum-exp at ``temperature`` nats), so the
 explainer is pushed by the worst restart while every restart still receives its own gradient.
+
+With ``basis`` ``random`` or ``learned`` the adversary re-includes units of its own basis: each
+restart also holds a skew-symmetric matrix per site whose exponential rotates the excluded
+coordinates (:mod:`adversary.rotation`), fixed at a random start or trained with the gates. It
+then catches an effect that no single unit of the explanation's basis shows.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from adversary.rotation import check_adversary_basis, random_skews, rotatable, rotated
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import BETA, GAMMA, ZETA, Mask
 from explainer.metrics import divergence
@@ -32,6 +38,7 @@ from explainer.scrub import Replacement, Scrubber
 
 DIVERGENCES = ("kl", "reverse_kl", "symmetric")
 Params = dict[str, Float[Array, "restarts units"]]
+State = dict  # Params, or {"gates": Params, "skew": {site: [restarts, units, units]}} in a rotated basis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,7 @@ class LearnedAdversary:
     divergence: str = "kl"
     warm_start: bool = True
     temperature: float = 0.01
+    basis: str = "own"
     name: str = "learned"
 
     def __post_init__(self) -> None:
@@ -67,14 +75,31 @@ class LearnedAdversary:
             )
         if self.lr <= 0 or self.temperature <= 0:
             raise ExplainerError("adversary lr and temperature must be positive")
+        check_adversary_basis(self.basis)
 
-    def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> Params:
-        """Gate logits per site, ``[restarts, units]``, jittered so that restarts differ."""
+    def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> State:
+        """Gate logits per site, ``[restarts, units]``, jittered so that restarts differ; in a
+        rotated basis also ``{"gates": ..., "skew": {site: [restarts, units, units]}}``."""
         keys = jax.random.split(key, len(n_units))
-        return {
+        gates = {
             site: self.init_logit + 0.5 * jax.random.normal(k, (self.restarts, n), jnp.float32)
             for k, (site, n) in zip(keys, sorted(n_units.items()), strict=True)
         }
+        if self.basis == "own":
+            return gates
+        widths = {n for n in n_units.values() if n > 1}
+        skews = {}
+        for n in sorted(widths):  # one random start per width; every site of that width draws its own
+            sites = [s for s, m in n_units.items() if m == n]
+            skews |= random_skews(jax.random.fold_in(key, n), sites, n, (self.restarts,))
+        return {"gates": gates, "skew": skews}
+
+    def _parts(self, params: State) -> tuple[Params, dict[str, Array] | None]:
+        """The gate logits and, in a rotated basis, the skew parameters (fixed when ``random``)."""
+        if self.basis == "own":
+            return params, None
+        skew = params["skew"]
+        return params["gates"], jax.lax.stop_gradient(skew) if self.basis == "random" else skew
 
     def reinclusion(self, params: Params, keep: Mask, key: PRNGKeyArray) -> Params:
         """A sampled re-inclusion ``a`` per restart, zero wherever ``keep`` is one.
@@ -101,7 +126,7 @@ class LearnedAdversary:
 
     def gaps(
         self,
-        params: Params,
+        params: State,
         scrubber: Scrubber,
         tokens,
         keep: Mask,
@@ -109,19 +134,26 @@ class LearnedAdversary:
         replacement: Replacement,
         key: PRNGKeyArray,
     ) -> Float[Array, " restarts"]:
-        """Mean ``D(S_m ‖ S_{m∨a})`` per restart for a sampled ``a`` (differentiable in both)."""
-        a = self.reinclusion(params, keep, key)
+        """Mean ``D(S_m ‖ S_{m∨a})`` per restart for a sampled ``a`` (differentiable in both).
 
-        def one(a_r: Mask) -> Float[Array, ""]:
+        In a rotated basis ``a`` re-includes units of ``B R`` (``R`` from the restart's skew)."""
+        gates, skews = self._parts(params)
+        a = self.reinclusion(gates, keep, key)
+        sites = rotatable(scrubber) if skews is not None else ()
+        own = {s: skews[s] for s in sites if s in keep} if skews is not None else {}
+
+        def one(a_r: Mask, skew_r) -> Float[Array, ""]:
             widened = {s: 1.0 - (1.0 - keep[s]) * (1.0 - a_r[s]) for s in keep}
-            return divergence(self.divergence, scrubbed, scrubber.logits(tokens, widened, replacement)).mean()
+            scr = rotated(scrubber, keep, skew_r) if skew_r else scrubber
+            return divergence(self.divergence, scrubbed, scr.logits(tokens, widened, replacement)).mean()
 
-        return jax.vmap(one)(a)
+        return jax.vmap(one)(a, own)
 
-    def cost(self, params: Params, keep: Mask) -> Float[Array, ""]:
+    def cost(self, params: State, keep: Mask) -> Float[Array, ""]:
         """The adversary's own size cost ``ν·E|a|`` (zero with a hard budget); no gradient to ``keep``."""
         if self.budget is not None:
             return jnp.zeros(())
+        params, _ = self._parts(params)
         shift = BETA * math.log(-GAMMA / ZETA)
         free = {s: 1.0 - jax.lax.stop_gradient(keep[s]) for s in keep}
         size = sum((jax.nn.sigmoid(params[s] - shift) * free[s]).sum(-1) for s in params)
@@ -132,8 +164,10 @@ class LearnedAdversary:
         t = self.temperature
         return t * (jax.nn.logsumexp(gaps / t) - math.log(gaps.shape[0]))
 
-    def best(self, params: Params, keep: Mask, restart: int = 0) -> dict[str, list[int]]:
-        """The hard re-inclusion of one restart: its ``budget`` largest gate logits among excluded units."""
+    def best(self, params: State, keep: Mask, restart: int = 0) -> dict[str, list[int]]:
+        """The hard re-inclusion of one restart: its ``budget`` largest gate logits among excluded units
+        (units of the restart's own basis when the adversary rotates)."""
+        params, _ = self._parts(params)
         sites = sorted(params)
         flat = np.concatenate(
             [np.where(np.asarray(keep[s]) > 0.5, -np.inf, np.asarray(params[s][restart])) for s in sites]
@@ -175,6 +209,21 @@ def learn_reinclusions(
     This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
     """
+    params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key)
+    return [adversary.best(params, keep, r) for r in range(adversary.restarts)]
+
+
+def train_adversary(
+    adversary: LearnedAdversary,
+    scrubber: Scrubber,
+    tokens,
+    keep: Mask,
+    replacement: Replacement,
+    scrubbed: Float[Array, "batch vocab"],
+    steps: int,
+    key: PRNGKeyArray,
+):
+    """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation."""
     k_init, k_run = jax.random.split(key)
     n_units = {s: int(v.shape[-1]) for s, v in keep.items()}
     params = adversary.init(k_init, n_units)
@@ -183,7 +232,7 @@ def learn_reinclusions(
         params, opt_state = _ascent_step(
             adversary, scrubber, tokens, keep, replacement, scrubbed, params, opt_state, jax.random.fold_in(k_run, i)
         )
-    return [adversary.best(params, keep, r) for r in range(adversary.restarts)]
+    return params
 
 
 @eqx.filter_jit

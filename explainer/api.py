@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from explainer import resume as resume_files
+from explainer import rewrites
 from explainer.bases import build_bases, matrices
 from explainer.config import TrainConfig, from_dict, load_config
 from explainer.errors import ExplainerError
@@ -111,10 +112,11 @@ def explain(
     net = load_model(folder)
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
+    net = rewrites.rewrite(net, the_task.train_data(), config.rewrites)  # MLP = f + rest, rest one unit
     scrubber = Scrubber.build(
         net,
         the_task.train_data(),
-        config.sites,
+        rewrites.with_rest_sites(config.sites, net),
         config.ablation,
         build_bases(config.basis, net, the_task.train_data(), config.sites or net.sites),
         positional=config.positional,
@@ -158,7 +160,8 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
         bases=matrices(scrubber.bases) or None,
         model=_model_record(folder),
         task=_task_record(task, the_task),
-        config={**config.to_json(), "adversary": getattr(adversary, "name", None)},
+        config={**config.to_json(), "adversary": getattr(adversary, "name", None)}
+        | ({"adversary_basis": adversary.basis} if getattr(adversary, "basis", "own") != "own" else {}),
         faithfulness=evaluate_keep(
             for_mask(scrubber, the_task.train_data(), kept, config.seed),  # optimal: fitted for this mask
             the_task.heldout_data(),
@@ -166,6 +169,11 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
             config.seed,
         ),
         history=history,
+        rewrites=rewrites.tensors(scrubber.model) or None,
+        rewrite_report=rewrites.carried(
+            scrubber.model, the_task.train_data(), the_task.heldout_data(), config.ablation, config.seed
+        )
+        or None,
     )
 
 
@@ -266,10 +274,11 @@ def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explan
             f"the weights in {str(folder)!r} changed since run {str(run)!r} was trained (sha256 differs); "
             "retrain the explanation on the current weights"
         )
-    net = load_model(folder)
+    net = rewrites.from_tensors(load_model(folder), expl.config.get("rewrites"), expl.rewrites or {}, str(run))
     missing = [s for s in expl.n_units if s not in net.sites]
     d, positional = net.config.d_model, bool(expl.config.get("positional", False))
-    if missing or any((n % d if positional else n - d) != 0 for n in expl.n_units.values()):
+    widths = [n for s, n in expl.n_units.items() if not rewrites.is_rest(s)]
+    if missing or any((n % d if positional else n - d) != 0 for n in widths):
         raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r} (sites {missing}); retrain")
     return expl, net, folder
 
@@ -331,25 +340,35 @@ def attack_explanation(
     method: str = "all",
     seed: int = 0,
     divergence: str = "kl",
+    adversary_basis: str = "own",
 ) -> dict[str, Any]:
     """Grade an explanation (saved or not) with the discrete adversaries, on held-out prompts.
 
     ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive``, ``learned`` or ``all``
     (every method that fits; the strongest is reported, with the per-method list under
     ``methods`` and any method left out, e.g. exhaustive with too many sets, under ``skipped``).
+    ``adversary_basis`` ``random`` or ``learned`` makes the adversary re-include directions of its
+    own rotation of the excluded subspace (:mod:`adversary.rotation`); the result then also
+    holds the re-included ``directions`` (residual vectors per site).
     """
     from adversary.discrete import METHODS, attack, attack_all
+    from adversary.rotation import adversary_bases, check_adversary_basis, directions
 
     if method != "all" and method not in METHODS:
         from explainer.errors import did_you_mean
 
         raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
+    check_adversary_basis(adversary_basis)
     task.check(model.config)
     scrubber = run_scrubber(expl, model, task.train_data())
     key = jax.random.key(seed)
     batch, keep = task.heldout_data(), expl.mask()
+    bases = adversary_bases(scrubber, batch, keep, adversary_basis, budget, key, divergence)
+    scrubber = scrubber.with_bases(bases)  # kept units mean the same; excluded ones are rotated
+    basis = {"adversary_basis": adversary_basis}
     if method != "all":
-        return {**attack(scrubber, batch, keep, budget, method, key, divergence).to_json(), "seed": seed}
+        result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
+        return {**result, "seed": seed, **basis, "directions": directions(bases, result["reincluded"])}
     best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
     ran = [r.method for r in every]
     return {
@@ -359,6 +378,8 @@ def attack_explanation(
         "methods": [r.to_json() for r in every],
         "skipped": [m for m in METHODS if m not in ran],
         "seed": seed,
+        **basis,
+        "directions": directions(bases, best.reincluded),
     }
 
 
@@ -370,6 +391,7 @@ def attack_run(
     divergence: str = "kl",
     task: str | os.PathLike | None = None,
     save: bool = True,
+    adversary_basis: str = "own",
 ) -> dict[str, Any]:
     """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically).
 
@@ -378,7 +400,9 @@ def attack_run(
     expl, net, folder = open_run(run)
     with run_lock(run) if save else contextlib.nullcontext():
         result = {
-            **attack_explanation(expl, net, run_task(expl, folder, task), budget, method, seed, divergence),
+            **attack_explanation(
+                expl, net, run_task(expl, folder, task), budget, method, seed, divergence, adversary_basis
+            ),
             "run": str(run),
         }
         if save:

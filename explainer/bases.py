@@ -157,8 +157,11 @@ def file_bases(path: str | os.PathLike, sites, d_model: int) -> dict[str, Orthog
 
 
 def build_bases(basis: str, model: Transformer, data: Batch, sites) -> dict[str, Basis]:
-    """The fixed bases of a run (``learned`` bases start as the identity and live in the gates)."""
+    """The fixed bases of a run (``learned`` bases start as the identity and live in the gates).
+
+    A rewrite's remainder (``.mlp.rest``) is one unit and has no basis."""
     check_basis(basis)
+    sites = [s for s in sites if not s.endswith(".mlp.rest")]
     if basis == "standard":
         return {}
     if basis == "pca":
@@ -171,6 +174,7 @@ def build_bases(basis: str, model: Transformer, data: Batch, sites) -> dict[str,
 def learned_bases(start: dict[str, Basis], sites, d_model: int) -> dict[str, LearnedBasis]:
     """Trainable rotations, one per site, starting at ``start``'s matrices (identity if absent)."""
     eye = np.eye(d_model, dtype=np.float32)
+    sites = [s for s in sites if not s.endswith(".mlp.rest")]  # one unit: nothing to rotate
     return {site: LearnedBasis.init(getattr(start.get(site), "matrix", eye)) for site in sites}
 
 

@@ -152,6 +152,12 @@ def train(
     adversary: str | None = typer.Option(
         None, "--adversary", help="learned (default): train against an adversary in the loop; none."
     ),
+    adversary_basis: str | None = typer.Option(
+        None,
+        "--adversary-basis",
+        help="What the in-loop adversary re-includes: own (default) units, or directions of a random "
+        "or learned rotation of the excluded subspace.",
+    ),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
     ),
@@ -169,6 +175,12 @@ def train(
     ),
     positional: bool | None = typer.Option(
         None, "--positional/--no-positional", help="One gate per (position, unit) (fixed-length prompts)."
+    ),
+    rewrite: list[str] | None = typer.Option(
+        None,
+        "--rewrite",
+        help="Rewrite an MLP as a fitted f plus a remainder that is one unit: blocks.L.mlp=linear, "
+        "=rank-R or =mean (mlps=FORM: every MLP). Repeatable.",
     ),
     run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -193,6 +205,7 @@ def train(
         "remat": remat,
         "basis": basis,
         "positional": positional,
+        "rewrites": rewrite or None,
     }
     _join_cluster(distributed)
     if resume is not None:
@@ -200,6 +213,8 @@ def train(
             _fail("--resume continues a run and --overwrite starts one again; give one of them")
         if run is not None and Path(run).resolve() != resume.resolve():
             _fail(f"--resume {resume} writes that run; drop --out {run}")
+        if adversary_basis is not None:
+            _fail("--resume continues with the adversary the run was started with; drop --adversary-basis")
         run = resume
         expl = resume_run(resume, progress, model=model, task=task, config=config, adversary=adversary, **settings)
     else:
@@ -212,11 +227,22 @@ def train(
             config,
             out=run,
             overwrite=overwrite,
-            adversary=adversary or "learned",
+            adversary=_in_loop_adversary(adversary, adversary_basis),
             progress=progress,
             **settings,
         )
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
+
+
+def _in_loop_adversary(name: str | None, basis: str | None) -> Any:
+    """``--adversary`` and ``--adversary-basis`` as what :func:`explainer.api.explain` takes."""
+    if basis is None or basis == "own":
+        return name or "learned"
+    if (name or "learned") != "learned":
+        _fail(f"--adversary-basis {basis} sets the learned adversary's basis; drop it or use --adversary learned")
+    from adversary.learned import make_adversary
+
+    return make_adversary("learned", basis=basis)
 
 
 @app.command("eval")
@@ -262,16 +288,23 @@ def attack(
     method: str = typer.Option("all", "--method", help="greedy, random, gradient, exhaustive or all."),
     divergence: str = typer.Option("kl", "--divergence", help="kl, reverse_kl or symmetric."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the searches."),
+    adversary_basis: str = typer.Option(
+        "own",
+        "--adversary-basis",
+        help="own: re-include the explanation's units; random or learned: directions of a rotation "
+        "of the excluded subspace (catches what a rotated basis hides).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Grade an explanation: re-include up to K excluded units to move its predictions."""
     from explainer.api import attack_run
 
-    result = attack_run(run, budget, method, seed, divergence)
+    result = attack_run(run, budget, method, seed, divergence, adversary_basis=adversary_basis)
     gap = result["gap"]
     lines = [
         f"{run}: strongest attack at budget {budget}"
-        + (f" ({result['strongest']})" if method == "all" else f" ({method})"),
+        + (f" ({result['strongest']})" if method == "all" else f" ({method})")
+        + ("" if adversary_basis == "own" else f", in the adversary's {adversary_basis} basis"),
         f"re-included {result['reincluded']}",
         f"gap: KL mean {gap['kl_mean']:.4g}, max {gap['kl_max']:.4g} nats; "
         f"accuracy change {result['accuracy_change']:+.3f}, logit diff change {result['logit_diff_change']:+.3f}",

@@ -45,6 +45,8 @@ class TrainConfig:
     ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
     ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
     matrices; ``positional`` gives every (position, unit) pair its own gate (fixed-length tasks).
+    ``rewrites`` (e.g. ``["blocks.0.mlp=linear"]``) replace MLPs by a fitted ``f`` plus a remainder
+    that is one more unit (:mod:`explainer.rewrites`).
 
     ``devices`` splits each step's batch across that many devices (unset: all of JAX's devices;
     ``batch_size`` must be a multiple of it; see :mod:`explainer.parallel`), and ``remat``
@@ -78,6 +80,7 @@ class TrainConfig:
     basis: str = "standard"
     basis_lr: float = 0.001
     positional: bool = False
+    rewrites: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr", "basis_lr")
@@ -108,6 +111,16 @@ class TrainConfig:
         check_basis(self.basis)
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(self.sites))
+        if self.rewrites is not None:
+            from explainer.rewrites import parse
+
+            if isinstance(self.rewrites, str) or not isinstance(self.rewrites, (list, tuple)):
+                raise ExplainerError(
+                    f"setting 'rewrites' must be a list like ['blocks.0.mlp=linear'], got {self.rewrites!r}"
+                )
+            for spec in self.rewrites:
+                parse(spec)
+            object.__setattr__(self, "rewrites", tuple(self.rewrites) or None)
 
     @property
     def mode(self) -> str:
@@ -123,8 +136,9 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["sites"] is not None:
-            out["sites"] = list(out["sites"])
+        for name in ("sites", "rewrites"):
+            if out[name] is not None:
+                out[name] = list(out[name])
         return out
 
 

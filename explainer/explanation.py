@@ -10,6 +10,8 @@ A run folder holds:
 - ``explanation.safetensors``: ``mask.{site}`` (the binary keep mask, float32 0/1) and
   ``gate_logits.{site}`` (the trained hard-concrete log-alphas);
 - ``history.json``: per-step training curves (``loss``, ``kl``, ``size``, ``lambda``, ``gap``);
+- with rewrites (:mod:`explainer.rewrites`): ``rewrites.safetensors`` (each fitted ``f``:
+  ``blocks.L.mlp.W_f`` and ``.b_f``) and ``rewrites`` in ``explanation.json`` (what ``f`` carries);
 - optionally ``attack.json`` and ``masks.png``.
 
 Everything is written into a temporary sibling folder first and renamed into place, so a failed or
@@ -35,6 +37,7 @@ SCHEMA_VERSION = 1
 JSON_FILE = "explanation.json"
 TENSORS_FILE = "explanation.safetensors"
 HISTORY_FILE = "history.json"
+REWRITES_FILE = "rewrites.safetensors"
 
 
 def library_versions() -> dict[str, str]:
@@ -76,6 +79,8 @@ class Explanation:
     versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
     path: Path | None = None
     bases: dict[str, np.ndarray] | None = None  # per site, columns = units; absent sites: standard
+    rewrites: dict[str, np.ndarray] | None = None  # fitted f of each rewritten MLP (explainer.rewrites)
+    rewrite_report: dict[str, Any] | None = None  # how much of the behaviour each f carries
 
     def basis_modules(self) -> dict:
         """The run's bases as :class:`~explainer.masks.OrthogonalBasis` objects, for a Scrubber."""
@@ -120,7 +125,7 @@ class Explanation:
             "kept": self.kept,
             "faithfulness": self.faithfulness,
             "versions": self.versions,
-        }
+        } | ({"rewrites": self.rewrite_report} if self.rewrite_report else {})
 
     def result(self) -> dict[str, Any]:
         """The CLI's JSON result: ``run``, ``size``, ``kept``, ``faithfulness`` and more."""
@@ -142,6 +147,10 @@ class Explanation:
             f"logit diff recovered {f['logit_diff_recovered']:.3f}, accuracy {f['accuracy']:.3f} "
             f"(full model {f.get('accuracy_full', float('nan')):.3f})"
         )
+        if self.rewrite_report:
+            from explainer.rewrites import describe
+
+            lines += describe(self.rewrite_report, self.kept)
         if self.attack:
             a = self.attack
             lines.append(
@@ -167,6 +176,8 @@ class Explanation:
             for site, matrix in (self.bases or {}).items():
                 tensors[f"basis.{site}"] = np.asarray(matrix, np.float32)
             save_file(tensors, str(tmp / TENSORS_FILE))
+            if self.rewrites:
+                save_file({k: np.asarray(v, np.float32) for k, v in self.rewrites.items()}, str(tmp / REWRITES_FILE))
             if self.history is not None:
                 write_json(tmp / HISTORY_FILE, self.history)
             if self.attack is not None:
@@ -247,6 +258,12 @@ def load(path: str | os.PathLike) -> Explanation:
         raise ExplainerError(f"{path} is an incomplete run folder ({err!r}); retrain the run") from None
     _check_record(path, data, n_units, kept, logits)
     history = read_json(path / HISTORY_FILE) if (path / HISTORY_FILE).is_file() else None
+    rewrites = None
+    if data["config"].get("rewrites"):
+        try:
+            rewrites = load_file(str(path / REWRITES_FILE))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ExplainerError(f"{path / REWRITES_FILE} is missing or corrupt ({err}); retrain the run") from None
     attack = read_json(path / "attack.json") if (path / "attack.json").is_file() else None
     if history is not None and not _is_history(history):
         raise ExplainerError(f"{path / HISTORY_FILE} is not a training history ({{name: [numbers]}}); delete it")
@@ -265,6 +282,8 @@ def load(path: str | os.PathLike) -> Explanation:
         versions=data.get("versions", {}),
         path=path,
         bases=bases or None,
+        rewrites=rewrites,
+        rewrite_report=data.get("rewrites"),
     )
 
 

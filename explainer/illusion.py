@@ -63,7 +63,8 @@ def check_illusions(
     ``{site: {"used_share": [...], "mean_used_share", "flagged": [units]}}``.
     """
     d = model.config.d_model
-    sites = tuple(site for site, units in kept.items() if units)
+    rest = ".mlp.rest"  # a rewrite's remainder is not a residual direction
+    sites = tuple(site for site, units in kept.items() if units and not site.endswith(rest))
     _, cache = model.run(data.clean[:max_prompts], capture=sites)
     out = {}
     for site in sites:

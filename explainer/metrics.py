@@ -79,10 +79,12 @@ def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, fl
 def truth_scores(kept: dict[str, list[int]], truth: dict[str, list[int]]) -> dict[str, float]:
     """Precision, recall and F1 of kept units against a ground-truth explanation.
 
+    A rewrite's remainder (``.mlp.rest``) is not a residual unit, so it is left out of the count.
+
     >>> truth_scores({"unembed.in": [1, 2]}, {"unembed.in": [1]})
     {'precision': 0.5, 'recall': 1.0, 'f1': 0.6666666666666666, 'exact': False}
     """
-    got = {(s, u) for s, units in kept.items() for u in units}
+    got = {(s, u) for s, units in kept.items() if not s.endswith(".mlp.rest") for u in units}
     want = {(s, u) for s, units in truth.items() for u in units}
     hits = len(got & want)
     precision = hits / len(got) if got else float(not want)

@@ -72,7 +72,7 @@ def scrubbed_logits(
     def edit(site: str, h: Resid) -> Resid:
         if site not in keep:
             return h
-        m = keep[site].reshape(h.shape[-2:]) if positional else keep[site]  # units: (position, unit)
+        m = keep[site].reshape(h.shape[-2], -1) if positional else keep[site]  # units: (position, unit)
         return bases.get(site, STANDARD).mix(h, replacement[site], m)
 
     return model(tokens, edit=edit, remat=remat)
@@ -122,8 +122,8 @@ class Scrubber(eqx.Module):
 
     @property
     def n_units(self) -> dict[str, int]:
-        per_site = self.model.config.d_model * (self.positions or 1)
-        return {site: per_site for site in self.sites}
+        d = self.model.config.d_model  # a rewrite's remainder (``.mlp.rest``) is one unit, broadcast over d
+        return {site: (1 if site.endswith(".mlp.rest") else d) * (self.positions or 1) for site in self.sites}
 
     def with_bases(self, bases: dict[str, Basis]) -> Scrubber:
         """The same scrubber with ``bases`` replacing the bases of their sites (e.g. learned ones)."""

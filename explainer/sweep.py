@@ -538,6 +538,11 @@ def sweep(
     if not isinstance(config, TrainConfig):
         config = load_config(config) if config is not None else TrainConfig()
     config = config.replace(**settings)
+    if config.rewrites:
+        raise ExplainerError(
+            "sweep does not apply rewrites; train one size at a time with "
+            "`explainer train --rewrite ... --target-size K` instead"
+        )
     if isinstance(adversary, str) or adversary is None:
         from adversary.learned import make_adversary
 

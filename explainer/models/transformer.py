@@ -117,7 +117,12 @@ class Transformer(eqx.Module):
 
     @property
     def sites(self) -> tuple[str, ...]:
-        return self.config.sites
+        """Every read site in forward order; a rewritten MLP (:mod:`explainer.rewrites`) adds its
+        remainder, ``blocks.{l}.mlp.rest``, right after ``blocks.{l}.mlp.in``."""
+        rest = {
+            f"blocks.{i}.mlp.in": f"blocks.{i}.mlp.rest" for i, b in enumerate(self.blocks) if hasattr(b.mlp, "fitted")
+        }
+        return tuple(s for site in self.config.sites for s in (site, rest.get(site)) if s is not None)
 
     def __call__(
         self, tokens: Int[Array, "batch seq"], edit: Edit | None = None, remat: bool = False
@@ -152,7 +157,12 @@ class Transformer(eqx.Module):
             resid = resid + block.attn(_norm(block.ln1, x))
             if block.mlp is not None:
                 x = read(f"blocks.{layer}.mlp.in", resid, seen)
-                resid = resid + block.mlp(_norm(block.ln2, x))
+                y = _norm(block.ln2, x)
+                out = block.mlp(y)
+                if hasattr(block.mlp, "fitted"):  # a rewrite MLP = f + rest: the rest is read as a site
+                    rest = out - block.mlp.fitted(y)
+                    out = out + (read(f"blocks.{layer}.mlp.rest", rest, seen) - rest)  # unedited: exactly out
+                resid = resid + out
             return resid, seen
 
         seq = tokens.shape[-1]
