@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench lint clean zoo zoo-tracr
+.PHONY: demo test bench bench-peers lint clean zoo zoo-tracr
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/frontier.py
 	$(BIN)/python benchmarks/optimality.py
 
+## the peer race: auto-circuit in its own environment (.venv-peers) against ours, on induction and ioi
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): benchmarks/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/pip install --quiet -r benchmarks/peers-requirements.txt
+	touch $@
+
+bench-peers: $(TEST_STAMP) $(PEERS_STAMP)
+	$(PEERS)/bin/python -m doctest benchmarks/peers_run.py
+	$(BIN)/python benchmarks/peers.py --peers-python $(PEERS)/bin/python
+
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check explainer adversary tests benchmarks
 	$(BIN)/ruff format --check explainer adversary tests benchmarks
@@ -49,4 +63,4 @@ zoo-tracr: $(TEST_STAMP)
 	$(BIN)/python -m explainer.models.tracr_import
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) $(PEERS) demo-run .pytest_cache
