@@ -120,6 +120,7 @@ def explain(
         config.ablation,
         build_bases(config.basis, net, the_task.train_data(), config.sites or net.sites),
         positional=config.positional,
+        units=config.units,
     )
     if out is None:
         return _explanation(scrubber, the_task, folder, task, config, adversary, progress)
@@ -275,6 +276,9 @@ def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explan
             "retrain the explanation on the current weights"
         )
     net = rewrites.from_tensors(load_model(folder), expl.config.get("rewrites"), expl.rewrites or {}, str(run))
+    if expl.config.get("units", "dims") == "edges":
+        _check_edge_run(expl, net, run, folder)
+        return expl, net, folder
     missing = [s for s in expl.n_units if s not in net.sites]
     d, positional = net.config.d_model, bool(expl.config.get("positional", False))
     widths = [n for s, n in expl.n_units.items() if not rewrites.is_rest(s)]
@@ -283,11 +287,38 @@ def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explan
     return expl, net, folder
 
 
+def check_run_units(run: str | os.PathLike, units: str) -> None:
+    """Refuse ``units`` that are not the units run ``run`` was trained in."""
+    from explainer.scrub import check_units
+
+    has = load(run).config.get("units", "dims")
+    if check_units(units) != has:
+        raise ExplainerError(
+            f"run {str(run)!r} has {has} units, not {units}; drop --units (a run is attacked in its own units) "
+            f"or train a run with --units {units}"
+        )
+
+
+def _check_edge_run(expl: Explanation, net: Transformer, run, folder) -> None:
+    """An edge run's sites and unit counts must be the model's edge graph."""
+    from explainer import edges
+
+    try:
+        expected = edges.edge_units(net.config, edges.check_edge_sites(net.config, list(expl.n_units)))
+    except ExplainerError as error:
+        raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r}: {error}; retrain") from None
+    if expected != expl.n_units:
+        raise ExplainerError(
+            f"run {str(run)!r} has {expl.n_units} edges per site but model {str(folder)!r} gives {expected}; retrain"
+        )
+
+
 def run_scrubber(expl: Explanation, model: Transformer, train: Batch, ablation: str | None = None) -> Scrubber:
     """The scrubbed model a run was trained with: its sites, ablation, bases and mask layout."""
     ablation = ablation or expl.config.get("ablation", "resample")
     positional = bool(expl.config.get("positional", False))
-    scrubber = Scrubber.build(model, train, list(expl.n_units), ablation, expl.basis_modules(), positional)
+    units = expl.config.get("units", "dims")
+    scrubber = Scrubber.build(model, train, list(expl.n_units), ablation, expl.basis_modules(), positional, units)
     if scrubber.n_units != expl.n_units:
         raise ExplainerError(
             f"run {str(expl.path)!r} has {expl.n_units} units per site but these prompts give {scrubber.n_units}; "
@@ -326,7 +357,10 @@ def evaluate(
         "task": the_task.name,
         "faithfulness": scores,
         "basis": expl.config.get("basis", "standard"),
-        "illusion": check_illusions(
+        "units": expl.config.get("units", "dims"),
+        "illusion": {}  # an edge is a whole writer's output, not a direction of the reader's input
+        if expl.config.get("units", "dims") == "edges"
+        else check_illusions(
             net, the_task.train_data(), expl.kept, expl.bases, bool(expl.config.get("positional", False))
         ),
     }

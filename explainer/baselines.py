@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from explainer.edges import WRITERS, n_writers
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.metrics import kl_divergence, logit_diff
-from explainer.scrub import Replacement, Scrubber
+from explainer.scrub import Replacement, Scrubber, capture
 from explainer.tasks.base import Batch
 
 RANKINGS = ("random", "variance", "attribution", "integrated_gradients")
@@ -116,7 +117,15 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
         flat = np.asarray(jax.random.uniform(k_rand, (sum(scrubber.n_units.values()),)), np.float64)
         return _unflat(scrubber, flat)
     if method == "variance":
-        _, cache = eqx.filter_jit(lambda m, t: m.run(t, capture=scrubber.sites))(scrubber.model, batch.clean)
+        units = scrubber.units
+        _, cache = eqx.filter_jit(lambda m, t: capture(m, t, scrubber.sites, units))(scrubber.model, batch.clean)
+        if units == "edges":  # an edge's variance is its writer's: [batch, seq, writers, d] -> [writers]
+            writers = np.asarray(jnp.var(cache[WRITERS], axis=0).mean(axis=(0, 2)), np.float64)
+            config = scrubber.model.config
+            return {  # q/k/v sites are head-major: the writers' scores once per head
+                s: np.tile(writers[: n_writers(config, s)], n // n_writers(config, s))
+                for s, n in scrubber.n_units.items()
+            }
         return {s: np.asarray(jnp.var(cache[s], axis=0).mean(axis=0), np.float64) for s in scrubber.sites}
     steps = int(options.get("steps", IG_STEPS)) if method == "integrated_gradients" else 1
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps if steps > 1 else jnp.ones(1, jnp.float32)
@@ -271,9 +280,11 @@ def baseline_frontier(
     seed: int = 0,
     ablations: Sequence[str] = (),
     progress: bool = False,
+    units: str = "dims",
     **options: Any,
 ) -> dict[str, Any]:
-    """A baseline's frontier: the same records and CPR/CMD as :func:`explainer.sweep.sweep`.
+    """A baseline's frontier: the same records and CPR/CMD as :func:`explainer.sweep.sweep`
+    (``units="edges"``: over the edge graph, :mod:`explainer.edges`).
 
     ``sizes`` defaults to MIB's ladder (:func:`explainer.frontier.mib_ladder`). Records carry
     ``run: None`` (nothing is saved) and ``target`` (the size asked for); sizes a method has no
@@ -297,7 +308,7 @@ def baseline_frontier(
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     train = the_task.train_data()
-    scrubber = Scrubber.build(net, train, sites, ablation)
+    scrubber = Scrubber.build(net, train, sites, ablation, units=units)
     total = sum(scrubber.n_units.values())
     sizes = sorted({min(int(k), total) for k in (sizes if sizes is not None else mib_ladder(total))})
     masks = baseline_masks(method, scrubber, train, sizes, jax.random.key(seed), **options)

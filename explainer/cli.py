@@ -176,6 +176,9 @@ def train(
     positional: bool | None = typer.Option(
         None, "--positional/--no-positional", help="One gate per (position, unit) (fixed-length prompts)."
     ),
+    units: str | None = typer.Option(
+        None, "--units", help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader)."
+    ),
     rewrite: list[str] | None = typer.Option(
         None,
         "--rewrite",
@@ -205,6 +208,7 @@ def train(
         "remat": remat,
         "basis": basis,
         "positional": positional,
+        "units": units,
         "rewrites": rewrite or None,
     }
     _join_cluster(distributed)
@@ -273,6 +277,8 @@ def evaluate_cmd(
     if truth:
         expl, _, folder = open_run(run)
         known = load_truth(folder)
+        if expl.config.get("units") == "edges":
+            _fail("--truth scores residual dimensions and this run has edge units; train with --units dims")
         if known is None:
             _fail(f"model {str(folder)!r} has no truth.json; --truth needs a model with a ground truth")
         result["truth"] = {**truth_scores(expl.kept, known), "ground_truth": known}
@@ -294,10 +300,16 @@ def attack(
         help="own: re-include the explanation's units; random or learned: directions of a rotation "
         "of the excluded subspace (catches what a rotated basis hides).",
     ),
+    units: str | None = typer.Option(
+        None, "--units", help="dims or edges: the run's units (checked; a run is attacked in the units it has)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
-    """Grade an explanation: re-include up to K excluded units to move its predictions."""
-    from explainer.api import attack_run
+    """Grade an explanation: re-include up to K excluded units (dimensions or edges) to move its predictions."""
+    from explainer.api import attack_run, check_run_units
+
+    if units is not None:
+        check_run_units(run, units)
 
     result = attack_run(run, budget, method, seed, divergence, adversary_basis=adversary_basis)
     gap = result["gap"]
@@ -326,12 +338,18 @@ def show(
     from explainer.models import load_truth
     from explainer.plotting import plot_explanation
 
-    expl, _, folder = open_run(run, check_weights=False)
+    expl, net, folder = open_run(run, check_weights=False)
     truth = load_truth(folder)
     picture = plot_explanation(expl, png or Path(run) / "masks.png", truth)
     result = {**expl.result(), "png": str(picture)}
     text = expl.summary()
-    if truth is not None:
+    if expl.config.get("units") == "edges":
+        from explainer.edges import edge_names
+
+        names = edge_names(net.config, list(expl.n_units))
+        result["edges"] = [names[site][u] for site, units in expl.kept.items() for u in units]
+        text += f"\nkept edges: {', '.join(result['edges']) or 'none'}"
+    if truth is not None and expl.config.get("units") != "edges":  # ground truths list dimensions
         result["truth"] = truth_scores(expl.kept, truth)
         text += f"\nground truth {truth}: F1 {result['truth']['f1']:.3f}"
     _emit(result, as_json, text + f"\nwrote {picture}")
@@ -366,6 +384,9 @@ def sweep(
     remat: bool | None = typer.Option(
         None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
     ),
+    units: str | None = typer.Option(
+        None, "--units", help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader)."
+    ),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),
     resume: Path | None = typer.Option(
@@ -386,6 +407,7 @@ def sweep(
         "checkpoint_every": checkpoint_every,
         "devices": devices,
         "remat": remat,
+        "units": units,
     }
     listed = [a.strip() for a in ablations.split(",") if a.strip()] if ablations is not None else None
     if resume is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from explainer.errors import ExplainerError, did_you_mean
-from explainer.scrub import check_ablation
+from explainer.scrub import check_ablation, check_units
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,6 +80,7 @@ class TrainConfig:
     basis: str = "standard"
     basis_lr: float = 0.001
     positional: bool = False
+    units: str = "dims"
     rewrites: tuple[str, ...] | list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +110,11 @@ class TrainConfig:
         from explainer.bases import check_basis
 
         check_basis(self.basis)
+        if check_units(self.units) == "edges" and (self.basis != "standard" or self.positional or self.rewrites):
+            raise ExplainerError(
+                "edge units (--units edges) take no basis, positional masks or rewrites; "
+                "use --units dims for those options"
+            )
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(self.sites))
         if self.rewrites is not None:

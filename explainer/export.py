@@ -27,8 +27,10 @@ site keeps at least one dimension and ``S`` is live (``input``, or a node whose 
 something: a node that reads only resampled inputs writes what the resampled run writes, so its
 edges would change nothing and are left out of the count). All edges into one reader therefore
 share a score, and how many dimensions an edge passes is lost; that is exact only at the level of
-readers. Per-edge scores
-need edge units (writers as units), which this export will map one to one once runs have them.
+readers. Runs trained with edge units (``--units edges``, :mod:`explainer.edges`) map one to one
+instead: our edge ``embed->a0.h1.q`` is MIB's ``input->a0.h1<q>``, its score the gate's test-time
+value and ``in_graph`` whether the run keeps it (an ``attn.in`` edge site gives every head's q, k
+and v the same edge).
 For models without MLPs (``attn_only``) the ``m{l}`` nodes and their edges are listed with score 0,
 never in the graph. A run is one circuit; MIB derives nested circuits from the scores itself (or
 export each run of a sweep).
@@ -118,15 +120,37 @@ def _readers(expl: Explanation, cfg: ModelConfig) -> dict[str, list[str]]:
     return out
 
 
+def _mib_edges(expl: Explanation, cfg: ModelConfig) -> dict[str, tuple[float, bool]]:
+    """``{MIB edge: (score, kept)}`` of a run with edge units."""
+    from explainer.edges import edge_names
+
+    out = {}
+    for site, names in edge_names(cfg, list(expl.n_units)).items():
+        values, kept = gate_values(expl.gate_logits[site]), set(expl.kept.get(site, []))
+        for unit, name in enumerate(names):
+            src, dst = name.replace("embed", "input").split("->")
+            if dst.count(".") == 2:  # a{l}.h{h}.q -> a{l}.h{h}<q>
+                dst = f"{dst[:-2]}<{dst[-1]}>"
+            heads = (
+                [f"{dst}.h{h}<{x}>" for h in range(cfg.n_heads) for x in "qkv"]
+                if dst.count(".") == 0 and dst[0] == "a"
+                else [dst]
+            )
+            for d in heads:
+                out[f"{src}->{d}"] = (float(values[unit]), unit in kept)
+    return out
+
+
 def mib_json(expl: Explanation, cfg: ModelConfig) -> dict[str, Any]:
     """The explanation as a MIB edge-level circuit with importance scores (see the module docstring)."""
     score: dict[str, float] = {}
     kept: dict[str, bool] = {}
-    for site, destinations in _readers(expl, cfg).items():
+    per_edge = _mib_edges(expl, cfg) if expl.config.get("units") == "edges" else None
+    for site, destinations in ({} if per_edge is not None else _readers(expl, cfg)).items():
         s = float(gate_values(expl.gate_logits[site]).sum())
         for d in destinations:
             score[d], kept[d] = s, bool(expl.kept.get(site))
-    nodes, edges = _mib_graph(cfg, score, kept)
+    nodes, edges = _mib_graph(cfg, score, kept, per_edge)
     return {
         "cfg": {"n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "parallel_attn_mlp": False, "d_model": cfg.d_model},
         "nodes": nodes,
@@ -134,12 +158,18 @@ def mib_json(expl: Explanation, cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _mib_graph(cfg: ModelConfig, score: dict[str, float], kept: dict[str, bool]) -> tuple[dict, dict]:
+def _mib_graph(
+    cfg: ModelConfig,
+    score: dict[str, float],
+    kept: dict[str, bool],
+    per_edge: dict[str, tuple[float, bool]] | None = None,
+) -> tuple[dict, dict]:
     """MIB's node and edge lists (EAP-IG ``Graph.from_model`` order), with our scores filled in.
 
     A node other than ``input`` is live when its reader keeps something; an edge is in the graph when
     its destination keeps something and its source is live (a source that reads only resampled
-    inputs writes what the resampled run writes, so its edges would change nothing).
+    inputs writes what the resampled run writes, so its edges would change nothing). ``per_edge``
+    (runs with edge units) gives each edge its own ``(score, kept)`` instead.
     """
     edges: dict[str, dict[str, Any]] = {}
     has_mlp = not cfg.attn_only
@@ -148,6 +178,10 @@ def _mib_graph(cfg: ModelConfig, score: dict[str, float], kept: dict[str, bool])
 
     def add(src: str, dst: str) -> None:
         real = has_mlp or not (src.startswith("m") or dst.startswith("m"))
+        if per_edge is not None:
+            s, k = per_edge.get(f"{src}->{dst}", (0.0, False))
+            edges[f"{src}->{dst}"] = {"score": s if real else 0.0, "in_graph": bool(real and k)}
+            return
         edges[f"{src}->{dst}"] = {
             "score": score.get(dst, 0.0) if real else 0.0,
             "in_graph": bool(real and live[src] and kept.get(dst, False)),

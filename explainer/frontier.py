@@ -32,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from explainer.metrics import faithfulness
-from explainer.scrub import Scrubber, SiteMeans
+from explainer.scrub import Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
 
 MIB_PERCENTAGES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -133,14 +133,14 @@ def _scrubbed_stack(
     tokens: Int[Array, "batch seq"],
     replacement: dict[str, Array],
     masks: dict[str, Float[Array, "k units"]],
-    constants: dict[str, Float[Array, "k seq d_model"]] | None,
+    constants: dict[str, Float[Array, "k seq ..."]] | None,
 ) -> Float[Array, "k batch vocab"]:
     """Scrubbed logits for a stack of masks (each with its own constants, for ``optimal``)."""
 
     def one(keep, means):
         if means is None:
             return scrubber.logits(tokens, keep, replacement)
-        repl = {s: jnp.broadcast_to(c, tokens.shape + c.shape[-1:]) for s, c in means.items()}
+        repl = broadcast_constants(means, tokens.shape[0])
         return scrubber.logits(tokens, keep, repl)
 
     if constants is None:

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from explainer.errors import ExplainerError
 from explainer.metrics import kl_divergence
-from explainer.scrub import Scrubber, SiteMeans, last
+from explainer.scrub import Scrubber, SiteMeans, broadcast_constants, last
 from explainer.tasks.base import Batch
 
 STEPS = 300
@@ -52,7 +52,7 @@ def _fit(
     steps: int,
     lr: float,
     batch: int,
-) -> dict[str, Float[Array, "k seq d_model"]]:
+) -> dict[str, Float[Array, "k seq ..."]]:
     optimizer = optax.adam(lr)
     k = next(iter(masks.values())).shape[0]
     params = {s: jnp.broadcast_to(c, (k, *c.shape)) for s, c in start.items()}
@@ -60,7 +60,7 @@ def _fit(
         opt_state = jax.vmap(optimizer.init)(params)
 
     def loss(p, keep, tok, ref):
-        repl = {s: jnp.broadcast_to(c, tok.shape + c.shape[-1:]) for s, c in p.items()}
+        repl = broadcast_constants(p, tok.shape[0])
         return kl_divergence(ref, scrubber.logits(tok, keep, repl)).mean()
 
     def body(carry, i):

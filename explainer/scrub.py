@@ -13,6 +13,9 @@ run's own residual at ``s``, ``r`` the replacement at ``s``. The replacement com
 
 With every mask all ones the scrubbed model is the full model, bit for bit; with resample and every
 mask all zeros it is the full model on the resample input.
+
+With ``units="edges"`` a unit is a writer into a reader instead of a residual dimension
+(:mod:`explainer.edges`): the replacement then holds every writer's output, ``{"writers": ...}``.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from explainer import edges
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import STANDARD, Basis, Mask
 from explainer.models.transformer import Resid, Transformer
 from explainer.tasks.base import Batch
 
 ABLATIONS = ("resample", "mean", "zero", "optimal")
-Replacement = dict[str, Resid]
-SiteMeans = dict[str, Float[Array, "seq d_model"]]
+UNITS = ("dims", "edges")
+Replacement = dict[str, Float[Array, "batch seq ..."]]  # edges: [batch, seq, writers, d_model]
+SiteMeans = dict[str, Float[Array, "seq ..."]]
 
 
 def check_sites(model: Transformer, sites) -> tuple[str, ...]:
@@ -49,6 +54,28 @@ def check_ablation(ablation: str) -> str:
     if ablation not in ABLATIONS:
         raise ExplainerError(f"unknown ablation {ablation!r}; {did_you_mean(ablation, ABLATIONS)}")
     return ablation
+
+
+def check_units(units: str) -> str:
+    if units not in UNITS:
+        raise ExplainerError(f"unknown units {units!r}; {did_you_mean(units, UNITS)}")
+    return units
+
+
+def capture(
+    model: Transformer, tokens: Int[Array, "batch seq"], sites, units: str = "dims"
+) -> tuple[Float[Array, "batch seq vocab"], Replacement]:
+    """The full model's logits and what a replacement holds: the residual at each site (dims), or
+    every writer's output (edges)."""
+    if units == "edges":
+        logits, writes = edges.run(model, tokens, capture=True)
+        return logits, {edges.WRITERS: writes}
+    return model.run(tokens, capture=sites)
+
+
+def broadcast_constants(constants: SiteMeans, n: int) -> Replacement:
+    """Per-position constants (means, optimal ablation) as the replacement of ``n`` prompts."""
+    return {s: jnp.broadcast_to(c, (n, *c.shape)) for s, c in constants.items()}
 
 
 def last(logits: Float[Array, "batch seq vocab"]) -> Float[Array, "batch vocab"]:
@@ -101,6 +128,7 @@ class Scrubber(eqx.Module):
     bases: dict[str, Basis]
     remat: bool = eqx.field(static=True, default=False)
     positions: int | None = eqx.field(static=True, default=None)  # position-specific masks: prompt length
+    units: str = eqx.field(static=True, default="dims")  # "edges": a unit is a writer into the site
 
     @classmethod
     def build(
@@ -111,17 +139,27 @@ class Scrubber(eqx.Module):
         ablation: str = "resample",
         bases: dict[str, Basis] | None = None,
         positional: bool = False,
+        units: str = "dims",
     ) -> Scrubber:
         """``positional``: one unit per (position, dimension), flat index ``position · d_model + dim``
-        (tasks of fixed length; the prompts' length is taken from ``train``)."""
-        sites = check_sites(model, model.sites if sites is None else sites)
+        (tasks of fixed length; the prompts' length is taken from ``train``). ``units="edges"``: units
+        are writers (:mod:`explainer.edges`); ``sites`` then default to the edge graph's readers."""
         check_ablation(ablation)
-        means = site_means(model, train.clean, sites) if ablation in ("mean", "optimal") else None
+        if check_units(units) == "edges":
+            edges.check_model(model)
+            if bases or positional:
+                raise ExplainerError("edge units have no basis and no positions; use --units dims for those options")
+            sites = edges.check_edge_sites(model.config, edges.edge_sites(model.config) if sites is None else sites)
+        else:
+            sites = check_sites(model, model.sites if sites is None else sites)
+        means = site_means(model, train.clean, sites, units=units) if ablation in ("mean", "optimal") else None
         positions = int(train.clean.shape[1]) if positional else None
-        return cls(model, sites, ablation, means, dict(bases or {}), positions=positions)
+        return cls(model, sites, ablation, means, dict(bases or {}), positions=positions, units=units)
 
     @property
     def n_units(self) -> dict[str, int]:
+        if self.units == "edges":
+            return edges.edge_units(self.model.config, self.sites)
         d = self.model.config.d_model  # a rewrite's remainder (``.mlp.rest``) is one unit, broadcast over d
         return {site: (1 if site.endswith(".mlp.rest") else d) * (self.positions or 1) for site in self.sites}
 
@@ -137,10 +175,13 @@ class Scrubber(eqx.Module):
             source = batch.corrupt
             if source is None:
                 source = batch.clean[jax.random.permutation(key, batch.clean.shape[0])]
-            _, cache = self.model.run(source, capture=self.sites)
+            _, cache = capture(self.model, source, self.sites, self.units)
         elif self.ablation in ("mean", "optimal"):  # optimal: the learned constants
             assert self.means is not None
-            cache = {s: jnp.broadcast_to(m, batch.clean.shape + m.shape[-1:]) for s, m in self.means.items()}
+            cache = broadcast_constants(self.means, batch.clean.shape[0])
+        elif self.units == "edges":
+            shape = (*batch.clean.shape, len(edges.writer_names(self.model.config)), self.model.config.d_model)
+            cache = {edges.WRITERS: jnp.zeros(shape, jnp.float32)}
         else:
             shape = batch.clean.shape + (self.model.config.d_model,)
             cache = {s: jnp.zeros(shape, jnp.float32) for s in self.sites}
@@ -153,6 +194,8 @@ class Scrubber(eqx.Module):
 
     def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
         """Last-position logits of the scrubbed model."""
+        if self.units == "edges":
+            return last(edges.run(self.model, tokens, keep, replacement)[0])
         positional = self.positions is not None
         if positional and tokens.shape[1] != self.positions:
             raise ExplainerError(
@@ -189,30 +232,35 @@ class ReferenceCache(eqx.Module):
 def cache_bytes(scrubber: Scrubber, data: Batch) -> int:
     """Memory a :class:`ReferenceCache` of ``data`` would take."""
     n, seq = data.clean.shape
-    return 4 * n * (seq * scrubber.model.config.d_model * len(scrubber.sites) + scrubber.model.config.vocab_out)
+    cfg = scrubber.model.config
+    per_position = len(edges.writer_names(cfg)) if scrubber.units == "edges" else len(scrubber.sites)
+    return 4 * n * (seq * cfg.d_model * per_position + cfg.vocab_out)
 
 
 def build_cache(scrubber: Scrubber, data: Batch, chunk: int = 256) -> ReferenceCache:
     """Run the full model once over ``data`` and keep what every training step would recompute."""
     model, sites = scrubber.model, scrubber.sites
-    run = eqx.filter_jit(lambda t: model.run(t, capture=sites))
+    run = eqx.filter_jit(lambda t: capture(model, t, sites, scrubber.units))
     permute = scrubber.ablation == "resample" and data.corrupt is None
-    fulls, sources = [], {s: [] for s in sites}
+    fulls, sources = [], {}
     for start in range(0, len(data), chunk):
         logits, _ = run(data.clean[start : start + chunk])
         fulls.append(last(logits))
         if scrubber.ablation == "resample":
             source = data.clean if permute else data.corrupt
             _, cache = run(source[start : start + chunk])
-            for site in sites:
-                sources[site].append(cache[site])
+            for site, value in cache.items():
+                sources.setdefault(site, []).append(value)
     joined = {s: jnp.concatenate(v) for s, v in sources.items()} if scrubber.ablation == "resample" else None
     return ReferenceCache(jnp.concatenate(fulls), joined, permute)
 
 
-def site_means(model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256) -> SiteMeans:
-    """Per-position mean of the full model's residual at each site over ``tokens``."""
-    run = eqx.filter_jit(lambda t: model.run(t, capture=sites)[1])
+def site_means(
+    model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256, units: str = "dims"
+) -> SiteMeans:
+    """Per-position mean of the full model's residual at each site over ``tokens`` (edges: of every
+    writer's output, ``{"writers": [seq, writers, d_model]}``)."""
+    run = eqx.filter_jit(lambda t: capture(model, t, sites, units)[1])
     totals: dict[str, jax.Array] = {}
     for start in range(0, tokens.shape[0], chunk):
         cache = run(tokens[start : start + chunk])

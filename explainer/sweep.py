@@ -297,7 +297,7 @@ def ablation_frontiers(
     out = {}
     for ablation in ablations:
         check_ablation(ablation)
-        other = Scrubber.build(scrubber.model, train, scrubber.sites, ablation, scrubber.bases)
+        other = Scrubber.build(scrubber.model, train, scrubber.sites, ablation, scrubber.bases, units=scrubber.units)
         scores, _ = _scores(other, train, heldout, masks, seed)
         keys = ("kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "loss_recovered")
         records = [{"size": _size(m), **{k: s[k] for k in keys}} for m, s in zip(masks, scores, strict=True)]
@@ -564,7 +564,7 @@ def sweep(
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     train = the_task.train_data()
-    scrubber = Scrubber.build(net, train, config.sites, config.ablation)
+    scrubber = Scrubber.build(net, train, config.sites, config.ablation, units=config.units)
     total = sum(scrubber.n_units.values())
     mode = "lambdas" if lambdas is not None else "sizes"
     values = parse_ladder(lambdas, "lambdas") if lambdas is not None else parse_ladder(sizes, "sizes")

@@ -1,0 +1,191 @@
+"""Edge units: writers into readers (``--units edges``), the graph of Edge Pruning and auto-circuit."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from explainer import edges
+from explainer.errors import ExplainerError
+from explainer.models import ModelConfig, init_random, load_model, resolve_model
+from explainer.scrub import Scrubber
+from explainer.tasks import resolve_task
+from explainer.tasks.base import Batch
+
+CFG = ModelConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = init_random(CFG, jax.random.key(0))
+    clean = jax.random.randint(jax.random.key(1), (6, 5), 0, CFG.d_vocab)
+    corrupt = jax.random.randint(jax.random.key(2), (6, 5), 0, CFG.d_vocab)
+    answers = jax.random.randint(jax.random.key(3), (6, 1), 0, CFG.d_vocab)
+    batch = Batch(clean=clean, corrupt=corrupt, answers=answers, wrong_answers=(answers + 1) % CFG.d_vocab)
+    return model, batch
+
+
+def test_graph_matches_auto_circuit_edge_count():
+    """2 layers, 4 heads, MLPs: 110 edges with per-head q/k/v inputs (auto-circuit's count)."""
+    sites = edges.edge_sites(CFG)
+    n = edges.edge_units(CFG, sites)
+    assert sum(n.values()) == 110
+    assert n["blocks.1.attn.q.in"] == 4 * 6 and n["blocks.1.mlp.in"] == 10 and n["unembed.in"] == 11
+    names = edges.edge_names(CFG)
+    flat = [name for site in sites for name in names[site]]
+    assert len(flat) == len(set(flat)) == 110
+    assert names["blocks.1.attn.k.in"][6 * 2 + 5] == "m0->a1.h2.k"  # head-major: head 2, writer 5 (m0)
+    # one mask per attention layer instead: every head and q/k/v share the writers
+    shared = edges.edge_units(CFG, edges.edge_sites(CFG, qkv=False))
+    assert sum(shared.values()) == 1 + 5 + 6 + 10 + 11
+
+
+def test_forward_ends_are_the_full_model(tiny):
+    model, batch = tiny
+    scrubber = Scrubber.build(model, batch, units="edges")
+    full, repl = scrubber.reference(batch, jax.random.key(0))
+    ones = {s: jnp.ones(n) for s, n in scrubber.n_units.items()}
+    zeros = {s: jnp.zeros(n) for s, n in scrubber.n_units.items()}
+    np.testing.assert_allclose(scrubber.logits(batch.clean, ones, repl), full, atol=1e-5)
+    on_corrupt = model(batch.corrupt)[:, -1]
+    np.testing.assert_allclose(scrubber.logits(batch.clean, zeros, repl), on_corrupt, atol=1e-5)
+
+
+def test_one_edge_changes_only_its_reader(tiny):
+    """Resampling one edge a0.h1 -> m0 equals patching head 1's output into m0's input alone."""
+    model, batch = tiny
+    scrubber = Scrubber.build(model, batch, units="edges")
+    full, repl = scrubber.reference(batch, jax.random.key(0))
+    names = edges.edge_names(CFG)["blocks.0.mlp.in"]
+    keep = {s: jnp.ones(n) for s, n in scrubber.n_units.items()}
+    keep["blocks.0.mlp.in"] = keep["blocks.0.mlp.in"].at[names.index("a0.h1->m0")].set(0.0)
+    got = scrubber.logits(batch.clean, keep, repl)
+
+    def patched(tokens):  # by hand: m0 reads clean residual - head1(clean) + head1(corrupt)
+        _, own = edges.run(model, tokens, capture=True)
+        _, other = edges.run(model, batch.corrupt, capture=True)
+        delta = other[:, :, 2] - own[:, :, 2]  # writer 2 = a0.h1
+
+        def edit(site, h):
+            return h + delta if site == "blocks.0.mlp.in" else h
+
+        return model(tokens, edit=edit)[:, -1]
+
+    np.testing.assert_allclose(got, patched(batch.clean), atol=1e-5)
+    assert float(jnp.abs(got - full).max()) > 1e-3  # the edge matters in a random model
+
+
+def test_shared_attention_site_equals_equal_qkv_masks(tiny, getkey):
+    model, batch = tiny
+    per_qkv = Scrubber.build(model, batch, units="edges")
+    shared = Scrubber.build(model, batch, sites=edges.edge_sites(CFG, qkv=False), units="edges")
+    _, repl = per_qkv.reference(batch, jax.random.key(0))
+    m0 = (jax.random.uniform(getkey(), (1,)) > 0.5).astype(jnp.float32)
+    m1 = (jax.random.uniform(getkey(), (6,)) > 0.5).astype(jnp.float32)
+    rest = {s: jnp.ones(n) for s, n in shared.n_units.items() if ".attn." not in s}
+    a = shared.logits(batch.clean, {**rest, "blocks.0.attn.in": m0, "blocks.1.attn.in": m1}, repl)
+    tiled = {f"blocks.{lay}.attn.{x}.in": jnp.tile(m, 4) for lay, m in ((0, m0), (1, m1)) for x in "qkv"}
+    b = per_qkv.logits(batch.clean, {**rest, **tiled}, repl)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero", "optimal"])
+def test_other_ablations(tiny, ablation):
+    model, batch = tiny
+    scrubber = Scrubber.build(model, batch, ablation=ablation, units="edges")
+    _, repl = scrubber.reference(batch, jax.random.key(0))
+    assert repl[edges.WRITERS].shape == (6, 5, 11, 16)
+    zeros = {s: jnp.zeros(n) for s, n in scrubber.n_units.items()}
+    out = scrubber.logits(batch.clean, zeros, repl)
+    if ablation == "zero":  # every writer zeroed: the reader sees only the biases
+        bias = sum(b.attn.b_O + b.mlp.b_out for b in model.blocks)
+        x = jnp.broadcast_to(bias, (6, 5, 16))
+        np.testing.assert_allclose(out, (model.ln_final(x) @ model.W_U + model.b_U)[:, -1], atol=1e-5)
+    assert bool(jnp.isfinite(out).all())
+
+
+def test_clear_errors(tiny):
+    model, batch = tiny
+    with pytest.raises(ExplainerError, match="not a reader of the edge graph"):
+        Scrubber.build(model, batch, sites=["blocks.2.mlp.in"], units="edges")
+    with pytest.raises(ExplainerError, match="both as a whole"):
+        Scrubber.build(model, batch, sites=["blocks.0.attn.in", "blocks.0.attn.q.in"], units="edges")
+    with pytest.raises(ExplainerError, match="unknown units 'edge'"):
+        Scrubber.build(model, batch, units="edge")
+    with pytest.raises(ExplainerError, match="no basis and no positions"):
+        Scrubber.build(model, batch, units="edges", positional=True)
+    from explainer.config import TrainConfig
+
+    with pytest.raises(ExplainerError, match="--units dims"):
+        TrainConfig(units="edges", basis="pca")
+
+
+def test_baselines_rank_edges():
+    from explainer.baselines import baseline_frontier, rank
+
+    folder = resolve_model("induction")
+    task = resolve_task(None, folder)
+    scrubber = Scrubber.build(load_model(folder), task.train_data(), units="edges")
+    for method in ("variance", "attribution"):
+        scores = rank(method, scrubber, task.train_data(), jax.random.key(0))
+        assert {s: len(v) for s, v in scores.items()} == scrubber.n_units
+    f = baseline_frontier("attribution", "induction", sizes=[3, 29], budget=1, units="edges")
+    assert [r["size"] for r in f["records"]] == [3, 29]
+    assert f["records"][-1]["logit_diff_recovered"] == pytest.approx(1.0, abs=1e-4)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def induction_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edges") / "induction"
+    proc = cli("train", "--model", "induction", "--units", "edges", "--out", out, "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_induction_keeps_k_composition(induction_run):
+    """The induction head finds its previous-token head through its *key*: an edge from a layer-0
+    head into a layer-1 head's k input must be kept, and the explanation must be faithful."""
+    out, result = induction_run
+    assert result["config"]["units"] == "edges"
+    assert result["faithfulness"]["logit_diff_recovered"] >= 0.9
+    show = json.loads(cli("show", out, "--json").stdout.strip().splitlines()[-1])
+    assert any(e.startswith("a0.") and e.endswith(".k") and "->a1." in e for e in show["edges"]), show["edges"]
+    assert len(show["edges"]) == result["size"] < 29
+
+
+def test_edge_run_in_every_command(induction_run, tmp_path):
+    out, result = induction_run
+    evaluated = json.loads(cli("eval", out, "--json").stdout.strip().splitlines()[-1])
+    assert evaluated["units"] == "edges" and evaluated["size"] == result["size"]
+    attacked = cli("attack", out, "--budget", "2", "--units", "edges", "--json")
+    assert attacked.returncode == 0, attacked.stderr
+    assert json.loads(attacked.stdout.strip().splitlines()[-1])["gap"]["kl_mean"] >= 0.0
+    wrong = cli("attack", out, "--units", "dims")
+    assert wrong.returncode != 0 and "has edges units, not dims" in wrong.stderr
+    mib = json.loads(
+        cli("export", out, "--format", "mib", "--out", tmp_path / "m.json", "--json").stdout.splitlines()[-1]
+    )
+    assert mib["edges_in_graph"] == result["size"]
+    graph = json.loads((tmp_path / "m.json").read_text())
+    assert "a0.h0->a1.h1<k>" in graph["edges"] and "input->logits" in graph["edges"]
+
+
+def test_sweep_over_edges(tmp_path):
+    proc = cli(
+        "sweep", "--model", "induction", "--units", "edges", "--sizes", "2,6", "--steps", "200",
+        "--ablations", "", "--adversary", "none", "--out", tmp_path / "sw", "--json", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    frontier = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = [r["size"] for r in frontier["records"]]
+    assert len(sizes) == 2 and sizes[0] <= 2 and sizes[1] <= 6, sizes
+    rung = json.loads(cli("eval", frontier["records"][1]["run"], "--json").stdout.strip().splitlines()[-1])
+    assert rung["units"] == "edges" and rung["size"] == sizes[1]
