@@ -54,6 +54,8 @@ def rotatable(scrubber: Scrubber) -> tuple[str, ...]:
         raise ExplainerError(
             "the adversary cannot rotate position-specific units; use --adversary-basis own with --positional"
         )
+    if scrubber.units == "edges":
+        raise ExplainerError("edge units are whole writers, not directions; use --adversary-basis own with edges")
     d = scrubber.model.config.d_model
     return tuple(s for s, n in scrubber.n_units.items() if n == d)
 
