@@ -179,6 +179,9 @@ def train(
     units: str | None = typer.Option(
         None, "--units", help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader)."
     ),
+    trim: bool | None = typer.Option(
+        None, "--trim/--no-trim", help="After training, drop every unit the KL budget can lose (default off)."
+    ),
     rewrite: list[str] | None = typer.Option(
         None,
         "--rewrite",
@@ -209,6 +212,7 @@ def train(
         "basis": basis,
         "positional": positional,
         "units": units,
+        "trim": trim,
         "rewrites": rewrite or None,
     }
     _join_cluster(distributed)

@@ -40,7 +40,8 @@ class TrainConfig:
     adds back, by exact search, units whose gates closed for good although the budget needs them;
     ``open_restart`` trains once more from open gates (logit 3) when the explanation still misses
     the budget, which happens when every sampled mask of a mostly closed start breaks the model
-    and the KL has no slope to follow, and keeps the better of the two.
+    and the KL has no slope to follow, and keeps the better of the two. ``trim`` (off by default)
+    then drops, one at a time by exact search, the units the explanation can lose within its budget.
 
     ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
     ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
@@ -72,6 +73,7 @@ class TrainConfig:
     sites: tuple[str, ...] | list[str] | None = None
     adversary_weight: float = 1.0
     repair: bool = True
+    trim: bool = False
     open_restart: bool = True
     seed: int = 0
     checkpoint_every: int = 250
@@ -98,7 +100,7 @@ class TrainConfig:
             raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
         if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
-        for name in ("repair", "open_restart", "remat", "positional"):
+        for name in ("repair", "open_restart", "trim", "remat", "positional"):
             if not isinstance(getattr(self, name), bool):
                 raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:

@@ -83,6 +83,31 @@ def _with(flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:
     return rows
 
 
+def trim(oracle: KLOracle, flat: np.ndarray, budget: float) -> tuple[np.ndarray, list[int]]:
+    """Drop, one at a time, the kept unit whose removal raises the KL least, while the KL stays
+    within ``budget``: the finished explanation becomes minimal for its budget (no single unit can
+    go). A unit that only matters together with another (a cancelling pair) is never dropped alone.
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> oracle = KLOracle(Scrubber.build(load_model(folder), task.train_data()), task.train_data())
+    >>> flat, dropped = trim(oracle, np.ones(oracle.n_units, np.float32), 0.01)
+    >>> {site: np.flatnonzero(v).tolist() for site, v in oracle.split(flat).items()}  # from all kept: the truth
+    {'blocks.0.attn.in': [0], 'unembed.in': [1]}
+    """
+    flat, dropped = np.asarray(flat, np.float32).copy(), []
+    while (kept := np.flatnonzero(flat > 0.5)).size:
+        kls = oracle.kl(_with(flat, kept, 0.0))
+        best = int(np.argmin(kls))
+        if kls[best] > budget:
+            break
+        flat[kept[best]] = 0.0
+        dropped.append(int(kept[best]))
+    return flat, dropped
+
+
 def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8) -> tuple[np.ndarray, list[int]]:
     """Add back, one at a time, the excluded unit whose return lowers the KL most, until the KL is
     within ``budget`` (or nothing helps, or ``max_added`` units were added)."""

@@ -355,15 +355,17 @@ def fit(
     """Train, threshold, and in ``kl_budget`` mode repair or restart an explanation that misses
     its budget. Returns the binary keep mask, the gates it came from and the history.
 
-    The history gains ``kl_finished`` (the KL of the finished explanation on the repair prompts),
-    ``repaired`` (units added back) and ``open_restart`` (1 when the kept result came from the
+    With ``trim`` the finished explanation then drops, one at a time, units it can lose within the
+    budget (:func:`explainer.polish.trim`). The history gains ``kl_finished`` (the KL of the
+    finished explanation on the repair prompts), ``repaired`` (units added back), ``trimmed``
+    (units dropped) and ``open_restart`` (1 when the kept result came from the
     restart from open gates). The restart checkpoints into ``checkpoints/open-restart``.
     """
     gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
     keep = finish(gates, config)
-    if config.mode != "kl_budget" or not (config.repair or config.open_restart):
+    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim):
         return keep, gates, history
-    from explainer.polish import KLOracle, repair
+    from explainer.polish import KLOracle, repair, trim
 
     def polished(keep, gates):
         oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
@@ -385,5 +387,12 @@ def fit(
             kl > config.kl_budget and kl2 < kl
         ):
             keep, kl, repaired, gates, history, restarted = keep2, kl2, repaired2, gates2, history2, 1.0
+    trimmed = 0
+    if config.trim and kl <= config.kl_budget:
+        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
+        flat, dropped = trim(oracle, oracle.flat(keep), config.kl_budget)
+        keep, trimmed = oracle.split(flat), len(dropped)
+        kl = float(oracle.kl(flat)[0]) if dropped else kl
     history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}
+    history["trimmed"] = [float(trimmed)]
     return keep, gates, history

@@ -7,7 +7,7 @@ import explainer
 from explainer.config import TrainConfig
 from explainer.metrics import truth_scores
 from explainer.models import load_model, load_truth, resolve_model
-from explainer.polish import KLOracle, repair
+from explainer.polish import KLOracle, repair, trim
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 
@@ -70,3 +70,27 @@ def test_sort_is_recovered_exactly_with_the_safeguards_and_not_without():
 def test_safeguards_do_not_touch_other_penalty_modes():
     e = explainer.explain("planted-distractor", target_size=2, adversary="none", steps=300, progress=False)
     assert "repaired" not in e.history
+
+
+def test_trim_makes_the_explanation_minimal_for_its_budget(sort_oracle):
+    """From the truth plus every spare unit, trim drops units only while the KL stays within the
+    budget, and what is left loses the budget if any single unit goes."""
+    oracle, truth = sort_oracle
+    trimmed, dropped = trim(oracle, np.ones_like(truth), KL_BUDGET)
+    assert len(dropped) == int(truth.size - trimmed.sum()) > 0
+    assert oracle.kl(trimmed)[0] <= KL_BUDGET
+    kept = np.flatnonzero(trimmed)
+    singles = np.repeat(trimmed[None], kept.size, axis=0)
+    singles[np.arange(kept.size), kept] = 0.0
+    assert (oracle.kl(singles) > KL_BUDGET).all()
+    assert trimmed.sum() <= truth.sum()  # no larger than the compiled ground truth
+
+
+def test_trim_setting_in_training():
+    """``trim=True`` after two steps from open gates (nearly every unit kept): smaller, still within the budget, recorded."""
+    kw = dict(adversary="none", steps=2, init_logit=3.0, progress=False, open_restart=False)
+    plain = explainer.explain("planted-joint", **kw)
+    trimmed = explainer.explain("planted-joint", trim=True, **kw)
+    assert trimmed.history["trimmed"][0] == plain.size - trimmed.size > 0
+    assert trimmed.history["kl_finished"][0] <= KL_BUDGET
+    assert truth_scores(trimmed.kept, load_truth(resolve_model("planted-joint")))["f1"] == 1.0
