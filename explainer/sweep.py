@@ -67,6 +67,7 @@ from explainer.train import (
     OPEN_LOGIT,
     InLoopAdversary,
     TrainState,
+    TrainStep,
     init_state,
     make_step,
 )
@@ -106,9 +107,14 @@ def _step_config(config: TrainConfig) -> TrainConfig:
 
 
 def _ladder_step(step, config: TrainConfig, mode: str):
+    """The vmapped step of a batch of rungs. The model, prompts and cache are its ``operands``
+    argument, not constants it closes over (see :class:`explainer.train.TrainStep`): baked into the
+    program, they made each step of a ladder about 1.6 times slower than a training run's."""
+    fn = step.fn if isinstance(step, TrainStep) else (lambda state, _: step(state))
+
     @eqx.filter_jit
-    def ladder_step(states: TrainState, targets: jax.Array):
-        states, metrics = eqx.filter_vmap(step)(states)
+    def ladder_step(states: TrainState, targets: jax.Array, operands: Any):
+        states, metrics = eqx.filter_vmap(lambda state: fn(state, operands))(states)
         if mode == "sizes":  # dual ascent on each rung's λ towards its own size (as target_size does)
             direction = jnp.tanh(metrics["size"] - targets)
             rate = jnp.where(direction > 0, config.dual_lr, DUAL_BACKOFF * config.dual_lr)
@@ -145,17 +151,20 @@ def _finish(mode: str, value: float, gates: Gates) -> Mask:
     return out
 
 
-def _run_steps(ladder_step, states, targets, steps: int, advance, done: int, label: str, checkpoints=None, every=0):
+def _run_steps(
+    checked, states, targets, operands, steps: int, advance, done: int, label: str, checkpoints=None, every=0
+):
     """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
-    at the end, and continued from the newest good checkpoint found there (a finished one: no steps)."""
-    step, names = checked_step(ladder_step)
+    at the end, and continued from the newest good checkpoint found there (a finished one: no steps).
+    ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once."""
+    step, names = checked
     saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
     if saved is not None:
         states = saved.state
     history = History(saved.history if saved else {}, names)
     where = ""
     for i in range(saved.step if saved else 0, steps):
-        states, metrics = step(states, targets)
+        states, metrics = step(states, targets, operands)
         history.append(metrics)
         n = i + 1
         due = checkpoints is not None and every and (n % every == 0 or n == steps)
@@ -214,7 +223,8 @@ def train_ladder(
     config = _step_config(config)
     optimizer = optax.adam(config.lr)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
-    ladder_step = _ladder_step(step, config, mode)
+    ladder_step = checked_step(_ladder_step(step, config, mode))
+    operands = step.operands if isinstance(step, TrainStep) else None
     start = init_state(scrubber, config, optimizer, adversary)
     log_lambda = _log_lambdas(mode, values, config)
     targets = jnp.asarray(values, jnp.float32)
@@ -223,7 +233,9 @@ def train_ladder(
     if strategy == "vmap":
         with progress_bar(progress, config.steps, label=f"sweep ({len(values)} rungs, vmap)") as advance:
             batch = _batch(start, len(values), log_lambda)
-            states, history = _run_steps(ladder_step, batch, targets, config.steps, advance, 0, "", folder, every)
+            states, history = _run_steps(
+                ladder_step, batch, targets, operands, config.steps, advance, 0, "", folder, every
+            )
         gates = [jax.tree.map(lambda x, i=i: x[i], states.gates) for i in range(len(values))]
         histories = [{k: v[:, i].tolist() for k, v in history.items()} for i in range(len(values))]
     else:
@@ -242,7 +254,16 @@ def train_ladder(
                 n = config.steps if j == 0 else more
                 rung_folder = folder / f"rung-{j}" if folder is not None else None
                 state, history = _run_steps(
-                    ladder_step, state, targets[i : i + 1], n, advance, done, f"rung {j + 1}", rung_folder, every
+                    ladder_step,
+                    state,
+                    targets[i : i + 1],
+                    operands,
+                    n,
+                    advance,
+                    done,
+                    f"rung {j + 1}",
+                    rung_folder,
+                    every,
                 )
                 done += n
                 gates[i] = jax.tree.map(lambda x: x[0], state.gates)
