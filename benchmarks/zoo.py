@@ -14,7 +14,8 @@ reports its logit difference recovered (column "LD @25%"): how far the target is
 quarter of the units can carry on that model at all.
 
 ``--basis gradient`` counts units in the gradient basis (:mod:`explainer.bases`) instead and
-writes ``zoo-gradient.json``.
+writes ``zoo-gradient.json``; ``--trim`` adds the ``trim`` setting (the file name gains ``-trim``);
+``--skip-share`` leaves out the "LD @25%" probe.
 
 Run it with ``python benchmarks/zoo.py`` (several minutes on 2 CPU cores; ``--models`` picks a
 subset). It writes the rows with the exact command line to ``benchmarks/results/zoo.json``::
@@ -52,10 +53,12 @@ def at_share(name: str, share: float, seed: int, basis: str) -> float:
     return e.faithfulness["logit_diff_recovered"]
 
 
-def measure(name: str, adversary: str, seed: int, budget: int, basis: str = "standard") -> dict:
+def measure(
+    name: str, adversary: str, seed: int, budget: int, basis: str = "standard", trim: bool = False, share: bool = True
+) -> dict:
     folder = resolve_model(name)
     started = time.perf_counter()
-    e = explainer.explain(name, adversary=adversary, seed=seed, basis=basis, progress=False)
+    e = explainer.explain(name, adversary=adversary, seed=seed, basis=basis, trim=trim, progress=False)
     seconds = time.perf_counter() - started
     excluded = e.total_units - e.size
     gap = None
@@ -67,6 +70,7 @@ def measure(name: str, adversary: str, seed: int, budget: int, basis: str = "sta
     return {
         "model": name,
         "basis": basis,
+        "trim": trim,
         "adversary": adversary,
         "seed": seed,
         "size": e.size,
@@ -82,7 +86,8 @@ def measure(name: str, adversary: str, seed: int, budget: int, basis: str = "sta
         "seconds": seconds,
         "repaired": e.history.get("repaired", [0])[0],
         "open_restart": bool(e.history.get("open_restart", [0])[0]),
-        "ld_at_max_share": at_share(name, MAX_SHARE, seed, basis) if name in TRAINED else None,
+        "trimmed": e.history.get("trimmed", [0])[0],
+        "ld_at_max_share": at_share(name, MAX_SHARE, seed, basis) if name in TRAINED and share else None,
     }
 
 
@@ -130,10 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=2)
     parser.add_argument("--basis", default="standard", help="standard (default), pca, gradient or learned")
+    parser.add_argument("--trim", action="store_true", help="train with the trim setting")
+    parser.add_argument("--skip-share", action="store_true", help="leave out the LD @25%% probe")
     args = parser.parse_args(argv)
-    rows = [measure(name, args.adversary, args.seed, args.budget, args.basis) for name in args.models]
+    share = not args.skip_share
+    rows = [measure(name, args.adversary, args.seed, args.budget, args.basis, args.trim, share) for name in args.models]
     show(rows, args.budget)
-    results = RESULTS if args.basis == "standard" else RESULTS.with_name(f"zoo-{args.basis}.json")
+    stem = "zoo" + ("" if args.basis == "standard" else f"-{args.basis}") + ("-trim" if args.trim else "")
+    results = RESULTS.with_name(f"{stem}.json")
     write_record(results, args, rows=rows)
     print(f"wrote {results}")
 
