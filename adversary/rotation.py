@@ -20,7 +20,7 @@ position-specific masks) are left in their own basis.
 
 >>> import numpy as np, jax.numpy as jnp
 >>> keep = jnp.array([1.0, 0.0, 0.0])
->>> r = np.asarray(excluded_rotation(jnp.ones((3, 3)) * jnp.array([[0, 1, 0], [0, 0, 2], [0, 0, 0]]), keep))
+>>> r = np.asarray(excluded_rotation(jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]), keep))
 >>> bool(np.allclose(r[:, 0], [1, 0, 0]) and np.allclose(r.T @ r, np.eye(3), atol=1e-5))
 True
 """

@@ -87,7 +87,7 @@ def test_trim_makes_the_explanation_minimal_for_its_budget(sort_oracle):
 
 
 def test_trim_setting_in_training():
-    """``trim=True`` after two steps from open gates (nearly every unit kept): smaller, still within the budget, recorded."""
+    """``trim=True`` after two steps from open gates (nearly every unit kept): smaller, within budget, recorded."""
     kw = dict(adversary="none", steps=2, init_logit=3.0, progress=False, open_restart=False)
     plain = explainer.explain("planted-joint", **kw)
     trimmed = explainer.explain("planted-joint", trim=True, **kw)
