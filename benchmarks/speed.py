@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     if frontier:
         show_frontier(frontier)
     write(rows, args, frontier)
-    print(f"wrote {RESULTS}")
+    written = ([RESULTS] if rows else []) + ([FRONTIER_RESULTS] if frontier else [])
+    print("wrote " + (" and ".join(str(p) for p in written) or "nothing (no models given)"))
 
 
 if __name__ == "__main__":
