@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from _results import RESULTS_DIR, write_record
 from rich.console import Console
@@ -137,12 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--basis", default="standard", help="standard (default), pca, gradient or learned")
     parser.add_argument("--trim", action="store_true", help="train with the trim setting")
     parser.add_argument("--skip-share", action="store_true", help="leave out the LD @25%% probe")
+    parser.add_argument("--results", default=None, help="results file (default: results/zoo[-BASIS][-trim].json)")
     args = parser.parse_args(argv)
     share = not args.skip_share
     rows = [measure(name, args.adversary, args.seed, args.budget, args.basis, args.trim, share) for name in args.models]
     show(rows, args.budget)
     stem = "zoo" + ("" if args.basis == "standard" else f"-{args.basis}") + ("-trim" if args.trim else "")
-    results = RESULTS.with_name(f"{stem}.json")
+    results = Path(args.results) if args.results else RESULTS.with_name(f"{stem}.json")
     write_record(results, args, rows=rows)
     print(f"wrote {results}")
 

@@ -315,7 +315,15 @@ def baseline_frontier(
     fit_seconds = time.perf_counter() - started
     kept = [(k, m) for k, m in zip(sizes, masks, strict=True) if m is not None]
     result = grade_masks(
-        scrubber, train, the_task.heldout_data(), [m for _, m in kept], budget, seed, ablations, progress=progress
+        scrubber,
+        train,
+        the_task.heldout_data(),
+        [m for _, m in kept],
+        budget,
+        seed,
+        ablations,
+        progress=progress,
+        budgets=[k for k, _ in kept],
     )
     for (k, _), record in zip(kept, result["records"], strict=True):
         record["run"], record["target"] = None, k

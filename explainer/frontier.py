@@ -5,16 +5,20 @@ For an explanation ``C`` with metric ``m`` (the mean logit difference on held-ou
 (every unit kept), ``m(∅)`` the model with every unit of every masked site ablated. ``f = 1``
 recovers the full model, ``f = 0`` does no better than nothing. Both ends depend on the ablation.
 
-The frontier's areas follow the MIB benchmark (Mueller et al. 2025, circuit localisation track):
-the x axis is the *fraction of units kept* (``size / total``), points are joined by trapezoids and
-no point is added at 0. MIB evaluates at 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50 and 100 % of the
-units (``int(p * total)`` units each, :func:`mib_ladder`); the last point is the full model, so
-when a ladder stops short of it we append ``(1, f = 1)``, which is what MIB's ladder contains.
+The frontier's areas are the MIB benchmark's (Mueller et al. 2025, circuit localisation track;
+:func:`mib_areas`): MIB builds one explanation per budget of 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50 and
+100 % of the units (``int(p * total)`` units each, :func:`mib_ladder`) and joins their ``f`` by
+trapezoids over the *percentages themselves*. A frontier built on another ladder offers, at each
+percentage, its explanation for the largest budget within it (the empty one, ``f = 0``, below its
+smallest budget; the full model, ``f = 1``, at 100 % when it has none for that budget).
 
-- **CPR** (circuit performance ratio): ``∫ f`` over that ladder; higher is better.
-- **CMD** (circuit–model distance): ``∫ |1 − f|``; lower is better (0 = faithful at every size).
+- **CPR** (circuit performance ratio): ``∫ f`` over that ladder; higher is better (at most 0.999).
+- **CMD** (circuit–model distance): ``∫ |1 − f|``; lower is better (0 = faithful at every budget).
 
-Areas are comparable only between frontiers on the same ladder (use :func:`mib_ladder`).
+:func:`frontier_areas` is a second reading, not MIB's: trapezoids over the sizes the explanations
+actually have (``size / total``). It rewards a method that offers few sizes (the straight line
+between two of its points counts as if it had explanations in between), so it is reported beside
+MIB's areas (``cpr_sizes``, ``cmd_sizes``) and never instead of them.
 
 Causal scrubbing's **loss recovered** is the same normalisation applied to the task loss
 ``L = −log p(answers)``: ``(L(∅) − L(C)) / (L(∅) − L(N))``.
@@ -68,8 +72,44 @@ def loss_recovered(loss: float, loss_empty: float, loss_full: float) -> float:
     return float((loss_empty - loss) / span) if span != 0 else float("nan")
 
 
+def mib_areas(
+    budgets: Sequence[float | int], f: Sequence[float | int], total: int, percentages: Sequence[float] = MIB_PERCENTAGES
+) -> tuple[float, float]:
+    """``(CPR, CMD)`` as MIB computes them: trapezoids of ``f`` and ``|1 − f|`` over ``percentages``.
+
+    ``budgets[i]`` is the number of units explanation ``i`` was built for (its size is at most
+    that). At percentage ``p`` the frontier offers the explanation of the largest budget of at most
+    ``int(p * total)`` units (the best ``f`` among equal budgets); below the smallest budget, the
+    empty explanation (``f = 0``); at 100 %, the full model (``f = 1``) unless a budget is ``total``.
+
+    >>> mib_areas([3], [1.0], 30)  # nothing below 3 units (0.1 %–5 %), faithful from 10 % on
+    (0.925, 0.074)
+    >>> mib_areas([0, 30], [0.0, 1.0], 30)  # faithful only as the full model
+    (0.25, 0.749)
+    """
+    if total <= 0:
+        raise ValueError(f"total must be a positive number of units, got {total}")
+    points = sorted((int(b), float(v)) for b, v in zip(budgets, f, strict=True) if np.isfinite(v))
+    if not points:
+        return float("nan"), float("nan")
+    y = []
+    for p in percentages:
+        k = int(p * total)
+        within = [(b, v) for b, v in points if b <= k]
+        if k >= total and (not within or within[-1][0] < total):
+            y.append(1.0)
+        else:
+            y.append(within[-1][1] if within else 0.0)
+    x, y = np.asarray(percentages, np.float64), np.asarray(y)
+    gap = np.abs(1.0 - y)
+    cpr = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    cmd = float(np.sum(np.diff(x) * (gap[1:] + gap[:-1]) / 2))
+    return round(cpr, 12), round(cmd, 12)
+
+
 def frontier_areas(sizes: Sequence[float | int], f: Sequence[float | int], total: int) -> tuple[float, float]:
-    """``(CPR, CMD)`` of a frontier: trapezoid areas of ``f`` and ``|1 − f|`` over ``size / total``.
+    """Areas over the sizes explanations have (not MIB's; see the module docstring): trapezoids of
+    ``f`` and ``|1 − f|`` over ``size / total``.
 
     Points are sorted by size; points of equal size keep the best ``f`` (a method may offer
     several explanations of one size). ``(1, 1)``, the full model, is appended when the largest

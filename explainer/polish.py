@@ -54,17 +54,29 @@ class KLOracle:
         self.full, self.replacement = scrubber.reference(batch, jax.random.key(seed))
         self.layout: Layout = tuple(scrubber.n_units.items())
         self.n_units = sum(n for _, n in self.layout)
+        self._memory: dict[bytes, float] = {}
 
     def kl(self, masks: np.ndarray) -> np.ndarray:
-        """Mean KL of each row of ``masks`` (``[k, units]``), evaluated ``chunk`` rows at a time."""
-        masks = np.atleast_2d(np.asarray(masks, np.float32))
-        out = []
-        for start in range(0, len(masks), self.chunk):
-            part = masks[start : start + self.chunk]
+        """Mean KL of each row of ``masks`` (``[k, units]``), evaluated ``chunk`` rows at a time.
+
+        Rows already evaluated are answered from memory (the searches re-score many of the same
+        masks: rungs of a ladder that prune to the same set, unchanged candidates across rounds).
+        """
+        masks = np.atleast_2d(np.asarray(masks, np.float32)) > 0.5
+        keys = [row.tobytes() for row in np.packbits(masks, axis=1)]
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._memory:
+                first.setdefault(key, i)
+        todo = list(first.values())  # one evaluation per distinct new row
+        for start in range(0, len(todo), self.chunk):
+            part = masks[todo[start : start + self.chunk]].astype(np.float32)
             padded = np.concatenate([part, np.ones((self.chunk - len(part), self.n_units), np.float32)])
             values = _mean_kl(self.scrubber, self.tokens, self.full, self.replacement, jnp.asarray(padded), self.layout)
-            out.append(np.asarray(values, np.float64)[: len(part)])
-        return np.concatenate(out)
+            values = np.asarray(values, np.float64)[: len(part)]
+            for i, value in zip(todo[start : start + self.chunk], values, strict=True):
+                self._memory[keys[i]] = float(value)
+        return np.array([self._memory[key] for key in keys], np.float64)
 
     def flat(self, keep: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([np.asarray(keep[site], np.float32) for site, _ in self.layout])
@@ -108,20 +120,53 @@ def trim(oracle: KLOracle, flat: np.ndarray, budget: float) -> tuple[np.ndarray,
     return flat, dropped
 
 
+def _doubling(n: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``n``."""
+    lengths, length = [], 1
+    while length < n:
+        lengths.append(length)
+        length *= 2
+    return lengths + [n] if n > 0 else []
+
+
+def _kl_rows(oracle: KLOracle, rows: np.ndarray) -> np.ndarray:
+    return oracle.kl(rows) if len(rows) else np.zeros(0)
+
+
+def _prefixes(flat: np.ndarray, order: np.ndarray, lengths: list[int], value: float) -> np.ndarray:
+    rows = np.repeat(flat[None], len(lengths), axis=0)
+    for row, length in zip(rows, lengths, strict=True):
+        row[order[:length]] = value
+    return rows
+
+
 def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8) -> tuple[np.ndarray, list[int]]:
-    """Add back, one at a time, the excluded unit whose return lowers the KL most, until the KL is
-    within ``budget`` (or nothing helps, or ``max_added`` units were added)."""
-    flat, added = flat.copy(), []
+    """Add back excluded units, most helpful first, until the KL is within ``budget`` (or nothing
+    helps, or ``max_added`` units were added).
+
+    Each round scores every excluded unit's return alone, then the returns of the best 1, 2, 4, ...
+    of them together (one vmapped pass), and takes the fewest that reach the budget, or else the
+    prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
+    repair costs a few rounds rather than one per unit.
+    """
+    flat, added = np.asarray(flat, np.float32).copy(), []
     current = float(oracle.kl(flat)[0])
     while current > budget and len(added) < max_added:
         excluded = np.flatnonzero(flat < 0.5)
         if len(excluded) == 0:
             break
         scores = oracle.kl(_with(flat, excluded, 1.0))
-        best = int(np.argmin(scores))
-        if scores[best] >= current - 1e-9:
+        order = np.argsort(scores, kind="stable")
+        helpful = excluded[order][scores[order] < current - 1e-9]
+        if helpful.size == 0:
             break
-        flat[excluded[best]] = 1.0
-        added.append(int(excluded[best]))
-        current = float(scores[best])
+        lengths = _doubling(min(helpful.size, max_added - len(added)))
+        kls = np.concatenate([[scores[order[0]]], _kl_rows(oracle, _prefixes(flat, helpful, lengths[1:], 1.0))])
+        within = np.flatnonzero(kls <= budget)
+        pick = int(within[0]) if within.size else int(np.argmin(kls))
+        if kls[pick] >= current - 1e-9:
+            break
+        flat[helpful[: lengths[pick]]] = 1.0
+        added.extend(int(u) for u in helpful[: lengths[pick]])
+        current = float(kls[pick])
     return flat, added

@@ -55,7 +55,7 @@ from explainer.config import TrainConfig, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import swap_into_place
 from explainer.faults import History, checked_step
-from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_ladder
+from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_areas, mib_ladder
 from explainer.lock import run_lock
 from explainer.masks import Gates
 from explainer.progress import progress_bar
@@ -310,8 +310,23 @@ def _gap(scrubber: Scrubber, heldout: Batch, mask: Mask, budget: int, seed: int,
     }
 
 
+def _areas(records: list[dict[str, Any]], total: int, budgets: Sequence[int] | None) -> dict[str, float]:
+    """MIB's CPR and CMD over the budgets (the sizes when there are none), and the areas over sizes."""
+    sizes = [r["size"] for r in records]
+    f = [r["normalized_faithfulness"] for r in records]
+    cpr, cmd = mib_areas(sizes if budgets is None else budgets, f, total)
+    cpr_sizes, cmd_sizes = frontier_areas(sizes, f, total)
+    return {"cpr": cpr, "cmd": cmd, "cpr_sizes": cpr_sizes, "cmd_sizes": cmd_sizes}
+
+
 def ablation_frontiers(
-    scrubber: Scrubber, train: Batch, heldout: Batch, masks: list[Mask], ablations: Sequence[str], seed: int = 0
+    scrubber: Scrubber,
+    train: Batch,
+    heldout: Batch,
+    masks: list[Mask],
+    ablations: Sequence[str],
+    seed: int = 0,
+    budgets: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The same masks' faithfulness, normalised faithfulness, CPR and CMD under each ablation."""
     total = sum(scrubber.n_units.values())
@@ -322,8 +337,7 @@ def ablation_frontiers(
         scores, _ = _scores(other, train, heldout, masks, seed)
         keys = ("kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "loss_recovered")
         records = [{"size": _size(m), **{k: s[k] for k in keys}} for m, s in zip(masks, scores, strict=True)]
-        cpr, cmd = frontier_areas([r["size"] for r in records], [r["normalized_faithfulness"] for r in records], total)
-        out[ablation] = {"records": records, "cpr": cpr, "cmd": cmd}
+        out[ablation] = {"records": records, **_areas(records, total, budgets)}
     return out
 
 
@@ -337,6 +351,7 @@ def grade_masks(
     ablations: Sequence[str] = (),
     attack_methods: Sequence[str] = ATTACK_METHODS,
     progress: bool = False,
+    budgets: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Frontier records of any keep masks (ours or a baseline's), with CPR and CMD.
 
@@ -344,6 +359,9 @@ def grade_masks(
     ``logit_diff_recovered``, ``accuracy``, ...), ``normalized_faithfulness``, ``loss_recovered``
     and ``gap`` (the mean KL gap of the strongest of ``attack_methods`` at ``budget``; 0 when
     nothing is excluded). ``ablations`` adds ``{"ablations": {name: {"records", "cpr", "cmd"}}}``.
+    ``cpr`` and ``cmd`` are MIB's (:func:`explainer.frontier.mib_areas`) over ``budgets``, the
+    number of units each mask was built for (default: its size); ``cpr_sizes`` and ``cmd_sizes``
+    are the areas over the sizes the masks have (:func:`explainer.frontier.frontier_areas`).
 
     >>> import numpy as np
     >>> from explainer.models import load_model, resolve_model
@@ -369,18 +387,16 @@ def grade_masks(
             records[-1]["kept"] = _kept(mask)
             advance(i + 1, f"size {records[-1]['size']}")
     total = sum(scrubber.n_units.values())
-    cpr, cmd = frontier_areas([r["size"] for r in records], [r["normalized_faithfulness"] for r in records], total)
     result: dict[str, Any] = {
         "records": records,
-        "cpr": cpr,
-        "cmd": cmd,
+        **_areas(records, total, budgets),
         "total_units": total,
         "ablation": scrubber.ablation,
         "budget": budget,
         "attack_methods": list(attack_methods),
     }
     if ablations:
-        result["ablations"] = ablation_frontiers(scrubber, train, heldout, masks, ablations, seed)
+        result["ablations"] = ablation_frontiers(scrubber, train, heldout, masks, ablations, seed, budgets)
     return result
 
 
@@ -392,18 +408,32 @@ def _no_worse(kl: float, base: float) -> bool:
 
 
 def prune(oracle, flat: np.ndarray) -> np.ndarray:
-    """Drop, one at a time, the kept unit whose removal costs least, while it costs nothing (KL)."""
+    """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
+
+    Each round scores every kept unit's removal alone, then drops the free ones (cheapest first)
+    in the largest block of 1/1, 1/2, 1/4, ... of them whose joint removal does as well as dropping
+    the cheapest one alone (one vmapped pass), so a rung with many spare units takes a few rounds
+    rather than one per unit.
+    """
+    from explainer.polish import _doubling, _kl_rows, _prefixes
+
     flat = np.asarray(flat, np.float32).copy()
     base = float(oracle.kl(flat[None])[0])
     while (kept := np.flatnonzero(flat > 0.5)).size:
         trials = np.repeat(flat[None], kept.size, axis=0)
         trials[np.arange(kept.size), kept] = 0.0
         kls = oracle.kl(trials)
-        best = int(np.argmin(kls))
-        if not _no_worse(float(kls[best]), base):
+        order = np.argsort(kls, kind="stable")
+        free = kept[order][[_no_worse(float(k), base) for k in kls[order]]]
+        if free.size == 0:
             break
-        flat[kept[best]] = 0.0
-        base = float(kls[best])
+        lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
+        joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
+        bar = min(base, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
+        ok = [i for i, k in enumerate(joint) if _no_worse(float(k), bar)]
+        length, new_base = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
+        flat[free[:length]] = 0.0
+        base = new_base
     return flat
 
 
@@ -437,9 +467,12 @@ def at_most(
     From the smallest rung up: units whose removal does not raise the KL on the training prompts
     are dropped and, while the KL is above ``kl_budget`` and there is room below the rung's size,
     units are added back by exact search (:func:`polish`; a target size forces ``k`` units in even
-    when fewer do the job, and continuation can leave gates closed for good). A rung still stuck
-    (over budget with room to spare, no smaller rung within budget) is trained again by
-    ``restart`` (``sweep``: from open gates, as ``explain``'s open restart) and the better kept.
+    when fewer do the job, and continuation can leave gates closed for good). Rungs still stuck
+    (over budget with room to spare, no smaller rung within budget) are trained again by
+    ``restart`` (``sweep``: from open gates, as ``explain``'s open restart), the largest first, and
+    the better of the two kept; the restarts stop at the first that misses the budget too (a
+    smaller rung will not meet it where a larger one could not, and each restart is a whole
+    training run).
     Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
     units, so it is replaced by that rung (keeping its own target and history). The full model's
     rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
@@ -451,23 +484,37 @@ def at_most(
 
     oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
-    out: dict[int, Rung] = {}
-    best, best_kl, met = None, math.inf, False
-    for i in sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i)):
-        rung = rungs[i]
-        flat = oracle.flat(rung.keep)
+    order = sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i))
+    found: dict[int, tuple[Rung, np.ndarray, float]] = {}
+    for i in order:
+        rung, flat = rungs[i], oracle.flat(rungs[i].keep)
         if rung.value < total:
             flat = polish(oracle, flat, int(rung.value), kl_budget)
-        kl = float(oracle.kl(flat[None])[0])
-        if restart is not None and not met and kl > kl_budget and flat.sum() < rung.value < total:
+        found[i] = (rung, flat, float(oracle.kl(flat[None])[0]))
+    if restart is not None:
+        met = [rungs[i].value for i in order if found[i][2] <= kl_budget]
+        stuck = [
+            i
+            for i in order
+            if rungs[i].value < min(met, default=math.inf)
+            and found[i][2] > kl_budget
+            and found[i][1].sum() < rungs[i].value < total
+        ]
+        for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
+            rung, flat, kl = found[i]
             again = restart(rung.value)
             flat2 = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget)
             kl2 = float(oracle.kl(flat2[None])[0])
-            history = {**rung.history, "open_restart": [float(kl2 < kl)]}
+            history = {"open_restart": [float(kl2 < kl)]}
             if kl2 < kl:
                 rung, flat, kl = Rung(rung.mode, rung.value, again.gates, again.keep, again.history), flat2, kl2
-            rung = Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history})
-        met = met or kl <= kl_budget
+            found[i] = (Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history}), flat, kl)
+            if kl2 > kl_budget:
+                break
+    out: dict[int, Rung] = {}
+    best, best_kl = None, math.inf
+    for i in order:
+        rung, flat, kl = found[i]
         keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flat).items()}
         if rung.value >= total or best is None or not _no_worse(best_kl, kl):
             best, best_kl = i, kl
@@ -475,6 +522,26 @@ def at_most(
         else:
             out[i] = Rung(rung.mode, rung.value, out[best].gates, out[best].keep, rung.history)
     return [out[i] for i in range(len(rungs))]
+
+
+def open_restart(
+    scrubber: Scrubber,
+    train: Batch,
+    config: TrainConfig,
+    adversary: InLoopAdversary | None = None,
+    checkpoints: Path | None = None,
+) -> Callable[[float], Rung]:
+    """:func:`at_most`'s ``restart``: one rung of the given size trained again from open gates (the
+    whole ``config.steps``), as ``explain``'s open restart; checkpoints in ``open-restart-K``."""
+    open_config = config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
+
+    def restart(value: float) -> Rung:
+        more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
+        return train_ladder(
+            scrubber, train, open_config, "sizes", [value], adversary, "continuation", checkpoints=more
+        )[0]
+
+    return restart
 
 
 def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[float] | None:
@@ -659,14 +726,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
-        open_config = config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
-
-        def restart(value: float) -> Rung:
-            more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
-            return train_ladder(
-                scrubber, train, open_config, mode, [value], adversary, "continuation", checkpoints=more
-            )[0]
-
+        restart = open_restart(scrubber, train, config, adversary, checkpoints)
         ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart)
     graded = grade_masks(
         scrubber,
@@ -677,6 +737,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         config.seed,
         ns["ablations"],
         progress=ns["progress"],
+        budgets=[int(r.value) for r in ordered] if mode == "sizes" else None,
     )
     result: dict[str, Any] = {
         "records": graded["records"],

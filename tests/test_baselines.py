@@ -91,5 +91,7 @@ def test_baseline_frontier_has_the_sweep_keys():
     for r in f["records"]:
         assert {"run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "gap"} <= set(r)
         assert r["run"] is None
-    assert f["cpr"] == pytest.approx(0.925) and f["cmd"] == pytest.approx(0.025)
+    # MIB's areas: f = 0 up to 5 % of the units (the 1-unit set), 1 from 10 % (2 units) on
+    assert f["cpr"] == pytest.approx(0.925) and f["cmd"] == pytest.approx(0.074)
+    assert f["cpr_sizes"] == pytest.approx(0.925) and f["cmd_sizes"] == pytest.approx(0.025)
     assert set(f["ablations"]) == {"mean"}

@@ -15,6 +15,7 @@ from explainer.frontier import (
     full_mask,
     loss_recovered,
     measure,
+    mib_areas,
     mib_ladder,
     normalized_faithfulness,
 )
@@ -44,6 +45,31 @@ def test_mib_ladder():
 def test_frontier_areas_on_known_curves(sizes, f, total, cpr, cmd):
     got = frontier_areas(sizes, f, total)
     assert got == pytest.approx((cpr, cmd))
+
+
+@pytest.mark.parametrize(
+    ("budgets", "f", "total", "cpr", "cmd"),
+    [
+        ([1], [1.0], 1000, 0.999, 0.0),  # faithful from 0.1 % on
+        ([1000], [1.0], 1000, 0.25, 0.749),  # the full model counts at 100 % only
+        ([0], [0.0], 1000, 0.25, 0.749),  # nothing, then the full model at 100 % (appended)
+        ([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], [1.0] * 10, 1000, 0.999, 0.0),
+        ([10], [1.0], 1000, 0.0025 + 0.99, 0.004 + 0.0025),  # faithful from 1 % on; nothing below
+        # equal budgets keep the best f (0.6 from 0.2 % on; the full model at 100 %)
+        ([2, 2], [0.2, 0.6], 1000, 0.0003 + 0.498 * 0.6 + 0.4, 0.0007 + 0.498 * 0.4 + 0.1),
+    ],
+)
+def test_mib_areas_are_trapezoids_over_the_percentages(budgets, f, total, cpr, cmd):
+    assert mib_areas(budgets, f, total) == pytest.approx((cpr, cmd))
+
+
+def test_mib_areas_credit_no_size_a_method_does_not_offer():
+    """The straight line between two points of a frontier is not an explanation: on planted-joint's
+    30 units, a method offering only 0 and 4 units must not beat one that also offers 3 units."""
+    sparse = mib_areas([0, 1, 3, 6], [0.0, 0.0, 0.0, 1.0], 30)  # nothing up to 3 units, the truth at 6
+    dense = mib_areas([0, 1, 3, 6], [0.0, 0.0, 0.57, 1.0], 30)
+    assert dense[0] > sparse[0] and dense[1] < sparse[1]
+    assert frontier_areas([0, 4], [0.0, 1.0], 30)[0] > frontier_areas([0, 3, 4], [0.0, 0.57, 1.0], 30)[0]
 
 
 def test_frontier_areas_ignore_nan_and_need_units():

@@ -69,7 +69,8 @@ def test_grade_masks_scores_the_truth_and_an_unfaithful_set(distractor):
     assert good["normalized_faithfulness"] == pytest.approx(1.0) and good["gap"] < 1e-4
     assert bad["normalized_faithfulness"] == pytest.approx(0.0, abs=1e-6) and bad["gap"] > 1.0
     assert bad["attack"]["reincluded"]["unembed.in"] == [1]
-    assert result["cpr"] == pytest.approx(0.5 * 0.05 + 0.9)  # f: 0 at 1/20, 1 from 2/20 on
+    assert result["cpr"] == pytest.approx(0.5 * 0.05 + 0.9)  # MIB's: f 0 up to 5 % (1 unit), 1 from 10 % on
+    assert result["cmd"] == pytest.approx(0.049 + 0.5 * 0.05)
     assert set(result["ablations"]) == {"zero"}
     assert result["ablations"]["zero"]["records"][1]["size"] == 2
 
