@@ -167,7 +167,7 @@ def show_frontier(rows: list[dict]) -> None:
             ratio,
             f"{r['ratio_to_train_command']:.2f}",
         )
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 def show(rows: list[dict]) -> None:
@@ -179,7 +179,7 @@ def show(rows: list[dict]) -> None:
         ratio = f"{r['ratio']:.2f}" + ("" if r["ratio"] <= TARGET_RATIO else " (over)")
         minmax = f"{r['minmax_ratio']:.2f}" + ("" if r["minmax_ratio"] <= TARGET_MINMAX else " (over)")
         table.add_row(r["model"], f"{r['step_ms']:.3f}", f"{r['minmax_ms']:.3f}", f"{r['plain_ms']:.3f}", ratio, minmax)
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 def write(rows: list[dict], args: argparse.Namespace, frontier: list[dict] | None = None) -> None:

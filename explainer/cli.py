@@ -182,6 +182,11 @@ def train(
     trim: bool | None = typer.Option(
         None, "--trim/--no-trim", help="After training, drop every unit the KL budget can lose (default off)."
     ),
+    trim_ld_floor: float | None = typer.Option(
+        None,
+        "--trim-ld-floor",
+        help="With --trim, keep the logit difference recovered (training prompts) at least this (default 0.9).",
+    ),
     rewrite: list[str] | None = typer.Option(
         None,
         "--rewrite",
@@ -213,6 +218,7 @@ def train(
         "positional": positional,
         "units": units,
         "trim": trim,
+        "trim_ld_floor": trim_ld_floor,
         "rewrites": rewrite or None,
     }
     _join_cluster(distributed)

@@ -467,12 +467,13 @@ def at_most(
     From the smallest rung up: units whose removal does not raise the KL on the training prompts
     are dropped and, while the KL is above ``kl_budget`` and there is room below the rung's size,
     units are added back by exact search (:func:`polish`; a target size forces ``k`` units in even
-    when fewer do the job, and continuation can leave gates closed for good). Rungs still stuck
-    (over budget with room to spare, no smaller rung within budget) are trained again by
-    ``restart`` (``sweep``: from open gates, as ``explain``'s open restart), the largest first, and
-    the better of the two kept; the restarts stop at the first that misses the budget too (a
-    smaller rung will not meet it where a larger one could not, and each restart is a whole
-    training run).
+    when fewer do the job, and continuation can leave gates closed for good). When no rung below
+    the full model meets the budget, the rungs stuck (over budget with room to spare) are trained
+    again by ``restart`` (``sweep``: from open gates, as ``explain``'s open restart), the largest
+    first, and the better of the two kept; the restarts stop at the first that misses the budget
+    too (a smaller rung will not meet it where a larger one could not, and each restart is a whole
+    training run). When some rung meets the budget, the smaller ones are over it because the
+    behaviour needs more units, and they are not restarted.
     Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
     units, so it is replaced by that rung (keeping its own target and history). The full model's
     rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
@@ -491,15 +492,9 @@ def at_most(
         if rung.value < total:
             flat = polish(oracle, flat, int(rung.value), kl_budget)
         found[i] = (rung, flat, float(oracle.kl(flat[None])[0]))
-    if restart is not None:
-        met = [rungs[i].value for i in order if found[i][2] <= kl_budget]
-        stuck = [
-            i
-            for i in order
-            if rungs[i].value < min(met, default=math.inf)
-            and found[i][2] > kl_budget
-            and found[i][1].sum() < rungs[i].value < total
-        ]
+    met = any(found[i][2] <= kl_budget for i in order if rungs[i].value < total)
+    if restart is not None and not met:
+        stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < total]
         for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
             rung, flat, kl = found[i]
             again = restart(rung.value)

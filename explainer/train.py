@@ -390,7 +390,7 @@ def fit(
     trimmed = 0
     if config.trim and kl <= config.kl_budget:
         oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
-        flat, dropped = trim(oracle, oracle.flat(keep), config.kl_budget)
+        flat, dropped = trim(oracle, oracle.flat(keep), config.kl_budget, config.trim_ld_floor)
         keep, trimmed = oracle.split(flat), len(dropped)
         kl = float(oracle.kl(flat)[0]) if dropped else kl
     history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}

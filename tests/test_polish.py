@@ -86,6 +86,29 @@ def test_trim_makes_the_explanation_minimal_for_its_budget(sort_oracle):
     assert trimmed.sum() <= truth.sum()  # no larger than the compiled ground truth
 
 
+def test_trim_keeps_the_logit_difference_floor(sort_oracle):
+    """With ``ld_floor``, a unit goes only if the KL stays within budget *and* the logit difference
+    recovered stays at least the floor; what is left can lose no single unit on those terms."""
+    oracle, truth = sort_oracle
+    everything = np.ones_like(truth)
+    assert oracle.logit_diff_recovered(everything)[0] == pytest.approx(1.0)
+    kept_all, dropped = trim(oracle, everything, KL_BUDGET, ld_floor=1.5)  # no explanation beats the model by half
+    assert dropped == [] and np.array_equal(kept_all, everything)
+    floor = 0.999
+    trimmed, dropped = trim(oracle, everything, KL_BUDGET, ld_floor=floor)
+    assert dropped and oracle.kl(trimmed)[0] <= KL_BUDGET and oracle.logit_diff_recovered(trimmed)[0] >= floor
+    kept = np.flatnonzero(trimmed)
+    singles = np.repeat(trimmed[None], kept.size, axis=0)
+    singles[np.arange(kept.size), kept] = 0.0
+    assert ((oracle.kl(singles) > KL_BUDGET) | (oracle.logit_diff_recovered(singles) < floor)).all()
+
+
+def test_trim_ld_floor_setting_is_checked():
+    assert TrainConfig(trim_ld_floor=None).trim_ld_floor is None
+    with pytest.raises(explainer.ExplainerError, match="trim_ld_floor"):
+        TrainConfig(trim_ld_floor=float("nan"))
+
+
 def test_trim_setting_in_training():
     """``trim=True`` after two steps from open gates (nearly every unit kept): smaller, within budget, recorded."""
     kw = dict(adversary="none", steps=2, init_logit=3.0, progress=False, open_restart=False)
