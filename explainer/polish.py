@@ -25,7 +25,7 @@ Layout = tuple[tuple[str, int], ...]
 
 
 @eqx.filter_jit
-def _mean_kl(scrubber: Scrubber, tokens, full, replacement, flat: Float[Array, "k units"], layout: Layout, answers):
+def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Array, "k units"], layout: Layout, answers):
     """Mean KL and mean logit difference of each row's explanation."""
 
     def one(row):
@@ -85,7 +85,7 @@ class KLOracle:
         for start in range(0, len(todo), self.chunk):
             part = masks[todo[start : start + self.chunk]].astype(np.float32)
             padded = np.concatenate([part, np.ones((self.chunk - len(part), self.n_units), np.float32)])
-            kl, ld = _mean_kl(
+            kl, ld = _mean_scores(
                 self.scrubber, self.tokens, self.full, self.replacement, jnp.asarray(padded), self.layout, self.answers
             )
             kl, ld = np.asarray(kl, np.float64)[: len(part)], np.asarray(ld, np.float64)[: len(part)]
