@@ -49,7 +49,7 @@ from _results import RESULTS_DIR, write_record
 from rich.console import Console
 from rich.table import Table
 
-from explainer.frontier import frontier_areas, mib_ladder, normalized_faithfulness
+from explainer.frontier import frontier_areas, mib_areas, mib_ladder, normalized_faithfulness
 from explainer.metrics import logit_diff
 from explainer.models import load_model, resolve_model
 from explainer.models.tl import export_tl
@@ -150,7 +150,8 @@ def peer_summary(method: str, entry: dict, n_edges: int) -> dict:
     """One row from auto-circuit's evaluation of ``method``'s top-k circuits (held-out prompts).
 
     ``f`` is normalised as ours, ``(LD(C) − LD(∅)) / (LD(N) − LD(∅))``, with auto-circuit's own
-    logit differences; CPR and CMD use MIB's ladder (``int(p · edges)``), as our frontiers do.
+    logit differences; CPR and CMD are MIB's areas over its ladder (``int(p · edges)`` edges asked
+    for), as our frontiers' are; ``cpr_sizes``/``cmd_sizes`` are the areas over the edges kept.
     """
     rows = entry.get("autocircuit_eval", [])
     by_asked = {r["asked"]: r for r in rows}
@@ -164,7 +165,8 @@ def peer_summary(method: str, entry: dict, n_edges: int) -> dict:
         )
         points.append({**r, "f": f})
     mib = [p for p in points if p["asked"] in set(mib_ladder(n_edges)) and p["f"] is not None]
-    cpr, cmd = frontier_areas([p["edges"] for p in mib], [p["f"] for p in mib], n_edges) if mib else (None, None)
+    cpr, cmd = mib_areas([p["asked"] for p in mib], [p["f"] for p in mib], n_edges) if mib else (None, None)
+    sizes = frontier_areas([p["edges"] for p in mib], [p["f"] for p in mib], n_edges) if mib else (None, None)
     faithful = [p for p in points if p["f"] is not None and p["f"] >= FAITHFUL and p["edges"] > 0]
     smallest = min(faithful, key=lambda p: p["edges"]) if faithful else None
     return {
@@ -172,6 +174,8 @@ def peer_summary(method: str, entry: dict, n_edges: int) -> dict:
         "seconds": entry["seconds"],
         "cpr": cpr,
         "cmd": cmd,
+        "cpr_sizes": sizes[0],
+        "cmd_sizes": sizes[1],
         "edges_faithful": smallest["edges"] if smallest else None,
         "ld_percent_faithful": smallest["ld_recovered_percent"] if smallest else None,
         "kl_faithful": smallest["kl"] if smallest else None,
@@ -202,7 +206,8 @@ def top_k_masks(scores: dict[str, float], names: dict[str, list[str]], counts: l
 
 
 def summarize(method: str, graded: dict, seconds: float) -> dict:
-    """A table row from :func:`explainer.sweep.grade_masks`'s frontier (same form for every method)."""
+    """A table row from :func:`explainer.sweep.grade_masks`'s frontier (same form for every method):
+    MIB's CPR/CMD over the ladder of edges asked for, and the areas over the edges kept."""
     keep = ("size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "gap", "kept")
     records = [{k: r.get(k) for k in keep} for r in graded["records"]]
     faithful = [r for r in records if r["normalized_faithfulness"] >= FAITHFUL and r["size"] > 0]
@@ -212,6 +217,8 @@ def summarize(method: str, graded: dict, seconds: float) -> dict:
         "method": method,
         "cpr": graded["cpr"],
         "cmd": graded["cmd"],
+        "cpr_sizes": graded.get("cpr_sizes"),
+        "cmd_sizes": graded.get("cmd_sizes"),
         "edges_faithful": smallest["size"] if smallest else None,
         "ld_recovered_faithful": smallest["logit_diff_recovered"] if smallest else None,
         "kl_faithful": smallest["kl_mean"] if smallest else None,
@@ -286,7 +293,14 @@ def evaluate_ours(name: str, record: dict, args: argparse.Namespace) -> list[dic
     for method, entry in record["methods"].items():
         masks = top_k_masks(entry["scores"], names, counts)
         graded = grade_masks(
-            scrubber, train, heldout, masks, budget=args.budget, seed=args.seed, attack_methods=args.attacks
+            scrubber,
+            train,
+            heldout,
+            masks,
+            budget=args.budget,
+            seed=args.seed,
+            attack_methods=args.attacks,
+            budgets=counts,
         )
         rows.append(summarize(method, graded, entry["seconds"]))
         print(f"{name}: {method} CPR {rows[-1]['cpr']:.3f} CMD {rows[-1]['cmd']:.3f}", flush=True)
@@ -465,6 +479,23 @@ def run_model(name: str, args: argparse.Namespace, earlier: dict) -> dict:
     return entry
 
 
+def recompute(entry: dict) -> dict:
+    """A saved model entry's areas and verdict again, from its records (no training, no peers):
+    MIB's CPR/CMD over the ladder of edges asked for, and the areas over the edges kept."""
+    n_edges = entry["peers"]["n_edges"]
+    counts = mib_ladder(n_edges)
+    entry["peers_summary"] = [peer_summary(m, e, n_edges) for m, e in entry["peers"]["methods"].items()]
+    for row in entry.get("ours") or []:
+        f = [r["normalized_faithfulness"] for r in row["records"]]
+        if len(f) != len(counts):
+            raise SystemExit(f"{row['method']}: {len(f)} records for {len(counts)} rungs; rerun without --report")
+        row["cpr"], row["cmd"] = mib_areas(counts, f, n_edges)
+        row["cpr_sizes"], row["cmd_sizes"] = frontier_areas([r["size"] for r in row["records"]], f, n_edges)
+    if entry.get("ours"):
+        entry["verdict"] = verdict(entry["ours"])
+    return entry
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models")
@@ -479,7 +510,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="keep the exported inputs and peer logs here")
     parser.add_argument("--reuse-peers", action="store_true", help="keep the peers' scores already in the results")
+    parser.add_argument("--report", action="store_true", help="only recompute areas and verdicts of the saved results")
     args = parser.parse_args(argv)
+    if args.report:
+        record = json.loads(RESULTS.read_text())
+        models = {name: recompute(entry) for name, entry in record["models"].items()}
+        RESULTS.write_text(json.dumps({**record, "models": models}, indent=2) + "\n")
+        show(models)
+        versions = next(iter(models.values()))["peers"]["versions"]
+        write_markdown(models, TABLE, record["command"], versions)
+        print(f"rewrote {RESULTS} and {TABLE}")
+        return
     for name in args.models:
         resolve_model(name)  # fail early on a typo
     earlier = json.loads(RESULTS.read_text()).get("models", {}) if RESULTS.is_file() else {}
