@@ -2,8 +2,9 @@
 
 A needed unit whose gate closed early may never get a gradient back (saturated attention in
 compiled models is the usual reason: its softmax is flat in the unit). An exact search on the
-finished (binary) mask finds it cheaply: :func:`repair` adds back, one at a time, the excluded unit
-whose return lowers the KL most, until the explanation is within budget.
+finished (binary) mask finds it cheaply: :func:`repair` adds back the excluded units whose return
+lowers the KL most, until the explanation is within budget. :func:`trim` drops units the budget
+can lose, :func:`prune` those whose removal costs nothing (a sweep's rungs).
 
 The KL is that of the finished explanation on a fixed subset of the training prompts with one
 fixed replacement, so the result is deterministic. Candidates are scored in vmapped chunks.
@@ -40,7 +41,8 @@ def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Arra
 
 
 class KLOracle:
-    """Exact mean KL of binary keep masks on a fixed set of prompts (flat masks over all units).
+    """Exact mean KL (and logit difference recovered) of binary keep masks on a fixed set of
+    prompts (flat masks over all units).
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -195,3 +197,34 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
         added.extend(int(u) for u in helpful[: lengths[pick]])
         current = float(kls[pick])
     return flat, added
+
+
+def no_worse(kl: float, base: float) -> bool:
+    """``kl`` is at most ``base``, up to a relative tolerance of 1e-6 (float noise)."""
+    return bool(kl <= base + 1e-6 * max(1.0, abs(base)))
+
+
+def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
+    """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
+
+    Each round scores every kept unit's removal alone, then drops the free ones (cheapest first)
+    in the largest block of 1/1, 1/2, 1/4, ... of them whose joint removal does as well as dropping
+    the cheapest one alone (one vmapped pass), so a rung with many spare units takes a few rounds
+    rather than one per unit.
+    """
+    flat = np.asarray(flat, np.float32).copy()
+    base = float(oracle.kl(flat[None])[0])
+    while (kept := np.flatnonzero(flat > 0.5)).size:
+        kls = oracle.kl(_with(flat, kept, 0.0))
+        order = np.argsort(kls, kind="stable")
+        free = kept[order][[no_worse(float(k), base) for k in kls[order]]]
+        if free.size == 0:
+            break
+        lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
+        joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
+        bar = min(base, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
+        ok = [i for i, k in enumerate(joint) if no_worse(float(k), bar)]
+        length, new_base = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
+        flat[free[:length]] = 0.0
+        base = new_base
+    return flat

@@ -58,6 +58,7 @@ from explainer.faults import History, checked_step
 from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_areas, mib_ladder
 from explainer.lock import run_lock
 from explainer.masks import Gates
+from explainer.polish import KLOracle, no_worse, prune, repair
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.tasks.base import Batch
@@ -403,48 +404,12 @@ def grade_masks(
 # --- the sweep ------------------------------------------------------------------------------------
 
 
-def _no_worse(kl: float, base: float) -> bool:
-    return bool(kl <= base + 1e-6 * max(1.0, abs(base)))
-
-
-def prune(oracle, flat: np.ndarray) -> np.ndarray:
-    """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
-
-    Each round scores every kept unit's removal alone, then drops the free ones (cheapest first)
-    in the largest block of 1/1, 1/2, 1/4, ... of them whose joint removal does as well as dropping
-    the cheapest one alone (one vmapped pass), so a rung with many spare units takes a few rounds
-    rather than one per unit.
-    """
-    from explainer.polish import _doubling, _kl_rows, _prefixes
-
-    flat = np.asarray(flat, np.float32).copy()
-    base = float(oracle.kl(flat[None])[0])
-    while (kept := np.flatnonzero(flat > 0.5)).size:
-        trials = np.repeat(flat[None], kept.size, axis=0)
-        trials[np.arange(kept.size), kept] = 0.0
-        kls = oracle.kl(trials)
-        order = np.argsort(kls, kind="stable")
-        free = kept[order][[_no_worse(float(k), base) for k in kls[order]]]
-        if free.size == 0:
-            break
-        lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
-        joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
-        bar = min(base, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
-        ok = [i for i, k in enumerate(joint) if _no_worse(float(k), bar)]
-        length, new_base = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
-        flat[free[:length]] = 0.0
-        base = new_base
-    return flat
-
-
 def polish(oracle, flat: np.ndarray, size: int, kl_budget: float) -> np.ndarray:
     """:func:`prune`, then :func:`explainer.polish.repair` up to ``size`` units, then prune again.
 
     Continuation can leave a rung stuck below its size with gates closed for good (their units get
     no gradient back); the exact search of ``explain``'s repair step adds them back.
     """
-    from explainer.polish import repair
-
     flat = prune(oracle, flat)
     room = size - int((flat > 0.5).sum())
     if room > 0:
@@ -481,8 +446,6 @@ def at_most(
     without it, a rung no better than a smaller one puts a dominated point on the frontier, and
     the straight line to it from below lowers the area.
     """
-    from explainer.polish import KLOracle
-
     oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
     order = sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i))
@@ -511,7 +474,7 @@ def at_most(
     for i in order:
         rung, flat, kl = found[i]
         keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flat).items()}
-        if rung.value >= total or best is None or not _no_worse(best_kl, kl):
+        if rung.value >= total or best is None or not no_worse(best_kl, kl):
             best, best_kl = i, kl
             out[i] = Rung(rung.mode, rung.value, rung.gates, keep, rung.history)
         else:
