@@ -7,15 +7,24 @@ A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of 
 - ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose
   ``log_lambda`` differ, every rung for ``config.steps`` steps (for target sizes, each rung's
   ``λ`` follows its own dual ascent towards its size, outside the step); or
-- ``continuation``: one rung after the other, smallest explanation first, each warm-started from
-  the previous rung's state (gates, optimiser, adversary) for ``continuation_steps`` steps
-  (target sizes from the smallest up, penalties from the smallest up).
+- ``continuation``: one rung after the other, each warm-started from the previous rung's state
+  (gates, optimiser, adversary) for ``continuation_steps`` steps. Penalties go from the smallest
+  up. Target sizes go both ways (``direction="both"``, the default of :func:`train_ladder`): *up*
+  from the smallest size (units earn their place; λ backs off fast), and *down* from the largest,
+  starting from open gates, with λ rising as fast as it backs off. Each rung is the way whose
+  finished explanation has the lower KL on the training prompts and carries the other as its
+  ``alternative``; :func:`at_most` polishes both and keeps the better. Growing alone closes most gates
+  for good on the first, one-unit rung of a large model: on ``ioi`` (320 units) every rung up to
+  160 units was then no better than the empty explanation (KL 8.8 nats), and on ``paren`` every
+  rung up to 196. Going down finds ``ioi``'s 64-unit rung at KL 7.35 and ``paren``'s 78-unit rung
+  at 4.99 before polishing, but loses a faithful pair of cancelling units that growing finds
+  (``planted-cancel``).
 
-Measured on a 2-core CPU, 8 rungs against one 1500-step run (same process, after a warm-up):
-planted-distractor with the learned adversary: vmap 2.7×, continuation 1.7×; planted-joint without
-adversary: 1.3× and 1.2×; ioi (72k parameters, 320 units, no adversary): vmap 8.0×, continuation
-2.4×. vmap costs about one run per rung once the step is compute-bound, so ``auto`` picks
-``continuation``; ``vmap`` trains every rung from scratch for the full ``config.steps``.
+Measured on a 2-core CPU, 8 rungs against one 1500-step run (same process, after a warm-up, one
+way up): planted-distractor with the learned adversary: vmap 2.7×, continuation 1.7×; planted-joint
+without adversary: 1.3× and 1.2×; ioi (72k parameters, 320 units, no adversary): vmap 8.0×,
+continuation 2.4×. vmap costs about one run per rung once the step is compute-bound, so ``auto``
+picks ``continuation``; ``vmap`` trains every rung from scratch for the full ``config.steps``.
 
 Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
 plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. Units that
@@ -74,6 +83,8 @@ from explainer.train import (
 )
 
 STRATEGIES = ("auto", "vmap", "continuation")
+DIRECTIONS = ("both", "up", "down")
+DIRECTIONS_BOTH = ("up", "down")
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
@@ -89,6 +100,7 @@ class Rung:
     gates: Gates
     keep: Mask
     history: dict[str, list[float]]
+    alternative: Rung | None = None  # trained the other way (a ladder of sizes both ways)
 
     @property
     def name(self) -> str:
@@ -114,11 +126,12 @@ def _ladder_step(step, config: TrainConfig, mode: str):
     fn = step.fn if isinstance(step, TrainStep) else (lambda state, _: step(state))
 
     @eqx.filter_jit
-    def ladder_step(states: TrainState, targets: jax.Array, operands: Any):
+    def ladder_step(states: TrainState, rungs: tuple[jax.Array, jax.Array], operands: Any):
+        targets, rise = rungs  # rise: how fast λ rises, as a multiple of dual_lr
         states, metrics = eqx.filter_vmap(lambda state: fn(state, operands))(states)
         if mode == "sizes":  # dual ascent on each rung's λ towards its own size (as target_size does)
             direction = jnp.tanh(metrics["size"] - targets)
-            rate = jnp.where(direction > 0, config.dual_lr, DUAL_BACKOFF * config.dual_lr)
+            rate = jnp.where(direction > 0, rise * config.dual_lr, DUAL_BACKOFF * config.dual_lr)
             log_lambda = jnp.clip(states.log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
             states = eqx.tree_at(lambda s: s.log_lambda, states, log_lambda)
         return states, metrics
@@ -179,6 +192,47 @@ def _run_steps(
     return states, {k: np.asarray(v, np.float64) for k, v in history.values.items()}
 
 
+def _open(config: TrainConfig) -> TrainConfig:
+    return config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
+
+
+def _continue(
+    ladder_step, state, targets, log_lambda, values, mode, way, steps, more, operands, advance, done, folder, every
+):
+    """One continuation ladder: ``up`` from the smallest value (each rung warm-started from the one
+    below), or ``down`` from the largest (sizes only: the state given starts from open gates, and
+    on every later rung λ rises as fast as it backs off, since a short rung must close units).
+    Returns each rung's gates and history, in the order of ``values``."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    if way == "down":
+        order = order[::-1]
+    rise = DUAL_BACKOFF if way == "down" else 1.0
+    gates, histories = [None] * len(values), [None] * len(values)
+    state = _batch(state, 1, log_lambda[order[:1]])
+    for j, i in enumerate(order):
+        if j > 0 and mode == "lambdas":
+            state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[i : i + 1]))
+        n = steps if j == 0 else more
+        rung_folder = folder / f"rung-{j}" if folder is not None else None
+        rung = (targets[i : i + 1], jnp.full((1,), rise if j > 0 else 1.0, jnp.float32))
+        state, history = _run_steps(
+            ladder_step,
+            state,
+            rung,
+            operands,
+            n,
+            advance,
+            done,
+            f"rung {j + 1}{' (down)' if way == 'down' else ''}",
+            rung_folder,
+            every,
+        )
+        done += n
+        gates[i] = jax.tree.map(lambda x: x[0], state.gates)
+        histories[i] = {k: v[:, 0].tolist() for k, v in history.items()}
+    return gates, histories
+
+
 def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
     """``vmap`` or ``continuation`` (``auto``: continuation, the faster on every model measured)."""
     if strategy not in STRATEGIES:
@@ -197,14 +251,18 @@ def train_ladder(
     continuation_steps: int | None = None,
     progress: bool = False,
     checkpoints: str | os.PathLike | None = None,
+    direction: str = "both",
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
     ``config.steps // 4``) is the number of steps of every rung after the first under
-    ``continuation``. See the module docstring for the strategies. With a ``checkpoints`` folder,
-    training is saved there every ``config.checkpoint_every`` steps (``continuation``: each rung in
-    its own ``rung-J``, so a resumed ladder reloads finished rungs) and continued from what is there.
+    ``continuation``. ``direction`` (``both``, ``up`` or ``down``) is the way a continuation ladder
+    of sizes goes (penalties always go up); ``both`` records ``descending`` (1 or 0) in each rung's
+    history. See the module docstring for the strategies. With a ``checkpoints`` folder, training is
+    saved there every ``config.checkpoint_every`` steps (``continuation``: each rung in its own
+    ``rung-J``, the way down in ``down/rung-J``, so a resumed ladder reloads finished rungs) and
+    continued from what is there.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -221,6 +279,8 @@ def train_ladder(
     if not values:
         raise ExplainerError("the ladder is empty; give at least one size (--sizes 1,2,4) or penalty (--lambdas)")
     strategy = choose_strategy(strategy, scrubber)
+    if direction not in DIRECTIONS:
+        raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     config = _step_config(config)
     optimizer = optax.adam(config.lr)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
@@ -231,47 +291,67 @@ def train_ladder(
     targets = jnp.asarray(values, jnp.float32)
     folder = Path(checkpoints) if checkpoints is not None else None
     every = config.checkpoint_every
+    alternatives: list[Rung | None] = [None] * len(values)
     if strategy == "vmap":
         with progress_bar(progress, config.steps, label=f"sweep ({len(values)} rungs, vmap)") as advance:
             batch = _batch(start, len(values), log_lambda)
+            rungs = (targets, jnp.ones_like(targets))
             states, history = _run_steps(
-                ladder_step, batch, targets, operands, config.steps, advance, 0, "", folder, every
+                ladder_step, batch, rungs, operands, config.steps, advance, 0, "", folder, every
             )
         gates = [jax.tree.map(lambda x, i=i: x[i], states.gates) for i in range(len(values))]
         histories = [{k: v[:, i].tolist() for k, v in history.items()} for i in range(len(values))]
     else:
         more = continuation_steps if continuation_steps is not None else max(1, config.steps // 4)
-        # sizes: smallest first, growing (units earn their place; λ backs off fast); penalties:
-        # smallest first, pruning (a huge penalty closes gates too far for a short rung to reopen)
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        gates, histories = [None] * len(values), [None] * len(values)
-        state = _batch(start, 1, log_lambda[order[:1]])
-        total = config.steps + more * (len(values) - 1)
-        done = 0
-        with progress_bar(progress, total, label=f"sweep ({len(values)} rungs, continuation)") as advance:
-            for j, i in enumerate(order):
-                if j > 0 and mode == "lambdas":
-                    state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[i : i + 1]))
-                n = config.steps if j == 0 else more
-                rung_folder = folder / f"rung-{j}" if folder is not None else None
-                state, history = _run_steps(
-                    ladder_step,
-                    state,
-                    targets[i : i + 1],
-                    operands,
-                    n,
-                    advance,
-                    done,
-                    f"rung {j + 1}",
-                    rung_folder,
-                    every,
+        ways = DIRECTIONS_BOTH if mode == "sizes" and direction == "both" else (direction if mode == "sizes" else "up",)
+        total = len(ways) * (config.steps + more * (len(values) - 1))
+        label = f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
+        found = []
+        with progress_bar(progress, total, label=label) as advance:
+            done = 0
+            for way in ways:
+                first = start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary)
+                sub = None if folder is None else (folder if way == "up" else folder / "down")
+                found.append(
+                    _continue(
+                        ladder_step,
+                        first,
+                        targets,
+                        log_lambda,
+                        values,
+                        mode,
+                        way,
+                        config.steps,
+                        more,
+                        operands,
+                        advance,
+                        done,
+                        sub,
+                        every,
+                    )
                 )
-                done += n
-                gates[i] = jax.tree.map(lambda x: x[0], state.gates)
-                histories[i] = {k: v[:, 0].tolist() for k, v in history.items()}
-    for h in histories:
+                done += config.steps + more * (len(values) - 1)
+        gates, histories = list(found[0][0]), list(found[0][1])
+        if len(found) > 1:  # each rung: the way whose finished explanation has the lower KL
+            others = found[1]
+            oracle = KLOracle(scrubber, data, config.seed)
+            kl = [
+                oracle.kl(np.stack([oracle.flat(_finish(mode, v, g)) for v, g in zip(values, way[0], strict=True)]))
+                for way in found
+            ]
+            for i in range(len(values)):
+                down = bool(kl[1][i] < kl[0][i] and not no_worse(float(kl[0][i]), float(kl[1][i])))
+                pair = [(found[0][0][i], found[0][1][i], 0.0), (others[0][i], others[1][i], 1.0)]
+                (gates[i], histories[i], flag), (g2, h2, flag2) = pair[::-1] if down else pair
+                histories[i]["descending"] = [flag]
+                h2["descending"] = [flag2]
+                alternatives[i] = Rung(mode, values[i], g2, _finish(mode, values[i], g2), h2)
+    for h in histories + [r.history for r in alternatives if r is not None]:
         h["traces"] = [counter["traces"]]  # the step compiles once, whatever the ladder (tests check)
-    return [Rung(mode, v, g, _finish(mode, v, g), h) for v, g, h in zip(values, gates, histories, strict=True)]
+    return [
+        Rung(mode, v, g, _finish(mode, v, g), h, a)
+        for v, g, h, a in zip(values, gates, histories, alternatives, strict=True)
+    ]
 
 
 # --- grading --------------------------------------------------------------------------------------
@@ -432,13 +512,15 @@ def at_most(
     From the smallest rung up: units whose removal does not raise the KL on the training prompts
     are dropped and, while the KL is above ``kl_budget`` and there is room below the rung's size,
     units are added back by exact search (:func:`polish`; a target size forces ``k`` units in even
-    when fewer do the job, and continuation can leave gates closed for good). When no rung below
-    the full model meets the budget, the rungs stuck (over budget with room to spare) are trained
-    again by ``restart`` (``sweep``: from open gates, as ``explain``'s open restart), the largest
-    first, and the better of the two kept; the restarts stop at the first that misses the budget
-    too (a smaller rung will not meet it where a larger one could not, and each restart is a whole
-    training run). When some rung meets the budget, the smaller ones are over it because the
-    behaviour needs more units, and they are not restarted.
+    when fewer do the job, and continuation can leave gates closed for good). A rung trained both
+    ways keeps the way whose *polished* explanation has the lower KL (before polishing, the way
+    down looked better on induction's 4- and 48-unit rungs and was worse after). The rungs stuck
+    (over budget with room to spare) below the smallest rung that meets the budget (all of them
+    when none does) are trained again by ``restart`` (``sweep``: from open gates, as ``explain``'s
+    open restart), the largest first, and the better of the two kept; the restarts stop at the
+    first that misses the budget too (a smaller rung will not meet it where a larger one could
+    not, and each restart is a whole training run). A restart that misses the budget can still
+    lower the KL of a rung where training closed gates for good.
     Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
     units, so it is replaced by that rung (keeping its own target and history). The full model's
     rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
@@ -454,10 +536,23 @@ def at_most(
         rung, flat = rungs[i], oracle.flat(rungs[i].keep)
         if rung.value < total:
             flat = polish(oracle, flat, int(rung.value), kl_budget)
-        found[i] = (rung, flat, float(oracle.kl(flat[None])[0]))
-    met = any(found[i][2] <= kl_budget for i in order if rungs[i].value < total)
-    if restart is not None and not met:
-        stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < total]
+        kl = float(oracle.kl(flat[None])[0])
+        other = rung.alternative
+        if (
+            other is not None
+            and rung.value < total
+            and not np.array_equal(oracle.flat(other.keep), oracle.flat(rung.keep))
+        ):
+            flat2 = polish(oracle, oracle.flat(other.keep), int(rung.value), kl_budget)
+            kl2 = float(oracle.kl(flat2[None])[0])
+            if kl2 < kl and not no_worse(kl, kl2):
+                rung, flat, kl = other, flat2, kl2
+        found[i] = (rung, flat, kl)
+    # the smallest rung that meets the budget (the full model when none does): only rungs below it
+    # can be stuck for want of units that training closed for good
+    limit = min([rungs[i].value for i in order if rungs[i].value < total and found[i][2] <= kl_budget] or [total])
+    if restart is not None:
+        stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < limit]
         for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
             rung, flat, kl = found[i]
             again = restart(rung.value)
@@ -496,7 +591,7 @@ def open_restart(
     def restart(value: float) -> Rung:
         more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
         return train_ladder(
-            scrubber, train, open_config, "sizes", [value], adversary, "continuation", checkpoints=more
+            scrubber, train, open_config, "sizes", [value], adversary, "continuation", checkpoints=more, direction="up"
         )[0]
 
     return restart

@@ -38,7 +38,32 @@ def test_target_sizes_are_met_and_the_truth_is_found(distractor, strategy):
     assert [r.size for r in rungs] == [3, 1, 2]  # in the order given
     assert _kept(rungs[2].keep) == TRUTH
     assert rungs[0].history["traces"] == [1]  # one compiled step for the whole ladder
-    assert len(rungs[0].history["kl"]) == (300 if strategy == "vmap" or rungs[0].value == 1 else 75)
+    # continuation trains the ladder up from 1 unit and down from 3; a rung's first is 300 steps
+    first = strategy == "vmap" or rungs[0].history["descending"] == [1.0]
+    assert len(rungs[0].history["kl"]) == (300 if first else 75)
+
+
+def test_each_rung_keeps_the_better_of_up_and_down():
+    """Continuation trains target sizes both ways (up from the smallest, down from the largest from
+    open gates); each rung is exactly the one of the two whose finished explanation has the lower KL."""
+    from explainer.polish import KLOracle
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    config = TrainConfig(steps=300)
+    ladders = {d: train_ladder(scrubber, data, config, "sizes", [1, 2, 4], direction=d) for d in ("up", "down", "both")}
+    oracle = KLOracle(scrubber, data, config.seed)
+    kl = {d: oracle.kl(np.stack([oracle.flat(r.keep) for r in rungs])) for d, rungs in ladders.items()}
+    for i, rung in enumerate(ladders["both"]):
+        way = "down" if rung.history["descending"] == [1.0] else "up"
+        assert _kept(rung.keep) == _kept(ladders[way][i].keep)
+        assert kl["both"][i] <= min(kl["up"][i], kl["down"][i]) + 1e-6
+    # the 2-unit rung is the faithful cancelling pair, which the ladder grown from one unit finds
+    assert kl["both"][1] < 1e-3
+    with pytest.raises(ExplainerError, match="direction"):
+        train_ladder(scrubber, data, config, "sizes", [1], direction="sideways")
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "continuation"])
@@ -183,3 +208,31 @@ def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
     out = at_most(scrubber, task.train_data(), rungs)
     assert [r.size for r in out] == [0, 0, 2, 2, 20]  # the full model stays
     assert [r.value for r in out] == [0, 1, 2, 3, 20] and out[1].history == {"k": [1.0]}
+
+
+def test_at_most_keeps_the_way_whose_polished_rung_is_better():
+    """A rung trained both ways carries the other way as ``alternative``; ``at_most`` polishes both
+    and keeps the lower KL. On planted-cancel, the cancelling pair (6, 7) cannot be polished into the
+    2-unit pathway (no single unit helps), so only the comparison finds it."""
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.sweep import Rung, at_most
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    scrubber = Scrubber.build(load_model(folder), task.train_data())
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+
+    def rung(kept, alternative=None):
+        keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+        for site, units in kept.items():
+            keep[site][units] = 1
+        return Rung("sizes", 2.0, gates, keep, {"kept": [float(len(kept))]}, alternative)
+
+    pathway, pair = {"blocks.0.attn.in": [0], "unembed.in": [1]}, {"unembed.in": [6, 7]}
+    for chosen, other in ((pair, pathway), (pathway, pair)):
+        (out,) = at_most(scrubber, task.train_data(), [rung(chosen, rung(other))])
+        assert _kept(out.keep) == pathway
+    (alone,) = at_most(scrubber, task.train_data(), [rung(pair)])
+    assert _kept(alone.keep) != pathway  # without the other way, polishing does not get there
