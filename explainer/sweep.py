@@ -259,7 +259,8 @@ def train_ladder(
     ``config.steps // 4``) is the number of steps of every rung after the first under
     ``continuation``. ``direction`` (``both``, ``up`` or ``down``) is the way a continuation ladder
     of sizes goes (penalties always go up); ``both`` records ``descending`` (1 or 0) in each rung's
-    history. See the module docstring for the strategies. With a ``checkpoints`` folder, training is
+    history and gives each rung the other way's as its ``alternative`` (:func:`at_most` polishes
+    both). See the module docstring for the strategies. With a ``checkpoints`` folder, training is
     saved there every ``config.checkpoint_every`` steps (``continuation``: each rung in its own
     ``rung-J``, the way down in ``down/rung-J``, so a resumed ladder reloads finished rungs) and
     continued from what is there.
@@ -538,12 +539,9 @@ def at_most(
             flat = polish(oracle, flat, int(rung.value), kl_budget)
         kl = float(oracle.kl(flat[None])[0])
         other = rung.alternative
-        if (
-            other is not None
-            and rung.value < total
-            and not np.array_equal(oracle.flat(other.keep), oracle.flat(rung.keep))
-        ):
-            flat2 = polish(oracle, oracle.flat(other.keep), int(rung.value), kl_budget)
+        other_flat = oracle.flat(other.keep) if other is not None else None
+        if other is not None and rung.value < total and not np.array_equal(other_flat, oracle.flat(rung.keep)):
+            flat2 = polish(oracle, other_flat, int(rung.value), kl_budget)
             kl2 = float(oracle.kl(flat2[None])[0])
             if kl2 < kl and not no_worse(kl, kl2):
                 rung, flat, kl = other, flat2, kl2
@@ -586,7 +584,7 @@ def open_restart(
 ) -> Callable[[float], Rung]:
     """:func:`at_most`'s ``restart``: one rung of the given size trained again from open gates (the
     whole ``config.steps``), as ``explain``'s open restart; checkpoints in ``open-restart-K``."""
-    open_config = config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
+    open_config = _open(config)
 
     def restart(value: float) -> Rung:
         more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
