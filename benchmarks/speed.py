@@ -20,7 +20,7 @@ step and at most 3 for the min-max step.
 
 **Time to frontier** (``--frontier-models``): the wall time of an 8-point ladder of target sizes
 as :func:`explainer.sweep.sweep` trains it (:func:`~explainer.sweep.train_ladder` with its
-default strategy, then :func:`~explainer.sweep.at_most`'s polish and open restarts of stuck
+default strategy, then :func:`~explainer.sweep.at_most`'s polish and open restarts (or exact searches) of stuck
 rungs), next to one single training run (:func:`explainer.train.train_gates`, default settings)
 and to what ``explainer train`` does (:func:`explainer.train.fit`: the training run, then repair
 and the open restart when it misses its KL budget), all without an adversary and with
@@ -134,7 +134,8 @@ def time_to_frontier(name: str, config: TrainConfig) -> dict:
     started = time.perf_counter()
     rungs = train_ladder(scrubber, data, config, "sizes", sizes)
     trained = time.perf_counter() - started
-    rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, open_restart(scrubber, data, config))
+    restart = open_restart(scrubber, data, config)
+    rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, config.steps)
     ladder = time.perf_counter() - started
     return {
         "model": name,
@@ -145,6 +146,7 @@ def time_to_frontier(name: str, config: TrainConfig) -> dict:
         "ladder_s": ladder,
         "ladder_training_s": trained,
         "ladder_restarts": sum(int("open_restart" in r.history) for r in rungs),
+        "ladder_exact_searches": sum(int("exact_search" in r.history) for r in rungs),
         "ratio": ladder / single,
         "ratio_to_train_command": ladder / command,
     }
@@ -152,7 +154,15 @@ def time_to_frontier(name: str, config: TrainConfig) -> dict:
 
 def show_frontier(rows: list[dict]) -> None:
     table = Table(title=f"time to an 8-point frontier vs one training run (target ≤ {TARGET_FRONTIER})")
-    columns = ("model", "ladder (sizes)", "one run s", "train cmd s", "ladder s (training)", "restarts", "ratio")
+    columns = (
+        "model",
+        "ladder (sizes)",
+        "one run s",
+        "train cmd s",
+        "ladder s (training)",
+        "restarts (exact)",
+        "ratio",
+    )
     for column in columns + ("ratio to train cmd",):
         table.add_column(column, justify="left" if column in ("model", "ladder (sizes)") else "right")
     for r in rows:
@@ -163,7 +173,7 @@ def show_frontier(rows: list[dict]) -> None:
             f"{r['single_s']:.1f}",
             f"{r['train_command_s']:.1f}" + (" (restarted)" if r["train_command_open_restart"] else ""),
             f"{r['ladder_s']:.1f} ({r['ladder_training_s']:.1f})",
-            str(r["ladder_restarts"]),
+            f"{r['ladder_restarts']} ({r.get('ladder_exact_searches', 0)})",
             ratio,
             f"{r['ratio_to_train_command']:.2f}",
         )

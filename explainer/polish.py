@@ -12,6 +12,9 @@ fixed replacement, so the result is deterministic. Candidates are scored in vmap
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -228,3 +231,30 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
         flat[free[:length]] = 0.0
         base = new_base
     return flat
+
+
+def best_of_size(oracle: KLOracle, size: int, max_sets: int, block: int = 1024) -> np.ndarray | None:
+    """The flat mask of exactly ``size`` units with the least KL, by scoring every such set, or
+    ``None`` when there are more than ``max_sets`` of them (or ``size`` is out of range).
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> oracle = KLOracle(Scrubber.build(load_model(folder), task.train_data()), task.train_data())
+    >>> np.flatnonzero(best_of_size(oracle, 2, max_sets=1000)).tolist()
+    [0, 11]
+    """
+    n = oracle.n_units
+    if not 0 <= size <= n or math.comb(n, size) > max_sets:
+        return None
+    best, best_kl = np.zeros(n, np.float32), np.inf
+    sets = itertools.combinations(range(n), size)
+    while part := list(itertools.islice(sets, block)):
+        rows = np.zeros((len(part), n), np.float32)
+        for row, units in zip(rows, part, strict=True):
+            row[list(units)] = 1.0
+        kls = oracle.kl(rows)
+        if kls.min() < best_kl:
+            best, best_kl = rows[int(np.argmin(kls))], float(kls.min())
+    return best

@@ -67,7 +67,7 @@ from explainer.faults import History, checked_step
 from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_areas, mib_ladder
 from explainer.lock import run_lock
 from explainer.masks import Gates
-from explainer.polish import KLOracle, no_worse, prune, repair
+from explainer.polish import KLOracle, best_of_size, no_worse, prune, repair
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.tasks.base import Batch
@@ -84,6 +84,9 @@ from explainer.train import (
 
 STRATEGIES = ("auto", "vmap", "continuation")
 DIRECTIONS = ("both", "up", "down")
+# at_most scores every set of a stuck rung's size when there are at most this many (about what
+# an open restart's 1500 steps cost, each step a forward and backward pass on 64 prompts)
+EXACT_SETS = 1500
 DIRECTIONS_BOTH = ("up", "down")
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
@@ -196,40 +199,45 @@ def _open(config: TrainConfig) -> TrainConfig:
     return config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
 
 
+def _stack(states: Sequence[TrainState]) -> TrainState:
+    """States of the same shape as one batch, in the order given."""
+    static = eqx.partition(states[0], eqx.is_array)[1]
+    arrays = [eqx.partition(s, eqx.is_array)[0] for s in states]
+    return eqx.combine(jax.tree.map(lambda *xs: jnp.stack(xs), *arrays), static)
+
+
 def _continue(
-    ladder_step, state, targets, log_lambda, values, mode, way, steps, more, operands, advance, done, folder, every
+    ladder_step, starts, targets, log_lambda, values, mode, ways, steps, more, operands, advance, done, folder, every
 ):
-    """One continuation ladder: ``up`` from the smallest value (each rung warm-started from the one
-    below), or ``down`` from the largest (sizes only: the state given starts from open gates, and
-    on every later rung λ rises as fast as it backs off, since a short rung must close units).
-    Returns each rung's gates and history, in the order of ``values``."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    if way == "down":
-        order = order[::-1]
-    rise = DUAL_BACKOFF if way == "down" else 1.0
-    gates, histories = [None] * len(values), [None] * len(values)
-    state = _batch(state, 1, log_lambda[order[:1]])
-    for j, i in enumerate(order):
+    """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
+    per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
+    below), ``down`` from the largest (sizes only: its start has open gates, and on every later rung
+    λ rises as fast as it backs off, since a short rung must close units). Both ways have the same
+    rungs and steps, so rung ``j`` of every way is one stretch of the batched step: on small models
+    a step of two states costs little more than a step of one. Returns, per way, each rung's gates
+    and history in the order of ``values``."""
+    ascending = sorted(range(len(values)), key=lambda i: values[i])
+    orders = [ascending[::-1] if way == "down" else ascending for way in ways]
+    gates = [[None] * len(values) for _ in ways]
+    histories = [[None] * len(values) for _ in ways]
+    state = eqx.tree_at(lambda s: s.log_lambda, _stack(starts), jnp.asarray(log_lambda[[o[0] for o in orders]]))
+    suffix = {("up",): "", ("down",): " (down)"}.get(tuple(ways), " (both ways)")
+    for j in range(len(values)):
+        chosen = [o[j] for o in orders]
         if j > 0 and mode == "lambdas":
-            state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[i : i + 1]))
+            state = eqx.tree_at(lambda s: s.log_lambda, state, jnp.asarray(log_lambda[chosen]))
         n = steps if j == 0 else more
+        rise = [DUAL_BACKOFF if way == "down" and j > 0 else 1.0 for way in ways]
+        rung = (targets[jnp.asarray(chosen)], jnp.asarray(rise, jnp.float32))
         rung_folder = folder / f"rung-{j}" if folder is not None else None
-        rung = (targets[i : i + 1], jnp.full((1,), rise if j > 0 else 1.0, jnp.float32))
         state, history = _run_steps(
-            ladder_step,
-            state,
-            rung,
-            operands,
-            n,
-            advance,
-            done,
-            f"rung {j + 1}{' (down)' if way == 'down' else ''}",
-            rung_folder,
-            every,
+            ladder_step, state, rung, operands, n, advance, done, f"rung {j + 1}{suffix}", rung_folder, every
         )
         done += n
-        gates[i] = jax.tree.map(lambda x: x[0], state.gates)
-        histories[i] = {k: v[:, 0].tolist() for k, v in history.items()}
+        batch = jax.device_get(state.gates)  # sliced on the host: slicing on the device compiles per shape
+        for b, i in enumerate(chosen):
+            gates[b][i] = jax.tree.map(lambda x, b=b: jnp.asarray(x[b]), batch)
+            histories[b][i] = {k: v[:, b].tolist() for k, v in history.items()}
     return gates, histories
 
 
@@ -305,33 +313,33 @@ def train_ladder(
     else:
         more = continuation_steps if continuation_steps is not None else max(1, config.steps // 4)
         ways = DIRECTIONS_BOTH if mode == "sizes" and direction == "both" else (direction if mode == "sizes" else "up",)
-        total = len(ways) * (config.steps + more * (len(values) - 1))
+        total = config.steps + more * (len(values) - 1)
         label = f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
-        found = []
+        starts = [start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary) for way in ways]
+        # one way in the folder itself (the way down alone in down/); both ways, in lockstep, in both/
+        sub = None if folder is None else folder / {"up": "", "down": "down"}.get("".join(ways), "both")
         with progress_bar(progress, total, label=label) as advance:
-            done = 0
-            for way in ways:
-                first = start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary)
-                sub = None if folder is None else (folder if way == "up" else folder / "down")
-                found.append(
-                    _continue(
+            found = list(
+                zip(
+                    *_continue(
                         ladder_step,
-                        first,
+                        starts,
                         targets,
                         log_lambda,
                         values,
                         mode,
-                        way,
+                        ways,
                         config.steps,
                         more,
                         operands,
                         advance,
-                        done,
+                        0,
                         sub,
                         every,
-                    )
+                    ),
+                    strict=True,
                 )
-                done += config.steps + more * (len(values) - 1)
+            )
         gates, histories = list(found[0][0]), list(found[0][1])
         if len(found) > 1:  # each rung: the way whose finished explanation has the lower KL
             others = found[1]
@@ -507,6 +515,7 @@ def at_most(
     seed: int = 0,
     kl_budget: float = 0.01,
     restart: Callable[[float], Rung] | None = None,
+    exact_sets: int = EXACT_SETS,
 ) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
@@ -517,11 +526,14 @@ def at_most(
     ways keeps the way whose *polished* explanation has the lower KL (before polishing, the way
     down looked better on induction's 4- and 48-unit rungs and was worse after). The rungs stuck
     (over budget with room to spare) below the smallest rung that meets the budget (all of them
-    when none does) are trained again by ``restart`` (``sweep``: from open gates, as ``explain``'s
-    open restart), the largest first, and the better of the two kept; the restarts stop at the
-    first that misses the budget too (a smaller rung will not meet it where a larger one could
-    not, and each restart is a whole training run). A restart that misses the budget can still
-    lower the KL of a rung where training closed gates for good.
+    when none does) are searched again, the largest first, and the better of the two kept: by
+    scoring every set of the rung's size where there are at most ``exact_sets`` (the exact
+    optimum, for about the cost of a restart of that many steps), else by ``restart`` (``sweep``:
+    trained from open gates, as ``explain``'s open restart). The restarts stop at the first that
+    misses the budget too (a smaller rung will not meet it where a larger one could not, and each
+    restart is a whole training run); exact searches of smaller rungs still run. A restart that
+    misses the budget can still lower the KL of a rung where training closed gates for good.
+    Searched rungs record ``exact_search`` or ``open_restart`` (1 when it won) in their history.
     Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
     units, so it is replaced by that rung (keeping its own target and history). The full model's
     rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
@@ -549,19 +561,25 @@ def at_most(
     # the smallest rung that meets the budget (the full model when none does): only rungs below it
     # can be stuck for want of units that training closed for good
     limit = min([rungs[i].value for i in order if rungs[i].value < total and found[i][2] <= kl_budget] or [total])
-    if restart is not None:
-        stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < limit]
-        for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
-            rung, flat, kl = found[i]
+    stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < limit]
+    restarting = restart is not None
+    for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
+        rung, flat, kl = found[i]
+        exact = best_of_size(oracle, int(rung.value), exact_sets)
+        if exact is None and not restarting:
+            continue
+        if exact is not None:  # every set of the rung's size scored: cheaper than a restart, and exact
+            again, flat2, key = rung, exact, "exact_search"
+        else:
             again = restart(rung.value)
-            flat2 = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget)
-            kl2 = float(oracle.kl(flat2[None])[0])
-            history = {"open_restart": [float(kl2 < kl)]}
-            if kl2 < kl:
-                rung, flat, kl = Rung(rung.mode, rung.value, again.gates, again.keep, again.history), flat2, kl2
-            found[i] = (Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history}), flat, kl)
-            if kl2 > kl_budget:
-                break
+            flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
+        kl2 = float(oracle.kl(flat2[None])[0])
+        history = {key: [float(kl2 < kl)]}
+        if kl2 < kl:
+            rung, flat, kl = Rung(rung.mode, rung.value, again.gates, again.keep, again.history), flat2, kl2
+        found[i] = (Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history}), flat, kl)
+        if exact is None and kl2 > kl_budget:
+            restarting = False  # exact searches of smaller rungs are still cheap
     out: dict[int, Rung] = {}
     best, best_kl = None, math.inf
     for i in order:
@@ -778,7 +796,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
         restart = open_restart(scrubber, train, config, adversary, checkpoints)
-        ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart)
+        ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, config.steps)
     graded = grade_masks(
         scrubber,
         train,

@@ -207,7 +207,9 @@ def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
     rungs = [Rung("sizes", float(k), gates, m, {"k": [float(k)]}) for k, m in masks.items()]
     out = at_most(scrubber, task.train_data(), rungs)
     assert [r.size for r in out] == [0, 0, 2, 2, 20]  # the full model stays
-    assert [r.value for r in out] == [0, 1, 2, 3, 20] and out[1].history == {"k": [1.0]}
+    assert [r.value for r in out] == [0, 1, 2, 3, 20]
+    # the 1-unit rung misses the budget with room to spare: every 1-unit set was scored, none better
+    assert out[1].history == {"k": [1.0], "exact_search": [0.0]}
 
 
 def test_at_most_keeps_the_way_whose_polished_rung_is_better():
@@ -236,3 +238,28 @@ def test_at_most_keeps_the_way_whose_polished_rung_is_better():
         assert _kept(out.keep) == pathway
     (alone,) = at_most(scrubber, task.train_data(), [rung(pair)])
     assert _kept(alone.keep) != pathway  # without the other way, polishing does not get there
+
+
+def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
+    """A stuck rung (over budget with room to spare) with at most ``exact_sets`` sets of its size is
+    searched exactly: on planted-cancel no single unit helps, so polishing from one half of the
+    cancelling pair ends empty, and only scoring all 190 pairs finds a faithful one."""
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.polish import KLOracle
+    from explainer.sweep import Rung, at_most
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+    keep["unembed.in"][6] = 1
+    rung = Rung("sizes", 2.0, Gates({s: jnp.zeros(10) for s in scrubber.sites}), keep, {})
+    oracle = KLOracle(scrubber, data)
+    (searched,) = at_most(scrubber, data, [rung])
+    assert searched.history == {"exact_search": [1.0]} and searched.size == 2
+    assert oracle.kl(oracle.flat(searched.keep)[None])[0] <= 0.01
+    (left,) = at_most(scrubber, data, [rung], exact_sets=189)  # one set too many: left as polished
+    assert left.history == {} and left.size == 0 and oracle.kl(oracle.flat(left.keep)[None])[0] > 1.0
