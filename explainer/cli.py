@@ -383,6 +383,12 @@ def sweep(
     strategy: str | None = typer.Option(
         None, "--strategy", help="auto (default), vmap (one compiled run) or continuation."
     ),
+    direction: str | None = typer.Option(
+        None,
+        "--direction",
+        help="How a continuation ladder of sizes trains: both (default; up from the smallest size and "
+        "down from the largest, each rung the better), up or down.",
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
     checkpoint_every: int | None = typer.Option(
@@ -428,6 +434,7 @@ def sweep(
         out_dir = resume
         given = {"model": model, "task": task, "lambdas": lambdas, "sizes": sizes, "config": config}
         given |= {"adversary": adversary, "budget": budget, "ablations": listed, "strategy": strategy}
+        given |= {"direction": direction}
         result = resume_sweep(resume, progress, **given, **settings)
         model = result["model"].get("name") or result["model"]["path"]
     else:
@@ -445,6 +452,7 @@ def sweep(
             budget=2 if budget is None else budget,
             ablations=listed if listed is not None else ["resample", "mean", "zero", "optimal"],
             strategy=strategy or "auto",
+            direction=direction or "both",
             out=out_dir,
             overwrite=overwrite,
             progress=progress,

@@ -139,6 +139,11 @@ def test_bad_ladders_name_the_fix(tmp_path):
         sweep("planted-distractor", sizes="1", out=tmp_path, progress=False)
     with pytest.raises(ExplainerError, match="strategy"):
         sweep("planted-distractor", sizes="1", strategy="fast", adversary="none", progress=False)
+    with pytest.raises(ExplainerError, match="direction"):
+        sweep("planted-distractor", sizes="1", direction="sideways", adversary="none", progress=False)
+    for setting, fix in ((dict(basis="learned"), "--basis learned"), (dict(positional=True), "--positional")):
+        with pytest.raises(ExplainerError, match=f"standard basis.*{fix} --target-size K"):
+            sweep("planted-distractor", sizes="1", adversary="none", progress=False, **setting)
 
 
 def test_cli_sweep_prints_the_frontier_last(tmp_path):
@@ -158,6 +163,8 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
             "200",
             "--ablations",
             "",
+            "--direction",
+            "up",
             "--out",
             str(tmp_path / "s"),
             "--json",
@@ -171,6 +178,8 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
     assert [r["target"] for r in result["records"]] == [1, 2]
     assert [r["size"] for r in result["records"]] == [0, 2]  # no unit alone helps: size 1 is the empty set
     assert "ablations" not in result
+    history = open_run(result["records"][1]["run"])[0].history
+    assert "kl" in history and "descending" not in history  # trained up only: no choice between ways
     bad = subprocess.run(
         [
             sys.executable,

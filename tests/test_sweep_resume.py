@@ -60,6 +60,8 @@ def test_sweep_sigkill_then_resume_is_bit_identical(tmp_path):
     assert saved and lock.lock_path(killed).exists()  # the dead process's lock is left behind
     conflict = cli("sweep", "--resume", killed, "--steps", "500", "--no-progress")
     assert conflict.returncode == 2 and "steps 500 (recorded: 600)" in conflict.stderr, conflict.stderr
+    way = cli("sweep", "--resume", killed, "--direction", "up", "--no-progress")
+    assert way.returncode == 2 and "direction 'up' (recorded: 'both')" in way.stderr, way.stderr
     resumed = cli("sweep", "--resume", killed, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert not resume.partial_path(killed).exists() and not lock.lock_path(killed).exists()
@@ -96,7 +98,7 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy):
 
     whole, history = ladder()
     ladder(tmp_path)  # writes the checkpoints
-    last = tmp_path / "rung-1" if strategy == "continuation" else tmp_path
+    last = tmp_path / "both" / "rung-1" if strategy == "continuation" else tmp_path  # both ways, in lockstep
     newest = list_checkpoints(last)
     newest[0][1].unlink()  # killed before its final save: resume from the one before
     again, history_again = ladder(tmp_path)
