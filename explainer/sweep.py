@@ -87,10 +87,10 @@ from explainer.train import (
 
 STRATEGIES = ("auto", "vmap", "continuation")
 DIRECTIONS = ("both", "up", "down")
+DIRECTIONS_BOTH = ("up", "down")
 # at_most scores every set of a stuck rung's size when there are at most this many (about what
 # an open restart's 1500 steps cost, each step a forward and backward pass on 64 prompts)
 EXACT_SETS = 1500
-DIRECTIONS_BOTH = ("up", "down")
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
@@ -210,7 +210,7 @@ def _stack(states: Sequence[TrainState]) -> TrainState:
 
 
 def _continue(
-    ladder_step, starts, targets, log_lambda, values, mode, ways, steps, more, operands, advance, done, folder, every
+    ladder_step, starts, targets, log_lambda, values, mode, ways, steps, more, operands, advance, folder, every
 ):
     """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
     per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
@@ -225,6 +225,7 @@ def _continue(
     histories = [[None] * len(values) for _ in ways]
     state = eqx.tree_at(lambda s: s.log_lambda, _stack(starts), jnp.asarray(log_lambda[[o[0] for o in orders]]))
     suffix = {("up",): "", ("down",): " (down)"}.get(tuple(ways), " (both ways)")
+    done = 0
     for j in range(len(values)):
         chosen = [o[j] for o in orders]
         if j > 0 and mode == "lambdas":
@@ -322,27 +323,22 @@ def train_ladder(
         # one way in the folder itself (the way down alone in down/); both ways, in lockstep, in both/
         sub = None if folder is None else folder / {"up": "", "down": "down"}.get("".join(ways), "both")
         with progress_bar(progress, total, label=label) as advance:
-            found = list(
-                zip(
-                    *_continue(
-                        ladder_step,
-                        starts,
-                        targets,
-                        log_lambda,
-                        values,
-                        mode,
-                        ways,
-                        config.steps,
-                        more,
-                        operands,
-                        advance,
-                        0,
-                        sub,
-                        every,
-                    ),
-                    strict=True,
-                )
+            by_way = _continue(
+                ladder_step,
+                starts,
+                targets,
+                log_lambda,
+                values,
+                mode,
+                ways,
+                config.steps,
+                more,
+                operands,
+                advance,
+                sub,
+                every,
             )
+        found = list(zip(*by_way, strict=True))  # per way: (gates, histories)
         gates, histories = list(found[0][0]), list(found[0][1])
         if len(found) > 1:  # each rung: the way whose finished explanation has the lower KL
             others = found[1]
@@ -352,7 +348,7 @@ def train_ladder(
                 for way in found
             ]
             for i in range(len(values)):
-                down = bool(kl[1][i] < kl[0][i] and not no_worse(float(kl[0][i]), float(kl[1][i])))
+                down = not no_worse(float(kl[0][i]), float(kl[1][i]))  # lower beyond float noise
                 pair = [(found[0][0][i], found[0][1][i], 0.0), (others[0][i], others[1][i], 1.0)]
                 (gates[i], histories[i], flag), (g2, h2, flag2) = pair[::-1] if down else pair
                 histories[i]["descending"] = [flag]
@@ -558,7 +554,7 @@ def at_most(
         if other is not None and rung.value < total and not np.array_equal(other_flat, oracle.flat(rung.keep)):
             flat2 = polish(oracle, other_flat, int(rung.value), kl_budget)
             kl2 = float(oracle.kl(flat2[None])[0])
-            if kl2 < kl and not no_worse(kl, kl2):
+            if not no_worse(kl, kl2):  # lower beyond float noise
                 rung, flat, kl = other, flat2, kl2
         found[i] = (rung, flat, kl)
     # the smallest rung that meets the budget (the full model when none does): only rungs below it
