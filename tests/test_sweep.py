@@ -249,6 +249,44 @@ def test_at_most_keeps_the_way_whose_polished_rung_is_better():
     assert _kept(alone.keep) != pathway  # without the other way, polishing does not get there
 
 
+def test_at_most_leaves_an_alternative_that_learned_nothing_unpolished(monkeypatch):
+    """Polishing an alternative no better than the empty explanation would be a search from scratch;
+    ``at_most`` polishes only the rung then, and both ways otherwise."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.polish import KLOracle
+    from explainer.sweep import Rung
+
+    sw = importlib.import_module("explainer.sweep")
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+
+    def rung(kept, alternative=None):
+        keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+        for site, units in kept.items():
+            keep[site][units] = 1
+        return Rung("sizes", 3.0, gates, keep, {}, alternative)
+
+    polished = []
+    real = sw.polish
+    monkeypatch.setattr(sw, "polish", lambda oracle, flat, *a: polished.append(flat.copy()) or real(oracle, flat, *a))
+    oracle = KLOracle(scrubber, data)
+    half, pathway = {"unembed.in": [6]}, {"blocks.0.attn.in": [0], "unembed.in": [1]}
+    more = {"blocks.0.attn.in": [0, 5], "unembed.in": [1]}
+    empty = oracle.kl(np.zeros((1, oracle.n_units)))[0]
+    assert oracle.kl(oracle.flat(rung(half).keep)[None])[0] > empty  # half a cancelling pair: worse than nothing
+    for alternative, calls in ((half, 1), (more, 2)):
+        polished.clear()
+        (out,) = sw.at_most(scrubber, data, [rung(pathway, rung(alternative))])
+        assert len(polished) == calls and _kept(out.keep) == pathway
+
+
 def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
     """A stuck rung (over budget with room to spare) with at most ``exact_sets`` sets of its size is
     searched exactly: on planted-cancel no single unit helps, so polishing from one half of the
