@@ -51,8 +51,8 @@ bench-peers: $(TEST_STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers.py --peers-python $(PEERS)/bin/python
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check explainer adversary tests benchmarks
-	$(BIN)/ruff format --check explainer adversary tests benchmarks
+	$(BIN)/ruff check explainer adversary tests benchmarks notebooks
+	$(BIN)/ruff format --check explainer adversary tests benchmarks notebooks
 
 ## regenerate the planted models shipped in the zoo (deterministic, no training)
 zoo: $(STAMP)
