@@ -524,15 +524,17 @@ def at_most(
     when fewer do the job, and continuation can leave gates closed for good). A rung trained both
     ways keeps the way whose *polished* explanation has the lower KL (before polishing, the way
     down looked better on induction's 4- and 48-unit rungs and was worse after); the other way is
-    left unpolished where it learned nothing (a KL no lower than the empty explanation's). The rungs stuck
-    (over budget with room to spare) below the smallest rung that meets the budget (all of them
-    when none does) are searched again, the largest first, and the better of the two kept: by
-    scoring every set of the rung's size where there are at most ``exact_sets`` (the exact
-    optimum, for about the cost of a restart of that many steps), else by ``restart`` (``sweep``:
-    trained from open gates, as ``explain``'s open restart). The restarts stop at the first that
-    misses the budget too (a smaller rung will not meet it where a larger one could not, and each
-    restart is a whole training run); exact searches of smaller rungs still run. A restart that
-    misses the budget can still lower the KL of a rung where training closed gates for good.
+    left unpolished where it learned nothing (a KL no lower than the empty explanation's). The rungs
+    over budget below the smallest rung that meets it (all of them when none does) are searched
+    again, the largest first, and the better of the two kept: by scoring every set of the rung's
+    size where there are at most ``exact_sets`` (the exact optimum, for about the cost of a
+    restart of that many steps), else by ``restart`` (``sweep``: trained from open gates, as
+    ``explain``'s open restart), except the largest rung of a ladder trained both ways (its way
+    down began with that very run). The restarts stop at the first that misses the budget too (a
+    smaller rung will not meet it where a larger one could not, and each restart is a whole
+    training run); exact searches of smaller rungs still run. A restart that misses the budget can
+    still lower the KL of a rung where training closed gates for good, or find a better set of the
+    same size (tracr-sort's 25-unit rung, full and over budget: held-out KL 0.68 against 0.99).
     Searched rungs record ``exact_search`` or ``open_restart`` (1 when it won) in their history.
     Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
     units, so it is replaced by that rung (keeping its own target and history). The full model's
@@ -570,12 +572,15 @@ def at_most(
     # the smallest rung that meets the budget (the full model when none does): only rungs below it
     # can be stuck for want of units that training closed for good
     limit = min([rungs[i].value for i in order if rungs[i].value < total and found[i][2] <= kl_budget] or [total])
-    stuck = [i for i in order if found[i][2] > kl_budget and found[i][1].sum() < rungs[i].value < limit]
+    stuck = [i for i in order if found[i][2] > kl_budget and rungs[i].value < limit]
+    # a ladder trained both ways began its way down with a whole run from open gates at its largest
+    # size: a restart there would repeat it
+    opened = max([r.value for r in rungs if r.value < total and "descending" in r.history], default=None)
     restarting = restart is not None
     for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
         rung, flat, kl = found[i]
         exact = best_of_size(oracle, int(rung.value), exact_sets)
-        if exact is None and not restarting:
+        if exact is None and (not restarting or rung.value == opened):
             continue
         if exact is not None:  # every set of the rung's size scored: cheaper than a restart, and exact
             again, flat2, key = rung, exact, "exact_search"

@@ -245,8 +245,10 @@ def test_at_most_keeps_the_way_whose_polished_rung_is_better():
     for chosen, other in ((pair, pathway), (pathway, pair)):
         (out,) = at_most(scrubber, task.train_data(), [rung(chosen, rung(other))])
         assert _kept(out.keep) == pathway
-    (alone,) = at_most(scrubber, task.train_data(), [rung(pair)])
+    (alone,) = at_most(scrubber, task.train_data(), [rung(pair)], exact_sets=0)
     assert _kept(alone.keep) != pathway  # without the other way, polishing does not get there
+    (searched,) = at_most(scrubber, task.train_data(), [rung(pair)])  # scoring all 190 pairs does
+    assert _kept(searched.keep) == pathway and searched.history["exact_search"] == [1.0]
 
 
 def test_at_most_leaves_an_alternative_that_learned_nothing_unpolished(monkeypatch):
@@ -310,3 +312,40 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
     assert oracle.kl(oracle.flat(searched.keep)[None])[0] <= 0.01
     (left,) = at_most(scrubber, data, [rung], exact_sets=189)  # one set too many: left as polished
     assert left.history == {} and left.size == 0 and oracle.kl(oracle.flat(left.keep)[None])[0] > 1.0
+
+
+def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
+    """Rungs over budget below the smallest that meets it are trained again (``restart``), full or
+    not, the largest first; the largest rung of a ladder trained both ways is skipped (its way down
+    began with a whole run from open gates, which is what a restart is)."""
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.sweep import Rung, at_most
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+    pathway = {"blocks.0.attn.in": [0], "unembed.in": [1]}
+
+    def rung(size, kept, history):
+        keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+        for site, units in kept.items():
+            keep[site][units] = 1
+        return Rung("sizes", float(size), gates, keep, dict(history))
+
+    asked = []
+
+    def restart(value):
+        asked.append(value)
+        return rung(value, pathway, {"restarted": [1.0]})
+
+    half = {"unembed.in": [6, 8]}  # half a cancelling pair and a spare unit: over budget
+    for history, expected in (({"descending": [1.0]}, [2.0]), ({}, [3.0, 2.0])):
+        asked.clear()
+        rungs = [rung(2, half, history), rung(3, {"unembed.in": [6, 8, 9]}, history)]
+        out = at_most(scrubber, data, rungs, restart=restart, exact_sets=0)
+        assert asked == expected
+        assert _kept(out[0].keep) == pathway and out[0].history["open_restart"] == [1.0]
