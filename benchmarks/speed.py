@@ -117,7 +117,7 @@ def ladder_sizes(total: int, points: int = 8) -> list[int]:
 
 def time_to_frontier(name: str, config: TrainConfig) -> dict:
     """Seconds of one training run and of an 8-point ladder, side by side, and their ratio."""
-    from explainer.sweep import at_most, open_restart, train_ladder
+    from explainer.sweep import at_most, exact_sets, open_restart, train_ladder
     from explainer.train import fit, train_gates
 
     folder = resolve_model(name)
@@ -135,7 +135,7 @@ def time_to_frontier(name: str, config: TrainConfig) -> dict:
     rungs = train_ladder(scrubber, data, config, "sizes", sizes)
     trained = time.perf_counter() - started
     restart = open_restart(scrubber, data, config)
-    rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, config.steps)
+    rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, exact_sets(config, None))
     ladder = time.perf_counter() - started
     return {
         "model": name,

@@ -607,6 +607,15 @@ def at_most(
     return [out[i] for i in range(len(rungs))]
 
 
+def exact_sets(config: TrainConfig, adversary: InLoopAdversary | None) -> int:
+    """How many sets :func:`at_most` may score exactly in ``sweep``: as many as a restart has steps,
+    and none with an adversary in the loop. The exact search ranks sets by KL alone, so it would
+    undo what the adversary bought: on planted-cancel it put the faithful but fragile 2-unit set
+    (adversarial gap 8.75 nats) in place of the robust 4-unit rungs. Restarts train with the
+    adversary."""
+    return 0 if adversary is not None else config.steps
+
+
 def open_restart(
     scrubber: Scrubber,
     train: Batch,
@@ -824,7 +833,8 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
         restart = open_restart(scrubber, train, config, adversary, checkpoints)
-        ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, config.steps)
+        exact = exact_sets(config, adversary)
+        ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, exact)
     graded = grade_masks(
         scrubber,
         train,

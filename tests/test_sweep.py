@@ -349,3 +349,17 @@ def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
         out = at_most(scrubber, data, rungs, restart=restart, exact_sets=0)
         assert asked == expected
         assert _kept(out[0].keep) == pathway and out[0].history["open_restart"] == [1.0]
+
+
+def test_sweep_searches_exactly_only_without_an_adversary(monkeypatch):
+    """The exact search ranks sets by KL alone: with an adversary in the loop the sweep leaves it
+    out (on planted-cancel it replaced the robust 4-unit rungs by a fragile 2-unit set)."""
+    import importlib
+
+    sw = importlib.import_module("explainer.sweep")
+    seen = []
+    real = sw.at_most
+    monkeypatch.setattr(sw, "at_most", lambda *a: seen.append(a[-1]) or real(*a))
+    for adversary in ("none", "learned"):
+        sweep("planted-distractor", sizes=[1], adversary=adversary, ablations=(), steps=50, progress=False)
+    assert seen == [50, 0]
