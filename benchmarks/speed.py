@@ -20,8 +20,8 @@ step and at most 3 for the min-max step.
 
 **Time to frontier** (``--frontier-models``): the wall time of an 8-point ladder of target sizes
 as :func:`explainer.sweep.sweep` trains it (:func:`~explainer.sweep.train_ladder` with its
-default strategy, then :func:`~explainer.sweep.at_most`'s polish and open restarts (or exact searches) of stuck
-rungs), next to one single training run (:func:`explainer.train.train_gates`, default settings)
+default strategy, then :func:`~explainer.sweep.at_most`'s polish, exact searches and open
+restarts of stuck rungs), next to one single training run (:func:`explainer.train.train_gates`, default settings)
 and to what ``explainer train`` does (:func:`explainer.train.fit`: the training run, then repair
 and the open restart when it misses its KL budget), all without an adversary and with
 compilation included, in the same process. The target is a ratio (ladder / single training run)
