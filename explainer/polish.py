@@ -7,7 +7,15 @@ lowers the KL most, until the explanation is within budget. :func:`trim` drops u
 can lose, :func:`prune` those whose removal costs nothing (a sweep's rungs).
 
 The KL is that of the finished explanation on a fixed subset of the training prompts with one
-fixed replacement, so the result is deterministic. Candidates are scored in vmapped chunks.
+fixed replacement, so the result is deterministic. Candidates are scored in vmapped chunks of 4
+(on ``ioi`` 8.7 ms a mask, against 13.3 in chunks of 16: the activations of 1024 prompts stay in
+cache; a short call wastes less on padding).
+
+Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
+oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
+fewer of them), and only the most promising are scored on all of them (:func:`shortlist`). Every
+candidate is still evaluated, so a unit that gradients cannot see is still found; on ``ioi``
+(320 units) a mask costs 14 ms on 256 prompts and 1.1 ms on 32.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
 Layout = tuple[tuple[str, int], ...]
+SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
+SHORTLIST = 32  # candidates of a round scored on every prompt
 
 
 @eqx.filter_jit
@@ -56,13 +66,30 @@ class KLOracle:
     [0.0]
     """
 
-    def __init__(self, scrubber: Scrubber, data: Batch, seed: int = 0, max_prompts: int = 256, chunk: int = 16):
+    def __init__(
+        self,
+        scrubber: Scrubber,
+        data: Batch,
+        seed: int = 0,
+        max_prompts: int = 256,
+        chunk: int = 4,
+        screen_prompts: int = SCREEN_PROMPTS,
+    ):
         batch = data.take(jnp.arange(min(len(data), max_prompts)))
-        self.scrubber, self.tokens, self.chunk = scrubber, batch.clean, chunk
-        self.full, self.replacement = scrubber.reference(batch, jax.random.key(seed))
+        full, replacement = scrubber.reference(batch, jax.random.key(seed))
+        self._set(scrubber, batch.clean, full, replacement, (batch.answers, batch.wrong_answers), chunk)
+        self.screen: KLOracle | None = None  # the first screen_prompts prompts, when there are more
+        if 0 < screen_prompts < len(batch):
+            head = jax.tree.map(lambda x: x[:screen_prompts], (batch.clean, full, replacement, self.answers))
+            self.screen = KLOracle.__new__(KLOracle)
+            self.screen._set(scrubber, *head, chunk=4 * chunk)  # as many prompts per call
+            self.screen.screen = None
+
+    def _set(self, scrubber: Scrubber, tokens, full, replacement, answers, chunk: int) -> None:
+        self.scrubber, self.tokens, self.chunk = scrubber, tokens, chunk
+        self.full, self.replacement, self.answers = full, replacement, answers
         self.layout: Layout = tuple(scrubber.n_units.items())
         self.n_units = sum(n for _, n in self.layout)
-        self.answers = (batch.answers, batch.wrong_answers)
         self.full_logit_diff = float(logit_diff(self.full, *self.answers).mean())
         self._memory: dict[bytes, tuple[float, float]] = {}
 
@@ -163,6 +190,28 @@ def _kl_rows(oracle: KLOracle, rows: np.ndarray) -> np.ndarray:
     return oracle.kl(rows) if len(rows) else np.zeros(0)
 
 
+def shortlist(oracle: KLOracle, rows: np.ndarray, keep: int = SHORTLIST) -> np.ndarray:
+    """The KL of each row of ``rows``: exact for the ``keep`` rows with the lowest KL on the
+    oracle's screen, ``inf`` for the rest (all exact when there are no more than ``keep`` rows or
+    the oracle has no screen).
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> oracle = KLOracle(Scrubber.build(load_model(folder), task.train_data()), task.train_data())
+    >>> kls = shortlist(oracle, np.eye(oracle.n_units, dtype=np.float32), keep=3)
+    >>> int(np.isfinite(kls).sum()), bool(kls.min() == oracle.kl(np.eye(oracle.n_units)).min())
+    (3, True)
+    """
+    if oracle.screen is None or len(rows) <= keep:
+        return _kl_rows(oracle, rows)
+    best = np.argsort(oracle.screen.kl(rows), kind="stable")[:keep]
+    out = np.full(len(rows), np.inf)
+    out[best] = oracle.kl(rows[best])
+    return out
+
+
 def _prefixes(flat: np.ndarray, order: np.ndarray, lengths: list[int], value: float) -> np.ndarray:
     rows = np.repeat(flat[None], len(lengths), axis=0)
     for row, length in zip(rows, lengths, strict=True):
@@ -174,7 +223,8 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     """Add back excluded units, most helpful first, until the KL is within ``budget`` (or nothing
     helps, or ``max_added`` units were added).
 
-    Each round scores every excluded unit's return alone, then the returns of the best 1, 2, 4, ...
+    Each round scores every excluded unit's return alone (:func:`shortlist`: the best on the screen
+    exactly, at least twice as many as there is room for), then the returns of the best 1, 2, 4, ...
     of them together (one vmapped pass), and takes the fewest that reach the budget, or else the
     prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
     repair costs a few rounds rather than one per unit.
@@ -185,7 +235,7 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
         excluded = np.flatnonzero(flat < 0.5)
         if len(excluded) == 0:
             break
-        scores = oracle.kl(_with(flat, excluded, 1.0))
+        scores = shortlist(oracle, _with(flat, excluded, 1.0), max(SHORTLIST, 2 * (max_added - len(added))))
         order = np.argsort(scores, kind="stable")
         helpful = excluded[order][scores[order] < current - 1e-9]
         if helpful.size == 0:
@@ -210,7 +260,7 @@ def no_worse(kl: float, base: float) -> bool:
 def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
 
-    Each round scores every kept unit's removal alone, then drops the free ones (cheapest first)
+    Each round scores every kept unit's removal alone (:func:`shortlist`), then drops the free ones (cheapest first)
     in the largest block of 1/1, 1/2, 1/4, ... of them whose joint removal does as well as dropping
     the cheapest one alone (one vmapped pass), so a rung with many spare units takes a few rounds
     rather than one per unit.
@@ -218,7 +268,7 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     flat = np.asarray(flat, np.float32).copy()
     base = float(oracle.kl(flat[None])[0])
     while (kept := np.flatnonzero(flat > 0.5)).size:
-        kls = oracle.kl(_with(flat, kept, 0.0))
+        kls = shortlist(oracle, _with(flat, kept, 0.0))
         order = np.argsort(kls, kind="stable")
         free = kept[order][[no_worse(float(k), base) for k in kls[order]]]
         if free.size == 0:

@@ -7,7 +7,7 @@ import explainer
 from explainer.config import TrainConfig
 from explainer.metrics import truth_scores
 from explainer.models import load_model, load_truth, resolve_model
-from explainer.polish import KLOracle, repair, trim
+from explainer.polish import SHORTLIST, KLOracle, prune, repair, shortlist, trim
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 
@@ -37,6 +37,44 @@ def test_repair_adds_back_exactly_the_missing_units(sort_oracle, holes):
     assert sorted(added) == sorted(int(u) for u in missing)
     assert np.array_equal(repaired, truth)
     assert oracle.kl(repaired)[0] <= KL_BUDGET
+
+
+def test_screen_is_the_oracle_on_its_first_prompts(sort_oracle):
+    oracle, truth = sort_oracle
+    folder = resolve_model("tracr-sort")
+    task = resolve_task(None, folder)
+    small = KLOracle(oracle.scrubber, task.train_data(), max_prompts=32, screen_prompts=0)
+    assert oracle.screen is not None and small.screen is None
+    rows = np.stack([truth, np.zeros_like(truth), np.roll(truth, 3)])
+    np.testing.assert_allclose(oracle.screen.kl(rows), small.kl(rows), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(oracle.kl(rows), small.kl(rows))  # a different, larger set of prompts
+
+
+def test_shortlist_scores_the_most_promising_rows_exactly(sort_oracle):
+    oracle, truth = sort_oracle
+    missing = int(np.flatnonzero(truth)[0])
+    holed = truth.copy()
+    holed[missing] = 0.0
+    excluded = np.flatnonzero(holed < 0.5)
+    rows = np.repeat(holed[None], len(excluded), axis=0)
+    rows[np.arange(len(excluded)), excluded] = 1.0
+    assert len(rows) > SHORTLIST
+    kls = shortlist(oracle, rows)
+    finite = np.flatnonzero(np.isfinite(kls))
+    assert len(finite) == SHORTLIST
+    np.testing.assert_array_equal(kls[finite], oracle.kl(rows[finite]))
+    assert excluded[int(np.argmin(kls))] == missing  # the unit that repairs it is on the list
+    np.testing.assert_array_equal(shortlist(oracle, rows[:5]), oracle.kl(rows[:5]))  # few rows: all exact
+
+
+def test_prune_drops_more_free_units_than_one_shortlist(sort_oracle):
+    oracle, truth = sort_oracle
+    rng = np.random.default_rng(0)
+    spare = rng.choice(np.flatnonzero(truth < 0.5), SHORTLIST + 10, replace=False)
+    padded = truth.copy()
+    padded[spare] = 1.0
+    assert oracle.kl(padded)[0] <= KL_BUDGET
+    np.testing.assert_array_equal(prune(oracle, padded), truth)
 
 
 def test_repair_leaves_a_faithful_explanation_alone(sort_oracle):
