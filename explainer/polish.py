@@ -55,7 +55,9 @@ def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Arra
 
 class KLOracle:
     """Exact mean KL (and logit difference recovered) of binary keep masks on a fixed set of
-    prompts (flat masks over all units).
+    prompts (flat masks over all units): the first ``max_prompts`` of ``data``, with one fixed
+    replacement. Its ``screen`` is the same oracle on the first ``screen_prompts`` of them (``None``
+    when there are no more than that), on which :func:`shortlist` ranks candidates.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
