@@ -83,7 +83,7 @@ class KLOracle:
         if 0 < screen_prompts < len(batch):
             head = jax.tree.map(lambda x: x[:screen_prompts], (batch.clean, full, replacement, self.answers))
             self.screen = KLOracle.__new__(KLOracle)
-            self.screen._set(scrubber, *head, chunk=4 * chunk)  # as many prompts per call
+            self.screen._set(scrubber, *head, chunk=4 * chunk)  # ioi: 1.15 ms a mask in 16s, 1.40 in 32s
             self.screen.screen = None
 
     def _set(self, scrubber: Scrubber, tokens, full, replacement, answers, chunk: int) -> None:
