@@ -96,11 +96,13 @@ def ours(name: str, adversary: str, args: argparse.Namespace) -> dict:
         budget=args.budget,
         ablations=(),
         continuation_steps=args.continuation_steps,
+        strategy=args.strategy,
         progress=False,
         seed=args.seed,
         **settings,
     )
-    return summarize("ours" if adversary == "learned" else "ours-no-adversary", f, time.perf_counter() - started)
+    row = summarize("ours" if adversary == "learned" else "ours-no-adversary", f, time.perf_counter() - started)
+    return {**row, "strategy": f["strategy"]}
 
 
 def baseline(name: str, method: str, args: argparse.Namespace) -> dict:
@@ -275,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adversaries", nargs="+", default=["learned", "none"], choices=["learned", "none"])
     parser.add_argument("--steps", type=int, default=None, help="training steps of the first rung (default: 1500)")
     parser.add_argument("--continuation-steps", type=int, default=None, help="steps of every later rung")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "continuation"], help="our ladder's")
     parser.add_argument("--budget", type=int, default=2, help="adversary budget of the gap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exhaustive-units", type=int, default=40, help="exhaustive search up to this many units")

@@ -25,10 +25,14 @@ restarts of stuck rungs), next to one single training run (:func:`explainer.trai
 and to what ``explainer train`` does (:func:`explainer.train.fit`: the training run, then repair
 and the open restart when it misses its KL budget), all without an adversary and with
 compilation included, in the same process. The target is a ratio (ladder / single training run)
-of at most 3; the ratio to ``fit`` is printed beside it. The rows go to
-``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips the step table)::
+of at most 3; the ratio to ``fit`` is printed beside it. ``--strategies`` times the ladder under
+each strategy given, one row each (``auto`` is recorded as what it chose: ``continuation`` on a CPU,
+``vmap`` on a GPU); a later row reuses what earlier ones compiled (the KL oracle), which favours
+it. The rows go to ``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips
+the step table); ``time_to_frontier-gpu.json`` beside it holds the rows of planted-distractor,
+planted-joint, tracr-frac-prevs and ioi under ``auto`` and ``continuation`` on one H100::
 
-    python benchmarks/speed.py --models --frontier-models planted-distractor ioi
+    python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies auto continuation
 
 Run it with ``make bench`` (that is, ``python benchmarks/speed.py``); it prints a table and writes
 the rows with the exact command line to ``benchmarks/results/speed.json``::
@@ -115,9 +119,10 @@ def ladder_sizes(total: int, points: int = 8) -> list[int]:
     return [sizes[round(i * (len(sizes) - 1) / (points - 1))] for i in range(points)]
 
 
-def time_to_frontier(name: str, config: TrainConfig) -> dict:
-    """Seconds of one training run and of an 8-point ladder, side by side, and their ratio."""
-    from explainer.sweep import at_most, exact_sets, open_restart, train_ladder
+def time_to_frontier(name: str, config: TrainConfig, strategies: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """Seconds of one training run and of an 8-point ladder (one row per strategy in
+    ``strategies``), side by side, and their ratio."""
+    from explainer.sweep import at_most, choose_strategy, exact_sets, open_restart, train_ladder
     from explainer.train import fit, train_gates
 
     folder = resolve_model(name)
@@ -131,31 +136,38 @@ def time_to_frontier(name: str, config: TrainConfig) -> dict:
     started = time.perf_counter()
     _, _, history = fit(scrubber, data, config, progress=False)
     command = time.perf_counter() - started
-    started = time.perf_counter()
-    rungs = train_ladder(scrubber, data, config, "sizes", sizes)
-    trained = time.perf_counter() - started
-    restart = open_restart(scrubber, data, config)
-    rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, exact_sets(config, None))
-    ladder = time.perf_counter() - started
-    return {
-        "model": name,
-        "sizes": sizes,
-        "single_s": single,
-        "train_command_s": command,
-        "train_command_open_restart": bool(history["open_restart"][0]),
-        "ladder_s": ladder,
-        "ladder_training_s": trained,
-        "ladder_restarts": sum(int("open_restart" in r.history) for r in rungs),
-        "ladder_exact_searches": sum(int("exact_search" in r.history) for r in rungs),
-        "ratio": ladder / single,
-        "ratio_to_train_command": ladder / command,
-    }
+    rows = []
+    for strategy in strategies:
+        started = time.perf_counter()
+        rungs = train_ladder(scrubber, data, config, "sizes", sizes, strategy=strategy)
+        trained = time.perf_counter() - started
+        restart = open_restart(scrubber, data, config)
+        rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, exact_sets(config, None))
+        ladder = time.perf_counter() - started
+        rows.append(
+            {
+                "model": name,
+                "strategy": choose_strategy(strategy, scrubber),
+                "sizes": sizes,
+                "single_s": single,
+                "train_command_s": command,
+                "train_command_open_restart": bool(history["open_restart"][0]),
+                "ladder_s": ladder,
+                "ladder_training_s": trained,
+                "ladder_restarts": sum(int("open_restart" in r.history) for r in rungs),
+                "ladder_exact_searches": sum(int("exact_search" in r.history) for r in rungs),
+                "ratio": ladder / single,
+                "ratio_to_train_command": ladder / command,
+            }
+        )
+    return rows
 
 
 def show_frontier(rows: list[dict]) -> None:
     table = Table(title=f"time to an 8-point frontier vs one training run (target ≤ {TARGET_FRONTIER})")
     columns = (
         "model",
+        "strategy",
         "ladder (sizes)",
         "one run s",
         "train cmd s",
@@ -164,11 +176,12 @@ def show_frontier(rows: list[dict]) -> None:
         "ratio",
     )
     for column in columns + ("ratio to train cmd",):
-        table.add_column(column, justify="left" if column in ("model", "ladder (sizes)") else "right")
+        table.add_column(column, justify="left" if column in ("model", "strategy", "ladder (sizes)") else "right")
     for r in rows:
         ratio = f"{r['ratio']:.2f}" + ("" if r["ratio"] <= TARGET_FRONTIER else " (over)")
         table.add_row(
             r["model"],
+            r.get("strategy", "continuation"),
             ",".join(map(str, r["sizes"])),
             f"{r['single_s']:.1f}",
             f"{r['train_command_s']:.1f}" + (" (restarted)" if r["train_command_open_restart"] else ""),
@@ -206,11 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--models", nargs="*", default=None, help="models of the step table (default: all)")
     parser.add_argument("--frontier-models", nargs="*", default=list(FRONTIER_MODELS), help="time-to-frontier models")
+    parser.add_argument(
+        "--strategies", nargs="+", default=["auto"], help="the ladder's strategies to time (auto, vmap, continuation)"
+    )
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)
     names = zoo_names() if args.models is None else args.models
     rows = [measure(name, config, args.steps, args.repeats) for name in names]
-    frontier = [time_to_frontier(name, config) for name in args.frontier_models]
+    frontier = [row for name in args.frontier_models for row in time_to_frontier(name, config, tuple(args.strategies))]
     if rows:
         show(rows)
     if frontier:

@@ -381,13 +381,18 @@ def sweep(
         help="Also report the frontier under these ablations (default resample,mean,zero,optimal; '' none).",
     ),
     strategy: str | None = typer.Option(
-        None, "--strategy", help="auto (default), vmap (one compiled run) or continuation."
+        None,
+        "--strategy",
+        help="vmap (every rung at once: one compiled run over a batch of states), continuation (one rung "
+        "after another, warm-started; two states at a time) or auto (default: continuation on a CPU, vmap "
+        "on a GPU or TPU).",
     ),
     direction: str | None = typer.Option(
         None,
         "--direction",
-        help="How a continuation ladder of sizes trains: both (default; up from the smallest size and "
-        "down from the largest, each rung the better), up or down.",
+        help="How a ladder of sizes trains: both (default; continuation: up from the smallest size and "
+        "down from the largest from open gates; vmap: every rung from the initial gates and from open "
+        "gates; each rung the better), up or down.",
     ),
     steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),

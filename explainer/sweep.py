@@ -6,14 +6,15 @@ A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of 
 
 - ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose
   ``log_lambda`` differ, every rung for ``config.steps`` steps (for target sizes, each rung's
-  ``λ`` follows its own dual ascent towards its size, outside the step); or
+  ``λ`` follows its own dual ascent towards its size, outside the step). Target sizes train both
+  ways here too (``direction="both"``): every rung from the initial gates and again from open
+  gates, so the batch holds two states per rung and every rung gets the run that :func:`at_most`'s
+  open restart would give it; or
 - ``continuation``: one rung after the other, each warm-started from the previous rung's state
   (gates, optimiser, adversary) for ``continuation_steps`` steps. Penalties go from the smallest
   up. Target sizes go both ways (``direction="both"``, the default of :func:`train_ladder`): *up*
   from the smallest size (units earn their place; λ backs off fast), and *down* from the largest,
-  starting from open gates, with λ rising as fast as it backs off. Each rung is the way whose
-  finished explanation has the lower KL on the training prompts and carries the other as its
-  ``alternative``; :func:`at_most` polishes both and keeps the better. Growing alone closes most gates
+  starting from open gates, with λ rising as fast as it backs off. Growing alone closes most gates
   for good on the first, one-unit rung of a large model: on ``ioi`` (320 units) every rung up to
   160 units was then no better than the empty explanation (KL 8.8 nats), and on ``paren`` every
   rung up to 196. Going down finds ``ioi``'s 64-unit rung at KL 7.35 and ``paren``'s 78-unit rung
@@ -23,11 +24,22 @@ A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of 
   ``ioi`` a step of two states costs little more than a step of one (planted-joint 1.17 against
   1.13 ms, ioi 15.4 against 14.7 ms); on tracr-frac-prevs about twice as much.
 
-Measured on a 2-core CPU, 8 rungs against one 1500-step run (same process, after a warm-up, one
-way up): planted-distractor with the learned adversary: vmap 2.7×, continuation 1.7×; planted-joint
-without adversary: 1.3× and 1.2×; ioi (72k parameters, 320 units, no adversary): vmap 8.0×,
-continuation 2.4×. vmap costs about one run per rung once the step is compute-bound, so ``auto``
-picks ``continuation``; ``vmap`` trains every rung from scratch for the full ``config.steps``.
+Either way, each rung of sizes trained both ways is the way whose finished explanation has the
+lower KL on the training prompts and carries the other as its ``alternative``; :func:`at_most`
+polishes both and keeps the better.
+
+Which is faster depends on the device. On a 2-core CPU a step's cost grows with the states in its
+batch, so ``vmap`` costs about one run per rung: 8 rungs against one 1500-step run (one way up),
+planted-distractor with the learned adversary vmap 2.7×, continuation 1.7×; ioi without adversary
+vmap 8.0×, continuation 2.4×. On a GPU these small models leave the device mostly idle: on one
+H100, ioi's 8 rungs both ways (16 states, 1500 steps) trained in 12.7 s against 20.7 s for one
+training run, compilation included each time, and an 8-point ladder of sizes both
+ways (training and polishing) took 0.68× one training run on ``ioi`` with ``vmap`` against 1.59×
+with ``continuation``, and 0.91–1.15× against 1.52–1.92× on planted-distractor, planted-joint and
+tracr-frac-prevs (``benchmarks/results/time_to_frontier-gpu.json``; there both are mostly
+compilation: an ioi step takes 1.9 ms, 1500 of them about 3 s of a 12–21 s run). So ``auto`` picks
+``continuation`` on a CPU and ``vmap`` on an accelerator, where ``continuation`` remains the choice
+for a model too large for two states per rung in memory.
 
 Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
 plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. Units that
@@ -245,11 +257,23 @@ def _continue(
     return gates, histories
 
 
+def _opened(strategy: str, ways: Sequence[str], values: Sequence[float]) -> list[bool]:
+    """Which rungs a whole run from open gates at their own size trained (a ladder's way down: under
+    ``vmap`` every rung, under ``continuation`` the largest), so that :func:`at_most` does not
+    restart them: its open restart would repeat that run."""
+    if "down" not in ways:
+        return [False] * len(values)
+    return [strategy == "vmap" or v == max(values) for v in values]
+
+
 def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
-    """``vmap`` or ``continuation`` (``auto``: continuation, the faster on every model measured)."""
+    """``vmap`` or ``continuation``; ``auto`` is the faster where measured (module docstring):
+    ``continuation`` on a CPU, ``vmap`` on an accelerator (JAX's default backend)."""
     if strategy not in STRATEGIES:
         raise ExplainerError(f"unknown sweep strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    return "continuation" if strategy == "auto" else strategy
+    if strategy == "auto":
+        return "continuation" if jax.default_backend() == "cpu" else "vmap"
+    return strategy
 
 
 def train_ladder(
@@ -269,13 +293,18 @@ def train_ladder(
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
     ``config.steps // 4``) is the number of steps of every rung after the first under
-    ``continuation``. ``direction`` (``both``, ``up`` or ``down``) is the way a continuation ladder
-    of sizes goes (penalties always go up); ``both`` records ``descending`` (1 or 0) in each rung's
-    history and gives each rung the other way's as its ``alternative`` (:func:`at_most` polishes
-    both). See the module docstring for the strategies. With a ``checkpoints`` folder, training is
-    saved there every ``config.checkpoint_every`` steps (``continuation``: each rung in its own
-    ``rung-J``; both ways, trained in lockstep, in ``both/rung-J``, the way down alone in
-    ``down/rung-J``; so a resumed ladder reloads finished rungs) and continued from what is there.
+    ``continuation``. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
+    trains (penalties always go up): under ``continuation`` up from the smallest or down from the
+    largest, under ``vmap`` every rung from the initial gates (``up``) or from open gates
+    (``down``). ``both`` records ``descending`` (1 or 0: the way down or from open gates won) in each
+    rung's history and gives each rung the other way's as its ``alternative`` (:func:`at_most`
+    polishes both). A rung that a whole run from open gates at its own size trained (every rung of
+    ``vmap`` that way, the largest of ``continuation``) records ``opened``: :func:`at_most` does not
+    restart it. See the module docstring for the strategies. With a ``checkpoints`` folder,
+    training is saved there every ``config.checkpoint_every`` steps (``vmap``: in the folder
+    itself; ``continuation``: each rung in its own ``rung-J``; both ways, trained in lockstep, in
+    ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
+    rungs) and continued from what is there.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -305,55 +334,71 @@ def train_ladder(
     folder = Path(checkpoints) if checkpoints is not None else None
     every = config.checkpoint_every
     alternatives: list[Rung | None] = [None] * len(values)
-    if strategy == "vmap":
-        with progress_bar(progress, config.steps, label=f"sweep ({len(values)} rungs, vmap)") as advance:
-            batch = _batch(start, len(values), log_lambda)
-            rungs = (targets, jnp.ones_like(targets))
+    ways = DIRECTIONS_BOTH if mode == "sizes" and direction == "both" else (direction if mode == "sizes" else "up",)
+    starts = [start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary) for way in ways]
+    if strategy == "vmap":  # every rung of every way from its start, as one batch (way-major)
+        n = len(values)
+        label = f"sweep ({n} rungs, vmap{', both ways' if len(ways) > 1 else ''})"
+        with progress_bar(progress, config.steps, label=label) as advance:
+            batch = _stack([s for s in starts for _ in values])
+            batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
+            rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
             states, history = _run_steps(
                 ladder_step, batch, rungs, operands, config.steps, advance, 0, "", folder, every
             )
-        gates = [jax.tree.map(lambda x, i=i: x[i], states.gates) for i in range(len(values))]
-        histories = [{k: v[:, i].tolist() for k, v in history.items()} for i in range(len(values))]
+        host = jax.device_get(states.gates)  # sliced on the host: slicing on the device compiles per shape
+        by_way = [
+            (
+                [jax.tree.map(lambda x, b=b: jnp.asarray(x[b]), host) for b in range(w * n, (w + 1) * n)],
+                [{k: v[:, b].tolist() for k, v in history.items()} for b in range(w * n, (w + 1) * n)],
+            )
+            for w in range(len(ways))
+        ]
     else:
         more = continuation_steps if continuation_steps is not None else max(1, config.steps // 4)
-        ways = DIRECTIONS_BOTH if mode == "sizes" and direction == "both" else (direction if mode == "sizes" else "up",)
         total = config.steps + more * (len(values) - 1)
         label = f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
-        starts = [start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary) for way in ways]
         # one way in the folder itself (the way down alone in down/); both ways, in lockstep, in both/
         sub = None if folder is None else folder / {"up": "", "down": "down"}.get("".join(ways), "both")
         with progress_bar(progress, total, label=label) as advance:
-            by_way = _continue(
-                ladder_step,
-                starts,
-                targets,
-                log_lambda,
-                values,
-                mode,
-                ways,
-                config.steps,
-                more,
-                operands,
-                advance,
-                sub,
-                every,
+            by_way = list(
+                zip(
+                    *_continue(
+                        ladder_step,
+                        starts,
+                        targets,
+                        log_lambda,
+                        values,
+                        mode,
+                        ways,
+                        config.steps,
+                        more,
+                        operands,
+                        advance,
+                        sub,
+                        every,
+                    ),
+                    strict=True,
+                )
             )
-        found = list(zip(*by_way, strict=True))  # per way: (gates, histories)
-        gates, histories = list(found[0][0]), list(found[0][1])
-        if len(found) > 1:  # each rung: the way whose finished explanation has the lower KL
-            others = found[1]
-            oracle = KLOracle(scrubber, data, config.seed)
-            kl = [
-                oracle.kl(np.stack([oracle.flat(_finish(mode, v, g)) for v, g in zip(values, way[0], strict=True)]))
-                for way in found
-            ]
-            for i in range(len(values)):
-                down = not no_worse(float(kl[0][i]), float(kl[1][i]))  # lower beyond float noise
-                pair = [(found[0][0][i], found[0][1][i], 0.0), (others[0][i], others[1][i], 1.0)]
-                (gates[i], histories[i], flag), (g2, h2, flag2) = pair[::-1] if down else pair
-                histories[i]["descending"] = [flag]
-                h2["descending"] = [flag2]
-                alternatives[i] = Rung(mode, values[i], g2, _finish(mode, values[i], g2), h2)
+    gates, histories = list(by_way[0][0]), list(by_way[0][1])
+    if len(by_way) > 1:  # each rung: the way whose finished explanation has the lower KL
+        oracle = KLOracle(scrubber, data, config.seed)
+        kl = [
+            oracle.kl(np.stack([oracle.flat(_finish(mode, v, g)) for v, g in zip(values, way[0], strict=True)]))
+            for way in by_way
+        ]
+        for i in range(len(values)):
+            down = not no_worse(float(kl[0][i]), float(kl[1][i]))  # lower beyond float noise
+            pair = [(by_way[0][0][i], by_way[0][1][i], 0.0), (by_way[1][0][i], by_way[1][1][i], 1.0)]
+            (gates[i], histories[i], flag), (g2, h2, flag2) = pair[::-1] if down else pair
+            histories[i]["descending"] = [flag]
+            h2["descending"] = [flag2]
+            alternatives[i] = Rung(mode, values[i], g2, _finish(mode, values[i], g2), h2)
+    opened = _opened(strategy, ways, values)
+    for i, h in enumerate(histories):
+        if opened[i]:
+            h["opened"] = [1.0]
     for h in histories + [r.history for r in alternatives if r is not None]:
         h["traces"] = [counter["traces"]]  # the step compiles once, whatever the ladder (tests check)
     return [
@@ -529,8 +574,8 @@ def at_most(
     again, the largest first, and the better of the two kept: by scoring every set of the rung's
     size where there are at most ``exact_sets`` (the exact optimum, for about the cost of a
     restart of that many steps), else by ``restart`` (``sweep``: trained from open gates, as
-    ``explain``'s open restart), except the largest rung of a ladder trained both ways (its way
-    down began with that very run). The restarts stop at the first that misses the budget too (a
+    ``explain``'s open restart), except a rung its ladder marked ``opened`` (a whole run from open
+    gates at its size trained it: :func:`train_ladder`). The restarts stop at the first that misses the budget too (a
     smaller rung will not meet it where a larger one could not, and each restart is a whole
     training run); exact searches of smaller rungs still run. A restart that misses the budget can
     still lower the KL of a rung where training closed gates for good, or find a better set of the
@@ -573,14 +618,12 @@ def at_most(
     # can be stuck for want of units that training closed for good
     limit = min([rungs[i].value for i in order if rungs[i].value < total and found[i][2] <= kl_budget] or [total])
     stuck = [i for i in order if found[i][2] > kl_budget and rungs[i].value < limit]
-    # a ladder trained both ways began its way down with a whole run from open gates at its largest
-    # size: a restart there would repeat it
-    opened = max([r.value for r in rungs if r.value < total and "descending" in r.history], default=None)
     restarting = restart is not None
     for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
         rung, flat, kl = found[i]
         exact = best_of_size(oracle, int(rung.value), exact_sets)
-        if exact is None and (not restarting or rung.value == opened):
+        # a rung whose ladder trained it from open gates already had what a restart would give
+        if exact is None and (not restarting or "opened" in rungs[i].history):
             continue
         if exact is not None:  # every set of the rung's size scored: cheaper than a restart, and exact
             again, flat2, key = rung, exact, "exact_search"

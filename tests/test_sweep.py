@@ -43,9 +43,12 @@ def test_target_sizes_are_met_and_the_truth_is_found(distractor, strategy):
     assert len(rungs[0].history["kl"]) == (300 if first else 75)
 
 
-def test_each_rung_keeps_the_better_of_up_and_down():
-    """Continuation trains target sizes both ways (up from the smallest, down from the largest from
-    open gates); each rung is exactly the one of the two whose finished explanation has the lower KL."""
+@pytest.mark.parametrize("strategy", ["continuation", "vmap"])
+def test_each_rung_keeps_the_better_of_up_and_down(strategy):
+    """Target sizes train both ways: continuation up from the smallest and down from the largest from
+    open gates, vmap every rung from the initial gates and from open gates. Each rung is exactly the
+    one of the two whose finished explanation has the lower KL, and the rungs that a whole run from
+    open gates trained (continuation: the largest; vmap: all) are marked ``opened``."""
     from explainer.polish import KLOracle
 
     folder = resolve_model("planted-cancel")
@@ -53,7 +56,10 @@ def test_each_rung_keeps_the_better_of_up_and_down():
     data = task.train_data()
     scrubber = Scrubber.build(load_model(folder), data)
     config = TrainConfig(steps=300)
-    ladders = {d: train_ladder(scrubber, data, config, "sizes", [1, 2, 4], direction=d) for d in ("up", "down", "both")}
+    ladders = {
+        d: train_ladder(scrubber, data, config, "sizes", [1, 2, 4], strategy=strategy, direction=d)
+        for d in ("up", "down", "both")
+    }
     oracle = KLOracle(scrubber, data, config.seed)
     kl = {d: oracle.kl(np.stack([oracle.flat(r.keep) for r in rungs])) for d, rungs in ladders.items()}
     for i, rung in enumerate(ladders["both"]):
@@ -62,6 +68,10 @@ def test_each_rung_keeps_the_better_of_up_and_down():
         assert kl["both"][i] <= min(kl["up"][i], kl["down"][i]) + 1e-6
     # the 2-unit rung is the faithful cancelling pair, which the ladder grown from one unit finds
     assert kl["both"][1] < 1e-3
+    opened = [strategy == "vmap", strategy == "vmap", True]
+    assert ["opened" in r.history for r in ladders["both"]] == opened
+    assert ["opened" in r.history for r in ladders["down"]] == opened
+    assert not any("opened" in r.history for r in ladders["up"])
     with pytest.raises(ExplainerError, match="direction"):
         train_ladder(scrubber, data, config, "sizes", [1], direction="sideways")
 
@@ -144,6 +154,20 @@ def test_bad_ladders_name_the_fix(tmp_path):
     for setting, fix in ((dict(basis="learned"), "--basis learned"), (dict(positional=True), "--positional")):
         with pytest.raises(ExplainerError, match=f"standard basis.*{fix} --target-size K"):
             sweep("planted-distractor", sizes="1", adversary="none", progress=False, **setting)
+
+
+def test_auto_strategy_is_continuation_on_a_cpu_and_vmap_on_an_accelerator(distractor, monkeypatch):
+    """On a CPU a step's cost grows with its batch of states; on a GPU a small model's step of 16
+    states costs about one state's (module docstring), so ``auto`` follows the backend."""
+    import jax
+
+    from explainer.sweep import choose_strategy
+
+    scrubber, _ = distractor
+    for backend, chosen in (("cpu", "continuation"), ("gpu", "vmap"), ("tpu", "vmap")):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert choose_strategy("auto", scrubber) == chosen
+    assert choose_strategy("continuation", scrubber) == "continuation"
 
 
 def test_cli_sweep_prints_the_frontier_last(tmp_path):
@@ -316,8 +340,8 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
 
 def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
     """Rungs over budget below the smallest that meets it are trained again (``restart``), full or
-    not, the largest first; the largest rung of a ladder trained both ways is skipped (its way down
-    began with a whole run from open gates, which is what a restart is)."""
+    not, the largest first; a rung its ladder marked ``opened`` is skipped (a whole run from open
+    gates at its size trained it, which is what a restart is)."""
     import jax.numpy as jnp
 
     from explainer.masks import Gates
@@ -343,9 +367,9 @@ def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
         return rung(value, pathway, {"restarted": [1.0]})
 
     half = {"unembed.in": [6, 8]}  # half a cancelling pair and a spare unit: over budget
-    for history, expected in (({"descending": [1.0]}, [2.0]), ({}, [3.0, 2.0])):
+    for history, expected in (({"descending": [1.0], "opened": [1.0]}, [2.0]), ({"descending": [1.0]}, [3.0, 2.0])):
         asked.clear()
-        rungs = [rung(2, half, history), rung(3, {"unembed.in": [6, 8, 9]}, history)]
+        rungs = [rung(2, half, {"descending": [0.0]}), rung(3, {"unembed.in": [6, 8, 9]}, history)]
         out = at_most(scrubber, data, rungs, restart=restart, exact_sets=0)
         assert asked == expected
         assert _kept(out[0].keep) == pathway and out[0].history["open_restart"] == [1.0]
