@@ -26,13 +26,13 @@ and to what ``explainer train`` does (:func:`explainer.train.fit`: the training 
 and the open restart when it misses its KL budget), all without an adversary and with
 compilation included, in the same process. The target is a ratio (ladder / single training run)
 of at most 3; the ratio to ``fit`` is printed beside it. ``--strategies`` times the ladder under
-each strategy given, one row each (``auto`` is recorded as what it chose: ``continuation`` on a CPU,
-``vmap`` on a GPU); a later row reuses what earlier ones compiled (the KL oracle), which favours
-it. The rows go to ``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips
-the step table); ``time_to_frontier-gpu.json`` beside it holds the rows of planted-distractor,
-planted-joint, tracr-frac-prevs and ioi under ``auto`` and ``continuation`` on one H100::
+each strategy given, one row each (``auto`` is recorded as what it chose); a later row reuses what
+earlier ones compiled (the KL oracle), which favours it. The rows go to
+``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips the step table).
+Beside it, from one H100: ``time_to_frontier-gpu.json`` (the default, one process per model) and
+``time_to_frontier-gpu-vmap.json`` (``--strategies vmap continuation``, vmap first)::
 
-    python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies auto continuation
+    python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies vmap continuation
 
 Run it with ``make bench`` (that is, ``python benchmarks/speed.py``); it prints a table and writes
 the rows with the exact command line to ``benchmarks/results/speed.json``::

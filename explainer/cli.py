@@ -383,9 +383,9 @@ def sweep(
     strategy: str | None = typer.Option(
         None,
         "--strategy",
-        help="vmap (every rung at once: one compiled run over a batch of states), continuation (one rung "
-        "after another, warm-started; two states at a time) or auto (default: continuation on a CPU, vmap "
-        "on a GPU or TPU).",
+        help="continuation (one rung after another, warm-started; two states at a time), vmap (every rung "
+        "at once: one compiled run over a batch of states, two per rung of sizes; faster on a GPU, frontiers "
+        "differ) or auto (default: continuation).",
     ),
     direction: str | None = typer.Option(
         None,
