@@ -169,11 +169,6 @@ def _log_lambdas(mode: str, values: Sequence[float | int], config: TrainConfig) 
     return np.array([math.log(v) if v > 0 else -math.inf for v in values], np.float32)
 
 
-def _batch(state: TrainState, n: int, log_lambda: np.ndarray) -> TrainState:
-    states = eqx.filter_vmap(lambda _: state, axis_size=n)(jnp.arange(n))
-    return eqx.tree_at(lambda s: s.log_lambda, states, jnp.asarray(log_lambda))
-
-
 def _finish(mode: str, value: float, gates: Gates) -> Mask:
     if mode == "lambdas":
         return {s: np.asarray(v > 0, np.float32) for s, v in gates.logits.items()}
@@ -580,9 +575,9 @@ def at_most(
     size where there are at most ``exact_sets`` (the exact optimum, for about the cost of a
     restart of that many steps), else by ``restart`` (``sweep``: trained from open gates, as
     ``explain``'s open restart), except a rung its ladder marked ``opened`` (a whole run from open
-    gates at its size trained it: :func:`train_ladder`). The restarts stop at the first that misses the budget too (a
-    smaller rung will not meet it where a larger one could not, and each restart is a whole
-    training run); exact searches of smaller rungs still run. A restart that misses the budget can
+    gates at its size trained it: :func:`train_ladder`). The restarts stop at the first that misses
+    the budget too (a smaller rung will not meet it where a larger one could not, and each restart
+    is a whole training run); exact searches of smaller rungs still run. A restart that misses the budget can
     still lower the KL of a rung where training closed gates for good, or find a better set of the
     same size (tracr-sort's 25-unit rung, full and over budget: held-out KL 0.68 against 0.99).
     Searched rungs record ``exact_search`` or ``open_restart`` (1 when it won) in their history.
