@@ -47,7 +47,7 @@ from rich.table import Table
 from explainer.baselines import METHODS, baseline_frontier
 from explainer.frontier import frontier_areas, mib_areas, mib_ladder
 from explainer.models import load_model, load_truth, resolve_model, zoo_names
-from explainer.sweep import sweep
+from explainer.sweep import STRATEGIES, sweep
 
 RESULTS = RESULTS_DIR / "frontier.json"
 PICTURE = RESULTS_DIR / "frontier.png"
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adversaries", nargs="+", default=["learned", "none"], choices=["learned", "none"])
     parser.add_argument("--steps", type=int, default=None, help="training steps of the first rung (default: 1500)")
     parser.add_argument("--continuation-steps", type=int, default=None, help="steps of every later rung")
-    parser.add_argument("--strategy", default="auto", choices=["auto", "vmap", "continuation"], help="our ladder's")
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES, help="our ladder's")
     parser.add_argument("--budget", type=int, default=2, help="adversary budget of the gap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exhaustive-units", type=int, default=40, help="exhaustive search up to this many units")

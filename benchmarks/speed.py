@@ -30,7 +30,8 @@ each strategy given, one row each (``auto`` is recorded as what it chose); a lat
 earlier ones compiled (the KL oracle), which favours it. The rows go to
 ``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips the step table).
 Beside it, from one H100: ``time_to_frontier-gpu.json`` (the default, one process per model) and
-``time_to_frontier-gpu-vmap.json`` (``--strategies vmap continuation``, vmap first)::
+``time_to_frontier-gpu-vmap.json`` (``--strategies auto continuation``, run when ``auto`` chose
+``vmap`` on a GPU: its ``note`` says so; ``vmap`` first)::
 
     python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies vmap continuation
 
