@@ -464,7 +464,7 @@ def sweep(
             **settings,
         )
     head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
-    lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"]
+    lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}, KL area {result['kl_area']:.4g} nats"]
     lines.append(f"  {'size':>5} {'KL mean':>9} {'KL p99':>9} {'f':>6} {'LD rec':>7} {'acc':>6} {'gap':>8}  run")
     for r in result["records"]:
         lines.append(

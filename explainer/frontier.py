@@ -15,6 +15,10 @@ smallest budget; the full model, ``f = 1``, at 100 % when it has none for that b
 - **CPR** (circuit performance ratio): ``∫ f`` over that ladder; higher is better (at most 0.999).
 - **CMD** (circuit–model distance): ``∫ |1 − f|``; lower is better (0 = faithful at every budget).
 
+Beside them, :func:`mib_kl_area` takes the same trapezoids of the held-out KL, the quantity
+training minimises (``kl_area``, nats; lower is better). It is not MIB's: a set can recover the
+logit difference and still move the rest of the output distribution, and the reverse.
+
 :func:`frontier_areas` is a second reading, not MIB's: trapezoids over the sizes the explanations
 actually have (``size / total``). It rewards a method that offers few sizes (the straight line
 between two of its points counts as if it had explanations in between), so it is reported beside
@@ -87,24 +91,60 @@ def mib_areas(
     >>> mib_areas([0, 30], [0.0, 1.0], 30)  # faithful only as the full model
     (0.25, 0.749)
     """
+    y = _mib_curve(budgets, f, total, percentages, empty=0.0, full=1.0, best=max)
+    if y is None:
+        return float("nan"), float("nan")
+    return round(_trapezoids(percentages, y), 12), round(_trapezoids(percentages, np.abs(1.0 - y)), 12)
+
+
+def mib_kl_area(
+    budgets: Sequence[float | int],
+    kl: Sequence[float],
+    total: int,
+    empty_kl: float,
+    percentages: Sequence[float] = MIB_PERCENTAGES,
+) -> float:
+    """Trapezoids of the KL (nats) over MIB's percentages, read as :func:`mib_areas` reads ``f``:
+    the explanation of the largest budget within each percentage (the lowest KL among equal
+    budgets), the empty explanation's ``empty_kl`` below the smallest budget, and the full model
+    (KL 0) at 100 % when no budget is ``total``. Lower is better; 0 is faithful at every budget.
+
+    Not one of MIB's areas (those use the logit difference): this one measures the KL that
+    training minimises, on the same ladder, so that the two readings can be set side by side.
+
+    >>> mib_kl_area([3], [0.0], 30, empty_kl=2.0)  # the empty set's 2 nats up to 5 %, faithful from 10 %
+    0.148
+    """
+    y = _mib_curve(budgets, kl, total, percentages, empty=float(empty_kl), full=0.0, best=min)
+    return float("nan") if y is None else round(_trapezoids(percentages, y), 12)
+
+
+def _mib_curve(budgets, values, total: int, percentages, empty: float, full: float, best) -> np.ndarray | None:
+    """The value the frontier offers at each percentage (see :func:`mib_areas`); ``None`` when no
+    value is finite. ``best`` picks among explanations of equal budget (``max`` for ``f``)."""
     if total <= 0:
         raise ValueError(f"total must be a positive number of units, got {total}")
-    points = sorted((int(b), float(v)) for b, v in zip(budgets, f, strict=True) if np.isfinite(v))
-    if not points:
-        return float("nan"), float("nan")
+    by_budget: dict[int, float] = {}
+    for b, v in zip(budgets, values, strict=True):
+        if np.isfinite(v):
+            by_budget[int(b)] = best(by_budget.get(int(b), float(v)), float(v))
+    if not by_budget:
+        return None
+    points = sorted(by_budget.items())
     y = []
     for p in percentages:
         k = int(p * total)
         within = [(b, v) for b, v in points if b <= k]
         if k >= total and (not within or within[-1][0] < total):
-            y.append(1.0)
+            y.append(full)
         else:
-            y.append(within[-1][1] if within else 0.0)
-    x, y = np.asarray(percentages, np.float64), np.asarray(y)
-    gap = np.abs(1.0 - y)
-    cpr = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
-    cmd = float(np.sum(np.diff(x) * (gap[1:] + gap[:-1]) / 2))
-    return round(cpr, 12), round(cmd, 12)
+            y.append(within[-1][1] if within else empty)
+    return np.asarray(y, np.float64)
+
+
+def _trapezoids(x: Sequence[float], y: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
 
 
 def frontier_areas(sizes: Sequence[float | int], f: Sequence[float | int], total: int) -> tuple[float, float]:

@@ -85,7 +85,16 @@ from explainer.config import TrainConfig, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import swap_into_place
 from explainer.faults import History, checked_step
-from explainer.frontier import add_normalized, empty_mask, frontier_areas, full_mask, measure, mib_areas, mib_ladder
+from explainer.frontier import (
+    add_normalized,
+    empty_mask,
+    frontier_areas,
+    full_mask,
+    measure,
+    mib_areas,
+    mib_kl_area,
+    mib_ladder,
+)
 from explainer.lock import run_lock
 from explainer.masks import Gates
 from explainer.polish import KLOracle, best_of_size, no_worse, prune, repair
@@ -109,6 +118,10 @@ DIRECTIONS_BOTH = ("up", "down")
 # at_most scores every set of a stuck rung's size when there are at most this many (about what
 # an open restart's 1500 steps cost, each step a forward and backward pass on 64 prompts)
 EXACT_SETS = 1500
+# at_most restarts stuck rungs this many at a time, as one batch: two cost little more than one on
+# ioi (a step of two states 9.8 ms against 8.4 for one on a 2-core CPU), and the second restart
+# lifted ioi's 32-unit rung and paren's 39-unit rung (benchmarks/results/frontier.json)
+RESTART_TOGETHER = 2
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
@@ -427,7 +440,8 @@ def _scores(scrubber: Scrubber, train: Batch, heldout: Batch, masks: list[Mask],
 
         constants = fit_constants(scrubber, train, everything, seed=seed)
     scores = measure(scrubber, heldout, everything, seed, constants)
-    return add_normalized(scores[1:], scores[0]), (constants[1:] if constants else None)
+    empty = scores[0]
+    return add_normalized(scores[1:], empty), (constants[1:] if constants else None), empty["kl_mean"]
 
 
 def _gap(scrubber: Scrubber, heldout: Batch, mask: Mask, budget: int, seed: int, methods) -> dict[str, Any]:
@@ -444,13 +458,17 @@ def _gap(scrubber: Scrubber, heldout: Batch, mask: Mask, budget: int, seed: int,
     }
 
 
-def _areas(records: list[dict[str, Any]], total: int, budgets: Sequence[int] | None) -> dict[str, float]:
-    """MIB's CPR and CMD over the budgets (the sizes when there are none), and the areas over sizes."""
+def _areas(
+    records: list[dict[str, Any]], total: int, budgets: Sequence[int] | None, empty_kl: float
+) -> dict[str, float]:
+    """MIB's CPR and CMD over the budgets (the sizes when there are none), the same reading of the
+    held-out KL (``kl_area``), and the areas over sizes."""
     sizes = [r["size"] for r in records]
     f = [r["normalized_faithfulness"] for r in records]
     cpr, cmd = mib_areas(sizes if budgets is None else budgets, f, total)
+    kl_area = mib_kl_area(sizes if budgets is None else budgets, [r["kl_mean"] for r in records], total, empty_kl)
     cpr_sizes, cmd_sizes = frontier_areas(sizes, f, total)
-    return {"cpr": cpr, "cmd": cmd, "cpr_sizes": cpr_sizes, "cmd_sizes": cmd_sizes}
+    return {"cpr": cpr, "cmd": cmd, "kl_area": kl_area, "cpr_sizes": cpr_sizes, "cmd_sizes": cmd_sizes}
 
 
 def ablation_frontiers(
@@ -468,10 +486,10 @@ def ablation_frontiers(
     for ablation in ablations:
         check_ablation(ablation)
         other = Scrubber.build(scrubber.model, train, scrubber.sites, ablation, scrubber.bases, units=scrubber.units)
-        scores, _ = _scores(other, train, heldout, masks, seed)
+        scores, _, empty_kl = _scores(other, train, heldout, masks, seed)
         keys = ("kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "loss_recovered")
         records = [{"size": _size(m), **{k: s[k] for k in keys}} for m, s in zip(masks, scores, strict=True)]
-        out[ablation] = {"records": records, **_areas(records, total, budgets)}
+        out[ablation] = {"records": records, **_areas(records, total, budgets, empty_kl)}
     return out
 
 
@@ -494,8 +512,10 @@ def grade_masks(
     and ``gap`` (the mean KL gap of the strongest of ``attack_methods`` at ``budget``; 0 when
     nothing is excluded). ``ablations`` adds ``{"ablations": {name: {"records", "cpr", "cmd"}}}``.
     ``cpr`` and ``cmd`` are MIB's (:func:`explainer.frontier.mib_areas`) over ``budgets``, the
-    number of units each mask was built for (default: its size); ``cpr_sizes`` and ``cmd_sizes``
-    are the areas over the sizes the masks have (:func:`explainer.frontier.frontier_areas`).
+    number of units each mask was built for (default: its size); ``kl_area`` is the same reading
+    of the held-out KL (:func:`explainer.frontier.mib_kl_area`, lower is better); ``cpr_sizes`` and
+    ``cmd_sizes`` are the areas over the sizes the masks have
+    (:func:`explainer.frontier.frontier_areas`).
 
     >>> import numpy as np
     >>> from explainer.models import load_model, resolve_model
@@ -510,7 +530,7 @@ def grade_masks(
     (1.0, True)
     """
     masks = [{s: np.asarray(m[s], np.float32) for s in scrubber.sites} for m in masks]
-    scores, constants = _scores(scrubber, train, heldout, masks, seed)
+    scores, constants, empty_kl = _scores(scrubber, train, heldout, masks, seed)
     records = []
     with progress_bar(progress, len(masks), label="attacks") as advance:
         for i, (mask, s) in enumerate(zip(masks, scores, strict=True)):
@@ -523,7 +543,7 @@ def grade_masks(
     total = sum(scrubber.n_units.values())
     result: dict[str, Any] = {
         "records": records,
-        **_areas(records, total, budgets),
+        **_areas(records, total, budgets, empty_kl),
         "total_units": total,
         "ablation": scrubber.ablation,
         "budget": budget,
@@ -558,8 +578,9 @@ def at_most(
     rungs: Sequence[Rung],
     seed: int = 0,
     kl_budget: float = 0.01,
-    restart: Callable[[float], Rung] | None = None,
+    restart: Callable[[Sequence[float]], list[Rung]] | None = None,
     exact_sets: int = EXACT_SETS,
+    together: int = RESTART_TOGETHER,
 ) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
@@ -575,9 +596,11 @@ def at_most(
     size where there are at most ``exact_sets`` (the exact optimum, for about the cost of a
     restart of that many steps), else by ``restart`` (``sweep``: trained from open gates, as
     ``explain``'s open restart), except a rung its ladder marked ``opened`` (a whole run from open
-    gates at its size trained it: :func:`train_ladder`). The restarts stop at the first that misses
-    the budget too (a smaller rung will not meet it where a larger one could not, and each restart
-    is a whole training run); exact searches of smaller rungs still run. A restart that misses the budget can
+    gates at its size trained it: :func:`train_ladder`). Restarts train ``together`` rungs at a
+    time, the largest first, as one batch (``restart`` takes their sizes). They stop after a batch
+    whose largest rung misses the budget too (a smaller rung will not meet it where a larger one
+    could not, and each batch is a whole training run); exact searches of smaller rungs still run.
+    A restart that misses the budget can
     still lower the KL of a rung where training closed gates for good, or find a better set of the
     same size (tracr-sort's 25-unit rung, full and over budget: held-out KL 0.68 against 0.99).
     Searched rungs record ``exact_search`` or ``open_restart`` (1 when it won) in their history.
@@ -619,16 +642,27 @@ def at_most(
     limit = min([rungs[i].value for i in order if rungs[i].value < total and found[i][2] <= kl_budget] or [total])
     stuck = [i for i in order if found[i][2] > kl_budget and rungs[i].value < limit]
     restarting = restart is not None
+    # the rungs a restart would train (none has few enough sets to score them all, and no whole run
+    # from open gates at its size trained it), the largest first
+    restartable = [
+        i
+        for i in reversed(stuck)
+        if math.comb(oracle.n_units, int(rungs[i].value)) > exact_sets and "opened" not in rungs[i].history
+    ]
+    restarted: dict[int, Rung] = {}
     for i in reversed(stuck):  # the largest first: if it cannot meet the budget, no smaller rung can
         rung, flat, kl = found[i]
         exact = best_of_size(oracle, int(rung.value), exact_sets)
-        # a rung whose ladder trained it from open gates already had what a restart would give
-        if exact is None and (not restarting or "opened" in rungs[i].history):
+        # a batch's smaller rungs were trained with its largest: they are used even after it missed
+        if exact is None and i not in restarted and (not restarting or i not in restartable):
             continue
         if exact is not None:  # every set of the rung's size scored: cheaper than a restart, and exact
             again, flat2, key = rung, exact, "exact_search"
         else:
-            again = restart(rung.value)
+            if i not in restarted:  # this rung and the next ones down, as one batch
+                batch = restartable[restartable.index(i) :][:together]
+                restarted.update(zip(batch, restart([rungs[j].value for j in batch]), strict=True))
+            again = restarted[i]
             flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
         kl2 = float(oracle.kl(flat2[None])[0])
         history = {key: [float(kl2 < kl)]}
@@ -666,15 +700,19 @@ def open_restart(
     adversary: InLoopAdversary | None = None,
     checkpoints: Path | None = None,
 ) -> Callable[[float], Rung]:
-    """:func:`at_most`'s ``restart``: one rung of the given size trained again from open gates (the
-    whole ``config.steps``), as ``explain``'s open restart; checkpoints in ``open-restart-K``."""
+    """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (the
+    whole ``config.steps``, as ``explain``'s open restart), several as one batch; checkpoints in
+    ``open-restart-K`` (``open-restart-K1-K2`` for a batch)."""
     open_config = _open(config)
 
-    def restart(value: float) -> Rung:
-        more = checkpoints / f"open-restart-{int(value)}" if checkpoints is not None else None
+    def restart(values: Sequence[float]) -> list[Rung]:
+        name = "-".join(str(int(v)) for v in values)
+        more = checkpoints / f"open-restart-{name}" if checkpoints is not None else None
+        # one rung: a continuation ladder of one (its checkpoints, as before); several: one batch
+        strategy = "continuation" if len(values) == 1 else "vmap"
         return train_ladder(
-            scrubber, train, open_config, "sizes", [value], adversary, "continuation", checkpoints=more, direction="up"
-        )[0]
+            scrubber, train, open_config, "sizes", values, adversary, strategy, checkpoints=more, direction="up"
+        )
 
     return restart
 

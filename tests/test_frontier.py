@@ -16,6 +16,7 @@ from explainer.frontier import (
     loss_recovered,
     measure,
     mib_areas,
+    mib_kl_area,
     mib_ladder,
     normalized_faithfulness,
 )
@@ -61,6 +62,21 @@ def test_frontier_areas_on_known_curves(sizes, f, total, cpr, cmd):
 )
 def test_mib_areas_are_trapezoids_over_the_percentages(budgets, f, total, cpr, cmd):
     assert mib_areas(budgets, f, total) == pytest.approx((cpr, cmd))
+
+
+@pytest.mark.parametrize(
+    ("budgets", "kl", "area"),
+    [
+        ([10], [0.0], 0.003 + 0.009 + 0.0075),  # the empty set's 3 nats below 1 %, faithful from 1 %
+        ([10, 10], [1.0, 0.0], 0.003 + 0.009 + 0.0075),  # equal budgets keep the lowest KL
+        ([0], [3.0], 3.0 * 0.499 + 1.5 * 0.5),  # nothing, then the full model (KL 0) at 100 %
+        ([0, 1000], [3.0, 0.5], 3.0 * 0.499 + 1.75 * 0.5),  # a budget of every unit is read as given
+        ([10, 20], [math.nan, 0.0], 3.0 * 0.019 - 1.5 * 0.01),  # a NaN offers nothing: empty below 2 %
+    ],
+)
+def test_mib_kl_area_is_the_same_reading_of_the_kl(budgets, kl, area):
+    assert mib_kl_area(budgets, kl, 1000, empty_kl=3.0) == pytest.approx(area)
+    assert math.isnan(mib_kl_area([1], [math.nan], 1000, empty_kl=3.0))
 
 
 def test_mib_areas_credit_no_size_a_method_does_not_offer():

@@ -108,6 +108,11 @@ def test_grade_masks_scores_the_truth_and_an_unfaithful_set(distractor):
     assert result["cmd"] == pytest.approx(0.049 + 0.5 * 0.05)
     assert set(result["ablations"]) == {"zero"}
     assert result["ablations"]["zero"]["records"][1]["size"] == 2
+    # the KL read the same way: the empty set's KL up to 5 % (below 2 units), the truth's from 10 %
+    empty = {s: np.zeros(10) for s in scrubber.sites}
+    nothing, found = grade_masks(scrubber, task.train_data(), task.heldout_data(), [empty, truth], budget=0)["records"]
+    e, t = nothing["kl_mean"], found["kl_mean"]
+    assert e > 1.0 and result["kl_area"] == pytest.approx(e * 0.049 + (e + t) / 2 * 0.05 + t * 0.9)
 
 
 def test_sweep_saves_runs_every_command_accepts(tmp_path):
@@ -339,8 +344,9 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
 
 def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
     """Rungs over budget below the smallest that meets it are trained again (``restart``), full or
-    not, the largest first; a rung its ladder marked ``opened`` is skipped (a whole run from open
-    gates at its size trained it, which is what a restart is)."""
+    not, the largest first and ``together`` at a time (one batch); a rung its ladder marked
+    ``opened`` is skipped (a whole run from open gates at its size trained it, which is what a
+    restart is)."""
     import jax.numpy as jnp
 
     from explainer.masks import Gates
@@ -361,17 +367,53 @@ def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
 
     asked = []
 
-    def restart(value):
-        asked.append(value)
-        return rung(value, pathway, {"restarted": [1.0]})
+    def restart(values):
+        asked.append(list(values))
+        return [rung(v, pathway, {"restarted": [1.0]}) for v in values]
 
     half = {"unembed.in": [6, 8]}  # half a cancelling pair and a spare unit: over budget
-    for history, expected in (({"descending": [1.0], "opened": [1.0]}, [2.0]), ({"descending": [1.0]}, [3.0, 2.0])):
+    opened, plain = {"descending": [1.0], "opened": [1.0]}, {"descending": [1.0]}
+    for history, together, expected in (
+        (opened, 2, [[2.0]]),
+        (plain, 2, [[3.0, 2.0]]),
+        (plain, 1, [[3.0], [2.0]]),
+    ):
         asked.clear()
         rungs = [rung(2, half, {"descending": [0.0]}), rung(3, {"unembed.in": [6, 8, 9]}, history)]
-        out = at_most(scrubber, data, rungs, restart=restart, exact_sets=0)
+        out = at_most(scrubber, data, rungs, restart=restart, exact_sets=0, together=together)
         assert asked == expected
         assert _kept(out[0].keep) == pathway and out[0].history["open_restart"] == [1.0]
+        assert ("open_restart" in out[1].history) == (history is plain)
+
+
+def test_at_most_stops_restarting_after_a_batch_whose_largest_misses_the_budget():
+    """Restarts are whole training runs: once the largest rung of a batch misses the budget, no
+    smaller rung is restarted (a smaller one will not meet it where a larger one could not)."""
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.sweep import Rung, at_most
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+    spare = {"unembed.in": [6, 8, 9]}  # no pathway: over budget at any size
+    asked = []
+
+    def rung(size):
+        keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+        keep["unembed.in"][spare["unembed.in"][: int(size)]] = 1
+        return Rung("sizes", float(size), gates, keep, {})
+
+    def restart(values):
+        asked.append(list(values))
+        return [rung(v) for v in values]
+
+    out = at_most(scrubber, data, [rung(1), rung(2), rung(3)], restart=restart, exact_sets=0, together=2)
+    assert asked == [[3.0, 2.0]]
+    assert "open_restart" not in out[0].history and out[1].history["open_restart"] == [0.0]
 
 
 def test_sweep_searches_exactly_only_without_an_adversary(monkeypatch):
