@@ -162,9 +162,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def show(models: dict[str, dict]) -> None:
-    table = Table(
-        title="frontiers on MIB's ladder (CPR ↑, CMD ↓: MIB's | KL area ↓ | over sizes; gap at budget 2 ↓)"
-    )
+    table = Table(title="frontiers on MIB's ladder (CPR ↑, CMD ↓: MIB's | KL area ↓ | over sizes; gap at budget 2 ↓)")
     columns = (
         "model",
         "method",
