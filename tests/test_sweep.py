@@ -384,6 +384,9 @@ def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
         assert asked == expected
         assert _kept(out[0].keep) == pathway and out[0].history["open_restart"] == [1.0]
         assert ("open_restart" in out[1].history) == (history is plain)
+        asked.clear()  # an empty rung below is over budget too, but has nothing to train
+        out = at_most(scrubber, data, [rung(0, {}, {}), *rungs], restart=restart, exact_sets=0, together=together)
+        assert asked == expected and out[0].size == 0
 
 
 def test_at_most_stops_restarting_after_a_batch_whose_largest_misses_the_budget():
