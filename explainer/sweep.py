@@ -39,8 +39,8 @@ and tracr-frac-prevs; ``benchmarks/results/time_to_frontier-gpu-vmap.json``; bot
 compilation there: an ioi step takes 1.9 ms, 1500 of them about 3 s of a 12–21 s run).
 
 ``auto`` is ``continuation`` on every device, for its frontiers: a warm start carries what a
-neighbouring rung learned. On MIB's ladder (``benchmarks/results/frontier-vmap.json``, this CPU),
-``vmap`` both ways raised CPR on ioi (0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896
+neighbouring rung learned. On MIB's ladder (``benchmarks/results/frontier-vmap.json``, this CPU,
+against ``continuation`` while restarts came one at a time), ``vmap`` both ways raised CPR on ioi (0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896
 without), paren (0.7073 → 0.7108, 0.7039 → 0.7069) and tracr-sort with the adversary, but
 lowered it on induction (0.5359 → 0.5174, 0.5452 → 0.5204: behind integrated gradients' 0.5361),
 direct and tracr-sort without the adversary (0.9365 → 0.9293); the planted models and the other
