@@ -40,11 +40,11 @@ compilation there: an ioi step takes 1.9 ms, 1500 of them about 3 s of a 12–21
 
 ``auto`` is ``continuation`` on every device, for its frontiers: a warm start carries what a
 neighbouring rung learned. On MIB's ladder (``benchmarks/results/frontier-vmap.json``, this CPU,
-against ``continuation`` while restarts came one at a time), ``vmap`` both ways raised CPR on ioi (0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896
-without), paren (0.7073 → 0.7108, 0.7039 → 0.7069) and tracr-sort with the adversary, but
-lowered it on induction (0.5359 → 0.5174, 0.5452 → 0.5204: behind integrated gradients' 0.5361),
-direct and tracr-sort without the adversary (0.9365 → 0.9293); the planted models and the other
-tracr models were unchanged. ``continuation`` met the 3× target on the H100 as well (ioi 2.13×,
+against ``continuation`` while restarts came one at a time), ``vmap`` both ways raised CPR on ioi
+(0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896 without), paren (0.7073 → 0.7108, 0.7039 →
+0.7069) and tracr-sort with the adversary, but lowered it on induction (0.5359 → 0.5174, 0.5452
+→ 0.5204: behind integrated gradients' 0.5361), direct and tracr-sort without the adversary
+(0.9365 → 0.9293); the planted models and the other tracr models were unchanged. ``continuation`` met the 3× target on the H100 as well (ioi 2.13×,
 the small models 1.28–1.78×, each model in its own process: ``time_to_frontier-gpu.json``),
 measured while :func:`at_most` restarted one rung at a time.
 
@@ -597,18 +597,17 @@ def at_most(
     size where there are at most ``exact_sets`` (the exact optimum, for about the cost of a
     restart of that many steps), else by ``restart`` (``sweep``: trained from open gates, as
     ``explain``'s open restart), except a rung its ladder marked ``opened`` (a whole run from open
-    gates at its size trained it: :func:`train_ladder`) and an empty one. Restarts train ``together`` rungs at a
-    time, the largest first, as one batch (``restart`` takes their sizes; the second of two cost
-    little on ioi and lifted its 32-unit rung). They stop after a batch whose largest rung misses
-    the budget too (a smaller rung will not meet it where a larger one could not, and each batch
-    is a whole training run); exact searches of smaller rungs still run. A restart that misses the
-    budget can still lower the KL of a rung where training closed gates for good, or find a better
-    set of the same size (tracr-sort's 25-unit rung, full and over budget: held-out KL 0.68
-    against 0.99).
-    Searched rungs record ``exact_search`` or ``open_restart`` (1 when it won) in their history.
-    Then a rung whose KL is no lower than that of a smaller rung buys nothing with its extra
-    units, so it is replaced by that rung (keeping its own target and history). The full model's
-    rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
+    gates at its size trained it: :func:`train_ladder`) and an empty one. Restarts train
+    ``together`` rungs at a time, the largest first, as one batch (``restart`` takes their sizes;
+    the second of two lifted ioi's 32-unit rung and paren's 39-unit rung). They stop after a batch
+    whose largest rung misses the budget too (a smaller rung will not meet it where a larger one
+    could not, and each batch is a whole training run); exact searches of smaller rungs still run.
+    A restart that misses the budget can still lower the KL of a rung where training closed gates
+    for good, or find a better set of the same size (tracr-sort's 25-unit rung, full and over
+    budget: held-out KL 0.68 against 0.99). Searched rungs record ``exact_search`` or
+    ``open_restart`` (1 when it won) in their history. Then a rung whose KL is no lower than that
+    of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
+    its own target and history). The full model's rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
     is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of the units":
     without it, a rung no better than a smaller one puts a dominated point on the frontier, and
     the straight line to it from below lowers the area.
