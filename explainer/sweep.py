@@ -44,9 +44,10 @@ against ``continuation`` while restarts came one at a time), ``vmap`` both ways 
 (0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896 without), paren (0.7073 → 0.7108, 0.7039 →
 0.7069) and tracr-sort with the adversary, but lowered it on induction (0.5359 → 0.5174, 0.5452
 → 0.5204: behind integrated gradients' 0.5361), direct and tracr-sort without the adversary
-(0.9365 → 0.9293); the planted models and the other tracr models were unchanged. ``continuation`` met the 3× target on the H100 as well (ioi 2.13×,
-the small models 1.28–1.78×, each model in its own process: ``time_to_frontier-gpu.json``),
-measured while :func:`at_most` restarted one rung at a time.
+(0.9365 → 0.9293); the planted models and the other tracr models were unchanged.
+``continuation`` met the 3× target on the H100 as well (ioi 2.13×, the small models 1.28–1.78×,
+each model in its own process: ``time_to_frontier-gpu.json``), measured while :func:`at_most`
+restarted one rung at a time.
 
 Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
 plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. Units that
@@ -607,10 +608,11 @@ def at_most(
     budget: held-out KL 0.68 against 0.99). Searched rungs record ``exact_search`` or
     ``open_restart`` (1 when it won) in their history. Then a rung whose KL is no lower than that
     of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
-    its own target and history). The full model's rung stays as it is. Baselines' searches are read the same way (``acdc``'s set for size ``k``
-    is its largest with at most ``k`` units). This is MIB's "at most ``k`` % of the units":
-    without it, a rung no better than a smaller one puts a dominated point on the frontier, and
-    the straight line to it from below lowers the area.
+    its own target and history). The full model's rung stays as it is. Baselines' searches are
+    read the same way (``acdc``'s set for size ``k`` is its largest with at most ``k`` units).
+    This is MIB's "at most ``k`` % of the units": without it, a rung no better than a smaller one
+    puts a dominated point on the frontier, and the straight line to it from below lowers the
+    area.
     """
     oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
