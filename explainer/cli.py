@@ -472,7 +472,7 @@ def sweep(
             f"{r['logit_diff_recovered']:>7.3f} {r['accuracy']:>6.3f} {r['gap']:>8.4g}  {r['run']}"
         )
     for name, g in result.get("ablations", {}).items():
-        lines.append(f"  under {name:<8} CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}")
+        lines.append(f"  under {name:<8} CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}  KL area {g['kl_area']:.4g} nats")
     _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(out_dir) / 'frontier.json'} and frontier.png")
 
 

@@ -129,7 +129,8 @@ def plot_frontier(
             edgecolors="black",
             s=45,
             zorder=2,
-            label=f"{label}  CPR {f.get('cpr', float('nan')):.3f}  CMD {f.get('cmd', float('nan')):.3f}",
+            label=f"{label}  CPR {f.get('cpr', float('nan')):.3f}  CMD {f.get('cmd', float('nan')):.3f}"
+            + (f"  KL area {f['kl_area']:.3g}" if "kl_area" in f else ""),
         )
     ax.axhline(1.0, color="tab:green", lw=0.8, ls="--")
     ax.set_xscale("log")
@@ -148,7 +149,8 @@ def plot_frontier(
                 [r["normalized_faithfulness"] for r in records],
                 marker="o",
                 ms=4,
-                label=f"{name}  CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}",
+                label=f"{name}  CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}"
+                + (f"  KL area {g['kl_area']:.3g}" if "kl_area" in g else ""),
             )
         ax2.axhline(1.0, color="tab:green", lw=0.8, ls="--")
         ax2.set_xscale("log")

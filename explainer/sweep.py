@@ -1087,4 +1087,5 @@ def _save(out: Path, overwrite: bool, result, rungs: list[Rung], scrubber, confi
 
 def _title(result: dict[str, Any]) -> str:
     name = result["model"].get("name") or Path(result["model"]["path"]).name
-    return f"{name} on {result['task']['name']}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}"
+    areas = f"CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}, KL area {result['kl_area']:.3g} nats"
+    return f"{name} on {result['task']['name']}: {areas}"
