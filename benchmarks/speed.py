@@ -35,6 +35,13 @@ Beside it, from one H100: ``time_to_frontier-gpu.json`` (the default, one proces
 
     python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies vmap continuation
 
+``--ladder-steps`` and ``--continuation-steps`` time a shorter ladder (``explainer sweep --steps
+N --continuation-steps M``) against the same default training run; ``--frontier-results`` names
+the file. ``time_to_frontier-short.json`` is the ladder of 750 and 188 steps::
+
+    python benchmarks/speed.py --models --frontier-models planted-distractor planted-joint tracr-frac-prevs ioi \
+        --ladder-steps 750 --continuation-steps 188 --frontier-results benchmarks/results/time_to_frontier-short.json
+
 Run it with ``make bench`` (that is, ``python benchmarks/speed.py``); it prints a table and writes
 the rows with the exact command line to ``benchmarks/results/speed.json``::
 
@@ -46,6 +53,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -120,9 +128,17 @@ def ladder_sizes(total: int, points: int = 8) -> list[int]:
     return [sizes[round(i * (len(sizes) - 1) / (points - 1))] for i in range(points)]
 
 
-def time_to_frontier(name: str, config: TrainConfig, strategies: tuple[str, ...] = ("auto",)) -> list[dict]:
+def time_to_frontier(
+    name: str,
+    config: TrainConfig,
+    strategies: tuple[str, ...] = ("auto",),
+    ladder_steps: int | None = None,
+    continuation_steps: int | None = None,
+) -> list[dict]:
     """Seconds of one training run and of an 8-point ladder (one row per strategy in
-    ``strategies``), side by side, and their ratio."""
+    ``strategies``), side by side, and their ratio. ``ladder_steps`` (the first rung's, the open
+    restarts' and the exact-search limit: ``explainer sweep --steps``) and ``continuation_steps``
+    (``--continuation-steps``) set the ladder's schedule; the single run keeps ``config``'s."""
     from explainer.sweep import at_most, choose_strategy, exact_sets, open_restart, train_ladder
     from explainer.train import fit, train_gates
 
@@ -137,19 +153,24 @@ def time_to_frontier(name: str, config: TrainConfig, strategies: tuple[str, ...]
     started = time.perf_counter()
     _, _, history = fit(scrubber, data, config, progress=False)
     command = time.perf_counter() - started
+    short = config if ladder_steps is None else config.replace(steps=ladder_steps)
     rows = []
     for strategy in strategies:
         started = time.perf_counter()
-        rungs = train_ladder(scrubber, data, config, "sizes", sizes, strategy=strategy)
+        rungs = train_ladder(
+            scrubber, data, short, "sizes", sizes, strategy=strategy, continuation_steps=continuation_steps
+        )
         trained = time.perf_counter() - started
-        restart = open_restart(scrubber, data, config)
-        rungs = at_most(scrubber, data, rungs, config.seed, config.kl_budget, restart, exact_sets(config, None))
+        restart = open_restart(scrubber, data, short)
+        rungs = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
         ladder = time.perf_counter() - started
         rows.append(
             {
                 "model": name,
                 "strategy": choose_strategy(strategy, scrubber),
                 "sizes": sizes,
+                "ladder_steps": short.steps,
+                "continuation_steps": continuation_steps if continuation_steps is not None else short.steps // 4,
                 "single_s": single,
                 "train_command_s": command,
                 "train_command_open_restart": bool(history["open_restart"][0]),
@@ -210,7 +231,11 @@ def write(rows: list[dict], args: argparse.Namespace, frontier: list[dict] | Non
     if rows:
         write_record(RESULTS, args, target_ratio=TARGET_RATIO, target_minmax_ratio=TARGET_MINMAX, rows=rows)
     if frontier:
-        write_record(FRONTIER_RESULTS, args, target_ratio=TARGET_FRONTIER, rows=frontier)
+        write_record(_frontier_results(args), args, target_ratio=TARGET_FRONTIER, rows=frontier)
+
+
+def _frontier_results(args: argparse.Namespace) -> Path:
+    return Path(args.frontier_results) if args.frontier_results else FRONTIER_RESULTS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,17 +248,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--strategies", nargs="+", default=["auto"], help="the ladder's strategies to time (auto, vmap, continuation)"
     )
+    parser.add_argument("--ladder-steps", type=int, default=None, help="the ladder's --steps (default: a run's)")
+    parser.add_argument("--continuation-steps", type=int, default=None, help="the ladder's later rungs' steps")
+    parser.add_argument("--frontier-results", default=None, help="time-to-frontier file (default: results/...)")
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)
     names = zoo_names() if args.models is None else args.models
     rows = [measure(name, config, args.steps, args.repeats) for name in names]
-    frontier = [row for name in args.frontier_models for row in time_to_frontier(name, config, tuple(args.strategies))]
+    frontier = [
+        row
+        for name in args.frontier_models
+        for row in time_to_frontier(name, config, tuple(args.strategies), args.ladder_steps, args.continuation_steps)
+    ]
     if rows:
         show(rows)
     if frontier:
         show_frontier(frontier)
     write(rows, args, frontier)
-    written = ([RESULTS] if rows else []) + ([FRONTIER_RESULTS] if frontier else [])
+    written = ([RESULTS] if rows else []) + ([_frontier_results(args)] if frontier else [])
     print("wrote " + (" and ".join(str(p) for p in written) or "nothing (no models given)"))
 
 
