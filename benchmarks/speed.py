@@ -170,7 +170,7 @@ def time_to_frontier(
                 "strategy": choose_strategy(strategy, scrubber),
                 "sizes": sizes,
                 "ladder_steps": short.steps,
-                "continuation_steps": continuation_steps if continuation_steps is not None else short.steps // 4,
+                "continuation_steps": continuation_steps if continuation_steps is not None else max(1, short.steps // 4),
                 "single_s": single,
                 "train_command_s": command,
                 "train_command_open_restart": bool(history["open_restart"][0]),
