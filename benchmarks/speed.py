@@ -154,6 +154,7 @@ def time_to_frontier(
     _, _, history = fit(scrubber, data, config, progress=False)
     command = time.perf_counter() - started
     short = config if ladder_steps is None else config.replace(steps=ladder_steps)
+    more = continuation_steps if continuation_steps is not None else max(1, short.steps // 4)  # train_ladder's
     rows = []
     for strategy in strategies:
         started = time.perf_counter()
@@ -170,7 +171,7 @@ def time_to_frontier(
                 "strategy": choose_strategy(strategy, scrubber),
                 "sizes": sizes,
                 "ladder_steps": short.steps,
-                "continuation_steps": continuation_steps if continuation_steps is not None else max(1, short.steps // 4),
+                "continuation_steps": more,
                 "single_s": single,
                 "train_command_s": command,
                 "train_command_open_restart": bool(history["open_restart"][0]),
