@@ -284,6 +284,16 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     return flat
 
 
+def searchable(n_units: int, size: int, max_sets: int) -> bool:
+    """Whether :func:`best_of_size` scores the sets of ``size`` of ``n_units`` units: at most
+    ``max_sets`` of them, and ``size`` in range.
+
+    >>> searchable(20, 2, 190), searchable(20, 2, 189), searchable(20, 21, 10**6)
+    (True, False, False)
+    """
+    return 0 <= size <= n_units and math.comb(n_units, size) <= max_sets
+
+
 def best_of_size(oracle: KLOracle, size: int, max_sets: int, block: int = 1024) -> np.ndarray | None:
     """The flat mask of exactly ``size`` units with the least KL, by scoring every such set, or
     ``None`` when there are more than ``max_sets`` of them (or ``size`` is out of range).
@@ -297,7 +307,7 @@ def best_of_size(oracle: KLOracle, size: int, max_sets: int, block: int = 1024) 
     [0, 11]
     """
     n = oracle.n_units
-    if not 0 <= size <= n or math.comb(n, size) > max_sets:
+    if not searchable(n, size, max_sets):
         return None
     best, best_kl = np.zeros(n, np.float32), np.inf
     sets = itertools.combinations(range(n), size)

@@ -99,7 +99,7 @@ from explainer.frontier import (
 )
 from explainer.lock import run_lock
 from explainer.masks import Gates
-from explainer.polish import KLOracle, best_of_size, no_worse, prune, repair
+from explainer.polish import KLOracle, best_of_size, no_worse, prune, repair, searchable
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.tasks.base import Batch
@@ -651,7 +651,7 @@ def at_most(
         i
         for i in reversed(stuck)
         if rungs[i].value > 0
-        and math.comb(oracle.n_units, int(rungs[i].value)) > exact_sets
+        and not searchable(oracle.n_units, int(rungs[i].value), exact_sets)
         and "opened" not in rungs[i].history
     ]
     restarted: dict[int, Rung] = {}
