@@ -134,12 +134,15 @@ def time_to_frontier(
     strategies: tuple[str, ...] = ("auto",),
     ladder_steps: int | None = None,
     continuation_steps: int | None = None,
+    patience: int | None = None,
 ) -> list[dict]:
     """Seconds of one training run and of an 8-point ladder (one row per strategy in
     ``strategies``), side by side, and their ratio. ``ladder_steps`` (the first rung's, the open
     restarts' and the exact-search limit: ``explainer sweep --steps``) and ``continuation_steps``
-    (``--continuation-steps``) set the ladder's schedule; the single run keeps ``config``'s."""
-    from explainer.sweep import at_most, choose_strategy, exact_sets, open_restart, train_ladder
+    (``--continuation-steps``) set the ladder's schedule, and ``patience`` (``--patience``) when its
+    later rungs and open restarts stop (default: ``explainer sweep``'s); the single run keeps
+    ``config``'s."""
+    from explainer.sweep import PATIENCE, at_most, choose_strategy, exact_sets, open_restart, train_ladder
     from explainer.train import fit, train_gates
 
     folder = resolve_model(name)
@@ -155,14 +158,23 @@ def time_to_frontier(
     command = time.perf_counter() - started
     short = config if ladder_steps is None else config.replace(steps=ladder_steps)
     more = continuation_steps if continuation_steps is not None else max(1, short.steps // 4)  # train_ladder's
+    patience = PATIENCE if patience is None else patience
     rows = []
     for strategy in strategies:
         started = time.perf_counter()
         rungs = train_ladder(
-            scrubber, data, short, "sizes", sizes, strategy=strategy, continuation_steps=continuation_steps
+            scrubber,
+            data,
+            short,
+            "sizes",
+            sizes,
+            strategy=strategy,
+            continuation_steps=continuation_steps,
+            patience=patience,
         )
         trained = time.perf_counter() - started
-        restart = open_restart(scrubber, data, short)
+        steps = [len(r.history["kl"]) for r in rungs]
+        restart = open_restart(scrubber, data, short, patience=patience)
         rungs = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
         ladder = time.perf_counter() - started
         rows.append(
@@ -172,6 +184,8 @@ def time_to_frontier(
                 "sizes": sizes,
                 "ladder_steps": short.steps,
                 "continuation_steps": more,
+                "patience": patience,
+                "rung_steps": steps,
                 "single_s": single,
                 "train_command_s": command,
                 "train_command_open_restart": bool(history["open_restart"][0]),
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ladder-steps", type=int, default=None, help="the ladder's --steps (default: a run's)")
     parser.add_argument("--continuation-steps", type=int, default=None, help="the ladder's later rungs' steps")
+    parser.add_argument("--patience", type=int, default=None, help="the ladder's --patience (default: a sweep's)")
     parser.add_argument("--frontier-results", default=None, help="time-to-frontier file (default: results/...)")
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)
@@ -259,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     frontier = [
         row
         for name in args.frontier_models
-        for row in time_to_frontier(name, config, tuple(args.strategies), args.ladder_steps, args.continuation_steps)
+        for row in time_to_frontier(
+            name, config, tuple(args.strategies), args.ladder_steps, args.continuation_steps, args.patience
+        )
     ]
     if rows:
         show(rows)

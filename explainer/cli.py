@@ -394,7 +394,18 @@ def sweep(
         "down from the largest from open gates; vmap: every rung from the initial gates and from open "
         "gates; each rung the better), up or down.",
     ),
-    steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Training steps of the first rung and of each open restart (default 1500)."
+    ),
+    continuation_steps: int | None = typer.Option(
+        None, "--continuation-steps", help="Most training steps of every later rung (default: a quarter of --steps)."
+    ),
+    patience: int | None = typer.Option(
+        None,
+        "--patience",
+        help="A later rung or an open restart stops once its explanation has not changed for N steps "
+        "(default 100; 0: never stops early).",
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
@@ -418,7 +429,7 @@ def sweep(
 ) -> None:
     """Train a ladder of explanations (sizes or penalties) and grade each: the frontier (or continue
     an interrupted sweep with --resume OUT)."""
-    from explainer.sweep import resume_sweep
+    from explainer.sweep import PATIENCE, resume_sweep
     from explainer.sweep import sweep as run_sweep
 
     settings = {
@@ -439,7 +450,7 @@ def sweep(
         out_dir = resume
         given = {"model": model, "task": task, "lambdas": lambdas, "sizes": sizes, "config": config}
         given |= {"adversary": adversary, "budget": budget, "ablations": listed, "strategy": strategy}
-        given |= {"direction": direction}
+        given |= {"direction": direction, "patience": patience, "continuation_steps": continuation_steps}
         result = resume_sweep(resume, progress, **given, **settings)
         model = result["model"].get("name") or result["model"]["path"]
     else:
@@ -458,6 +469,8 @@ def sweep(
             ablations=listed if listed is not None else ["resample", "mean", "zero", "optimal"],
             strategy=strategy or "auto",
             direction=direction or "both",
+            continuation_steps=continuation_steps,
+            patience=PATIENCE if patience is None else patience,
             out=out_dir,
             overwrite=overwrite,
             progress=progress,

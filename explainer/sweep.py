@@ -65,6 +65,7 @@ under other ablations.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
@@ -124,6 +125,8 @@ EXACT_SETS = 1500
 # ioi (a step of two states 9.8 ms against 8.4 for one on a 2-core CPU), and the second restart
 # lifted ioi's 32-unit rung and paren's 39-unit rung (benchmarks/results/frontier.json)
 RESTART_TOGETHER = 2
+PATIENCE = 100  # steps a continuation rung's explanation must stay unchanged before the rung stops
+SETTLE_EVERY = 25  # steps between reads of that explanation
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
@@ -199,29 +202,77 @@ def _finish(mode: str, value: float, gates: Gates) -> Mask:
     return out
 
 
+def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any]) -> str:
+    """A digest of the finished explanation of every state in a batch (``logits``: site -> (B, n)),
+    as :func:`_finish` would finish state ``b`` at ``values[b]``: its top ``k`` units, or its units
+    with a positive logit."""
+    flat = np.concatenate([np.asarray(v) for v in logits.values()], axis=-1)
+    digest = hashlib.sha256()
+    for row, value in zip(flat, values, strict=True):
+        kept = np.sort(np.argsort(-row, kind="stable")[: int(value)]) if mode == "sizes" else np.flatnonzero(row > 0)
+        digest.update(kept.astype(np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
 def _run_steps(
-    checked, states, targets, operands, steps: int, advance, done: int, label: str, checkpoints=None, every=0
+    checked,
+    states,
+    targets,
+    operands,
+    steps: int,
+    advance,
+    done: int,
+    label: str,
+    checkpoints=None,
+    every=0,
+    settle: Callable[[Any], str] | None = None,
+    patience: int = 0,
 ):
     """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
     at the end, and continued from the newest good checkpoint found there (a finished one: no steps).
-    ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once."""
+    ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once.
+
+    With ``settle`` (states -> a digest of their finished explanations, :func:`_signature`) and
+    ``patience``, the stretch stops early once that digest, read every ``SETTLE_EVERY`` steps, has
+    not changed for ``patience`` steps: every state's explanation has settled. The digest and the
+    step it last changed at are saved with each checkpoint, so a resumed stretch stops where an
+    uninterrupted one would."""
     step, names = checked
     saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
     if saved is not None:
         states = saved.state
     history = History(saved.history if saved else {}, names)
     where = ""
-    for i in range(saved.step if saved else 0, steps):
+    watch = settle is not None and patience > 0
+    meta = saved.meta if saved is not None else {}
+    first = saved.step if saved else 0
+    signature, since = meta.get("signature"), meta.get("since", first)
+    if watch and signature is None:
+        signature, since = settle(states), first
+    last = first if meta.get("settled") else steps
+    for i in range(first, last):
         states, metrics = step(states, targets, operands)
         history.append(metrics)
         n = i + 1
-        due = checkpoints is not None and every and (n % every == 0 or n == steps)
-        if n % 50 == 0 or n == steps or due:
+        settled = False
+        if watch and n % SETTLE_EVERY == 0 and n < steps:
+            now = settle(states)
+            if now != signature:
+                signature, since = now, n
+            settled = n - since >= patience
+        due = checkpoints is not None and every and (n % every == 0 or n == steps or settled)
+        if n % 50 == 0 or n == steps or due or settled:
             history.flush(where)
-            advance(done + n, f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}")
+            note = f" settled at step {n}" if settled else ""
+            advance(
+                done + (steps if settled else n), f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}{note}"
+            )
         if due:
-            path = save_checkpoint(checkpoints, states, n, history.values, meta={"label": label})
+            extra = {"signature": signature, "since": since, "settled": settled} if watch else {}
+            path = save_checkpoint(checkpoints, states, n, history.values, meta={"label": label, **extra})
             where = f"The last good checkpoint (step {n}) is {path}. "
+        if settled:
+            break
     history.flush(where)
     return states, {k: np.asarray(v, np.float64) for k, v in history.values.items()}
 
@@ -238,15 +289,31 @@ def _stack(states: Sequence[TrainState]) -> TrainState:
 
 
 def _continue(
-    ladder_step, starts, targets, log_lambda, values, mode, ways, steps, more, operands, advance, folder, every
+    ladder_step,
+    starts,
+    targets,
+    log_lambda,
+    values,
+    mode,
+    ways,
+    steps,
+    more,
+    operands,
+    advance,
+    folder,
+    every,
+    patience=0,
+    first_patience=0,
 ):
     """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
     per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
     below), ``down`` from the largest (sizes only: its start has open gates, and on every later rung
     λ rises as fast as it backs off, since a short rung must close units). Both ways have the same
     rungs and steps, so rung ``j`` of every way is one stretch of the batched step: on small models
-    a step of two states costs little more than a step of one. Returns, per way, each rung's gates
-    and history in the order of ``values``."""
+    a step of two states costs little more than a step of one. Every rung after the first stops
+    early once every way's explanation has stayed the same for ``patience`` steps, the first once
+    it has for ``first_patience`` (0: never; see :func:`_run_steps`). Returns, per way, each rung's
+    gates and history in the order of ``values``."""
     ascending = sorted(range(len(values)), key=lambda i: values[i])
     orders = [ascending[::-1] if way == "down" else ascending for way in ways]
     gates = [[None] * len(values) for _ in ways]
@@ -262,8 +329,21 @@ def _continue(
         rise = [DUAL_BACKOFF if way == "down" and j > 0 else 1.0 for way in ways]
         rung = (targets[jnp.asarray(chosen)], jnp.asarray(rise, jnp.float32))
         rung_folder = folder / f"rung-{j}" if folder is not None else None
+        ks = [values[i] for i in chosen]
+        settle = lambda s, ks=ks: _signature(mode, ks, jax.device_get(s.gates.logits))  # noqa: E731
         state, history = _run_steps(
-            ladder_step, state, rung, operands, n, advance, done, f"rung {j + 1}{suffix}", rung_folder, every
+            ladder_step,
+            state,
+            rung,
+            operands,
+            n,
+            advance,
+            done,
+            f"rung {j + 1}{suffix}",
+            rung_folder,
+            every,
+            settle,
+            patience if j > 0 else first_patience,
         )
         done += n
         batch = jax.device_get(state.gates)  # sliced on the host: slicing on the device compiles per shape
@@ -280,6 +360,15 @@ def _opened(strategy: str, ways: Sequence[str], values: Sequence[float]) -> list
     if "down" not in ways:
         return [False] * len(values)
     return [strategy == "vmap" or v == max(values) for v in values]
+
+
+def check_patience(patience: Any) -> int:
+    """``patience`` if it is a whole number of steps, at least 0 (0: rungs never stop early)."""
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ExplainerError(
+            f"--patience must be a whole number of steps >= 0 (0: every rung trains all its steps), got {patience!r}"
+        )
+    return patience
 
 
 def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
@@ -303,12 +392,19 @@ def train_ladder(
     progress: bool = False,
     checkpoints: str | os.PathLike | None = None,
     direction: str = "both",
+    patience: int = PATIENCE,
+    first_patience: int = 0,
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
-    ``config.steps // 4``) is the number of steps of every rung after the first under
-    ``continuation``. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
+    ``config.steps // 4``) is the most steps of every rung after the first under
+    ``continuation``: such a rung stops once its explanation (every way's) has not changed for
+    ``patience`` steps (0: never stops early). ``first_patience`` is the same rule for the first
+    rung under ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by
+    default, since from the initial gates an explanation can sit still for hundreds of steps and
+    then move (induction's one-unit rung changed at step 650 after 600 still ones); :func:`at_most`'s
+    restarts use it. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
     trains (penalties always go up): under ``continuation`` up from the smallest or down from the
     largest, under ``vmap`` every rung from the initial gates (``up``) or from open gates
     (``down``). ``both`` records ``descending`` (1 or 0: the way down or from open gates won) in each
@@ -338,6 +434,8 @@ def train_ladder(
     strategy = choose_strategy(strategy, scrubber)
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_patience(patience)
+    check_patience(first_patience)
     config = _step_config(config)
     optimizer = optax.adam(config.lr)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
@@ -358,8 +456,21 @@ def train_ladder(
             batch = _stack([s for s in starts for _ in values])
             batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
             rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
+            ks = list(values) * len(ways)
+            settle_all = lambda s: _signature(mode, ks, jax.device_get(s.gates.logits))  # noqa: E731
             states, history = _run_steps(
-                ladder_step, batch, rungs, operands, config.steps, advance, 0, "", folder, every
+                ladder_step,
+                batch,
+                rungs,
+                operands,
+                config.steps,
+                advance,
+                0,
+                "",
+                folder,
+                every,
+                settle_all,
+                first_patience,
             )
         host = jax.device_get(states.gates)  # sliced on the host: slicing on the device compiles per shape
         by_way = [
@@ -392,6 +503,8 @@ def train_ladder(
                         advance,
                         sub,
                         every,
+                        patience,
+                        first_patience,
                     ),
                     strict=True,
                 )
@@ -704,10 +817,13 @@ def open_restart(
     config: TrainConfig,
     adversary: InLoopAdversary | None = None,
     checkpoints: Path | None = None,
-) -> Callable[[float], Rung]:
-    """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (the
-    whole ``config.steps``, as ``explain``'s open restart), several as one batch; checkpoints in
-    ``open-restart-K`` (``open-restart-K1-K2`` for a batch)."""
+    patience: int = PATIENCE,
+) -> Callable[[Sequence[float]], list[Rung]]:
+    """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (at
+    most ``config.steps``, as ``explain``'s open restart, and stopped once every rung's explanation
+    has stayed the same for ``patience`` steps: on ioi's 8-point ladder the restart of the 81- and
+    41-unit rungs settled at step 775 with the same KL as at 1500), several as one batch;
+    checkpoints in ``open-restart-K`` (``open-restart-K1-K2`` for a batch)."""
     open_config = _open(config)
 
     def restart(values: Sequence[float]) -> list[Rung]:
@@ -716,7 +832,16 @@ def open_restart(
         # one rung: a continuation ladder of one (its checkpoints, as before); several: one batch
         strategy = "continuation" if len(values) == 1 else "vmap"
         return train_ladder(
-            scrubber, train, open_config, "sizes", values, adversary, strategy, checkpoints=more, direction="up"
+            scrubber,
+            train,
+            open_config,
+            "sizes",
+            values,
+            adversary,
+            strategy,
+            checkpoints=more,
+            direction="up",
+            first_patience=patience,
         )
 
     return restart
@@ -776,6 +901,7 @@ def sweep(
     progress: bool = True,
     resume: bool = False,
     direction: str = "both",
+    patience: int = PATIENCE,
     **settings: Any,
 ) -> dict[str, Any]:
     """Train a ladder of explanations of ``model`` on ``task`` and grade them: the frontier.
@@ -790,7 +916,9 @@ def sweep(
     Meanwhile the sweep holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
     ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished sweep (see
     :func:`resume_sweep`, which reads its settings back). ``direction`` is the way a continuation
-    ladder of sizes trains (:func:`train_ladder`: ``both``, ``up`` or ``down``).
+    ladder of sizes trains (:func:`train_ladder`: ``both``, ``up`` or ``down``). A rung after the
+    first (at most ``continuation_steps`` steps) and an open restart (at most ``steps``) stop once
+    their explanation has stayed the same for ``patience`` steps (0: they never stop early).
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
@@ -821,6 +949,11 @@ def sweep(
             )
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_patience(patience)
+    if continuation_steps is not None and (
+        isinstance(continuation_steps, bool) or not isinstance(continuation_steps, int) or continuation_steps < 1
+    ):
+        raise ExplainerError(f"--continuation-steps must be a whole number of steps >= 1, got {continuation_steps!r}")
     if isinstance(adversary, str) or adversary is None:
         from adversary.learned import make_adversary
 
@@ -868,6 +1001,7 @@ def sweep(
         "strategy": strategy,
         "continuation_steps": continuation_steps,
         "direction": direction,
+        "patience": patience,
     }
     with run_lock(out_path):
         if resume:
@@ -911,6 +1045,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
             ns["progress"],
             checkpoints,
             ns["direction"],
+            ns["patience"],
         ):
             rungs[r.value] = r
     train_seconds = time.perf_counter() - t0
@@ -918,7 +1053,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
-        restart = open_restart(scrubber, train, config, adversary, checkpoints)
+        restart = open_restart(scrubber, train, config, adversary, checkpoints, ns["patience"])
         exact = exact_sets(config, adversary)
         ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, exact)
     graded = grade_masks(
@@ -979,7 +1114,8 @@ def _check_same_sweep(out: Path, record: dict[str, Any]) -> None:
             f"the weights of {record['model']['path']!r} changed since sweep {str(out)!r} started (sha256 "
             "differs); it cannot be resumed: start again with --overwrite"
         )
-    recorded = {"direction": "both", **recorded}  # sweeps started before the setting went both ways
+    # sweeps started before the setting went both ways, and before rungs stopped once settled
+    recorded = {"direction": "both", "patience": 0, **recorded}
     for key, value in record.items():
         if key not in ("model", "overwrite") and recorded.get(key) != value:
             raise ExplainerError(
@@ -1010,8 +1146,10 @@ def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) ->
         "ablations": list(given.pop("ablations", record["ablations"])),
         "strategy": given.pop("strategy", record["strategy"]),
         "direction": given.pop("direction", record.get("direction", "both")),
+        "patience": given.pop("patience", record.get("patience", 0)),
+        "continuation_steps": given.pop("continuation_steps", record["continuation_steps"]),
     }
-    record = {"direction": "both", **record}
+    record = {"direction": "both", "patience": 0, **record}
     differ = [f"{k} {v!r} (recorded: {record[k]!r})" for k, v in sweep_settings.items() if v != record[k]]
     if differ:
         raise ExplainerError(
@@ -1040,6 +1178,7 @@ def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) ->
         progress=progress,
         resume=True,
         direction=record["direction"],
+        patience=record["patience"],
     )
 
 

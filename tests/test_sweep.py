@@ -161,6 +161,43 @@ def test_bad_ladders_name_the_fix(tmp_path):
             sweep("planted-distractor", sizes="1", adversary="none", progress=False, **setting)
 
 
+def test_signature_reads_the_finished_explanation_only():
+    from explainer.sweep import _signature
+
+    logits = {"a": np.array([[3.0, -1.0, 2.0]]), "b": np.array([[0.5, -2.0]])}
+    same = {"a": np.array([[9.0, -5.0, 8.0]]), "b": np.array([[0.1, -0.3]])}  # the same top 2 and signs
+    assert _signature("sizes", [2], logits) == _signature("sizes", [2], same)
+    assert _signature("lambdas", [0.1], logits) == _signature("lambdas", [0.1], same)
+    other = {"a": np.array([[3.0, -1.0, 0.4]]), "b": np.array([[0.5, -2.0]])}  # top 2 now units 0 and 3
+    assert _signature("sizes", [2], logits) != _signature("sizes", [2], other)
+    assert _signature("sizes", [3], logits) != _signature("sizes", [2], logits)
+    flipped = {"a": np.array([[3.0, 1.0, 2.0]]), "b": np.array([[0.5, -2.0]])}
+    assert _signature("lambdas", [0.1], logits) != _signature("lambdas", [0.1], flipped)
+
+
+@pytest.mark.parametrize("mode", ["sizes", "lambdas"])
+def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
+    """A rung after the first stops once every way's finished explanation has stayed the same for
+    ``patience`` steps (read every 25), and finishes as the rung trained to the end does; with
+    ``patience=0`` every rung trains all its steps. The first rung always trains all of its."""
+    scrubber, task = distractor
+    config = TrainConfig(steps=300)
+    values = [1, 2, 3] if mode == "sizes" else [0.01, 0.1, 1.0]
+    ladders = {
+        p: train_ladder(scrubber, task.train_data(), config, mode, values, continuation_steps=400, patience=p)
+        for p in (0, 50)
+    }
+    steps = {p: sorted(len(r.history["kl"]) for r in rungs) for p, rungs in ladders.items()}
+    assert steps[0] == [300, 400, 400]
+    assert steps[50][-1] == 300 and all(50 <= n < 400 and n % 25 == 0 for n in steps[50][:-1]), steps
+    for a, b in zip(ladders[0], ladders[50], strict=True):
+        assert _kept(a.keep) == _kept(b.keep)
+    with pytest.raises(ExplainerError, match="--patience must be a whole number"):
+        train_ladder(scrubber, task.train_data(), config, mode, values, patience=-1)
+    with pytest.raises(ExplainerError, match="--continuation-steps must be"):
+        sweep("planted-distractor", sizes="1,2", continuation_steps=0, adversary="none", progress=False)
+
+
 def test_auto_strategy_is_continuation_on_every_backend(distractor, monkeypatch):
     """``auto`` keeps the frontiers' better strategy even where ``vmap`` is faster (a GPU)."""
     import jax
@@ -193,6 +230,10 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
             "",
             "--direction",
             "up",
+            "--continuation-steps",
+            "120",
+            "--patience",
+            "25",
             "--out",
             str(tmp_path / "s"),
             "--json",
@@ -208,6 +249,7 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
     assert "ablations" not in result
     history = open_run(result["records"][1]["run"])[0].history
     assert "kl" in history and "descending" not in history  # trained up only: no choice between ways
+    assert len(history["kl"]) < 120  # the second rung's explanation settled: it stopped early
     bad = subprocess.run(
         [
             sys.executable,

@@ -72,10 +72,12 @@ def test_sweep_sigkill_then_resume_is_bit_identical(tmp_path):
     assert _frontier(killed) == _frontier(whole)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "continuation"])
-def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,patience", [("vmap", 0), ("continuation", 0), ("vmap", 25), ("continuation", 25)])
+def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy, patience):
     """Resumed from an older checkpoint (the newest removed, as if killed before it), every rung's gates
-    are bit for bit those of the uninterrupted ladder; a finished ladder reloads without training."""
+    are bit for bit those of the uninterrupted ladder; a finished ladder reloads without training. With
+    ``patience``, a rung that settled stops at the same step when resumed (the checkpoints carry what
+    the check had seen)."""
     import numpy as np
 
     from explainer.checkpoint import list_checkpoints
@@ -92,7 +94,18 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy):
 
     def ladder(checkpoints=None):
         rungs = train_ladder(
-            scrubber, task.train_data(), config, "sizes", [1, 2], None, strategy, 60, False, checkpoints
+            scrubber,
+            task.train_data(),
+            config,
+            "sizes",
+            [1, 2],
+            None,
+            strategy,
+            120 if patience else 60,
+            False,
+            checkpoints,
+            patience=patience,
+            first_patience=patience,
         )
         return [{s: np.asarray(v) for s, v in r.gates.logits.items()} for r in rungs], [r.history for r in rungs]
 
@@ -105,3 +118,5 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy):
     for a, b in zip(again, whole, strict=True):
         assert all(np.array_equal(a[s], b[s]) for s in a)
     assert history_again == history
+    if patience:  # the later rung settled before its last step, and so did the vmapped batch
+        assert min(len(h["kl"]) for h in history) < (120 if strategy == "continuation" else 200), history
