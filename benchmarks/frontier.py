@@ -282,8 +282,14 @@ def run_model(name: str, args: argparse.Namespace, earlier: dict) -> dict:
     reused = {r["method"]: r for r in earlier.get("rows", [])} if args.reuse_baselines else {}
     for r in reused.values():
         add_areas(r, total_units(name))
-    for adversary in args.adversaries:
-        rows.append(ours(name, adversary, args))
+    for adversary in ("learned", "none"):
+        method = OURS[0] if adversary == "learned" else OURS[1]
+        if adversary in args.adversaries:
+            rows.append(ours(name, adversary, args))
+        elif method in reused:  # a frontier of ours not asked for this time: kept as it was
+            rows.append(reused[method])
+        else:
+            continue
         print(f"{name}: {rows[-1]['method']} CPR {rows[-1]['cpr']:.3f} CMD {rows[-1]['cmd']:.3f}", flush=True)
     for method in args.methods:
         if method == "exhaustive" and not exhaustive_feasible(name, args.exhaustive_units):
@@ -313,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exhaustive-units", type=int, default=40, help="exhaustive search up to this many units")
     parser.add_argument("--quick", action="store_true", help="planted models, 300 steps, four baselines")
     parser.add_argument("--fresh", action="store_true", help="replace the results file instead of merging")
-    parser.add_argument("--reuse-baselines", action="store_true", help="keep baseline rows already in the file")
+    parser.add_argument(
+        "--reuse-baselines",
+        action="store_true",
+        help="keep baseline rows already in the file, and our rows for --adversaries not given",
+    )
     parser.add_argument("--report", action="store_true", help="only re-check, print and plot the saved results")
     parser.add_argument("--results", default=None, help="results file (default: results/frontier.json)")
     args = parser.parse_args(argv)

@@ -398,24 +398,27 @@ def train_ladder(
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
-    ``config.steps // 4``) is the most steps of every rung after the first under
-    ``continuation``: such a rung stops once its explanation (every way's) has not changed for
-    ``patience`` steps (0: never stops early). ``first_patience`` is the same rule for the first
-    rung under ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by
-    default, since from the initial gates an explanation can sit still for hundreds of steps and
-    then move (induction's one-unit rung changed at step 650 after 600 still ones); :func:`at_most`'s
-    restarts use it. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
-    trains (penalties always go up): under ``continuation`` up from the smallest or down from the
-    largest, under ``vmap`` every rung from the initial gates (``up``) or from open gates
-    (``down``). ``both`` records ``descending`` (1 or 0: the way down or from open gates won) in each
-    rung's history and gives each rung the other way's as its ``alternative`` (:func:`at_most`
-    polishes both). A rung that a whole run from open gates at its own size trained (every rung of
-    ``vmap`` that way, the largest of ``continuation``) records ``opened``: :func:`at_most` does not
-    restart it. See the module docstring for the strategies. With a ``checkpoints`` folder,
-    training is saved there every ``config.checkpoint_every`` steps (``vmap``: in the folder
-    itself; ``continuation``: each rung in its own ``rung-J``; both ways, trained in lockstep, in
-    ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
-    rungs) and continued from what is there.
+    ``config.steps // 4``) is the most steps of every rung after the first under ``continuation``:
+    such a rung stops once its explanation (every way's) has not changed for ``patience`` steps (0:
+    never stops early). With an ``adversary`` no rung stops early: while the explainer's set sits
+    still the adversary can still be finding the attack that will move it (on planted-cancel,
+    adversary rungs stopped at 100 still steps kept the fragile cancelling pair, gap 8.75 nats at
+    budget 2, where rungs trained to the end keep the robust four units). ``first_patience`` is the
+    same rule for the first rung under ``continuation`` and for the whole batch under ``vmap``
+    (every rung settled): 0 by default, since from the initial gates an explanation can sit still
+    for hundreds of steps and then move (induction's one-unit rung changed at step 650 after 600
+    still ones); :func:`at_most`'s restarts use it. ``direction`` (``both``, ``up`` or ``down``) is
+    the way a ladder of sizes trains (penalties always go up): under ``continuation`` up from the
+    smallest or down from the largest, under ``vmap`` every rung from the initial gates (``up``) or
+    from open gates (``down``). ``both`` records ``descending`` (1 or 0: the way down or from open
+    gates won) in each rung's history and gives each rung the other way's as its ``alternative``
+    (:func:`at_most` polishes both). A rung that a whole run from open gates at its own size trained
+    (every rung of ``vmap`` that way, the largest of ``continuation``) records ``opened``:
+    :func:`at_most` does not restart it. See the module docstring for the strategies. With a
+    ``checkpoints`` folder, training is saved there every ``config.checkpoint_every`` steps
+    (``vmap``: in the folder itself; ``continuation``: each rung in its own ``rung-J``; both ways,
+    trained in lockstep, in ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed
+    ladder reloads finished rungs) and continued from what is there.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -436,6 +439,8 @@ def train_ladder(
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     check_patience(patience)
     check_patience(first_patience)
+    if adversary is not None:  # a still explanation is not a settled one while an adversary trains
+        patience = first_patience = 0
     config = _step_config(config)
     optimizer = optax.adam(config.lr)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
@@ -918,7 +923,8 @@ def sweep(
     :func:`resume_sweep`, which reads its settings back). ``direction`` is the way a continuation
     ladder of sizes trains (:func:`train_ladder`: ``both``, ``up`` or ``down``). A rung after the
     first (at most ``continuation_steps`` steps) and an open restart (at most ``steps``) stop once
-    their explanation has stayed the same for ``patience`` steps (0: they never stop early).
+    their explanation has stayed the same for ``patience`` steps (0: they never stop early), except
+    with an adversary in the loop.
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]

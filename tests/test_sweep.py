@@ -192,6 +192,20 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     assert steps[50][-1] == 300 and all(50 <= n < 400 and n % 25 == 0 for n in steps[50][:-1]), steps
     for a, b in zip(ladders[0], ladders[50], strict=True):
         assert _kept(a.keep) == _kept(b.keep)
+    from adversary.learned import make_adversary
+
+    adversary = make_adversary("learned")  # with an adversary in the loop, no rung stops early
+    rungs = train_ladder(
+        scrubber,
+        task.train_data(),
+        TrainConfig(steps=100),
+        mode,
+        values,
+        adversary,
+        continuation_steps=150,
+        patience=25,
+    )
+    assert sorted(len(r.history["kl"]) for r in rungs) == [100, 150, 150]
     with pytest.raises(ExplainerError, match="--patience must be a whole number"):
         train_ladder(scrubber, task.train_data(), config, mode, values, patience=-1)
     with pytest.raises(ExplainerError, match="--continuation-steps must be"):
