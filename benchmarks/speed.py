@@ -142,7 +142,15 @@ def time_to_frontier(
     (``--continuation-steps``) set the ladder's schedule, and ``patience`` (``--patience``) when its
     later rungs and open restarts stop (default: ``explainer sweep``'s); the single run keeps
     ``config``'s."""
-    from explainer.sweep import PATIENCE, at_most, choose_strategy, exact_sets, open_restart, train_ladder
+    from explainer.sweep import (
+        PATIENCE,
+        at_most,
+        choose_strategy,
+        exact_sets,
+        ladder_program,
+        open_restart,
+        train_ladder,
+    )
     from explainer.train import fit, train_gates
 
     folder = resolve_model(name)
@@ -162,6 +170,7 @@ def time_to_frontier(
     rows = []
     for strategy in strategies:
         started = time.perf_counter()
+        program = ladder_program(scrubber, data, short, "sizes")  # as sweep: the restarts reuse it
         rungs = train_ladder(
             scrubber,
             data,
@@ -171,10 +180,11 @@ def time_to_frontier(
             strategy=strategy,
             continuation_steps=continuation_steps,
             patience=patience,
+            program=program,
         )
         trained = time.perf_counter() - started
         steps = [len(r.history["kl"]) for r in rungs]
-        restart = open_restart(scrubber, data, short, patience=patience)
+        restart = open_restart(scrubber, data, short, patience=patience, program=program)
         rungs = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
         ladder = time.perf_counter() - started
         rows.append(

@@ -403,8 +403,8 @@ def sweep(
     patience: int | None = typer.Option(
         None,
         "--patience",
-        help="Without an adversary, a later rung or an open restart stops once its explanation has not "
-        "changed for N steps (default 100; 0: never stops early).",
+        help="On a ladder of sizes without an adversary, a later rung or an open restart stops once its "
+        "explanation has not changed for N steps (default 100; 0: never stops early).",
     ),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
     checkpoint_every: int | None = typer.Option(
