@@ -20,24 +20,28 @@ step and at most 3 for the min-max step.
 
 **Time to frontier** (``--frontier-models``): the wall time of an 8-point ladder of target sizes
 as :func:`explainer.sweep.sweep` trains it (:func:`~explainer.sweep.train_ladder` with its
-default strategy, then :func:`~explainer.sweep.at_most`'s polish, exact searches and open
-restarts of stuck rungs), next to one single training run (:func:`explainer.train.train_gates`, default settings)
-and to what ``explainer train`` does (:func:`explainer.train.fit`: the training run, then repair
-and the open restart when it misses its KL budget), all without an adversary and with
-compilation included, in the same process. The target is a ratio (ladder / single training run)
-of at most 3; the ratio to ``fit`` is printed beside it. ``--strategies`` times the ladder under
-each strategy given, one row each (``auto`` is recorded as what it chose); a later row reuses what
-earlier ones compiled (the KL oracle), which favours it. The rows go to
+default strategy and patience, then :func:`~explainer.sweep.at_most`'s polish, exact searches and
+open restarts of stuck rungs, on the ladder's compiled step), next to one single training run
+(:func:`explainer.train.train_gates`, default settings) and to what ``explainer train`` does
+(:func:`explainer.train.fit`: the training run, then repair and the open restart when it misses
+its KL budget), all without an adversary, in the same process. Each kind runs
+``--frontier-repeats`` times (default 3), interleaved, each time with JAX's compiled programs
+cleared first, so compilation is part of every run as in a new process; the row gives the medians
+and every run's seconds. The target is a ratio (ladder / single training run) of at most 3; the
+ratio to ``fit`` is printed beside it. ``--strategies`` times the ladder under each strategy
+given, one row each (``auto`` is recorded as what it chose). The rows go to
 ``benchmarks/results/time_to_frontier.json`` (``--models`` with no names skips the step table).
-Beside it, from one H100: ``time_to_frontier-gpu.json`` (the default, one process per model) and
+Beside it, from one H100, measured once per kind before the repeats and before ``--patience``:
+``time_to_frontier-gpu.json`` (the default, one process per model) and
 ``time_to_frontier-gpu-vmap.json`` (``--strategies auto continuation``, run when ``auto`` chose
 ``vmap`` on a GPU: its ``note`` says so; ``vmap`` first)::
 
     python benchmarks/speed.py --models --frontier-models planted-distractor ioi --strategies vmap continuation
 
-``--ladder-steps`` and ``--continuation-steps`` time a shorter ladder (``explainer sweep --steps
-N --continuation-steps M``) against the same default training run; ``--frontier-results`` names
-the file. ``time_to_frontier-short.json`` is the ladder of 750 and 188 steps::
+``--ladder-steps``, ``--continuation-steps`` and ``--patience`` time another schedule (``explainer
+sweep --steps N --continuation-steps M --patience P``) against the same default training run;
+``--frontier-results`` names the file. ``time_to_frontier-short.json`` is the ladder of 750 and
+188 steps, measured once per kind before ``--patience``::
 
     python benchmarks/speed.py --models --frontier-models planted-distractor planted-joint tracr-frac-prevs ioi \
         --ladder-steps 750 --continuation-steps 188 --frontier-results benchmarks/results/time_to_frontier-short.json
@@ -135,13 +139,16 @@ def time_to_frontier(
     ladder_steps: int | None = None,
     continuation_steps: int | None = None,
     patience: int | None = None,
+    repeats: int = 1,
 ) -> list[dict]:
     """Seconds of one training run and of an 8-point ladder (one row per strategy in
     ``strategies``), side by side, and their ratio. ``ladder_steps`` (the first rung's, the open
     restarts' and the exact-search limit: ``explainer sweep --steps``) and ``continuation_steps``
     (``--continuation-steps``) set the ladder's schedule, and ``patience`` (``--patience``) when its
     later rungs and open restarts stop (default: ``explainer sweep``'s); the single run keeps
-    ``config``'s."""
+    ``config``'s. Each of them runs ``repeats`` times, interleaved, every time with JAX's compiled
+    programs cleared first (compilation is part of every run, as in a new process); the rows give
+    the medians (a ladder's: its median run) and every run's seconds."""
     from explainer.sweep import (
         PATIENCE,
         at_most,
@@ -158,17 +165,18 @@ def time_to_frontier(
     data = task.train_data()
     scrubber = Scrubber.build(model, data, None, "resample")
     sizes = ladder_sizes(sum(scrubber.n_units.values()))
-    started = time.perf_counter()
-    train_gates(scrubber, data, config, progress=False)
-    single = time.perf_counter() - started
-    started = time.perf_counter()
-    _, _, history = fit(scrubber, data, config, progress=False)
-    command = time.perf_counter() - started
     short = config if ladder_steps is None else config.replace(steps=ladder_steps)
     more = continuation_steps if continuation_steps is not None else max(1, short.steps // 4)  # train_ladder's
     patience = PATIENCE if patience is None else patience
-    rows = []
-    for strategy in strategies:
+
+    def cold(run):  # seconds of ``run()`` with every compiled program forgotten, as in a new process
+        jax.clear_caches()
+        started = time.perf_counter()
+        out = run()
+        return time.perf_counter() - started, out
+
+    def ladder(strategy):
+        timed = {}
         started = time.perf_counter()
         program = ladder_program(scrubber, data, short, "sizes")  # as sweep: the restarts reuse it
         rungs = train_ladder(
@@ -182,11 +190,25 @@ def time_to_frontier(
             patience=patience,
             program=program,
         )
-        trained = time.perf_counter() - started
-        steps = [len(r.history["kl"]) for r in rungs]
+        timed["trained"] = time.perf_counter() - started
+        timed["steps"] = [len(r.history["kl"]) for r in rungs]
         restart = open_restart(scrubber, data, short, patience=patience, program=program)
-        rungs = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
-        ladder = time.perf_counter() - started
+        timed["rungs"] = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
+        return timed
+
+    singles, commands, ladders = [], [], {s: [] for s in strategies}
+    for _ in range(repeats):  # interleaved, so that a slower spell of the machine slows every kind
+        singles.append(cold(lambda: train_gates(scrubber, data, config, progress=False))[0])
+        seconds, (_, _, history) = cold(lambda: fit(scrubber, data, config, progress=False))
+        commands.append(seconds)
+        for strategy in strategies:
+            ladders[strategy].append(cold(lambda strategy=strategy: ladder(strategy)))
+    single, command = statistics.median(singles), statistics.median(commands)
+    rows = []
+    for strategy in strategies:
+        runs = sorted(ladders[strategy], key=lambda run: run[0])
+        seconds, timed = runs[(len(runs) - 1) // 2]  # the median run (the lower middle of an even count)
+        rungs = timed["rungs"]
         rows.append(
             {
                 "model": name,
@@ -195,16 +217,20 @@ def time_to_frontier(
                 "ladder_steps": short.steps,
                 "continuation_steps": more,
                 "patience": patience,
-                "rung_steps": steps,
+                "rung_steps": timed["steps"],
+                "repeats": repeats,
                 "single_s": single,
+                "single_runs_s": singles,
                 "train_command_s": command,
+                "train_command_runs_s": commands,
                 "train_command_open_restart": bool(history["open_restart"][0]),
-                "ladder_s": ladder,
-                "ladder_training_s": trained,
+                "ladder_s": seconds,
+                "ladder_runs_s": [run[0] for run in ladders[strategy]],
+                "ladder_training_s": timed["trained"],
                 "ladder_restarts": sum(int("open_restart" in r.history) for r in rungs),
                 "ladder_exact_searches": sum(int("exact_search" in r.history) for r in rungs),
-                "ratio": ladder / single,
-                "ratio_to_train_command": ladder / command,
+                "ratio": seconds / single,
+                "ratio_to_train_command": seconds / command,
             }
         )
     return rows
@@ -276,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ladder-steps", type=int, default=None, help="the ladder's --steps (default: a run's)")
     parser.add_argument("--continuation-steps", type=int, default=None, help="the ladder's later rungs' steps")
     parser.add_argument("--patience", type=int, default=None, help="the ladder's --patience (default: a sweep's)")
+    parser.add_argument(
+        "--frontier-repeats", type=int, default=3, help="timed runs of each kind per model; medians reported"
+    )
     parser.add_argument("--frontier-results", default=None, help="time-to-frontier file (default: results/...)")
     args = parser.parse_args(argv)
     config = TrainConfig().replace(batch_size=args.batch_size)
@@ -285,7 +314,13 @@ def main(argv: list[str] | None = None) -> None:
         row
         for name in args.frontier_models
         for row in time_to_frontier(
-            name, config, tuple(args.strategies), args.ladder_steps, args.continuation_steps, args.patience
+            name,
+            config,
+            tuple(args.strategies),
+            args.ladder_steps,
+            args.continuation_steps,
+            args.patience,
+            args.frontier_repeats,
         )
     ]
     if rows:
