@@ -213,6 +213,35 @@ def shortlist(oracle: KLOracle, rows: np.ndarray, keep: int = SHORTLIST) -> np.n
     return out
 
 
+def best_subset(oracle: KLOracle, flat: np.ndarray, size: int, max_sets: int) -> tuple[np.ndarray, float] | None:
+    """The ``size`` units among those ``flat`` keeps whose set has the least KL, with that KL, by
+    scoring every such set (ranked on the oracle's screen, the best :data:`SHORTLIST` of them in
+    full: :func:`shortlist`); ``None`` when there are more than ``max_sets`` of them or ``flat``
+    keeps no more than ``size`` units.
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> oracle = KLOracle(Scrubber.build(load_model(folder), task.train_data()), task.train_data())
+    >>> flat = np.zeros(oracle.n_units, np.float32)
+    >>> flat[[0, 3, 11]] = 1.0  # the truth, units 0 and 11, and a distractor
+    >>> mask, kl = best_subset(oracle, flat, 2, max_sets=10)
+    >>> np.flatnonzero(mask).tolist(), round(kl, 6)
+    ([0, 11], 0.0)
+    """
+    units = np.flatnonzero(np.asarray(flat) > 0.5)
+    if len(units) <= size or not searchable(len(units), size, max_sets):
+        return None
+    sets = list(itertools.combinations(units.tolist(), size))
+    rows = np.zeros((len(sets), oracle.n_units), np.float32)
+    for row, chosen in zip(rows, sets, strict=True):
+        row[list(chosen)] = 1.0
+    kls = shortlist(oracle, rows)
+    best = int(np.argmin(kls))
+    return rows[best], float(kls[best])
+
+
 def _prefixes(flat: np.ndarray, order: np.ndarray, lengths: list[int], value: float) -> np.ndarray:
     rows = np.repeat(flat[None], len(lengths), axis=0)
     for row, length in zip(rows, lengths, strict=True):

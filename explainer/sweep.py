@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -103,7 +104,7 @@ from explainer.frontier import (
 )
 from explainer.lock import run_lock
 from explainer.masks import Gates
-from explainer.polish import KLOracle, best_of_size, no_worse, prune, repair, searchable
+from explainer.polish import KLOracle, best_of_size, best_subset, no_worse, prune, repair, searchable
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.tasks.base import Batch
@@ -772,7 +773,14 @@ def at_most(
     A restart that misses the budget can still lower the KL of a rung where training closed gates
     for good, or find a better set of the same size (tracr-sort's 25-unit rung, full and over
     budget: held-out KL 0.68 against 0.99). Searched rungs record ``exact_search`` or
-    ``open_restart`` (1 when it won) in their history. Then a rung whose KL is no lower than that
+    ``open_restart`` (1 when it won) in their history. A rung still over budget then gets, the
+    largest first, the next larger rung's set when polishing left it no larger than this rung's
+    size, or else the best set of its size among that rung's units when there are at most
+    ``exact_sets`` such sets, if its KL is lower (``subset_search``, 1 when it won; none when
+    ``exact_sets`` is 0, as with an adversary, since both rank sets by KL alone): without the
+    adversary, tracr-sort's 2-unit rung learned nothing either way, and is beyond an exact search
+    (33,411 pairs), while the best pair of its 5-unit rung's four units has KL 4.0 against the empty
+    explanation's 10.0. Then a rung whose KL is no lower than that
     of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
     its own target and history). The full model's rung stays as it is. Baselines' searches are
     read the same way (``acdc``'s set for size ``k`` is its largest with at most ``k`` units).
@@ -842,6 +850,28 @@ def at_most(
         found[i] = (Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, **history}), flat, kl)
         if exact is None and kl2 > kl_budget:
             restarting = False  # exact searches of smaller rungs are still cheap
+    # a rung still over budget, the largest first: the best set of its size among the next larger
+    # rung's units, where there are few enough such sets (a pair that works only together, which
+    # training from either way missed and adding units one at a time cannot find)
+    for below, above in reversed(list(itertools.pairwise(order)) if exact_sets > 0 else []):
+        rung, flat, kl = found[below]
+        if kl <= kl_budget or rung.value >= total:
+            continue
+        _, above_flat, above_kl = found[above]
+        if (above_flat > 0.5).sum() <= rung.value:  # polished down to this rung's size: take it whole
+            subset: tuple[np.ndarray, float] | None = (above_flat, above_kl)
+        else:
+            subset = best_subset(oracle, above_flat, int(rung.value), exact_sets)
+        if subset is None:
+            continue
+        won = not no_worse(kl, subset[1])  # lower beyond float noise
+        if won:
+            flat, kl = subset
+        found[below] = (
+            Rung(rung.mode, rung.value, rung.gates, rung.keep, {**rung.history, "subset_search": [float(won)]}),
+            flat,
+            kl,
+        )
     out: dict[int, Rung] = {}
     best, best_kl = None, math.inf
     for i in order:

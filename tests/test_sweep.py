@@ -420,6 +420,42 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
     assert left.history == {} and left.size == 0 and oracle.kl(oracle.flat(left.keep)[None])[0] > 1.0
 
 
+def test_at_most_takes_a_stuck_rungs_best_set_among_the_next_larger_rungs_units(monkeypatch):
+    """A rung still over budget gets the best set of its size among the next larger rung's units
+    when there are at most ``exact_sets`` of them (here 6 pairs of 4 units; 190 pairs of all 20 is
+    too many to score): on planted-cancel one half of the faithful pair alone is no better than the
+    empty set, and the larger rung holds the pair with two distractors (left unpolished here). A
+    larger rung polished down to the smaller one's size is taken whole."""
+    import jax.numpy as jnp
+
+    from explainer.masks import Gates
+    from explainer.polish import KLOracle, best_of_size
+    from explainer.sweep import Rung, at_most
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    oracle = KLOracle(scrubber, data)
+    pair = np.flatnonzero(best_of_size(oracle, 2, 190))
+    assert oracle.kl(best_of_size(oracle, 2, 190)[None])[0] <= 0.01
+    distractors = [u for u in range(oracle.n_units) if u not in pair][:2]
+    half, larger = np.zeros(oracle.n_units, np.float32), np.zeros(oracle.n_units, np.float32)
+    half[pair[0]] = 1.0
+    larger[[*pair, *distractors]] = 1.0
+    gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
+    rungs = [Rung("sizes", 2.0, gates, oracle.split(half), {}), Rung("sizes", 4.0, gates, oracle.split(larger), {})]
+    monkeypatch.setattr(sys.modules["explainer.sweep"], "polish", lambda oracle, flat, size, budget: flat)
+    small, big = at_most(scrubber, data, rungs, exact_sets=10)
+    assert small.history == {"subset_search": [1.0]} and np.flatnonzero(oracle.flat(small.keep)).tolist() == list(pair)
+    assert big.history == {} and big.size == 2  # no better than the smaller rung now: replaced by it
+    (left, _) = at_most(scrubber, data, rungs, exact_sets=5)  # 6 pairs: one too many
+    assert left.history == {} and np.array_equal(oracle.flat(left.keep), half)
+    monkeypatch.undo()  # polished, the larger rung drops its distractors: the smaller takes it whole
+    small, big = at_most(scrubber, data, rungs, exact_sets=5)
+    assert small.history == {"subset_search": [1.0]} and np.flatnonzero(oracle.flat(small.keep)).tolist() == list(pair)
+
+
 def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
     """Rungs over budget below the smallest that meets it are trained again (``restart``), full or
     not, the largest first and ``together`` at a time (one batch); a rung its ladder marked
