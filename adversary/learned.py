@@ -78,11 +78,13 @@ class LearnedAdversary:
         check_adversary_basis(self.basis)
 
     def init(self, key: PRNGKeyArray, n_units: dict[str, int]) -> State:
-        """Gate logits per site, ``[restarts, units]``, jittered so that restarts differ; in a
-        rotated basis also ``{"gates": ..., "skew": {site: [restarts, units, units]}}``."""
+        """Gate logits per site, ``[rows, units]`` (:attr:`rows`), jittered so that restarts differ;
+        in a rotated basis also ``{"gates": ..., "skew": {site: [rows, units, units]}}``, the first
+        row's skew zero (the explanation's own basis)."""
         keys = jax.random.split(key, len(n_units))
+        rows = self.rows
         gates = {
-            site: self.init_logit + 0.5 * jax.random.normal(k, (self.restarts, n), jnp.float32)
+            site: self.init_logit + 0.5 * jax.random.normal(k, (rows, n), jnp.float32)
             for k, (site, n) in zip(keys, sorted(n_units.items()), strict=True)
         }
         if self.basis == "own":
@@ -91,15 +93,26 @@ class LearnedAdversary:
         skews = {}
         for n in sorted(widths):  # one random start per width; every site of that width draws its own
             sites = [s for s, m in n_units.items() if m == n]
-            skews |= random_skews(jax.random.fold_in(key, n), sites, n, (self.restarts,))
-        return {"gates": gates, "skew": skews}
+            skews |= random_skews(jax.random.fold_in(key, n), sites, n, (rows,))
+        return {"gates": gates, "skew": {s: v.at[0].set(0.0) for s, v in skews.items()}}
+
+    @property
+    def rows(self) -> int:
+        """Restarts held: in a rotated basis one more than ``restarts``, the first of them fixed in
+        the explanation's own basis (the identity is a rotation too), so that whatever a unit-wise
+        adversary finds this one finds as well. Without it, planted-cancel trained against the
+        learned rotation could drop its cancelling pair (dims 6 and 7 of ``unembed.in``: a gap of
+        8.75 nats when one is re-included) while the rotated restarts chased the key dimension."""
+        return self.restarts + (self.basis != "own")
 
     def _parts(self, params: State) -> tuple[Params, dict[str, Array] | None]:
         """The gate logits and, in a rotated basis, the skew parameters (fixed when ``random``)."""
         if self.basis == "own":
             return params, None
         skew = params["skew"]
-        return params["gates"], jax.lax.stop_gradient(skew) if self.basis == "random" else skew
+        if self.basis == "random":
+            skew = jax.lax.stop_gradient(skew)
+        return params["gates"], {s: v.at[0].set(0.0) for s, v in skew.items()}  # the first: own basis
 
     def reinclusion(self, params: Params, keep: Mask, key: PRNGKeyArray) -> Params:
         """A sampled re-inclusion ``a`` per restart, zero wherever ``keep`` is one.
@@ -210,7 +223,7 @@ def learn_reinclusions(
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
     """
     params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key)
-    return [adversary.best(params, keep, r) for r in range(adversary.restarts)]
+    return [adversary.best(params, keep, r) for r in range(adversary.rows)]
 
 
 def train_adversary(

@@ -161,7 +161,7 @@ def adversary_bases(
     )
     sites = [s for s in rotatable(scrubber) if s in mask]
     best, best_gap = {}, -np.inf
-    for r in range(restarts):
+    for r in range(adversary.rows):  # the first restart stays in the explanation's own basis
         bases = {
             s: OrthogonalBasis(basis_matrix(scrubber, s) @ excluded_rotation(params["skew"][s][r], mask[s]))
             for s in sites

@@ -323,8 +323,10 @@ def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
     out = at_most(scrubber, task.train_data(), rungs)
     assert [r.size for r in out] == [0, 0, 2, 2, 20]  # the full model stays
     assert [r.value for r in out] == [0, 1, 2, 3, 20]
-    # the 1-unit rung misses the budget with room to spare: every 1-unit set was scored, none better
-    assert out[1].history == {"k": [1.0], "exact_search": [0.0]}
+    # the 1-unit rung misses the budget with room to spare: every 1-unit set was scored, none better,
+    # and neither unit of the 2-unit rung's pair is better alone
+    assert out[1].history == {"k": [1.0], "exact_search": [0.0], "subset_search": [0.0]}
+    assert "subset_search" not in out[0].history  # the empty rung has no set to choose
 
 
 def test_at_most_keeps_the_way_whose_polished_rung_is_better():
