@@ -231,13 +231,19 @@ def _log_lambdas(mode: str, values: Sequence[float | int], config: TrainConfig) 
     return np.array([math.log(v) if v > 0 else -math.inf for v in values], np.float32)
 
 
+def _top(logits: np.ndarray, k: float | int) -> np.ndarray:
+    """The indices of the ``k`` largest ``logits`` (ties: the earlier unit), as a finished rung of
+    sizes keeps them."""
+    return np.argsort(-logits, kind="stable")[: int(k)]
+
+
 def _finish(mode: str, value: float, gates: Gates) -> Mask:
     if mode == "lambdas":
         return {s: np.asarray(v > 0, np.float32) for s, v in gates.logits.items()}
     sites = list(gates.logits)
     flat = np.concatenate([np.asarray(gates.logits[s]) for s in sites])
     chosen = np.zeros(flat.shape, np.float32)
-    chosen[np.argsort(-flat, kind="stable")[: int(value)]] = 1.0
+    chosen[_top(flat, value)] = 1.0
     out, start = {}, 0
     for s in sites:
         n = gates.logits[s].shape[0]
@@ -253,7 +259,7 @@ def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any])
     flat = np.concatenate([np.asarray(v) for v in logits.values()], axis=-1)
     digest = hashlib.sha256()
     for row, value in zip(flat, values, strict=True):
-        kept = np.sort(np.argsort(-row, kind="stable")[: int(value)]) if mode == "sizes" else np.flatnonzero(row > 0)
+        kept = np.sort(_top(row, value)) if mode == "sizes" else np.flatnonzero(row > 0)
         digest.update(kept.astype(np.int64).tobytes() + b"|")
     return digest.hexdigest()
 
@@ -406,13 +412,15 @@ def _opened(strategy: str, ways: Sequence[str], values: Sequence[float]) -> list
     return [strategy == "vmap" or v == max(values) for v in values]
 
 
-def check_patience(patience: Any) -> int:
-    """``patience`` if it is a whole number of steps, at least 0 (0: rungs never stop early)."""
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise ExplainerError(
-            f"--patience must be a whole number of steps >= 0 (0: every rung trains all its steps), got {patience!r}"
-        )
-    return patience
+def check_steps(option: str, value: Any, least: int, meaning: str = "") -> None:
+    """Refuse ``value`` unless it is a whole number of steps, at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ExplainerError(f"{option} must be a whole number of steps >= {least}{meaning}, got {value!r}")
+
+
+def check_patience(patience: Any) -> None:
+    """Refuse a ``patience`` that is not a whole number of steps, at least 0 (0: never stop early)."""
+    check_steps("--patience", patience, 0, " (0: every rung trains all its steps)")
 
 
 def choose_strategy(strategy: str, scrubber: Scrubber) -> str:
@@ -1037,10 +1045,8 @@ def sweep(
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     check_patience(patience)
-    if continuation_steps is not None and (
-        isinstance(continuation_steps, bool) or not isinstance(continuation_steps, int) or continuation_steps < 1
-    ):
-        raise ExplainerError(f"--continuation-steps must be a whole number of steps >= 1, got {continuation_steps!r}")
+    if continuation_steps is not None:
+        check_steps("--continuation-steps", continuation_steps, 1)
     if isinstance(adversary, str) or adversary is None:
         from adversary.learned import make_adversary
 
