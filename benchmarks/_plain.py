@@ -15,7 +15,7 @@ def plain_step(model, batch, lr: float, remat: bool = False):
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def loss_fn(params):
-        logits = last(eqx.combine(params, static)(batch.clean, remat=remat))
+        logits = last(eqx.combine(params, static)(batch.clean, remat=remat, last=True))  # as the scrubber
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch.answers[:, 0]).mean()
 
     @eqx.filter_jit

@@ -37,7 +37,7 @@ CHUNK = 8  # masks fitted per compiled call (padded)
 
 
 def _reference(scrubber: Scrubber, tokens: Int[Array, "n seq"], chunk: int = 256) -> Float[Array, "n vocab"]:
-    run = eqx.filter_jit(lambda model, t: last(model(t)))
+    run = eqx.filter_jit(lambda model, t: last(model(t, last=True)))
     return jnp.concatenate([run(scrubber.model, tokens[i : i + chunk]) for i in range(0, tokens.shape[0], chunk)])
 
 

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from explainer import edges
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import STANDARD, Basis, Mask
-from explainer.models.transformer import Resid, Transformer
+from explainer.models.transformer import Reads, Transformer
 from explainer.tasks.base import Batch
 
 ABLATIONS = ("resample", "mean", "zero", "optimal")
@@ -90,19 +90,23 @@ def scrubbed_logits(
     bases: dict[str, Basis] | None = None,
     remat: bool = False,
     positional: bool = False,
-) -> Float[Array, "batch seq vocab"]:
+    last: bool = False,
+) -> Float[Array, "batch _ vocab"]:
     """Logits of the model whose reader at each masked site sees kept units from its own run and
     the rest from ``replacement``. Sites absent from ``keep`` are left alone. ``remat``: recompute
-    each block in the backward pass (``jax.checkpoint``) instead of storing its activations."""
+    each block in the backward pass (``jax.checkpoint``) instead of storing its activations.
+    ``last``: the last position's logits alone (``Transformer.run``), as the scrubber reads them."""
     bases = bases or {}
 
-    def edit(site: str, h: Resid) -> Resid:
+    def edit(site: str, h: Reads) -> Reads:
         if site not in keep:
             return h
-        m = keep[site].reshape(h.shape[-2], -1) if positional else keep[site]  # units: (position, unit)
-        return bases.get(site, STANDARD).mix(h, replacement[site], m)
+        # every position, or (``last``, after the last block's attention) the last position alone
+        seq, positions = h.shape[-2], replacement[site].shape[-2]
+        m = keep[site].reshape(positions, -1)[positions - seq :] if positional else keep[site]  # (position, unit)
+        return bases.get(site, STANDARD).mix(h, replacement[site][..., positions - seq :, :], m)
 
-    return model(tokens, edit=edit, remat=remat)
+    return model(tokens, edit=edit, remat=remat, last=last)
 
 
 class Scrubber(eqx.Module):
@@ -188,9 +192,10 @@ class Scrubber(eqx.Module):
         return jax.lax.stop_gradient(cache)
 
     def reference(self, batch: Batch, key: PRNGKeyArray) -> tuple[Float[Array, "batch vocab"], Replacement]:
-        """The full model's last-position logits on ``batch.clean`` and the replacements."""
-        full = jax.lax.stop_gradient(last(self.model(batch.clean)))
-        return full, self.replacement(batch, key)
+        """The full model's last-position logits on ``batch.clean`` and the replacements (one
+        compiled program: the polish's oracle, the adversaries and the graders call it outside a
+        step, where op-by-op dispatch compiled each operation of the forward pass separately)."""
+        return _reference(self, batch, key)
 
     def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
         """Last-position logits of the scrubbed model."""
@@ -202,7 +207,13 @@ class Scrubber(eqx.Module):
                 f"position-specific masks were built for prompts of length {self.positions}, got {tokens.shape[1]}; "
                 "use prompts of one length (or masks that are not position-specific)"
             )
-        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat, positional))
+        return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat, positional, True))
+
+
+@eqx.filter_jit
+def _reference(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> tuple[Float[Array, "batch vocab"], Replacement]:
+    full = jax.lax.stop_gradient(last(scrubber.model(batch.clean, last=True)))
+    return full, scrubber.replacement(batch, key)
 
 
 class ReferenceCache(eqx.Module):
