@@ -41,8 +41,11 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def without_timing(history: bytes) -> dict:
+    """A history without what describes the process rather than the training: its seconds, and how
+    often it traced the step (0 when a run killed after its last step resumes with none left)."""
     data = json.loads(history)
     data.pop("seconds")
+    data.pop("traces", None)
     return data
 
 
