@@ -187,6 +187,11 @@ def train(
         "--trim-ld-floor",
         help="With --trim, keep the logit difference recovered (training prompts) at least this (default 0.9).",
     ),
+    trim_refit_steps: int | None = typer.Option(
+        None,
+        "--trim-refit-steps",
+        help="With --trim and --basis learned, steps that refit the rotation to a smaller set (default 300; 0: none).",
+    ),
     rewrite: list[str] | None = typer.Option(
         None,
         "--rewrite",
@@ -219,6 +224,7 @@ def train(
         "units": units,
         "trim": trim,
         "trim_ld_floor": trim_ld_floor,
+        "trim_refit_steps": trim_refit_steps,
         "rewrites": rewrite or None,
     }
     _join_cluster(distributed)

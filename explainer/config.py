@@ -44,7 +44,12 @@ class TrainConfig:
     then drops, one at a time by exact search, the units the explanation can lose within its budget
     while its logit difference recovered on the training prompts stays at least ``trim_ld_floor``
     (default 0.9; ``None``: the KL budget alone). On confident models the KL saturates, and a
-    budget of 0.01 nats alone let trim cut the logit difference recovered to 0.84 (paren).
+    budget of 0.01 nats alone let trim cut the logit difference recovered to 0.84 (paren). Each
+    removal must also hold on the training prompts the search does not score (those after its
+    first 256, or the same prompts with other replacements). With a ``learned`` basis, where trim
+    stops, the rotation is refit to the set less the unit nearest to going
+    (``trim_refit_steps`` steps of training with the gates fixed, no size penalty, no adversary;
+    0: no refit); if that set then holds on both sets of prompts, it is kept and trim goes on.
 
     ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
     ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
@@ -78,6 +83,7 @@ class TrainConfig:
     repair: bool = True
     trim: bool = False
     trim_ld_floor: float | None = 0.9
+    trim_refit_steps: int = 300
     open_restart: bool = True
     seed: int = 0
     checkpoint_every: int = 250
@@ -169,6 +175,9 @@ def _check_ranges(config: TrainConfig) -> None:
             raise ExplainerError(f"setting {name!r} must be a finite number, got {value!r}")
     if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
         raise ExplainerError(f"setting 'seed' must be an integer in 0..2**63-1, got {config.seed!r}")
+    refit = config.trim_refit_steps
+    if not isinstance(refit, int) or isinstance(refit, bool) or refit < 0:
+        raise ExplainerError(f"setting 'trim_refit_steps' must be an integer >= 0 (0: no refit), got {refit!r}")
     every = config.checkpoint_every
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise ExplainerError(f"setting 'checkpoint_every' must be an integer >= 0 (0: never), got {every!r}")

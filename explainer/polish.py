@@ -38,6 +38,7 @@ from explainer.tasks.base import Batch
 Layout = tuple[tuple[str, int], ...]
 SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
 SHORTLIST = 32  # candidates of a round scored on every prompt
+MAX_ORACLE_PROMPTS = 256  # prompts an oracle scores, the first of its data
 CHUNK_ELEMENTS = 2**18  # residual elements (prompts × positions × d_model) a vmapped call should hold
 
 
@@ -108,7 +109,7 @@ class KLOracle:
         scrubber: Scrubber,
         data: Batch,
         seed: int = 0,
-        max_prompts: int = 256,
+        max_prompts: int = MAX_ORACLE_PROMPTS,
         chunk: int | None = None,
         screen_prompts: int = SCREEN_PROMPTS,
     ):
@@ -181,7 +182,11 @@ def _with(flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:
 
 
 def trim(
-    oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None
+    oracle: KLOracle,
+    flat: np.ndarray,
+    budget: float,
+    ld_floor: float | None = None,
+    check: KLOracle | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Drop, one at a time, the kept unit whose removal raises the KL least, while the KL stays
     within ``budget`` (and, with ``ld_floor``, the logit difference recovered on the same prompts
@@ -190,7 +195,10 @@ def trim(
     never dropped alone.
 
     The floor matters on confident models, where the KL saturates: a KL of 0.01 nats can hide a
-    logit difference a sixth lower.
+    logit difference a sixth lower. With ``check`` (an oracle on other prompts, or other
+    replacements), a removal must also stay within the budget and floor there: the oracle's
+    prompts and their one replacement each are what the removals are chosen on, and a small
+    explanation can fit them alone.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -207,12 +215,44 @@ def trim(
         kls = oracle.kl(rows)
         if ld_floor is not None:
             kls = np.where(oracle.logit_diff_recovered(rows) >= ld_floor, kls, np.inf)
+        if check is not None:  # the best removal that also holds on the check's prompts
+            for i in np.argsort(kls, kind="stable"):
+                if kls[i] > budget or within(check, rows[i], budget, ld_floor):
+                    break
+                kls[i] = np.inf
         best = int(np.argmin(kls))
         if kls[best] > budget:
             break
         flat[kept[best]] = 0.0
         dropped.append(int(kept[best]))
     return flat, dropped
+
+
+def within(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None) -> bool:
+    """``flat``'s KL is within ``budget`` and, with ``ld_floor``, its logit difference recovered at
+    least ``ld_floor`` (the oracle's prompts): what :func:`trim` keeps to."""
+    if oracle.kl(flat)[0] > budget:
+        return False
+    return ld_floor is None or bool(oracle.logit_diff_recovered(flat)[0] >= ld_floor)
+
+
+def nearest_drop(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None) -> np.ndarray | None:
+    """``flat`` less the kept unit whose removal comes nearest what :func:`trim` keeps to: among
+    removals within the KL budget, the one with the highest logit difference recovered (the lowest
+    KL without ``ld_floor``); when none is within it, the one with the lowest KL. ``None`` when
+    ``flat`` keeps no unit.
+    """
+    kept = np.flatnonzero(np.asarray(flat) > 0.5)
+    if kept.size == 0:
+        return None
+    rows = _with(np.asarray(flat, np.float32), kept, 0.0)
+    kls = oracle.kl(rows)
+    inside = kls <= budget
+    if inside.any() and ld_floor is not None:
+        best = int(np.argmax(np.where(inside, oracle.logit_diff_recovered(rows), -np.inf)))
+    else:
+        best = int(np.argmin(kls))
+    return rows[best]
 
 
 def _doubling(n: int) -> list[int]:

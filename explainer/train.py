@@ -244,25 +244,31 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """
     if config.basis != "learned":
         return optax.adam(config.lr)
-
-    def labels(params):
-        def label(path, _):
-            return "basis" if any(getattr(k, "name", None) == "bases" for k in path) else "gates"
-
-        return jax.tree_util.tree_map_with_path(label, params)
-
-    return optax.multi_transform({"gates": optax.adam(config.lr), "basis": optax.adam(config.basis_lr)}, labels)
+    return optax.multi_transform({"gates": optax.adam(config.lr), "basis": optax.adam(config.basis_lr)}, _labels)
 
 
-def init_state(scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None) -> TrainState:
+def _labels(params):
+    """``"basis"`` for the learned rotations' leaves, ``"gates"`` for the rest."""
+
+    def label(path, _):
+        return "basis" if any(getattr(k, "name", None) == "bases" for k in path) else "gates"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def init_state(
+    scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None, gates: Gates | None = None
+) -> TrainState:
+    """The state before the first step: ``gates`` when given, else gates at ``config.init_logit``
+    (with the starting rotations of a learned basis)."""
     key = jax.random.key(config.seed)
     k_adv, k_run = jax.random.split(key)
     learned = None
-    if config.basis == "learned":
+    if config.basis == "learned" and gates is None:
         from explainer.bases import learned_bases
 
         learned = learned_bases(scrubber.bases, scrubber.sites, scrubber.model.config.d_model)
-    gates = Gates.init(scrubber.n_units, config.init_logit, learned)
+    gates = Gates.init(scrubber.n_units, config.init_logit, learned) if gates is None else gates
     log_lambda = math.log(config.lam if config.mode == "lambda" and config.lam > 0 else config.init_lambda)
     if config.mode == "lambda" and config.lam == 0:
         log_lambda = -math.inf
@@ -342,6 +348,37 @@ def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
 
 
 OPEN_LOGIT = 3.0
+FIXED_LOGIT = 100.0  # a gate logit whose samples are exactly 1 (-FIXED_LOGIT: exactly 0)
+
+
+def refit_bases(
+    scrubber: Scrubber,
+    data: Batch,
+    gates: Gates,
+    keep: dict[str, np.ndarray],
+    config: TrainConfig,
+    adversary: InLoopAdversary | None = None,
+) -> dict[str, Any]:
+    """``gates``' learned rotations retrained for the fixed binary explanation ``keep``: the same
+    training step, ``config.trim_refit_steps`` of them, with the gates held at ``keep`` and no size
+    penalty, so that only the rotations learn (``basis_lr``), against a fresh ``adversary`` when
+    one is given.
+
+    Trained with the gates, a rotation serves every mask the gates sampled; once the explanation is
+    one set, the rotation can serve that set alone. :func:`fit` uses it when ``trim`` can go no
+    further.
+    """
+    refit = config.replace(lam=0.0, steps=config.trim_refit_steps)
+    fixed = Gates(
+        {site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in gates.logits}, gates.bases
+    )
+    optimizer = optax.multi_transform({"gates": optax.set_to_zero(), "basis": optax.adam(config.basis_lr)}, _labels)
+    state = init_state(scrubber, refit, optimizer, adversary, gates=fixed)
+    step, _ = make_step(scrubber, data, refit, optimizer, adversary)
+    operands, state = _bind(step, state)
+    for _ in range(refit.steps):
+        state, _ = step(state, *operands)
+    return state.gates.bases
 
 
 def fit(
@@ -356,16 +393,24 @@ def fit(
     its budget. Returns the binary keep mask, the gates it came from and the history.
 
     With ``trim`` the finished explanation then drops, one at a time, units it can lose within the
-    budget (:func:`explainer.polish.trim`). The history gains ``kl_finished`` (the KL of the
-    finished explanation on the repair prompts), ``repaired`` (units added back), ``trimmed``
-    (units dropped) and ``open_restart`` (1 when the kept result came from the
-    restart from open gates). The restart checkpoints into ``checkpoints/open-restart``.
+    budget (:func:`explainer.polish.trim`), each removal checked also on the training prompts the
+    oracle does not score, with other replacements. With a learned basis, where trim stops, the
+    rotation is refit (:func:`refit_bases`) to the set less the unit nearest to going
+    (:func:`explainer.polish.nearest_drop`); when that set holds on both sets of prompts the
+    refit basis replaces the gates' and trim goes on. The refit leaves the adversary out: on
+    ``induction`` a refit against it recovered a logit difference of 0.894 where one on the KL alone
+    recovered 0.901.
+
+    The history gains ``kl_finished`` (the KL of the finished explanation on the repair prompts),
+    ``repaired`` (units added back), ``trimmed`` (units dropped), ``refits`` (refits kept) and
+    ``open_restart`` (1 when the kept result came from the restart from open gates). The restart
+    checkpoints into ``checkpoints/open-restart``.
     """
     gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
     keep = finish(gates, config)
     if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim):
         return keep, gates, history
-    from explainer.polish import KLOracle, repair, trim
+    from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
 
     def polished(keep, gates):
         oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
@@ -387,12 +432,33 @@ def fit(
             kl > config.kl_budget and kl2 < kl
         ):
             keep, kl, repaired, gates, history, restarted = keep2, kl2, repaired2, gates2, history2, 1.0
-    trimmed = 0
+    trimmed = refits = 0
     if config.trim and kl <= config.kl_budget:
-        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
-        flat, dropped = trim(oracle, oracle.flat(keep), config.kl_budget, config.trim_ld_floor)
+        # every removal must also hold on the prompts the oracle does not score, with other replacements
+        held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
+
+        def oracles(bases):
+            scrubbed = scrubber.with_bases(bases)
+            return KLOracle(scrubbed, data, config.seed), KLOracle(scrubbed, held, (config.seed + 1) % 2**63)
+
+        budget, floor = config.kl_budget, config.trim_ld_floor
+        oracle, check = oracles(gates.bases)
+        flat, dropped = trim(oracle, oracle.flat(keep), budget, floor, check)
+        while gates.bases and config.trim_refit_steps:  # a learned basis: refit it to a smaller set
+            candidate = nearest_drop(oracle, flat, budget, floor)
+            if candidate is None:
+                break
+            bases = refit_bases(scrubber, data, gates, oracle.split(candidate), config)  # KL alone
+            refitted = oracles(bases)
+            if not all(within(o, candidate, budget, floor) for o in refitted):
+                break
+            gates, (oracle, check), refits = eqx.tree_at(lambda g: g.bases, gates, bases), refitted, refits + 1
+            dropped.extend(int(u) for u in np.flatnonzero((flat > 0.5) & (candidate < 0.5)))
+            flat, more = trim(oracle, candidate, budget, floor, check)
+            dropped.extend(more)
         keep, trimmed = oracle.split(flat), len(dropped)
         kl = float(oracle.kl(flat)[0]) if dropped else kl
     history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}
     history["trimmed"] = [float(trimmed)]
+    history["refits"] = [float(refits)]
     return keep, gates, history

@@ -43,6 +43,19 @@ def test_learned_basis_recovers_the_true_rank_where_the_standard_basis_cannot(na
     assert standard.size >= 3 * _rank(folder)  # a feature in a dense direction needs many dimensions
 
 
+def test_trim_refits_a_learned_basis_down_to_the_true_rank(rotated):
+    """With the adversary in the loop and a short run, the rotation that trained with the gates
+    leaves rotated planted-joint's trim above its rank (3); refitting the rotation to the set
+    trim stops at lets it go down to the rank, at no KL."""
+    folder = rotated["planted-joint"]
+    kw = dict(basis="learned", trim=True, steps=300, progress=False)
+    plain = explainer.explain(folder, trim_refit_steps=0, **kw)
+    refit = explainer.explain(folder, **kw)
+    assert plain.size > _rank(folder) and plain.history["refits"] == [0.0]
+    assert refit.size == _rank(folder) and refit.history["refits"][0] >= 1
+    assert refit.faithfulness["kl_mean"] <= 0.01
+
+
 def test_learned_basis_is_saved_and_every_command_uses_it(rotated, tmp_path):
     e = explainer.explain(rotated["planted-distractor"], basis="learned", progress=False, out=tmp_path / "run")
     loaded = explainer.load(tmp_path / "run")

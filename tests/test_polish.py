@@ -7,7 +7,7 @@ import explainer
 from explainer.config import TrainConfig
 from explainer.metrics import truth_scores
 from explainer.models import load_model, load_truth, resolve_model
-from explainer.polish import SHORTLIST, KLOracle, prune, repair, shortlist, trim
+from explainer.polish import SHORTLIST, KLOracle, nearest_drop, prune, repair, shortlist, trim, within
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 
@@ -141,10 +141,55 @@ def test_trim_keeps_the_logit_difference_floor(sort_oracle):
     assert ((oracle.kl(singles) > KL_BUDGET) | (oracle.logit_diff_recovered(singles) < floor)).all()
 
 
+def test_trim_with_a_check_holds_on_both_oracles(sort_oracle):
+    """With ``check``, a unit goes only if the explanation also stays within the budget on the
+    check's oracle (here the same prompts under zero ablation, which the truth alone does not
+    satisfy): what is left holds on both, and no single unit can go on both terms."""
+    oracle, truth = sort_oracle
+    folder = resolve_model("tracr-sort")
+    data = resolve_task(None, folder).train_data()
+    check = KLOracle(Scrubber.build(load_model(folder), data, ablation="zero"), data)
+    everything = np.ones_like(truth)
+    unchecked, _ = trim(oracle, everything, KL_BUDGET)
+    assert not within(check, unchecked, KL_BUDGET)  # the resample-only trim fails the check
+    trimmed, dropped = trim(oracle, everything, KL_BUDGET, check=check)
+    assert dropped and within(oracle, trimmed, KL_BUDGET) and within(check, trimmed, KL_BUDGET)
+    for unit in np.flatnonzero(trimmed):
+        less = trimmed.copy()
+        less[unit] = 0.0
+        assert not (within(oracle, less, KL_BUDGET) and within(check, less, KL_BUDGET))
+
+
+def test_nearest_drop_prefers_the_removal_that_keeps_the_most(sort_oracle):
+    """Among removals within the budget the one with the highest logit difference recovered;
+    without a floor, or when none is within the budget, the one with the lowest KL."""
+    oracle, truth = sort_oracle
+    kept = np.flatnonzero(truth)
+    rows = np.repeat(truth[None], kept.size, axis=0)
+    rows[np.arange(kept.size), kept] = 0.0
+    kls, lds = oracle.kl(rows), oracle.logit_diff_recovered(rows)
+    assert (kls > KL_BUDGET).all()  # the truth is minimal: every removal leaves the budget
+    assert np.array_equal(nearest_drop(oracle, truth, KL_BUDGET, 0.9), rows[np.argmin(kls)])
+    everything = np.ones_like(truth)
+    rows = np.repeat(everything[None], everything.size, axis=0)
+    rows[np.arange(everything.size), np.arange(everything.size)] = 0.0
+    kls, lds = oracle.kl(rows), oracle.logit_diff_recovered(rows)
+    inside = np.flatnonzero(kls <= KL_BUDGET)
+    assert inside.size
+    best = nearest_drop(oracle, everything, KL_BUDGET, 0.9)
+    assert oracle.logit_diff_recovered(best)[0] == lds[inside].max() and within(oracle, best, KL_BUDGET)
+    assert oracle.kl(nearest_drop(oracle, everything, KL_BUDGET))[0] == kls.min()
+    assert nearest_drop(oracle, np.zeros_like(truth), KL_BUDGET) is None
+
+
 def test_trim_ld_floor_setting_is_checked():
     assert TrainConfig(trim_ld_floor=None).trim_ld_floor is None
     with pytest.raises(explainer.ExplainerError, match="trim_ld_floor"):
         TrainConfig(trim_ld_floor=float("nan"))
+    assert TrainConfig(trim_refit_steps=0).trim_refit_steps == 0
+    for bad in (-1, True):
+        with pytest.raises(explainer.ExplainerError, match="trim_refit_steps"):
+            TrainConfig(trim_refit_steps=bad)
 
 
 def test_trim_setting_in_training():
