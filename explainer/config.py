@@ -50,6 +50,9 @@ class TrainConfig:
     stops, the rotation is refit to the set less the unit nearest to going
     (``trim_refit_steps`` steps of training with the gates fixed, no size penalty, no adversary;
     0: no refit); if that set then holds on both sets of prompts, it is kept and trim goes on.
+    With a rotated in-loop adversary (``adversary_basis`` ``random`` or ``learned``),
+    ``close_attacks`` finally adds back units while the rotated attack still moves the explanation
+    by more than ``kl_budget`` on the training prompts (:func:`adversary.rotation.close_attacks`).
 
     ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
     ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
@@ -85,6 +88,7 @@ class TrainConfig:
     trim_ld_floor: float | None = 0.9
     trim_refit_steps: int = 300
     open_restart: bool = True
+    close_attacks: bool = True
     seed: int = 0
     checkpoint_every: int = 250
     devices: int | None = None
@@ -110,7 +114,7 @@ class TrainConfig:
             raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
         if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
             raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
-        for name in ("repair", "open_restart", "trim", "remat", "positional"):
+        for name in ("repair", "open_restart", "trim", "close_attacks", "remat", "positional"):
             if not isinstance(getattr(self, name), bool):
                 raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
         floor = self.trim_ld_floor

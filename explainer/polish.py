@@ -230,8 +230,9 @@ def trim(
 
 def within(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None) -> bool:
     """``flat``'s KL is within ``budget`` and, with ``ld_floor``, its logit difference recovered at
-    least ``ld_floor`` (the oracle's prompts): what :func:`trim` keeps to."""
-    if oracle.kl(flat)[0] > budget:
+    least ``ld_floor`` (the oracle's prompts): what :func:`trim` keeps to. A KL that is not finite
+    (a refit rotation gone to NaN) is never within."""
+    if not oracle.kl(flat)[0] <= budget:
         return False
     return ld_floor is None or bool(oracle.logit_diff_recovered(flat)[0] >= ld_floor)
 

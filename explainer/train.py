@@ -46,7 +46,9 @@ class InLoopAdversary(Protocol):
     (``adam(lr)``) and ascends ``combine(gaps) − cost`` with it: ``steps − 1`` ascent-only updates,
     then one update that shares its forward pass with the explainer's step. ``gaps`` returns the
     mean ``D(S_m ‖ S_{m∨a})`` per restart and must be differentiable in both ``params`` and ``keep``.
-    With ``warm_start`` false the state is re-initialised at every explainer step.
+    With ``warm_start`` false the state is re-initialised at every explainer step. An adversary
+    may also offer ``close(scrubber, batch, keep, tolerance, key, admissible)``, which
+    :func:`fit` calls on the finished explanation (see there).
     """
 
     name: str
@@ -401,14 +403,20 @@ def fit(
     ``induction`` a refit against it recovered a logit difference of 0.894 where one on the KL alone
     recovered 0.901.
 
+    Last, with ``close_attacks`` and an adversary that offers ``close`` (the learned adversary in a
+    rotated basis: :meth:`adversary.learned.LearnedAdversary.close`), units are added back while
+    its discrete attack on the training prompts still finds a gap over ``kl_budget``, each addition
+    keeping the KL within the budget.
+
     The history gains ``kl_finished`` (the KL of the finished explanation on the repair prompts),
-    ``repaired`` (units added back), ``trimmed`` (units dropped), ``refits`` (refits kept) and
-    ``open_restart`` (1 when the kept result came from the restart from open gates). The restart
-    checkpoints into ``checkpoints/open-restart``.
+    ``repaired`` (units added back), ``trimmed`` (units dropped), ``refits`` (refits kept),
+    ``closed`` (units added back against the rotated attack) and ``open_restart`` (1 when the kept
+    result came from the restart from open gates). The restart checkpoints into
+    ``checkpoints/open-restart``.
     """
     gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
     keep = finish(gates, config)
-    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim):
+    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim or config.close_attacks):
         return keep, gates, history
     from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
 
@@ -458,7 +466,19 @@ def fit(
             dropped.extend(more)
         keep, trimmed = oracle.split(flat), len(dropped)
         kl = float(oracle.kl(flat)[0]) if dropped else kl
+    closed = 0
+    close = getattr(adversary, "close", None)  # a rotated adversary's attacks, left open by training
+    if config.close_attacks and close is not None and kl <= config.kl_budget:
+        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
+        bound = max(kl, config.kl_budget)
+        admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= bound  # noqa: E731
+        key = jax.random.fold_in(jax.random.key(config.seed), 3)
+        keep, added = close(scrubber.with_bases(gates.bases), data, keep, config.kl_budget, key, admissible)
+        keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
+        closed = len(added)
+        kl = float(oracle.kl(oracle.flat(keep))[0]) if added else kl
     history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}
     history["trimmed"] = [float(trimmed)]
     history["refits"] = [float(refits)]
+    history["closed"] = [float(closed)]
     return keep, gates, history

@@ -160,6 +160,20 @@ def test_trim_with_a_check_holds_on_both_oracles(sort_oracle):
         assert not (within(oracle, less, KL_BUDGET) and within(check, less, KL_BUDGET))
 
 
+def test_within_refuses_a_kl_that_is_not_finite():
+    """A refit rotation gone to NaN gives a NaN KL: never within the budget, with or without a floor."""
+
+    class NaNOracle:
+        def kl(self, flat):
+            return np.array([np.nan])
+
+        def logit_diff_recovered(self, flat):
+            return np.array([1.0])
+
+    assert not within(NaNOracle(), np.ones(3), KL_BUDGET)
+    assert not within(NaNOracle(), np.ones(3), KL_BUDGET, 0.9)
+
+
 def test_nearest_drop_prefers_the_removal_that_keeps_the_most(sort_oracle):
     """Among removals within the budget the one with the highest logit difference recovered;
     without a floor, or when none is within the budget, the one with the lowest KL."""

@@ -8,7 +8,7 @@ import pytest
 import explainer
 from adversary.discrete import attack, attack_all
 from adversary.learned import LearnedAdversary
-from adversary.rotation import adversary_bases, directions, excluded_rotation, rotated
+from adversary.rotation import adversary_bases, close_attacks, directions, excluded_rotation, rotated, rotated_attack
 from explainer.api import attack_explanation
 from explainer.errors import ExplainerError
 from explainer.masks import OrthogonalBasis
@@ -82,6 +82,28 @@ def test_trained_against_the_rotated_adversary_an_explanation_withstands_the_rot
     assert 2 not in runs["own"].kept["blocks.0.attn.in"] and 2 in turned.kept["blocks.0.attn.in"]
     assert turned.faithfulness["kl_mean"] <= 0.01
     assert gaps["own"] > 1.0 and gaps["learned"] < 0.01
+
+
+def test_close_attacks_keeps_the_key_dimension_not_the_largest_component():
+    """planted-cancel's truth plus four spare dimensions of the head's input (0, 1, 3, 4, 8 of
+    ``blocks.0.attn.in``), but not the key dimension 2: the rotated attack mixes dim 2 with a
+    varying excluded dimension, whose component is the larger. Closing the attack keeps dim 2,
+    the one unit that closes every such direction, and the gap goes to zero."""
+    folder = resolve_model("planted-cancel")
+    data = resolve_task(None, folder).train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+    keep["blocks.0.attn.in"][[0, 1, 3, 4, 8]] = 1.0
+    keep["unembed.in"][[1, 6, 7]] = 1.0
+    key = jax.random.key(0)
+    gap, found = rotated_attack(scrubber, data, keep, "learned", 1, key)
+    direction = np.abs(np.asarray(found["blocks.0.attn.in"][0]))
+    assert gap > 1.0 and int(np.argmax(direction)) != 2 and direction[2] > 0.1
+    closed, added, after = close_attacks(scrubber, data, keep, "learned", 1, 0.01, key)
+    assert added == [("blocks.0.attn.in", 2)] and after <= 0.01
+    assert np.flatnonzero(closed["blocks.0.attn.in"]).tolist() == [0, 1, 2, 3, 4, 8]
+    refused, none, same = close_attacks(scrubber, data, keep, "learned", 1, 0.01, key, admissible=lambda k: False)
+    assert none == [] and same == gap and np.array_equal(refused["blocks.0.attn.in"], keep["blocks.0.attn.in"])
 
 
 def test_attack_takes_the_adversary_basis(tmp_path):
