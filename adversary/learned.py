@@ -105,6 +105,11 @@ class LearnedAdversary:
         8.75 nats when one is re-included) while the rotated restarts chased the key dimension."""
         return self.restarts + (self.basis != "own")
 
+    @property
+    def closes(self) -> bool:
+        """Whether :meth:`close` can change an explanation: in a rotated basis only."""
+        return self.basis != "own"
+
     def close(
         self,
         scrubber: Scrubber,

@@ -48,7 +48,7 @@ class InLoopAdversary(Protocol):
     mean ``D(S_m ‖ S_{m∨a})`` per restart and must be differentiable in both ``params`` and ``keep``.
     With ``warm_start`` false the state is re-initialised at every explainer step. An adversary
     may also offer ``close(scrubber, batch, keep, tolerance, key, admissible)``, which
-    :func:`fit` calls on the finished explanation (see there).
+    :func:`fit` calls on the finished explanation where its ``closes`` is true (see there).
     """
 
     name: str
@@ -416,7 +416,8 @@ def fit(
     """
     gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
     keep = finish(gates, config)
-    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim or config.close_attacks):
+    closing = config.close_attacks and bool(getattr(adversary, "closes", False))  # its ``close`` does something
+    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim or closing):
         return keep, gates, history
     from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
 
@@ -467,13 +468,12 @@ def fit(
         keep, trimmed = oracle.split(flat), len(dropped)
         kl = float(oracle.kl(flat)[0]) if dropped else kl
     closed = 0
-    close = getattr(adversary, "close", None)  # a rotated adversary's attacks, left open by training
-    if config.close_attacks and close is not None and kl <= config.kl_budget:
+    if closing and kl <= config.kl_budget:  # a rotated adversary's attacks, left open by training
         oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
         bound = max(kl, config.kl_budget)
         admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= bound  # noqa: E731
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
-        keep, added = close(scrubber.with_bases(gates.bases), data, keep, config.kl_budget, key, admissible)
+        keep, added = adversary.close(scrubber.with_bases(gates.bases), data, keep, config.kl_budget, key, admissible)
         keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
         closed = len(added)
         kl = float(oracle.kl(oracle.flat(keep))[0]) if added else kl

@@ -163,11 +163,14 @@ def test_trim_with_a_check_holds_on_both_oracles(sort_oracle):
 def test_within_refuses_a_kl_that_is_not_finite():
     """A refit rotation gone to NaN gives a NaN KL: never within the budget, with or without a floor."""
 
-    class NaNOracle:
-        def kl(self, flat):
+    class NaNOracle(KLOracle):
+        def __init__(self):  # no prompts: every mask scores NaN
+            pass
+
+        def kl(self, masks):
             return np.array([np.nan])
 
-        def logit_diff_recovered(self, flat):
+        def logit_diff_recovered(self, masks):
             return np.array([1.0])
 
     assert not within(NaNOracle(), np.ones(3), KL_BUDGET)
