@@ -123,7 +123,7 @@ class LearnedAdversary:
         the rotated attack at :attr:`budget` (1 with a penalty) moves it by at most ``tolerance``
         (:func:`adversary.rotation.close_attacks`), and the units added. In the own basis, ``keep``
         as it is: the in-loop gates range over every unit, and the unit-wise attacks grade the result."""
-        if self.basis == "own":
+        if not self.closes:
             return keep, []
         budget = self.budget if self.budget is not None else 1
         closed, added, _ = close_attacks(

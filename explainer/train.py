@@ -359,12 +359,10 @@ def refit_bases(
     gates: Gates,
     keep: dict[str, np.ndarray],
     config: TrainConfig,
-    adversary: InLoopAdversary | None = None,
 ) -> dict[str, Any]:
     """``gates``' learned rotations retrained for the fixed binary explanation ``keep``: the same
-    training step, ``config.trim_refit_steps`` of them, with the gates held at ``keep`` and no size
-    penalty, so that only the rotations learn (``basis_lr``), against a fresh ``adversary`` when
-    one is given.
+    training step, ``config.trim_refit_steps`` of them, with the gates held at ``keep``, no size
+    penalty and no adversary, so that only the rotations learn (``basis_lr``).
 
     Trained with the gates, a rotation serves every mask the gates sampled; once the explanation is
     one set, the rotation can serve that set alone. :func:`fit` uses it when ``trim`` can go no
@@ -375,8 +373,8 @@ def refit_bases(
         {site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in gates.logits}, gates.bases
     )
     optimizer = optax.multi_transform({"gates": optax.set_to_zero(), "basis": optax.adam(config.basis_lr)}, _labels)
-    state = init_state(scrubber, refit, optimizer, adversary, gates=fixed)
-    step, _ = make_step(scrubber, data, refit, optimizer, adversary)
+    state = init_state(scrubber, refit, optimizer, gates=fixed)
+    step, _ = make_step(scrubber, data, refit, optimizer)
     operands, state = _bind(step, state)
     for _ in range(refit.steps):
         state, _ = step(state, *operands)
@@ -403,8 +401,8 @@ def fit(
     ``induction`` a refit against it recovered a logit difference of 0.894 where one on the KL alone
     recovered 0.901.
 
-    Last, with ``close_attacks`` and an adversary that offers ``close`` (the learned adversary in a
-    rotated basis: :meth:`adversary.learned.LearnedAdversary.close`), units are added back while
+    Last, with ``close_attacks`` and an adversary whose ``closes`` is true (the learned adversary in
+    a rotated basis: :meth:`adversary.learned.LearnedAdversary.close`), units are added back while
     its discrete attack on the training prompts still finds a gap over ``kl_budget``, each addition
     keeping the KL within the budget.
 
@@ -457,7 +455,7 @@ def fit(
             candidate = nearest_drop(oracle, flat, budget, floor)
             if candidate is None:
                 break
-            bases = refit_bases(scrubber, data, gates, oracle.split(candidate), config)  # KL alone
+            bases = refit_bases(scrubber, data, gates, oracle.split(candidate), config)
             refitted = oracles(bases)
             if not all(within(o, candidate, budget, floor) for o in refitted):
                 break
@@ -470,8 +468,7 @@ def fit(
     closed = 0
     if closing and kl <= config.kl_budget:  # a rotated adversary's attacks, left open by training
         oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
-        bound = max(kl, config.kl_budget)
-        admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= bound  # noqa: E731
+        admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= config.kl_budget  # noqa: E731
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
         keep, added = adversary.close(scrubber.with_bases(gates.bases), data, keep, config.kl_budget, key, admissible)
         keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}

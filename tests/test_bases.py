@@ -46,7 +46,7 @@ def test_learned_basis_recovers_the_true_rank_where_the_standard_basis_cannot(na
 def test_trim_refits_a_learned_basis_down_to_the_true_rank(rotated):
     """With the adversary in the loop and a short run, the rotation that trained with the gates
     leaves rotated planted-joint's trim above its rank (3); refitting the rotation to the set
-    trim stops at lets it go down to the rank, at no KL."""
+    trim stops at lets it go down to the rank, within the KL budget."""
     folder = rotated["planted-joint"]
     kw = dict(basis="learned", trim=True, steps=300, progress=False)
     plain = explainer.explain(folder, trim_refit_steps=0, **kw)
