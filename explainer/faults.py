@@ -63,13 +63,14 @@ class History:
     def __init__(self, done: dict[str, list[Any]], names: list[str]):
         self.values = {k: list(v) for k, v in done.items()}
         self.names = names
-        self.pending: list[dict[str, jax.Array]] = []
+        self.pending: list[dict[str, Any]] = []
 
     @property
     def steps(self) -> int:
         return max((len(v) for v in self.values.values()), default=0)
 
-    def append(self, metrics: dict[str, jax.Array]) -> None:
+    def append(self, metrics: dict[str, Any]) -> None:
+        """One step's metrics: device arrays, or host arrays already moved (a threaded sweep's)."""
         self.pending.append(metrics)
 
     def flush(self, where: str = "") -> None:

@@ -12,6 +12,9 @@ the work of one mask (:data:`CHUNK_ELEMENTS`): a call over more residual element
 caches hold costs more per mask. On ``ioi`` (256 prompts) a mask costs 2.2 ms alone, 2.6 in chunks
 of 4 and 5.5 in chunks of 16; on its 32-prompt screen 0.27 ms in chunks of 8 and 0.51 alone; on
 ``planted-cancel``, where a mask is little work, chunks of 32 cost 0.04 ms a mask against 0.11 alone.
+On a CPU the chunks of one call are scored on all its cores at once, one thread each
+(:func:`explainer.parallel.thread_map`; the scores are those of one thread): on a 2-core CPU an
+ioi mask on 256 prompts took 3.6 ms against 5.4 ms in one thread, and 0.48 against 0.67 ms on 32.
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
@@ -32,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from explainer.metrics import kl_divergence, logit_diff
+from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -130,6 +134,7 @@ class KLOracle:
         self.layout: Layout = tuple(scrubber.n_units.items())
         self.n_units = sum(n for _, n in self.layout)
         self.full_logit_diff = float(full_logit_diff)
+        self.workers = cpu_workers()  # chunks scored at once, one per thread (explainer.parallel)
         self._memory: dict[bytes, tuple[float, float]] = {}
 
     def kl(self, masks: np.ndarray) -> np.ndarray:
@@ -153,13 +158,17 @@ class KLOracle:
             if key not in self._memory:
                 first.setdefault(key, i)
         todo = list(first.values())  # one evaluation per distinct new row
-        for start in range(0, len(todo), self.chunk):
+
+        def score(start: int) -> tuple[np.ndarray, np.ndarray]:
             part = masks[todo[start : start + self.chunk]].astype(np.float32)
             padded = np.concatenate([part, np.ones((self.chunk - len(part), self.n_units), np.float32)])
             kl, ld = _mean_scores(
                 self.scrubber, self.tokens, self.full, self.replacement, jnp.asarray(padded), self.layout, self.answers
             )
-            kl, ld = np.asarray(kl, np.float64)[: len(part)], np.asarray(ld, np.float64)[: len(part)]
+            return np.asarray(kl, np.float64)[: len(part)], np.asarray(ld, np.float64)[: len(part)]
+
+        starts = range(0, len(todo), self.chunk)
+        for start, (kl, ld) in zip(starts, thread_map(score, starts, self.workers), strict=True):
             for i, a, b in zip(todo[start : start + self.chunk], kl, ld, strict=True):
                 self._memory[keys[i]] = (float(a), float(b))
         return np.array([self._memory[key] for key in keys], np.float64).reshape(len(keys), 2)

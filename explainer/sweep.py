@@ -23,9 +23,12 @@ A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of 
   rung up to 196. Going down finds ``ioi``'s 64-unit rung at KL 7.35 and ``paren``'s 78-unit rung
   at 4.99 before polishing, but loses a faithful pair of cancelling units that growing finds
   (``planted-cancel``). The two ways have the same rungs and steps, so they train in lockstep:
-  rung ``j`` of both is one stretch of the step vmapped over two states. On a 2-core CPU a step of
-  two states costs less than two steps of one: on ``ioi`` 3.6 ms against 2.1 ms for a training
-  run's step (64 prompts each); planted-joint, measured earlier, 1.17 against 1.13 ms.
+  rung ``j`` of both is one stretch of the step over a batch of two states. On a CPU the batch is
+  split across its cores, each state stepped in its own thread (``workers``, :func:`_run_steps`),
+  where a step is work enough (:data:`THREAD_ELEMENTS`): XLA runs each call of these small
+  programs on one core, so on a 2-core CPU two one-state ioi steps in two threads took 5.9 ms the
+  pair against 7.8 ms for both vmapped in one call and 6.1 ms for one state alone (64 prompts
+  each).
 
 Either way, each rung of sizes trained both ways is the way whose finished explanation has the
 lower KL on the training prompts and carries the other as its ``alternative``; :func:`at_most`
@@ -104,6 +107,7 @@ from explainer.frontier import (
 )
 from explainer.lock import run_lock
 from explainer.masks import Gates
+from explainer.parallel import cpu_workers, thread_map
 from explainer.polish import KLOracle, best_of_size, best_subset, no_worse, prune, repair, searchable
 from explainer.progress import progress_bar
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
@@ -126,11 +130,18 @@ DIRECTIONS_BOTH = ("up", "down")
 # an open restart's 1500 steps cost, each step a forward and backward pass on 64 prompts)
 EXACT_SETS = 1500
 # at_most restarts stuck rungs this many at a time, as one batch: two cost little more than one on
-# ioi (a step of two states 9.8 ms against 8.4 for one on a 2-core CPU), and the second restart
-# lifted ioi's 32-unit rung and paren's 39-unit rung (benchmarks/results/frontier.json)
+# a 2-core CPU (each in its own thread: a step of two 5.9 ms against 6.1 ms for one on ioi), and
+# the second restart lifted ioi's 32-unit rung and paren's 39-unit rung (benchmarks/results/frontier.json)
 RESTART_TOGETHER = 2
 PATIENCE = 100  # steps a continuation rung's explanation must stay unchanged before the rung stops
 SETTLE_EVERY = 25  # steps between reads of that explanation
+# a ladder's states step in threads (on a CPU) when one state's step reads at least this many
+# residual elements (prompts × positions × d_model × sites): below it the interpreter's share of a
+# step outweighs a second core (2-core CPU, two ways: planted-joint, 3,840 elements, 0.91 ms a pair
+# of steps in threads against 0.42 ms vmapped; tracr-frac-prevs, 24,960, 1.40 against 1.48 and its
+# ladder 5 % slower; induction, 86,016, 2.75 against 3.28 and its ladder 7–18 % faster; ioi 5.9
+# against 7.8 ms)
+THREAD_ELEMENTS = 2**16
 ATTACK_METHODS = ("greedy", "gradient")
 FRONTIER_FILE = "frontier.json"
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
@@ -189,9 +200,10 @@ def _ladder_step(step, config: TrainConfig, mode: str):
 class LadderProgram:
     """The step every stretch of a ladder runs, made once: the training step (model, prompts and
     cache as its ``operands``), vmapped over a batch of states and checked for faults. It compiles
-    once per batch shape, so :func:`at_most`'s open restarts, given the ladder's program
-    (:func:`open_restart`), reuse the ladder's compiled step when they train as many states at once
-    as it did (two: a pair of restarts, a ladder trained both ways). On ioi on a 2-core CPU a
+    once per batch shape (per thread's part of a batch: :func:`_run_steps`), so :func:`at_most`'s
+    open restarts, given the ladder's program (:func:`open_restart`), reuse the ladder's compiled
+    step when they train as many states at once as it did (two: a pair of restarts, a ladder
+    trained both ways; on a 2-core CPU one state per thread, as a restart alone). On ioi on a 2-core CPU a
     restart's own step took 0.4 s to build (its cache) and about 1.5 s to compile, in a ladder that
     then took about 35 s. Make it with :func:`ladder_program`."""
 
@@ -264,6 +276,82 @@ def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any])
     return digest.hexdigest()
 
 
+def ladder_workers(scrubber: Scrubber, data: Batch, config: TrainConfig) -> int:
+    """The threads a ladder's stretches run on by default: the CPU's cores (:func:`cpu_workers`)
+    when one state's step reads at least :data:`THREAD_ELEMENTS` residual elements, else 1."""
+    positions = int(np.shape(data.clean)[1])
+    elements = config.batch_size * positions * scrubber.model.config.d_model * len(scrubber.n_units)
+    return cpu_workers() if elements >= THREAD_ELEMENTS else 1
+
+
+def _parts(n: int, workers: int) -> int:
+    """Equal parts a batch of ``n`` states splits into, one per thread: the most, at most ``workers``
+    (equal, so that every part runs the same compiled step).
+
+    >>> _parts(2, 2), _parts(16, 2), _parts(3, 2), _parts(1, 8), _parts(6, 4)
+    (2, 2, 1, 1, 3)
+    """
+    return max(d for d in range(1, max(1, min(n, workers)) + 1) if n % d == 0)
+
+
+@eqx.filter_jit
+def _split(tree, parts: int):
+    """``tree``'s arrays cut into ``parts`` equal batches along their first axis (one program)."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    k = jax.tree.leaves(arrays)[0].shape[0] // parts
+    return tuple(eqx.combine(jax.tree.map(lambda x, i=i: x[i * k : (i + 1) * k], arrays), static) for i in range(parts))
+
+
+@eqx.filter_jit
+def _join(parts):
+    """The batches of :func:`_split` as one again."""
+    arrays = [eqx.partition(p, eqx.is_array)[0] for p in parts]
+    static = eqx.partition(parts[0], eqx.is_array)[1]
+    return eqx.combine(jax.tree.map(lambda *xs: jnp.concatenate(xs), *arrays), static)
+
+
+def _merged(per_part: list[list[dict[str, Any]]]) -> list[dict[str, np.ndarray]]:
+    """Each step's metrics of every part (host arrays) as one batch's: the states' values in
+    order, and a fault flag wherever any part raised it."""
+    out = []
+    for metrics in zip(*per_part, strict=True):
+        step = {k: np.concatenate([np.atleast_1d(m[k]) for m in metrics]) for k in metrics[0] if k != "faults"}
+        step["faults"] = np.any(np.stack([np.asarray(m["faults"]) for m in metrics]), axis=0)
+        out.append(step)
+    return out
+
+
+class _Threads:
+    """``k`` steps of every part of a split batch, each part in its own thread (the step's compiled
+    program runs without the interpreter lock, so the parts run on separate cores)."""
+
+    def __init__(self, step, parts, targets, operands):
+        self.step, self.parts, self.targets, self.operands = step, list(parts), targets, operands
+
+    def _one(self, p: int, k: int) -> list[dict[str, Any]]:
+        state, out = self.parts[p], []
+        for _ in range(k):
+            state, metrics = self.step(state, self.targets[p], self.operands)
+            out.append(metrics)
+        self.parts[p] = state
+        return jax.device_get(out)
+
+    def run(self, k: int, first: bool) -> list[dict[str, np.ndarray]]:
+        """Every part's next ``k`` steps as one batch's metrics per step. On a stretch's ``first``
+        call each part's first step runs here, one after the other, so that a program not compiled
+        yet compiles once and not in every thread."""
+        head = [self._one(p, 1) for p in range(len(self.parts))] if first and k else [[] for _ in self.parts]
+        rest = k - 1 if first and k else k
+        tails = thread_map(lambda p: self._one(p, rest), range(len(self.parts)), len(self.parts)) if rest else head
+        return _merged([h + t for h, t in zip(head, tails, strict=True)] if rest else head)
+
+    def states(self):
+        return _join(tuple(self.parts))
+
+    def logits(self):
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get([p.gates.logits for p in self.parts]))
+
+
 def _run_steps(
     checked,
     states,
@@ -277,16 +365,22 @@ def _run_steps(
     every=0,
     settle: Callable[[Any], str] | None = None,
     patience: int = 0,
+    workers: int = 1,
 ):
     """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
     at the end, and continued from the newest good checkpoint found there (a finished one: no steps).
     ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once.
 
-    With ``settle`` (states -> a digest of their finished explanations, :func:`_signature`) and
-    ``patience``, the stretch stops early once that digest, read every ``SETTLE_EVERY`` steps, has
-    not changed for ``patience`` steps: every state's explanation has settled. The digest and the
-    step it last changed at are saved with each checkpoint, so a resumed stretch stops where an
-    uninterrupted one would."""
+    With ``settle`` (gate logits of the batch -> a digest of its finished explanations,
+    :func:`_signature`) and ``patience``, the stretch stops early once that digest, read every
+    ``SETTLE_EVERY`` steps, has not changed for ``patience`` steps: every state's explanation has
+    settled. The digest and the step it last changed at are saved with each checkpoint, so a
+    resumed stretch stops where an uninterrupted one would.
+
+    With ``workers`` above 1 the batch is cut into that many equal parts where it divides
+    (:func:`_parts`), each part stepped in its own thread between the points where the stretch
+    reads its states (every ``SETTLE_EVERY`` steps, each checkpoint, the end); metrics, checks,
+    checkpoints and the result are the whole batch's, as without threads."""
     step, names = checked
     saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
     if saved is not None:
@@ -296,17 +390,32 @@ def _run_steps(
     watch = settle is not None and patience > 0
     meta = saved.meta if saved is not None else {}
     first = saved.step if saved else 0
+    last = first if meta.get("settled") else steps
+    n_parts = _parts(int(jax.tree.leaves(states.log_lambda)[0].shape[0]), workers) if last > first else 1
+    threads = None
+    if n_parts > 1:
+        threads = _Threads(step, _split(states, n_parts), _split(targets, n_parts), operands)
+        current, logits = threads.states, threads.logits
+    else:
+        current, logits = (lambda: states), (lambda: jax.device_get(states.gates.logits))
     signature, since = meta.get("signature"), meta.get("since", first)
     if watch and signature is None:
-        signature, since = settle(states), first
-    last = first if meta.get("settled") else steps
-    for i in range(first, last):
-        states, metrics = step(states, targets, operands)
-        history.append(metrics)
-        n = i + 1
+        signature, since = settle(logits()), first
+    n = first
+    while n < last:
+        # the next step the stretch reads its states at: a settle read, a checkpoint, the end
+        stop = min(last, (n // SETTLE_EVERY + 1) * SETTLE_EVERY, (n // every + 1) * every if every else last)
+        if threads is not None:
+            for metrics in threads.run(stop - n, first=n == first):
+                history.append(metrics)
+        else:
+            for _ in range(stop - n):
+                states, metrics = step(states, targets, operands)
+                history.append(metrics)
+        n = stop
         settled = False
         if watch and n % SETTLE_EVERY == 0 and n < steps:
-            now = settle(states)
+            now = settle(logits())
             if now != signature:
                 signature, since = now, n
             settled = n - since >= patience
@@ -315,16 +424,17 @@ def _run_steps(
             history.flush(where)
             note = f" settled at step {n}" if settled else ""
             advance(
-                done + (steps if settled else n), f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}{note}"
+                done + (steps if settled else n),
+                f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}{note}",
             )
         if due:
             extra = {"signature": signature, "since": since, "settled": settled} if watch else {}
-            path = save_checkpoint(checkpoints, states, n, history.values, meta={"label": label, **extra})
+            path = save_checkpoint(checkpoints, current(), n, history.values, meta={"label": label, **extra})
             where = f"The last good checkpoint (step {n}) is {path}. "
         if settled:
             break
     history.flush(where)
-    return states, {k: np.asarray(v, np.float64) for k, v in history.values.items()}
+    return current(), {k: np.asarray(v, np.float64) for k, v in history.values.items()}
 
 
 def _open(config: TrainConfig) -> TrainConfig:
@@ -354,13 +464,14 @@ def _continue(
     every,
     patience=0,
     first_patience=0,
+    workers=1,
 ):
     """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
     per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
     below), ``down`` from the largest (sizes only: its start has open gates, and on every later rung
     λ rises as fast as it backs off, since a short rung must close units). Both ways have the same
-    rungs and steps, so rung ``j`` of every way is one stretch of the batched step: on small models
-    a step of two states costs little more than a step of one. Every rung after the first stops
+    rungs and steps, so rung ``j`` of every way is one stretch of the batched step (its states in
+    ``workers`` threads): a step of two states costs little more than a step of one. Every rung after the first stops
     early once every way's explanation has stayed the same for ``patience`` steps, the first once
     it has for ``first_patience`` (0: never; see :func:`_run_steps`). Returns, per way, each rung's
     gates and history in the order of ``values``."""
@@ -380,7 +491,7 @@ def _continue(
         rung = (targets[jnp.asarray(chosen)], jnp.asarray(rise, jnp.float32))
         rung_folder = folder / f"rung-{j}" if folder is not None else None
         ks = [values[i] for i in chosen]
-        settle = lambda s, ks=ks: _signature(mode, ks, jax.device_get(s.gates.logits))  # noqa: E731
+        settle = lambda logits, ks=ks: _signature(mode, ks, logits)  # noqa: E731
         state, history = _run_steps(
             ladder_step,
             state,
@@ -394,6 +505,7 @@ def _continue(
             every,
             settle,
             patience if j > 0 else first_patience,
+            workers,
         )
         done += n
         batch = jax.device_get(state.gates)  # sliced on the host: slicing on the device compiles per shape
@@ -447,6 +559,7 @@ def train_ladder(
     patience: int = PATIENCE,
     first_patience: int = 0,
     program: LadderProgram | None = None,
+    workers: int | None = None,
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
@@ -475,7 +588,10 @@ def train_ladder(
     ``continuation``: each rung in its own ``rung-J``; both ways, trained in lockstep, in
     ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
     rungs) and continued from what is there. ``program`` is the step to run (:func:`ladder_program`;
-    by default one is made for this ladder).
+    by default one is made for this ladder). ``workers`` is the most threads a stretch's batch of
+    states is split across (:func:`_run_steps`; by default :func:`ladder_workers`: the CPU's cores
+    where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
+    rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -496,6 +612,9 @@ def train_ladder(
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     check_patience(patience)
     check_patience(first_patience)
+    workers = ladder_workers(scrubber, data, config) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ExplainerError(f"workers must be a whole number of threads >= 1, got {workers!r}")
     if adversary is not None or mode == "lambdas":  # a still explanation need not be a settled one
         patience = first_patience = 0
     if program is None:
@@ -519,7 +638,7 @@ def train_ladder(
             batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
             rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
             ks = list(values) * len(ways)
-            settle_all = lambda s: _signature(mode, ks, jax.device_get(s.gates.logits))  # noqa: E731
+            settle_all = lambda logits: _signature(mode, ks, logits)  # noqa: E731
             states, history = _run_steps(
                 ladder_step,
                 batch,
@@ -533,6 +652,7 @@ def train_ladder(
                 every,
                 settle_all,
                 first_patience,
+                workers,
             )
         host = jax.device_get(states.gates)  # sliced on the host: slicing on the device compiles per shape
         by_way = [
@@ -567,6 +687,7 @@ def train_ladder(
                         every,
                         patience,
                         first_patience,
+                        workers,
                     ),
                     strict=True,
                 )

@@ -50,6 +50,25 @@ def test_screen_is_the_oracle_on_its_first_prompts(sort_oracle):
     assert not np.allclose(oracle.kl(rows), small.kl(rows))  # a different, larger set of prompts
 
 
+def test_an_oracle_scores_the_same_in_threads(sort_oracle):
+    """Chunks of masks scored in two threads get exactly the scores of one thread, in order, and
+    rows already scored come from memory."""
+    oracle, truth = sort_oracle
+    rows = (np.random.default_rng(0).random((5 * oracle.chunk + 3, oracle.n_units)) < 0.5).astype(np.float32)
+    rows[0] = truth
+    fresh = {}
+    for workers in (1, 2):
+        fresh[workers] = KLOracle(oracle.scrubber, _sort_data(), 0)
+        fresh[workers].workers = workers
+    one, two = fresh[1]._scores(rows), fresh[2]._scores(rows)
+    assert np.array_equal(one, two) and one[0, 0] <= 1e-6 < one[1:, 0].min()
+    assert np.array_equal(fresh[2].kl(rows[::-1]), two[::-1, 0])
+
+
+def _sort_data():
+    return resolve_task(None, resolve_model("tracr-sort")).train_data()
+
+
 def test_shortlist_scores_the_most_promising_rows_exactly(sort_oracle):
     oracle, truth = sort_oracle
     missing = int(np.flatnonzero(truth)[0])

@@ -234,6 +234,81 @@ def test_open_restarts_reuse_the_ladders_compiled_step(distractor):
         train_ladder(scrubber, data, config.replace(lr=0.5), "sizes", [1], program=program)
 
 
+@pytest.mark.parametrize("strategy", ["continuation", "vmap"])
+def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, strategy, monkeypatch):
+    """With two workers a stretch's states step in two threads (``_Threads``), one part each;
+    every rung comes out as from one vmapped batch: the same explanation after the same steps, the
+    same curves up to float rounding, and still one compiled step for the whole ladder."""
+    import importlib
+
+    sweep_module = importlib.import_module("explainer.sweep")
+    scrubber, task = distractor
+    calls = []
+    original = sweep_module._Threads.run
+    monkeypatch.setattr(
+        sweep_module._Threads, "run", lambda self, k, first: calls.append(k) or original(self, k, first)
+    )
+    config = TrainConfig(steps=150)
+    ladders = {}
+    for workers in (1, 2):
+        ladders[workers] = train_ladder(
+            scrubber, task.train_data(), config, "sizes", [1, 2, 3], strategy=strategy, workers=workers
+        )
+        assert bool(calls) == (workers == 2)  # threads only where there are two workers
+    assert sum(calls) == (150 if strategy == "vmap" else 150 + 2 * 37), calls
+    for one, two in zip(ladders[1], ladders[2], strict=True):
+        assert _kept(one.keep) == _kept(two.keep)
+        assert one.history.keys() == two.history.keys() and two.history["traces"] == [1]
+        for key in ("kl", "size", "lambda"):
+            np.testing.assert_allclose(two.history[key], one.history[key], rtol=1e-3, atol=1e-4, err_msg=key)
+    with pytest.raises(ExplainerError, match="workers must be a whole number of threads"):
+        train_ladder(scrubber, task.train_data(), config, "sizes", [1], workers=0)
+
+
+def test_ladders_thread_by_default_only_where_a_step_is_work_enough(distractor, monkeypatch):
+    """By default a ladder's states step in threads, one per core, where one state's step reads at
+    least ``THREAD_ELEMENTS`` residual elements; below that, in one vmapped call."""
+    import importlib
+
+    sweep_module = importlib.import_module("explainer.sweep")
+    monkeypatch.setattr(sweep_module, "cpu_workers", lambda: 4)
+    scrubber, task = distractor
+    data = task.train_data()
+    small = TrainConfig()  # 64 prompts x 4 positions x d_model 10 x 2 sites
+    assert small.batch_size * 4 * 10 * 2 < sweep_module.THREAD_ELEMENTS
+    assert sweep_module.ladder_workers(scrubber, data, small) == 1
+    assert sweep_module.ladder_workers(scrubber, data, small.replace(batch_size=1024)) == 4
+
+
+def test_a_fault_in_a_threaded_ladder_names_its_step(distractor, monkeypatch):
+    """A NaN in a batch split across threads stops the ladder at the step it appeared, naming the
+    term, as in one vmapped batch."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from explainer import train
+
+    original = train.make_step
+
+    def make_step(*args, **kwargs):
+        step, counter = original(*args, **kwargs)
+
+        def bad(state, operands):
+            new, metrics = step.fn(state, operands)
+            return new, {**metrics, "kl": jnp.where(state.step + 1 >= 40, jnp.nan, metrics["kl"])}
+
+        return dataclasses.replace(step, fn=bad), counter
+
+    monkeypatch.setattr(train, "make_step", make_step)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("explainer.sweep"), "make_step", make_step)
+    scrubber, task = distractor
+    with pytest.raises(ExplainerError, match="training stopped at step 40: the kl term is nan"):
+        train_ladder(scrubber, task.train_data(), TrainConfig(steps=100), "sizes", [1, 2], workers=2)
+
+
 def test_auto_strategy_is_continuation_on_every_backend(distractor, monkeypatch):
     """``auto`` keeps the frontiers' better strategy even where ``vmap`` is faster (a GPU)."""
     import jax
