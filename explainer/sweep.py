@@ -340,10 +340,11 @@ class _Threads:
         """Every part's next ``k`` steps as one batch's metrics per step. On a stretch's ``first``
         call each part's first step runs here, one after the other, so that a program not compiled
         yet compiles once and not in every thread."""
-        head = [self._one(p, 1) for p in range(len(self.parts))] if first and k else [[] for _ in self.parts]
-        rest = k - 1 if first and k else k
-        tails = thread_map(lambda p: self._one(p, rest), range(len(self.parts)), len(self.parts)) if rest else head
-        return _merged([h + t for h, t in zip(head, tails, strict=True)] if rest else head)
+        parts = range(len(self.parts))
+        head = [self._one(p, 1) if first else [] for p in parts]
+        rest = k - 1 if first else k
+        tails = thread_map(lambda p: self._one(p, rest), parts, len(parts))
+        return _merged([h + t for h, t in zip(head, tails, strict=True)])
 
     def states(self):
         return _join(tuple(self.parts))
