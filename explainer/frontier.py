@@ -261,7 +261,7 @@ def measure(
             if constants is not None:
                 cgroup = list(constants[m0 : m0 + MASK_CHUNK])
                 cgroup += [cgroup[-1]] * pad
-                consts = {s: jnp.stack([c[s] for c in cgroup]) for s in sites}
+                consts = {s: jnp.stack([c[s] for c in cgroup]) for s in cgroup[0]}  # edges: one "writers" entry
             rows.append(_scrubbed_stack(scrubber, part.clean, repl, stacked, consts)[: len(group)])
         fulls.append(full)
         parts.append(jnp.concatenate(rows))
