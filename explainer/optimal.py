@@ -8,7 +8,12 @@ on what is kept). This separates "the excluded units carry no information the ta
 faithfulness numbers swing with the ablation.
 
 The constants start at the ``mean`` ablation's per-position means and are fitted by Adam on
-minibatches; several masks are fitted at once under ``vmap``. A mask *trained* with
+minibatches; several masks are fitted at once under ``vmap``. The fit runs in ``SEGMENTS`` stretches
+and keeps, per mask, the constants with the lowest KL on the fitting prompts seen at the start or
+after any stretch: Adam's first steps move every constant by about the learning rate whatever the
+gradient's size, which on a model with sharp nonlinearities (the tracr-compiled ones) can leave the
+constants far worse than the means they started at. So the fitted constants are never worse than
+the means on the prompts they were fitted on. A mask *trained* with
 ``ablation="optimal"`` is trained against the starting constants (the means): the fit is done
 for the finished mask, when it is evaluated or attacked (:func:`for_mask`).
 """
@@ -34,6 +39,7 @@ STEPS = 300
 LR = 0.05
 BATCH = 64
 CHUNK = 8  # masks fitted per compiled call (padded)
+SEGMENTS = 6  # stretches of the fit after which the constants are scored on the fitting prompts
 
 
 def _reference(scrubber: Scrubber, tokens: Int[Array, "n seq"], chunk: int = 256) -> Float[Array, "n vocab"]:
@@ -47,17 +53,15 @@ def _fit(
     tokens: Int[Array, "n seq"],
     full: Float[Array, "n vocab"],
     masks: dict[str, Float[Array, "k units"]],
-    start: SiteMeans,
+    params: dict[str, Float[Array, "k seq ..."]],
+    opt_state: Any,
     key: Array,
     steps: int,
     lr: float,
     batch: int,
-) -> dict[str, Float[Array, "k seq ..."]]:
+) -> tuple[dict[str, Float[Array, "k seq ..."]], Any]:
+    """``steps`` Adam steps on minibatches of ``tokens`` from ``params``, one per mask (vmapped)."""
     optimizer = optax.adam(lr)
-    k = next(iter(masks.values())).shape[0]
-    params = {s: jnp.broadcast_to(c, (k, *c.shape)) for s, c in start.items()}
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.vmap(optimizer.init)(params)
 
     def loss(p, keep, tok, ref):
         repl = broadcast_constants(p, tok.shape[0])
@@ -72,8 +76,44 @@ def _fit(
             updates, state = jax.vmap(optimizer.update)(grads, state, p)
         return (optax.apply_updates(p, updates), state), None
 
-    (params, _), _ = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
-    return params
+    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
+    return params, opt_state
+
+
+@eqx.filter_jit
+def _fit_kl(
+    scrubber: Scrubber,
+    tokens: Int[Array, "n seq"],
+    full: Float[Array, "n vocab"],
+    masks: dict[str, Float[Array, "k units"]],
+    params: dict[str, Float[Array, "k seq ..."]],
+) -> Float[Array, " k"]:
+    """Mean KL of each mask under its constants on ``tokens`` (the fitting objective, whole)."""
+
+    def one(p, keep):
+        repl = broadcast_constants(p, tokens.shape[0])
+        return kl_divergence(full, scrubber.logits(tokens, keep, repl)).mean()
+
+    return jax.vmap(one)(params, masks)
+
+
+def _fit_best(scrubber, tokens, full, masks, start, key, steps, lr, batch) -> dict[str, Array]:
+    """Fit in ``SEGMENTS`` stretches; per mask, the constants with the lowest KL on ``tokens``."""
+    k = next(iter(masks.values())).shape[0]
+    params = {s: jnp.broadcast_to(c, (k, *c.shape)) for s, c in start.items()}
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = jax.vmap(optax.adam(lr).init)(params)
+    best, best_kl = params, _fit_kl(scrubber, tokens, full, masks, params)
+    lengths = [steps // SEGMENTS + (i < steps % SEGMENTS) for i in range(SEGMENTS)]
+    for i, length in enumerate(n for n in lengths if n > 0):
+        params, opt_state = _fit(
+            scrubber, tokens, full, masks, params, opt_state, jax.random.fold_in(key, i), length, lr, batch
+        )
+        kl = _fit_kl(scrubber, tokens, full, masks, params)
+        better = kl < best_kl
+        best = jax.tree.map(lambda b, p: jnp.where(better.reshape(-1, *([1] * (p.ndim - 1))), p, b), best, params)
+        best_kl = jnp.where(better, kl, best_kl)
+    return best
 
 
 def fit_constants(
@@ -85,7 +125,8 @@ def fit_constants(
     batch_size: int = BATCH,
     seed: int = 0,
 ) -> list[SiteMeans]:
-    """The optimal-ablation constants of each keep mask (one dict ``{site: [seq, d_model]}`` each).
+    """The optimal-ablation constants of each keep mask (one dict ``{site: [seq, d_model]}`` each),
+    never worse than the starting means on ``data`` (see the module docstring).
 
     ``scrubber`` must use ``ablation="optimal"`` (its constants are the starting point); ``data``
     are the prompts to fit on (the task's training prompts).
@@ -110,7 +151,7 @@ def fit_constants(
         width = 1 << (len(group) - 1).bit_length()  # pad to a power of two: few compiles, little waste
         padded = group + [group[-1]] * (width - len(group))
         stacked = {s: jnp.asarray(np.stack([np.asarray(m[s], np.float32) for m in padded])) for s in scrubber.sites}
-        fitted = _fit(scrubber, data.clean, full, stacked, scrubber.means, key, steps, lr, batch_size)
+        fitted = _fit_best(scrubber, data.clean, full, stacked, scrubber.means, key, steps, lr, batch_size)
         out += [{s: v[i] for s, v in fitted.items()} for i in range(len(group))]
     return out
 
