@@ -8,19 +8,14 @@ can lose, :func:`prune` those whose removal costs nothing (a sweep's rungs).
 
 The KL is that of the finished explanation on a fixed subset of the training prompts with one
 fixed replacement, so the result is deterministic. Candidates are scored in vmapped chunks sized to
-the work of one mask (:data:`CHUNK_ELEMENTS`): a call over more residual elements than the CPU's
-caches hold costs more per mask. On ``ioi`` (256 prompts) a mask costs 2.2 ms alone, 2.6 in chunks
-of 4 and 5.5 in chunks of 16; on its 32-prompt screen 0.27 ms in chunks of 8 and 0.51 alone; on
-``planted-cancel``, where a mask is little work, chunks of 32 cost 0.04 ms a mask against 0.11 alone.
-On a CPU the chunks of one call are scored on all its cores at once, one thread each
-(:func:`explainer.parallel.thread_map`; the scores are those of one thread): on a 2-core CPU an
-ioi mask on 256 prompts took 3.6 ms against 5.4 ms in one thread, and 0.48 against 0.67 ms on 32.
+the work of one mask (:data:`CHUNK_ELEMENTS`), because a call over more residual elements than the
+CPU's caches hold costs more per mask; on a CPU the chunks of one call are scored on all its cores
+at once (:func:`explainer.parallel.thread_map`), with the scores one thread would give.
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
 fewer of them), and only the most promising are scored on all of them (:func:`shortlist`). Every
-candidate is still evaluated, so a unit that gradients cannot see is still found; on ``ioi``
-(320 units) a mask costs 2.2 ms on 256 prompts and 0.27 ms on 32.
+candidate is still evaluated, so a unit that gradients cannot see is still found.
 """
 
 from __future__ import annotations

@@ -1,71 +1,31 @@
-"""The frontier: train a whole ladder of explanations at once, grade each, and save them.
+"""The frontier: train a ladder of explanations, finish each rung, grade it and save them.
 
 A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of target sizes
-(``sizes``, units kept). :func:`train_ladder` trains every rung with the existing training step
-(:func:`explainer.train.make_step`), either
+(``sizes``, units kept). :func:`train_ladder` trains every rung with the training step of
+:func:`explainer.train.make_step`, either
 
-- ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose
-  ``log_lambda`` differ, every rung for ``config.steps`` steps (for target sizes, each rung's
-  ``λ`` follows its own dual ascent towards its size, outside the step). Target sizes train both
-  ways here too (``direction="both"``): every rung from the initial gates and again from open
-  gates, so the batch holds two states per rung and every rung gets the run that :func:`at_most`'s
-  open restart would give it; or
-- ``continuation``: one rung after the other, each warm-started from the previous rung's state
-  (gates, optimiser, adversary) for ``continuation_steps`` steps. On a ladder of sizes without an
-  adversary a rung stops sooner, once its explanation (the top ``k`` units) has not changed for
-  ``patience`` steps (100 by default): most of ioi's rungs settle within 100 of their 375 steps.
-  :func:`at_most`'s open restarts stop the same way. Penalties go from the smallest up. Target
-  sizes go both ways (``direction="both"``, the default of :func:`train_ladder`): *up*
-  from the smallest size (units earn their place; λ backs off fast), and *down* from the largest,
-  starting from open gates, with λ rising as fast as it backs off. Growing alone closes most gates
-  for good on the first, one-unit rung of a large model: on ``ioi`` (320 units) every rung up to
-  160 units was then no better than the empty explanation (KL 8.8 nats), and on ``paren`` every
-  rung up to 196. Going down finds ``ioi``'s 64-unit rung at KL 7.35 and ``paren``'s 78-unit rung
-  at 4.99 before polishing, but loses a faithful pair of cancelling units that growing finds
-  (``planted-cancel``). The two ways have the same rungs and steps, so they train in lockstep:
-  rung ``j`` of both is one stretch of the step over a batch of two states. On a CPU the batch is
-  split across its cores, each state stepped in its own thread (``workers``, :func:`_run_steps`),
-  where a step is work enough (:data:`THREAD_ELEMENTS`): XLA runs each call of these small
-  programs on one core, so on a 2-core CPU two one-state ioi steps in two threads took 5.9 ms the
-  pair against 7.8 ms for both vmapped in one call and 6.1 ms for one state alone (64 prompts
-  each).
+- ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose penalties
+  differ, every rung from the initial gates and (for sizes) again from open gates; or
+- ``continuation`` (what ``auto`` picks): one rung after the other, each warm-started from its
+  neighbour, so a rung carries what the last one learned. Sizes train both ways in lockstep: *up*
+  from the smallest (units earn their place) and *down* from the largest, from open gates. Growing
+  alone closes most gates of a large model for good at the one-unit rung; shrinking alone loses
+  units that matter only together, such as a cancelling pair.
 
-Either way, each rung of sizes trained both ways is the way whose finished explanation has the
-lower KL on the training prompts and carries the other as its ``alternative``; :func:`at_most`
-polishes both and keeps the better.
+Each rung of sizes keeps the way with the lower KL on the training prompts. On a ladder of sizes
+without an adversary a rung stops once its top ``k`` units have not changed for ``patience``
+steps; with an adversary no rung stops early, since the adversary may still be finding the attack
+that moves the set. On a CPU a batch of states is split into one thread per core where a step is
+work enough (:data:`THREAD_ELEMENTS`), because XLA runs each call of these small programs on one
+core.
 
-Which is faster depends on the device. On a 2-core CPU a step's cost grows with the states in its
-batch, so ``vmap`` costs about one run per rung: 8 rungs against one 1500-step run (one way up),
-planted-distractor with the learned adversary vmap 2.7×, continuation 1.7×; ioi without adversary
-vmap 8.0×, continuation 2.4×. On a GPU these small models leave the device mostly idle: on one
-H100, ioi's 8 rungs both ways (16 states, 1500 steps) trained in 12.7 s against 20.7 s for one
-training run, and the 8-point ladder with its polishing took 0.68× one run with ``vmap`` against
-1.59× with ``continuation`` (0.91–1.15× against 1.52–1.92× on planted-distractor, planted-joint
-and tracr-frac-prevs; ``benchmarks/results/time_to_frontier-gpu-vmap.json``; both sides are mostly
-compilation there: an ioi step takes 1.9 ms, 1500 of them about 3 s of a 12–21 s run).
-
-``auto`` is ``continuation`` on every device, for its frontiers: a warm start carries what a
-neighbouring rung learned. On MIB's ladder (``benchmarks/results/frontier-vmap.json``, this CPU,
-against ``continuation`` while restarts came one at a time), ``vmap`` both ways raised CPR on ioi
-(0.4923 → 0.4927 with the adversary, 0.4890 → 0.4896 without), paren (0.7073 → 0.7108, 0.7039 →
-0.7069) and tracr-sort with the adversary, but lowered it on induction (0.5359 → 0.5174, 0.5452
-→ 0.5204: behind integrated gradients' 0.5361), direct and tracr-sort without the adversary
-(0.9365 → 0.9293); the planted models and the other tracr models were unchanged.
-``continuation`` met the 3× target on the H100 as well (ioi 2.13×, the small models 1.28–1.78×,
-each model in its own process: ``time_to_frontier-gpu.json``), measured while :func:`at_most`
-restarted one rung at a time.
-
-Target sizes are finished as ``target_size`` training is (the top ``k`` gate logits), penalties as
-plain training is (gates with a positive logit). Sizes 0 and ``total`` need no training. Units that
-buy nothing are then dropped from each rung of sizes, and a rung no better on the training prompts
-than a smaller rung is replaced by it (:func:`at_most`), so the frontier offers the best
-explanation found with at most each size.
-
-:func:`grade_masks` measures any list of keep masks the same way (baselines use it too): held-out
-faithfulness, normalised faithfulness and loss recovered (:mod:`explainer.frontier`), the
-strongest discrete attack's gap at ``budget`` (greedy and gradient-guided: both are exact on
-every set they report and fast at any unit count), CPR and CMD; and the same faithfulness numbers
-under other ablations.
+:func:`at_most` then makes each rung of sizes the best explanation found with *at most* its size:
+units that buy nothing are dropped, a rung no better than a smaller one is replaced by it, and
+rungs over the KL budget are searched again (exactly where the sets are few, else by restarts
+from open gates). :func:`grade_masks` measures any list of keep masks the same way (baselines use
+it too): held-out faithfulness, normalised faithfulness and loss recovered
+(:mod:`explainer.frontier`), the strongest discrete attack's gap at ``budget``, CPR and CMD, and
+the same numbers under other ablations. docs/guide.md describes the options.
 """
 
 from __future__ import annotations
