@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench bench-peers lint clean zoo zoo-tracr
+.PHONY: demo test bench bench-peers lint docs clean zoo zoo-tracr
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-peers: $(TEST_STAMP) $(PEERS_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check explainer adversary tests benchmarks notebooks
 	$(BIN)/ruff format --check explainer adversary tests benchmarks notebooks
+
+## make docs: rewrite the generated pages of docs/ (cli.md, settings.md, results.md) from the code and results
+docs: $(TEST_STAMP)
+	$(BIN)/python docs/generate.py
 
 ## regenerate the planted models shipped in the zoo (deterministic, no training)
 zoo: $(STAMP)
