@@ -346,19 +346,27 @@ def attack(
 def show(
     run: Path = typer.Argument(..., help="Run folder."),
     png: Path | None = typer.Option(None, "--png", help="Where to write the heatmap (default RUN/masks.png)."),
+    graph: Path | None = typer.Option(
+        None,
+        "--graph",
+        help="Also draw the circuit to this PNG: kept edges as a layered graph (--units edges runs), "
+        "or kept units per reader (dimension runs).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
-    """Summarise a run and draw its masks (sites × units) with the training curves."""
+    """Summarise a run and draw its masks (sites × units) with the training curves (and its circuit)."""
     from explainer.api import open_run
     from explainer.metrics import truth_scores
     from explainer.models import load_truth
-    from explainer.plotting import plot_explanation
+    from explainer.plotting import plot_circuit, plot_explanation
 
     expl, net, folder = open_run(run, check_weights=False)
     truth = load_truth(folder)
     picture = plot_explanation(expl, png or Path(run) / "masks.png", truth)
     result = {**expl.result(), "png": str(picture)}
     text = expl.summary()
+    if graph is not None:
+        result["graph"] = str(plot_circuit(expl, graph, net.config))
     if expl.config.get("units") == "edges":
         from explainer.edges import edge_names
 
@@ -368,7 +376,20 @@ def show(
     if truth is not None and expl.config.get("units") != "edges":  # ground truths list dimensions
         result["truth"] = truth_scores(expl.kept, truth)
         text += f"\nground truth {truth}: F1 {result['truth']['f1']:.3f}"
-    _emit(result, as_json, text + f"\nwrote {picture}")
+    _emit(result, as_json, text + f"\nwrote {picture}" + (f" and {result['graph']}" if graph is not None else ""))
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First run folder."),
+    run_b: Path = typer.Argument(..., help="Second run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
+) -> None:
+    """Put two explanations side by side: shared and differing units per site, and their metrics."""
+    from explainer.compare import compare_runs, describe
+
+    result = compare_runs(run_a, run_b)
+    _emit(result, as_json, describe(result))
 
 
 @app.command()

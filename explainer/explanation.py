@@ -82,6 +82,33 @@ class Explanation:
     rewrites: dict[str, np.ndarray] | None = None  # fitted f of each rewritten MLP (explainer.rewrites)
     rewrite_report: dict[str, Any] | None = None  # how much of the behaviour each f carries
 
+    def plot(self, path: str | os.PathLike, truth: dict[str, list[int]] | None = None) -> Path:
+        """Write the masks picture (``explainer show``'s ``masks.png``): gates per site and unit, the
+        kept units boxed, and the training curves (:func:`explainer.plotting.plot_explanation`).
+
+        >>> import tempfile
+        >>> from explainer.circuit import example
+        >>> example().plot(tempfile.mkdtemp() + "/masks.png").name
+        'masks.png'
+        """
+        from explainer.plotting import plot_explanation
+
+        return plot_explanation(self, path, truth)
+
+    def graph(self, path: str | os.PathLike) -> Path:
+        """Write the circuit picture (``explainer show --graph``): the kept edges as a layered graph
+        for an edge run, or for a dimension run how many units each reader keeps
+        (:func:`explainer.plotting.plot_circuit`).
+
+        >>> import tempfile
+        >>> from explainer.circuit import example
+        >>> example().graph(tempfile.mkdtemp() + "/circuit.png").name
+        'circuit.png'
+        """
+        from explainer.plotting import plot_circuit
+
+        return plot_circuit(self, path)
+
     def basis_modules(self) -> dict:
         """The run's bases as :class:`~explainer.masks.OrthogonalBasis` objects, for a Scrubber."""
         import jax.numpy as jnp
