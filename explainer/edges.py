@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
+from explainer.models.norms import LayerNorm
 from explainer.models.transformer import Transformer, _norm
 
 Writers = Float[Array, "batch seq writers d_model"]
@@ -104,15 +105,20 @@ def check_edge_sites(config: ModelConfig, sites: Sequence[str]) -> tuple[str, ..
 
 
 def n_writers(config: ModelConfig, site: str) -> int:
-    """How many writers are upstream of ``site``."""
+    """How many writers are upstream of ``site`` (a parallel block's MLP reads what its attention reads)."""
     layer, kind = _parse(config, site)
     per_layer = config.n_heads + int(not config.attn_only)
-    return 1 + layer * per_layer + (config.n_heads if kind == "mlp" else 0)
+    return 1 + layer * per_layer + (config.n_heads if kind == "mlp" and not config.parallel_attn_mlp else 0)
+
+
+def _readers(config: ModelConfig, kind: str) -> int:
+    """Readers per site: query heads for ``q``, key/value heads for ``k``/``v``, else one."""
+    return {"q": config.n_heads, "k": config.n_kv_heads, "v": config.n_kv_heads}.get(kind, 1)
 
 
 def edge_units(config: ModelConfig, sites: Sequence[str]) -> dict[str, int]:
     """Units per site: its upstream writers, times the heads for a per-head q/k/v site."""
-    return {s: n_writers(config, s) * (config.n_heads if _parse(config, s)[1] in _QKV else 1) for s in sites}
+    return {s: n_writers(config, s) * _readers(config, _parse(config, s)[1]) for s in sites}
 
 
 def edge_names(config: ModelConfig, sites: Sequence[str] | None = None) -> dict[str, list[str]]:
@@ -123,7 +129,8 @@ def edge_names(config: ModelConfig, sites: Sequence[str] | None = None) -> dict[
         layer, kind = _parse(config, site)
         upstream = writers[: n_writers(config, site)]
         if kind in _QKV:
-            readers = [f"a{layer}.h{h}.{kind}" for h in range(config.n_heads)]
+            grouped = kind != "q" and config.n_kv_heads != config.n_heads  # a key/value head serves a group
+            readers = [f"a{layer}.{'kv' if grouped else 'h'}{h}.{kind}" for h in range(_readers(config, kind))]
         else:
             readers = [{"attn": f"a{layer}", "mlp": f"m{layer}", "unembed": "logits"}[kind]]
         out[site] = [f"{w}->{r}" for r in readers for w in upstream]
@@ -131,9 +138,14 @@ def edge_names(config: ModelConfig, sites: Sequence[str] | None = None) -> dict[
 
 
 def check_model(model: Transformer) -> None:
-    """Edge units need the plain GPT-2 block structure (no rewritten MLPs)."""
+    """Edge units need blocks whose outputs split into writers (no rewritten MLPs; post-norms RMS)."""
     if any(hasattr(block.mlp, "fitted") for block in model.blocks):
         raise ExplainerError("edge units do not support rewritten MLPs; use --units dims with --rewrite")
+    if any(isinstance(b.ln1_post, LayerNorm) or isinstance(b.ln2_post, LayerNorm) for b in model.blocks):
+        raise ExplainerError(
+            "edge units do not support LayerNorm post-norms (use_normalization_before_and_after with "
+            "normalization_type LN): a centred output does not split into heads; use --units dims"
+        )
 
 
 def _mlp_writes(mlp, y):
@@ -147,17 +159,25 @@ def _norm_heads(ln, x: Float[Array, "batch seq heads d_model"]) -> Float[Array, 
 
 
 def _attention_writes(block, xq, xk, xv):
-    """Per-head outputs (without ``b_O``) of attention whose heads read ``x[..., head, :]`` each."""
+    """Per-head outputs (without ``b_O``) of attention whose heads read ``x[..., head, :]`` each
+    (``xk``, ``xv``: one input per key/value head)."""
     attn = block.attn
     q = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xq), attn.W_Q) + attn.b_Q
     k = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xk), attn.W_K) + attn.b_K
     v = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xv), attn.W_V) + attn.b_V
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / attn.scale
-    if attn.causal:
-        seq = xq.shape[1]
-        scores = jnp.where(jnp.tril(jnp.ones((seq, seq), dtype=bool)), scores, -jnp.inf)
-    z = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores, axis=-1), v)
-    return jnp.einsum("bqhe,hem->bqhm", z, attn.W_O)
+    return jnp.einsum("bqhe,hem->bqhm", attn.mix(q, k, v), attn.W_O)
+
+
+def _post_scale(post, total: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
+    """What an RMS post-norm multiplies ``total`` by: ``w / rms(total)``, so that writers scaled by it
+    sum to ``post(total)`` (Gemma-2's norms on the attention output)."""
+    scale = jax.lax.rsqrt((total * total).mean(-1, keepdims=True) + post.eps)
+    return scale if post.w is None else scale * post.w
+
+
+def _plus(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` for a bias ``[d]`` or per position ``[b, p, d]``, and ``x`` per head or not."""
+    return x + (bias[:, :, None, :] if bias.ndim == 3 and x.ndim == 4 else bias)
 
 
 def run(
@@ -173,35 +193,47 @@ def run(
     """
     keep = keep or {}
     cfg, heads = model.config, model.config.n_heads
-    writes: list[jax.Array] = [model.W_E[tokens] + model.W_pos[: tokens.shape[-1]]]
-    bias = jnp.zeros((cfg.d_model,), writes[0].dtype)
+    embed = model.W_E[tokens]
+    writes: list[jax.Array] = [embed if model.W_pos is None else embed + model.W_pos[: tokens.shape[-1]]]
+    bias = jnp.zeros((cfg.d_model,), writes[0].dtype)  # per position ([b, p, d]) once a post-norm scales one
 
     def reads(site: str, shape: tuple[int, ...] = ()):
         """The input of the reader at ``site``: ``[b, p, d]``, or ``[b, p, H, d]`` for q/k/v."""
         own = jnp.stack(writes, axis=-2)
         m = keep.get(site)
         if m is None:
-            x = own.sum(-2) + bias
-            return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], heads, x.shape[-1])) if shape else x
+            x = _plus(own.sum(-2), bias)
+            return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], shape[0], x.shape[-1])) if shape else x
         repl = replacement[WRITERS][..., : len(writes), :]
         if shape:
             m = m.reshape(shape)
-            return jnp.einsum("bpwd,hw->bphd", own, m) + jnp.einsum("bpwd,hw->bphd", repl, 1.0 - m) + bias
-        return jnp.einsum("bpwd,w->bpd", own, m) + jnp.einsum("bpwd,w->bpd", repl, 1.0 - m) + bias
+            return _plus(jnp.einsum("bpwd,hw->bphd", own, m) + jnp.einsum("bpwd,hw->bphd", repl, 1.0 - m), bias)
+        return _plus(jnp.einsum("bpwd,w->bpd", own, m) + jnp.einsum("bpwd,w->bpd", repl, 1.0 - m), bias)
 
     for layer, block in enumerate(model.blocks):
-        n = len(writes)
+        n, kv = len(writes), cfg.n_kv_heads
         if f"blocks.{layer}.attn.in" in keep:
             shared = reads(f"blocks.{layer}.attn.in")[:, :, None, :]
-            xq = xk = xv = jnp.broadcast_to(shared, (*shared.shape[:2], heads, shared.shape[-1]))
+            xq = jnp.broadcast_to(shared, (*shared.shape[:2], heads, shared.shape[-1]))
+            xk = xv = jnp.broadcast_to(shared, (*shared.shape[:2], kv, shared.shape[-1]))
         else:
-            xq, xk, xv = (reads(f"blocks.{layer}.attn.{x}.in", (heads, n)) for x in _QKV)
+            readers = zip(_QKV, (heads, kv, kv), strict=True)
+            xq, xk, xv = (reads(f"blocks.{layer}.attn.{x}.in", (r, n)) for x, r in readers)
+        mlp_in = reads(f"blocks.{layer}.mlp.in") if block.parallel and block.mlp is not None else None
         heads_out = _attention_writes(block, xq, xk, xv)
+        if block.ln1_post is None:
+            bias = bias + block.attn.b_O
+        else:
+            scale = _post_scale(block.ln1_post, heads_out.sum(2) + block.attn.b_O)
+            heads_out = heads_out * scale[:, :, None, :]
+            bias = bias + block.attn.b_O * scale
         writes += [heads_out[:, :, h, :] for h in range(heads)]
-        bias = bias + block.attn.b_O
         if block.mlp is not None:
-            writes.append(_mlp_writes(block.mlp, _norm(block.ln2, reads(f"blocks.{layer}.mlp.in"))))
-            bias = bias + block.mlp.b_out
-    x = reads("unembed.in")
-    logits = _norm(model.ln_final, x) @ model.W_U + model.b_U
+            y = _norm(block.ln2, reads(f"blocks.{layer}.mlp.in") if mlp_in is None else mlp_in)
+            if block.ln2_post is None:
+                writes.append(_mlp_writes(block.mlp, y))
+                bias = bias + block.mlp.b_out
+            else:  # the post-norm mixes the bias in: the MLP's writer carries it
+                writes.append(block.ln2_post(block.mlp(y)))
+    logits = model.unembed(reads("unembed.in"))
     return logits, (jnp.stack(writes, axis=-2) if capture else None)

@@ -154,7 +154,8 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(model_type="llama"), "model_type 'llama' is not supported"),
+        (dict(model_type="bert"), "model_type 'bert' is not supported"),
+        (dict(model_type="llama"), "lacks 'hidden_size'"),
         (dict(n_embd=32), "has shape"),
         (dict(n_layer=3), "is missing tensor(s) ['h.2."),
         (dict(n_layer=1), "a GPT-2 language model does not"),

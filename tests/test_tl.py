@@ -22,6 +22,16 @@ CONFIGS = {
         n_layers=2, d_model=12, n_heads=3, d_head=4, d_mlp=20, d_vocab=7, n_ctx=5, act_fn="gelu",
         normalization_type="LNPre", attn_scale=3.0, d_vocab_out=4, attention_dir="bidirectional",
     ),
+    "gemma2-like": ModelConfig(
+        n_layers=2, d_model=12, n_heads=4, d_head=4, d_mlp=20, d_vocab=7, n_ctx=6, act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, n_key_value_heads=2,
+        use_normalization_before_and_after=True, attn_scores_soft_cap=5.0, output_logits_soft_cap=3.0,
+        use_local_attn=True, window_size=2, attn_types=("local", "global"), attn_scale=3.0,
+    ),
+    "neox-like": ModelConfig(
+        n_layers=2, d_model=12, n_heads=3, d_head=4, d_mlp=20, d_vocab=7, n_ctx=6, act_fn="gelu",
+        positional_embedding_type="rotary", rotary_dim=2, parallel_attn_mlp=True, rotary_base=100,
+    ),
 }  # fmt: skip
 
 
@@ -87,11 +97,11 @@ def export_state(model):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"positional_embedding_type": "rotary"}, "positional_embedding_type='rotary' is not supported"),
-        ({"normalization_type": "RMS"}, "normalization_type"),
-        ({"gated_mlp": True}, "gated_mlp=True"),
-        ({"n_key_value_heads": 2}, "grouped-query attention"),
-        ({"output_logits_soft_cap": 30.0}, "output_logits_soft_cap=30.0"),
+        ({"positional_embedding_type": "shortformer"}, "positional_embedding_type 'shortformer'"),
+        ({"normalization_type": "LNPost"}, "normalization_type"),
+        ({"final_rms": True}, "final_rms=True"),
+        ({"use_qk_norm": True}, "use_qk_norm=True"),
+        ({"n_key_value_heads": 3}, "n_key_value_heads"),
         ({"act_fn": "solu_ln"}, "act_fn"),
         ({"attn_scale": "big"}, "attn_scale must be a positive number"),
     ],

@@ -110,10 +110,18 @@ def test_config_rejects_bad_fields():
         ModelConfig(n_layers=1, d_model=4, n_heads=1, d_head=4, d_mlp=4, d_vocab=3, n_ctx=2, act_fn="rleu")
     with pytest.raises(ExplainerError, match="unknown field 'n_layer'"):
         ModelConfig.from_json({"n_layer": 1})
-    with pytest.raises(ExplainerError, match="rotary"):
-        ModelConfig.from_json({**CONFIGS[0], "positional_embedding_type": "rotary"})
+    with pytest.raises(ExplainerError, match="'standard'.*or 'rotary'"):
+        ModelConfig.from_json({**CONFIGS[0], "positional_embedding_type": "shortformer"})
     with pytest.raises(ExplainerError, match="gated_mlp"):
-        ModelConfig.from_json({**CONFIGS[0], "gated_mlp": True})
+        ModelConfig.from_json({**CONFIGS[1], "gated_mlp": True})
+    with pytest.raises(ExplainerError, match="n_key_value_heads"):
+        ModelConfig.from_json({**CONFIGS[0], "n_key_value_heads": 3})
+    with pytest.raises(ExplainerError, match="rotary_dim"):
+        ModelConfig.from_json({**CONFIGS[0], "positional_embedding_type": "rotary", "rotary_dim": 3})
+    with pytest.raises(ExplainerError, match="attn_types"):
+        ModelConfig.from_json({**CONFIGS[0], "use_local_attn": True, "window_size": 2, "attn_types": ["local"]})
+    with pytest.raises(ExplainerError, match="final_rms"):
+        ModelConfig.from_json({**CONFIGS[0], "final_rms": True})
     # TransformerLens writes fields that do not change the forward pass: accepted.
     assert ModelConfig.from_json({**CONFIGS[0], "model_name": "x", "device": "cpu"}).n_layers == 2
 

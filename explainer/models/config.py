@@ -13,40 +13,59 @@ from typing import Any
 
 from explainer.errors import ExplainerError, did_you_mean
 
-ACT_FNS = ("relu", "gelu", "gelu_new")
-NORMALIZATIONS = ("LN", "LNPre", None)
+ACT_FNS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
+NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
 ATTENTION_DIRS = ("causal", "bidirectional")
+POSITIONS = ("standard", "rotary")
+ATTN_TYPES = ("global", "local")
+NO_CAP = -1.0  # TransformerLens's "no soft cap"
 
 # TransformerLens fields that do not affect the forward pass of the models we support.
 _IGNORED_TL_FIELDS = frozenset(
     """model_name original_architecture device n_devices seed init_mode init_weights initializer_range
     init_range checkpoint_index checkpoint_label_type checkpoint_value tokenizer_name
     tokenizer_prepends_bos default_prepend_bos use_hook_tokens use_attn_result use_split_qkv_input
-    use_hook_mlp_in use_attn_in use_local_attn window_size attn_types from_checkpoint
+    use_hook_mlp_in use_attn_in from_checkpoint
     load_in_4bit dtype post_embedding_ln experts_per_token num_experts n_params
-    use_normalization_before_and_after d_vocab_out_is_default tokenizer_padding_side
+    d_vocab_out_is_default tokenizer_padding_side
     relative_attention_max_distance relative_attention_num_buckets decoder_start_token_id
-    NTK_by_parts_factor NTK_by_parts_high_freq_factor NTK_by_parts_low_freq_factor
-    NTK_original_ctx_len use_NTK_by_parts_rope rotary_adjacent_pairs rotary_base rotary_dim
-    trust_remote_code ungroup_grouped_query_attention scale_attn_by_inverse_layer_idx
-    output_logits_soft_cap attn_scores_soft_cap""".split()
+    trust_remote_code ungroup_grouped_query_attention scale_attn_by_inverse_layer_idx""".split()
 )
 
 # TransformerLens fields that change the forward pass: accepted only at the value we implement.
 _REQUIRED_TL_VALUES: dict[str, tuple[Any, ...]] = {
     "use_attn_scale": (True,),
-    "gated_mlp": (False,),
-    "parallel_attn_mlp": (False,),
     "final_rms": (False,),
-    "n_key_value_heads": (None,),
     "num_experts": (None,),
-    "original_architecture": (None, "GPT2LMHeadModel", "explainer"),
+    "use_qk_norm": (False,),
+}
+
+# Fields added for the families beyond GPT-2, with their defaults: ``to_json`` writes one only when
+# it differs from its default, so a GPT-2 config.json reads and writes as it always did.
+_FAMILY_DEFAULTS: dict[str, Any] = {
+    "rotary_dim": None,
+    "rotary_base": 10000,
+    "rotary_adjacent_pairs": False,
+    "use_NTK_by_parts_rope": False,
+    "NTK_by_parts_factor": 8.0,
+    "NTK_by_parts_low_freq_factor": 1.0,
+    "NTK_by_parts_high_freq_factor": 4.0,
+    "NTK_original_ctx_len": 8192,
+    "gated_mlp": False,
+    "n_key_value_heads": None,
+    "parallel_attn_mlp": False,
+    "use_normalization_before_and_after": False,
+    "attn_scores_soft_cap": NO_CAP,
+    "output_logits_soft_cap": NO_CAP,
+    "use_local_attn": False,
+    "window_size": None,
+    "attn_types": None,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a GPT-2-style transformer, named as in TransformerLens.
+    """Hyperparameters of a transformer of any family we run, named as in TransformerLens.
 
     ``d_vocab_out = -1`` means the output vocabulary equals ``d_vocab`` (TransformerLens's
     convention). ``attn_scale`` defaults to ``sqrt(d_head)``.
@@ -72,8 +91,29 @@ class ModelConfig:
     attention_dir: str = "causal"
     d_vocab_out: int = -1
     attn_scale: float | None = None
+    # rotary positions: the first ``rotary_dim`` (default ``d_head``) dimensions of each query and key
+    # head turn, in halves (Llama, NeoX) or in adjacent pairs (GPT-J); Llama-3 scaling as "NTK by parts"
+    rotary_dim: int | None = None
+    rotary_base: int | float = 10000
+    rotary_adjacent_pairs: bool = False
+    use_NTK_by_parts_rope: bool = False
+    NTK_by_parts_factor: int | float = 8.0
+    NTK_by_parts_low_freq_factor: int | float = 1.0
+    NTK_by_parts_high_freq_factor: int | float = 4.0
+    NTK_original_ctx_len: int = 8192
+    gated_mlp: bool = False  # act(x W_gate) * (x W_in) + b_in, then W_out
+    n_key_value_heads: int | None = None  # grouped-query attention: query head h reads key/value head h // group
+    parallel_attn_mlp: bool = False  # attention and MLP both read the block's input (NeoX, GPT-J)
+    use_normalization_before_and_after: bool = False  # Gemma-2: ln1_post, ln2_post on each output
+    attn_scores_soft_cap: int | float = NO_CAP  # scores -> cap · tanh(scores / cap); -1: none
+    output_logits_soft_cap: int | float = NO_CAP
+    use_local_attn: bool = False  # layers whose attn_types entry is "local" see window_size positions
+    window_size: int | None = None
+    attn_types: tuple[str, ...] | list[str] | None = None  # a list (from JSON) becomes a tuple
 
     def __post_init__(self) -> None:
+        if isinstance(self.attn_types, list):  # from JSON; the config is hashed as a static field
+            object.__setattr__(self, "attn_types", tuple(self.attn_types))
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -92,11 +132,12 @@ class ModelConfig:
             raise ExplainerError(
                 f"config field 'normalization_type' is {self.normalization_type!r}; valid: 'LN', 'LNPre' or null"
             )
-        if self.positional_embedding_type != "standard":
+        if self.positional_embedding_type not in POSITIONS:
             raise ExplainerError(
                 f"positional_embedding_type {self.positional_embedding_type!r} is not supported; "
-                "only 'standard' (learned absolute positions) is"
+                "valid: 'standard' (learned absolute positions) or 'rotary'"
             )
+        self._check_families()
         if self.attention_dir not in ATTENTION_DIRS:
             raise ExplainerError(
                 f"config field 'attention_dir' is {self.attention_dir!r}; valid: causal, bidirectional"
@@ -108,6 +149,62 @@ class ModelConfig:
             )
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ExplainerError(f"config field 'eps' must be a positive number, got {self.eps!r}")
+
+    def _check_families(self) -> None:
+        """The fields of the families beyond GPT-2: rotary, grouped heads, gates, caps, windows."""
+        if self.positional_embedding_type == "rotary":
+            rd = self.rotary_width
+            if not isinstance(rd, int) or isinstance(rd, bool) or rd < 2 or rd % 2 or rd > self.d_head:
+                raise ExplainerError(
+                    f"config field 'rotary_dim' is {self.rotary_dim!r}; it must be an even number from 2 to "
+                    f"d_head={self.d_head} (or null for every dimension of a head)"
+                )
+            if not (isinstance(self.rotary_base, (int, float)) and self.rotary_base > 1):
+                raise ExplainerError(f"config field 'rotary_base' must be a number above 1, got {self.rotary_base!r}")
+        kv = self.n_key_value_heads
+        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.n_heads % kv):
+            raise ExplainerError(
+                f"config field 'n_key_value_heads' is {kv!r}; it must divide n_heads={self.n_heads} "
+                "(or be null for one key/value head per query head)"
+            )
+        if self.gated_mlp and self.attn_only:
+            raise ExplainerError("config field 'gated_mlp' is true but so is attn_only; set one of them false")
+        for name in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+            cap = getattr(self, name)
+            if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not (cap == NO_CAP or cap > 0):
+                raise ExplainerError(f"config field {name!r} must be a positive number or -1 (none), got {cap!r}")
+        if self.use_local_attn:
+            if not isinstance(self.window_size, int) or self.window_size < 1:
+                raise ExplainerError(
+                    f"config field 'window_size' is {self.window_size!r}; use_local_attn needs a positive window"
+                )
+            types = self.attn_types
+            if types is None or len(types) != self.n_layers or any(t not in ATTN_TYPES for t in types):
+                raise ExplainerError(
+                    f"config field 'attn_types' is {list(types) if types else types!r}; use_local_attn needs one "
+                    f"entry per layer ({self.n_layers}), each 'global' or 'local'"
+                )
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (``n_heads`` unless grouped-query attention)."""
+        return self.n_heads if self.n_key_value_heads is None else self.n_key_value_heads
+
+    @property
+    def rotary_width(self) -> int:
+        """How many dimensions of each query/key head rotate (rotary positions only)."""
+        return self.d_head if self.rotary_dim is None else self.rotary_dim
+
+    def window(self, layer: int) -> int | None:
+        """How many positions (itself included) a query of ``layer`` sees; ``None``: all before it."""
+        if self.use_local_attn and self.attn_types is not None and self.attn_types[layer] == "local":
+            return self.window_size
+        return None
+
+    @staticmethod
+    def cap(value: float) -> float | None:
+        """A soft cap as a number, or ``None`` for TransformerLens's -1 (none)."""
+        return None if value == NO_CAP else float(value)
 
     @property
     def vocab_out(self) -> int:
@@ -131,8 +228,12 @@ class ModelConfig:
         return tuple(names)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``config.json`` dictionary (TransformerLens field names)."""
-        return dataclasses.asdict(self)
+        """The ``config.json`` dictionary (TransformerLens field names); a field of the families beyond
+        GPT-2 is written only where it differs from its default."""
+        data = dataclasses.asdict(self)
+        if data["attn_types"] is not None:
+            data["attn_types"] = list(data["attn_types"])
+        return {k: v for k, v in data.items() if k not in _FAMILY_DEFAULTS or v != _FAMILY_DEFAULTS[k]}
 
     @classmethod
     def from_json(cls, data: Any, source: str = "config.json") -> ModelConfig:
@@ -148,7 +249,7 @@ class ModelConfig:
                 if value not in _REQUIRED_TL_VALUES[key]:
                     raise ExplainerError(
                         f"{source}: {key}={value!r} is not supported; explainer implements "
-                        f"{key}={_REQUIRED_TL_VALUES[key][0]!r} (GPT-2-style blocks)"
+                        f"{key}={_REQUIRED_TL_VALUES[key][0]!r}"
                     )
             elif key not in _IGNORED_TL_FIELDS:
                 raise ExplainerError(f"{source}: unknown field {key!r}; {did_you_mean(key, sorted(fields))}")

@@ -1,4 +1,8 @@
-"""Import a GPT-2-family Hugging Face checkpoint folder as a native model folder.
+"""Import a Hugging Face checkpoint folder as a native model folder.
+
+``model_type`` gpt2 is mapped here; gpt_neox, llama, mistral, qwen2, gemma and gemma2 in
+:mod:`explainer.models.hf_families`. What follows is GPT-2's mapping; the reading of the folder is
+shared.
 
 ``import_hf("./gpt2", "models/gpt2")`` (or ``explainer import hf ./gpt2 models/gpt2``) reads the
 folder that ``GPT2LMHeadModel.save_pretrained`` writes (or a hub snapshot of ``gpt2``,
@@ -51,6 +55,14 @@ import numpy as np
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
 from explainer.models.folders import check_out, write_model_folder
+from explainer.models.hf_families import (
+    FAMILIES,
+    family_config,
+    family_shapes,
+    family_tensors,
+    is_buffer,
+    tied_embeddings,
+)
 from explainer.models.native import from_state_dict, read_json
 from explainer.models.transformer import Transformer
 
@@ -61,6 +73,7 @@ PYTORCH_BIN = "pytorch_model.bin"
 # Hugging Face activation_function -> act_fn (the first three are one tanh approximation)
 ACT_FNS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
 ACT_FNS |= {"gelu": "gelu", "relu": "relu"}
+MODEL_TYPES = ("gpt2", *FAMILIES)
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
 
@@ -179,17 +192,19 @@ def load_torch_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def hf_config_to_native(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """The native config of a GPT-2 ``config.json`` (refusing what the native model cannot run).
+    """The native config of a ``config.json`` (refusing what the native model cannot run).
 
     >>> hf_config_to_native({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4,
     ...                      "vocab_size": 100, "n_positions": 32}).d_head
     16
     """
     model_type = hf.get("model_type")
+    if model_type in FAMILIES:
+        return family_config(hf, source)
     if model_type != "gpt2":
         raise ExplainerError(
-            f"{source}: model_type {model_type!r} is not supported; explainer imports GPT-2-family "
-            "checkpoints (model_type 'gpt2': gpt2, distilgpt2, gpt2-medium/large/xl and models of that shape)"
+            f"{source}: model_type {model_type!r} is not supported; explainer imports model_type "
+            f"{', '.join(MODEL_TYPES)}"
         )
     for key, bad in (("scale_attn_by_inverse_layer_idx", True), ("add_cross_attention", True)):
         if hf.get(key) == bad:
@@ -258,8 +273,10 @@ def _strip(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def hf_to_native(hf: dict[str, Any], tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Transformer:
-    """The native model of a GPT-2 config and its Hugging Face tensors (validated, float32)."""
+    """The native model of a config and its Hugging Face tensors (validated, float32)."""
     cfg = hf_config_to_native(hf, source=f"{source}/config.json")
+    if hf.get("model_type") in FAMILIES:
+        return _family_to_native(hf, cfg, tensors, source)
     t = _strip(tensors)
     shapes = _hf_shapes(cfg)
     tied = hf.get("tie_word_embeddings", True)
@@ -277,13 +294,39 @@ def hf_to_native(hf: dict[str, Any], tensors: dict[str, np.ndarray], source: str
             f"{source} has tensor(s) a GPT-2 language model does not: {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
             "explainer imports GPT2LMHeadModel / GPT2Model checkpoints only"
         )
+    _check_shapes(t, shapes, source)
+    return from_state_dict(cfg, _native_tensors(cfg, t, tied), source=source)
+
+
+def _check_shapes(t: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str) -> None:
     for name, shape in shapes.items():
         if tuple(t[name].shape) != shape:
             raise ExplainerError(
                 f"{source}: tensor {name!r} has shape {list(t[name].shape)} but config.json implies {list(shape)}; "
                 "the weights and config.json disagree"
             )
-    return from_state_dict(cfg, _native_tensors(cfg, t, tied), source=source)
+
+
+def _family_to_native(hf: dict[str, Any], cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> Transformer:
+    kind, tied = hf["model_type"], tied_embeddings(hf)
+    t = {k: v for k, v in tensors.items() if not is_buffer(k)}
+    if tied:
+        t.pop("lm_head.weight", None)
+    shapes = family_shapes(hf, cfg, tied)
+    missing, extra = sorted(set(shapes) - set(t)), sorted(set(t) - set(shapes))
+    if missing:
+        raise ExplainerError(
+            f"{source} is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; config.json "
+            f"(model_type {kind!r}, {cfg.n_layers} layers, tie_word_embeddings={tied}) needs them: is this a "
+            "...ForCausalLM checkpoint of that config?"
+        )
+    if extra:
+        raise ExplainerError(
+            f"{source} has tensor(s) a {kind} language model does not: {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
+            "explainer imports ...ForCausalLM checkpoints of the config's model_type only"
+        )
+    _check_shapes(t, shapes, source)
+    return from_state_dict(cfg, family_tensors(hf, cfg, t, tied), source=source)
 
 
 def _native_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], tied: bool) -> dict[str, np.ndarray]:
@@ -320,7 +363,8 @@ def _native_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], tied: bool) -> d
 
 
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Convert the GPT-2 checkpoint folder ``src`` into the native model folder ``out``.
+    """Convert the checkpoint folder ``src`` (any ``model_type`` of :data:`MODEL_TYPES`) into the native
+    model folder ``out``.
 
     Writes ``config.json``, ``model.safetensors`` and ``card.json`` (where the model came from)
     atomically. ``out`` must not exist, or be a model folder and ``overwrite`` set. Returns a
@@ -339,7 +383,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = 
         "name": out.name,
         "kind": "hf",
         "description": (
-            f"imported from the Hugging Face checkpoint {src.resolve()} ({weights}): GPT-2, "
+            f"imported from the Hugging Face checkpoint {src.resolve()} ({weights}): {hf.get('model_type')}, "
             f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, vocabulary {cfg.d_vocab}"
         ),
         "source": {

@@ -5,20 +5,27 @@ This format is a public contract; people write it by hand. ``config.json`` uses 
 ``model.safetensors`` holds TransformerLens parameter names and shapes::
 
     embed.W_E                [d_vocab, d_model]
-    pos_embed.W_pos          [n_ctx, d_model]
-    blocks.{l}.ln1.w, .b     [d_model]                 (normalization_type "LN" only)
+    pos_embed.W_pos          [n_ctx, d_model]          (positional_embedding_type "standard" only)
+    blocks.{l}.ln1.w, .b     [d_model]                 (normalization_type "LN"; "RMS": .w only)
+    blocks.{l}.ln1_post.w    [d_model]                 (use_normalization_before_and_after; also ln2_post)
     blocks.{l}.attn.W_Q      [n_heads, d_model, d_head] (also W_K, W_V)
     blocks.{l}.attn.b_Q      [n_heads, d_head]          (also b_K, b_V)
+    blocks.{l}.attn._W_K     [n_kv_heads, d_model, d_head] (with n_key_value_heads: _W_K, _W_V, _b_K, _b_V
+                                                        replace W_K, W_V, b_K, b_V)
     blocks.{l}.attn.W_O      [n_heads, d_head, d_model]
     blocks.{l}.attn.b_O      [d_model]
-    blocks.{l}.ln2.w, .b     [d_model]                 (LN, and not attn_only)
+    blocks.{l}.ln2.w, .b     [d_model]                 (as ln1, and not attn_only)
+    blocks.{l}.mlp.W_gate    [d_model, d_mlp]          (gated_mlp only)
     blocks.{l}.mlp.W_in      [d_model, d_mlp]
     blocks.{l}.mlp.b_in      [d_mlp]
     blocks.{l}.mlp.W_out     [d_mlp, d_model]
     blocks.{l}.mlp.b_out     [d_model]
-    ln_final.w, .b           [d_model]                 (LN only)
+    ln_final.w, .b           [d_model]                 (as ln1)
     unembed.W_U              [d_model, d_vocab_out]
     unembed.b_U              [d_vocab_out]
+
+A Gemma norm's ``(1 + w)`` is stored with the one added (``w`` holds ``1 + w``), as in
+TransformerLens, and Gemma's embedding scale ``sqrt(d_model)`` is folded into ``embed.W_E``.
 
 A model folder may also hold ``truth.json`` (``{site: [units]}``, its ground-truth explanation
 under resample ablation with its own prompts), ``prompts.json`` (its task, in the prompts format of
@@ -38,8 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from explainer.errors import ExplainerError
+from explainer.models.attention import Attention
 from explainer.models.config import ModelConfig
-from explainer.models.transformer import MLP, Attention, Block, LayerNorm, Transformer
+from explainer.models.mlp import MLP, GatedMLP
+from explainer.models.norms import LayerNorm, Norm, make_norm
+from explainer.models.rotary import Rotary
+from explainer.models.transformer import Block, Transformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,32 +58,39 @@ WEIGHTS_FILE = "model.safetensors"
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name the native format requires for ``cfg``, with its shape."""
-    d, h, e = cfg.d_model, cfg.n_heads, cfg.d_head
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed.W_E": (cfg.d_vocab, d),
-        "pos_embed.W_pos": (cfg.n_ctx, d),
-    }
-    has_ln = cfg.normalization_type == "LN"
+    d, h, e, kv = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads
+    shapes: dict[str, tuple[int, ...]] = {"embed.W_E": (cfg.d_vocab, d)}
+    if cfg.positional_embedding_type == "standard":
+        shapes["pos_embed.W_pos"] = (cfg.n_ctx, d)
+    grouped = "_" if cfg.n_key_value_heads is not None else ""  # TransformerLens: _W_K, _W_V when grouped
+
+    def norm(name: str) -> dict[str, tuple[int, ...]]:
+        if cfg.normalization_type in ("LN", "RMS"):
+            out = {name + ".w": (d,)}
+            return out | {name + ".b": (d,)} if cfg.normalization_type == "LN" else out
+        return {}
+
+    post = cfg.use_normalization_before_and_after
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}."
-        if has_ln:
-            shapes |= {p + "ln1.w": (d,), p + "ln1.b": (d,)}
-        for name in "QKV":
-            shapes[p + f"attn.W_{name}"] = (h, d, e)
-            shapes[p + f"attn.b_{name}"] = (h, e)
+        shapes |= norm(p + "ln1") | (norm(p + "ln1_post") if post else {})
+        shapes |= {p + "attn.W_Q": (h, d, e), p + "attn.b_Q": (h, e)}
+        for name in "KV":
+            shapes[p + f"attn.{grouped}W_{name}"] = (kv, d, e)
+            shapes[p + f"attn.{grouped}b_{name}"] = (kv, e)
         shapes |= {p + "attn.W_O": (h, e, d), p + "attn.b_O": (d,)}
         if not cfg.attn_only:
             assert cfg.d_mlp is not None
-            if has_ln:
-                shapes |= {p + "ln2.w": (d,), p + "ln2.b": (d,)}
+            shapes |= norm(p + "ln2") | (norm(p + "ln2_post") if post else {})
+            if cfg.gated_mlp:
+                shapes[p + "mlp.W_gate"] = (d, cfg.d_mlp)
             shapes |= {
                 p + "mlp.W_in": (d, cfg.d_mlp),
                 p + "mlp.b_in": (cfg.d_mlp,),
                 p + "mlp.W_out": (cfg.d_mlp, d),
                 p + "mlp.b_out": (d,),
             }
-    if has_ln:
-        shapes |= {"ln_final.w": (d,), "ln_final.b": (d,)}
+    shapes |= norm("ln_final")
     shapes |= {"unembed.W_U": (d, cfg.vocab_out), "unembed.b_U": (cfg.vocab_out,)}
     return shapes
 
@@ -86,7 +104,9 @@ def from_state_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: st
         raise ExplainerError(
             f"{source} is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
             f"the config (n_layers={cfg.n_layers}, normalization_type={cfg.normalization_type!r}, "
-            f"attn_only={cfg.attn_only}) requires them: add them or fix config.json"
+            f"attn_only={cfg.attn_only}, positional_embedding_type={cfg.positional_embedding_type!r}, "
+            f"n_key_value_heads={cfg.n_key_value_heads}, gated_mlp={cfg.gated_mlp}) requires them: add them or "
+            "fix config.json"
         )
     if extra:
         raise ExplainerError(
@@ -113,29 +133,47 @@ def from_state_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: st
 
 
 def _assemble(cfg: ModelConfig, a: dict[str, jax.Array]) -> Transformer:
-    def ln(prefix: str) -> LayerNorm | None:
-        if cfg.normalization_type is None:
-            return None
-        if cfg.normalization_type == "LNPre":
-            return LayerNorm(None, None, cfg.eps)
-        return LayerNorm(a[prefix + ".w"], a[prefix + ".b"], cfg.eps)
+    def ln(prefix: str) -> Norm | None:
+        return make_norm(cfg.normalization_type, a.get(prefix + ".w"), a.get(prefix + ".b"), cfg.eps)
 
+    rotary = None
+    if cfg.positional_embedding_type == "rotary":
+        ntk = None
+        if cfg.use_NTK_by_parts_rope:
+            ntk = (
+                float(cfg.NTK_by_parts_factor),
+                float(cfg.NTK_by_parts_low_freq_factor),
+                float(cfg.NTK_by_parts_high_freq_factor),
+                int(cfg.NTK_original_ctx_len),
+            )
+        rotary = Rotary(cfg.rotary_width, float(cfg.rotary_base), bool(cfg.rotary_adjacent_pairs), ntk)
+    grouped = "_" if cfg.n_key_value_heads is not None else ""
+    post = cfg.use_normalization_before_and_after
     blocks = []
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}."
+        names = ("W_Q", "b_Q", f"{grouped}W_K", f"{grouped}b_K", f"{grouped}W_V", f"{grouped}b_V", "W_O", "b_O")
         attn = Attention(
-            *(a[p + f"attn.{n}"] for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")),
+            *(a[p + f"attn.{n}"] for n in names),
             scale=cfg.scale,
             causal=cfg.attention_dir == "causal",
+            rotary=rotary,
+            soft_cap=cfg.cap(cfg.attn_scores_soft_cap),
+            window=cfg.window(layer),
         )
-        mlp = None
-        if not cfg.attn_only:
+        mlp: MLP | GatedMLP | None = None
+        if cfg.gated_mlp:
+            mlp = GatedMLP(*(a[p + f"mlp.{n}"] for n in ("W_gate", "W_in", "b_in", "W_out", "b_out")), cfg.act_fn)
+        elif not cfg.attn_only:
             mlp = MLP(*(a[p + f"mlp.{n}"] for n in ("W_in", "b_in", "W_out", "b_out")), act_fn=cfg.act_fn)
-        blocks.append(Block(ln(p + "ln1"), attn, None if cfg.attn_only else ln(p + "ln2"), mlp))
+        ln2 = None if cfg.attn_only else ln(p + "ln2")
+        ln1_post = ln(p + "ln1_post") if post else None
+        ln2_post = ln(p + "ln2_post") if post and not cfg.attn_only else None
+        blocks.append(Block(ln(p + "ln1"), attn, ln2, mlp, ln1_post, ln2_post, parallel=cfg.parallel_attn_mlp))
     return Transformer(
         config=cfg,
         W_E=a["embed.W_E"],
-        W_pos=a["pos_embed.W_pos"],
+        W_pos=a.get("pos_embed.W_pos"),
         blocks=tuple(blocks),
         ln_final=ln("ln_final"),
         W_U=a["unembed.W_U"],
@@ -146,20 +184,28 @@ def _assemble(cfg: ModelConfig, a: dict[str, jax.Array]) -> Transformer:
 def to_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     """The TransformerLens-named tensors of ``model`` (float32 numpy arrays)."""
     cfg = model.config
-    out = {"embed.W_E": model.W_E, "pos_embed.W_pos": model.W_pos}
+    out = {"embed.W_E": model.W_E}
+    if model.W_pos is not None:
+        out["pos_embed.W_pos"] = model.W_pos
 
-    def put_ln(prefix: str, ln: LayerNorm | None) -> None:
+    def put_ln(prefix: str, ln: Norm | None) -> None:
         if ln is not None and ln.w is not None:
-            out[prefix + ".w"], out[prefix + ".b"] = ln.w, ln.b
+            out[prefix + ".w"] = ln.w
+            if isinstance(ln, LayerNorm):
+                out[prefix + ".b"] = ln.b
 
+    grouped = "_" if cfg.n_key_value_heads is not None else ""
     for layer, block in enumerate(model.blocks):
         p = f"blocks.{layer}."
         put_ln(p + "ln1", block.ln1)
+        put_ln(p + "ln1_post", block.ln1_post)
         for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O"):
-            out[p + f"attn.{n}"] = getattr(block.attn, n)
+            out[p + f"attn.{grouped if n[-1] in 'KV' else ''}{n}"] = getattr(block.attn, n)
         if block.mlp is not None:
             put_ln(p + "ln2", block.ln2)
-            for n in ("W_in", "b_in", "W_out", "b_out"):
+            put_ln(p + "ln2_post", block.ln2_post)
+            names = ("W_in", "b_in", "W_out", "b_out")
+            for n in ("W_gate", *names) if cfg.gated_mlp else names:
                 out[p + f"mlp.{n}"] = getattr(block.mlp, n)
     put_ln("ln_final", model.ln_final)
     out |= {"unembed.W_U": model.W_U, "unembed.b_U": model.b_U}
@@ -180,7 +226,7 @@ def init_random(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Transfor
     for k, (name, shape) in zip(keys, sorted(shapes.items()), strict=True):
         if name.endswith(".w"):
             tensors[name] = np.ones(shape, np.float32)
-        elif name.split(".")[-1].startswith("b"):
+        elif name.split(".")[-1].lstrip("_").startswith("b"):
             tensors[name] = np.zeros(shape, np.float32)
         else:
             tensors[name] = np.asarray(std * jax.random.normal(k, shape), np.float32)

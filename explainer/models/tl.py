@@ -18,8 +18,9 @@ files, so explainer reads and writes those:
   state dict: ``model.safetensors`` / ``state_dict.safetensors``, or a ``.pt`` / ``.pth`` file of
   ``model.state_dict()`` (read with ``torch.load(weights_only=True)``, needs ``explainer[torch]``).
   Buffers are dropped; configs that change the forward pass in ways the native model does not
-  implement (rotary or shortformer positions, RMSNorm, gated or parallel MLPs, grouped-query
-  attention, soft caps, ...) are refused by name. A model whose LayerNorms were folded by
+  implement (shortformer positions, ``final_rms``, query/key norms, mixtures of experts, ...) are
+  refused by name. Rotary positions, RMSNorm, gated and parallel MLPs, grouped-query attention,
+  Gemma-2's post-norms, soft caps and local attention are read as they are. A model whose LayerNorms were folded by
   ``from_pretrained`` has ``normalization_type`` ``"LNPre"``, which the native model runs as is.
 
 The native format already uses TransformerLens's names and shapes, so both directions copy tensors
@@ -56,24 +57,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 # TransformerLens config fields that change the forward pass, with the values the native model runs.
 _MUST_BE: dict[str, tuple[Any, ...]] = {
-    "positional_embedding_type": ("standard",),
-    "gated_mlp": (False,),
-    "parallel_attn_mlp": (False,),
     "final_rms": (False,),
-    "use_local_attn": (False,),
     "scale_attn_by_inverse_layer_idx": (False,),
     "post_embedding_ln": (False,),
-    "use_normalization_before_and_after": (False,),
     "num_experts": (None,),
-    "attn_scores_soft_cap": (-1, -1.0, None),
-    "output_logits_soft_cap": (-1, -1.0, None),
     "use_qk_norm": (False,),
 }
-_ACT_FNS = {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
-_BUFFERS = ("attn.mask", "attn.IGNORE")
+_ACT_FNS = {"gelu_fast": "gelu_new"}
+_BUFFERS = ("attn.mask", "attn.IGNORE", "attn.rotary_sin", "attn.rotary_cos")
 _NATIVE_FIELDS = (
     "n_layers d_model n_heads d_head d_vocab n_ctx d_mlp act_fn normalization_type eps attn_only "
-    "attention_dir d_vocab_out"
+    "attention_dir d_vocab_out positional_embedding_type rotary_dim rotary_base rotary_adjacent_pairs "
+    "use_NTK_by_parts_rope NTK_by_parts_factor NTK_by_parts_low_freq_factor NTK_by_parts_high_freq_factor "
+    "NTK_original_ctx_len gated_mlp n_key_value_heads parallel_attn_mlp use_normalization_before_and_after "
+    "attn_scores_soft_cap output_logits_soft_cap use_local_attn window_size attn_types"
 ).split()
 
 
@@ -85,7 +82,8 @@ def tl_config(cfg: ModelConfig, model_name: str = "explainer-model") -> dict[str
     >>> c["attn_scale"], c["d_vocab_out"], c["normalization_type"]
     (2.0, 5, 'LN')
     """
-    return {
+    families = {k: v for k, v in cfg.to_json().items() if k in _NATIVE_FIELDS[13:]}
+    return families | {
         "model_name": model_name,
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
@@ -100,7 +98,7 @@ def tl_config(cfg: ModelConfig, model_name: str = "explainer-model") -> dict[str
         "eps": cfg.eps,
         "attn_only": cfg.attn_only,
         "attention_dir": cfg.attention_dir,
-        "positional_embedding_type": "standard",
+        "positional_embedding_type": cfg.positional_embedding_type,
         "use_attn_scale": True,
         "attn_scale": cfg.scale,
         "original_architecture": "explainer",
@@ -127,10 +125,14 @@ def from_tl_config(data: Any, source: str = "config.json") -> ModelConfig:
                 f"{source}: {key}={data[key]!r} is not supported; explainer runs GPT-2-style models with "
                 f"{key}={allowed[0]!r}"
             )
-    kv = data.get("n_key_value_heads")
-    if kv is not None and kv != data.get("n_heads"):
-        raise ExplainerError(f"{source}: grouped-query attention (n_key_value_heads={kv!r}) is not supported")
     fields = {k: data[k] for k in _NATIVE_FIELDS if k in data}
+    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+        if fields.get(cap) is None or fields.get(cap) == -1:
+            fields.pop(cap, None)
+    if fields.get("positional_embedding_type") == "rotary" and fields.get("rotary_dim") == fields.get("d_head"):
+        fields["rotary_dim"] = None
+    if not fields.get("use_local_attn"):
+        fields.pop("window_size", None), fields.pop("attn_types", None)
     if fields.get("act_fn") in _ACT_FNS:
         fields["act_fn"] = _ACT_FNS[fields["act_fn"]]
     if fields.get("attn_only") and fields.get("act_fn") is None:
@@ -156,13 +158,33 @@ def _attn_scale(data: dict[str, Any], source: str) -> float | None:
 
 
 def tl_state_dict(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's ``HookedTransformer.state_dict()``: its tensors plus the causal-mask buffers."""
+    """The model's ``HookedTransformer.state_dict()``: its tensors plus the causal-mask buffers (and,
+    with rotary positions, the ``rotary_sin``/``rotary_cos`` tables TransformerLens keeps)."""
     tensors = to_state_dict(model)
-    n_ctx = model.config.n_ctx
-    for layer in range(model.config.n_layers):
-        tensors[f"blocks.{layer}.attn.mask"] = np.tril(np.ones((n_ctx, n_ctx), dtype=bool))
+    cfg = model.config
+    n_ctx = cfg.n_ctx
+    tables = _rotary_tables(model)
+    for layer in range(cfg.n_layers):
+        mask = np.tril(np.ones((n_ctx, n_ctx), dtype=bool))
+        window = cfg.window(layer)
+        if window is not None:
+            mask &= np.triu(np.ones((n_ctx, n_ctx), dtype=bool), 1 - window)
+        tensors[f"blocks.{layer}.attn.mask"] = mask
         tensors[f"blocks.{layer}.attn.IGNORE"] = np.array(-np.inf, dtype=np.float32)
+        if tables is not None:
+            tensors[f"blocks.{layer}.attn.rotary_sin"], tensors[f"blocks.{layer}.attn.rotary_cos"] = tables
     return tensors
+
+
+def _rotary_tables(model: Transformer) -> tuple[np.ndarray, np.ndarray] | None:
+    """TransformerLens's ``[n_ctx, rotary_dim]`` sin and cos: each plane's angle on both of its dimensions."""
+    rotary = model.blocks[0].attn.rotary if model.blocks else None
+    if rotary is None:
+        return None
+    cos, sin = rotary.angles(0, model.config.n_ctx)
+    if rotary.adjacent_pairs:
+        return np.repeat(sin, 2, axis=1), np.repeat(cos, 2, axis=1)
+    return np.concatenate([sin, sin], axis=1), np.concatenate([cos, cos], axis=1)
 
 
 def export_tl(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:

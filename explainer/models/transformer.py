@@ -1,10 +1,16 @@
-"""A GPT-2-style transformer in Equinox, with named read sites.
+"""The transformer in Equinox, with named read sites: GPT-2 and the families beyond it.
 
 Vocabulary (used across the project):
 
 - ``batch``, ``seq``: prompt index and token position; ``d_model``: residual width.
-- a *site* is where a component reads the residual stream, before its LayerNorm:
+- a *site* is where a component reads the residual stream, before its norm:
   ``blocks.{l}.attn.in``, ``blocks.{l}.mlp.in``, ``unembed.in``.
+
+The families (GPT-2, GPT-NeoX/Pythia, Llama/Mistral, Qwen2, Gemma/Gemma-2) differ in parts, each a
+small module: norms (:mod:`~explainer.models.norms`), positions (learned, or
+:mod:`~explainer.models.rotary`), attention (grouped heads, soft caps, sliding windows:
+:mod:`~explainer.models.attention`), MLPs (plain or gated: :mod:`~explainer.models.mlp`), and the
+block's wiring (sequential or parallel, with or without Gemma-2's post-norms).
 
 Interventions are explicit arguments of the forward pass: ``edit(site, h)`` returns what the reader
 at ``site`` reads instead of the residual ``h``. The residual stream itself (the skip connection)
@@ -22,86 +28,40 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from explainer.models.attention import Attention
 from explainer.models.config import ModelConfig
+from explainer.models.mlp import MLP, GatedMLP
+from explainer.models.norms import LayerNorm, Norm, RMSNorm, apply_norm
+
+__all__ = ["MLP", "Attention", "Block", "GatedMLP", "LayerNorm", "RMSNorm", "Transformer"]
 
 Resid = Float[Array, "batch seq d_model"]
 Edit = Callable[[str, Resid], Resid]
 Reads = Float[Array, "batch _ d_model"]  # every position, or the last alone after the last block's attention
 
 
-class LayerNorm(eqx.Module):
-    """TransformerLens LayerNorm; ``w``/``b`` are ``None`` for ``LNPre`` (no affine part)."""
-
-    w: Float[Array, " d_model"] | None
-    b: Float[Array, " d_model"] | None
-    eps: float = eqx.field(static=True)
-
-    def __call__(self, x: Resid) -> Resid:
-        x = x - x.mean(-1, keepdims=True)
-        x = x / jnp.sqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        if self.w is not None:
-            x = x * self.w + self.b
-        return x
-
-
-class Attention(eqx.Module):
-    W_Q: Float[Array, "n_heads d_model d_head"]
-    b_Q: Float[Array, "n_heads d_head"]
-    W_K: Float[Array, "n_heads d_model d_head"]
-    b_K: Float[Array, "n_heads d_head"]
-    W_V: Float[Array, "n_heads d_model d_head"]
-    b_V: Float[Array, "n_heads d_head"]
-    W_O: Float[Array, "n_heads d_head d_model"]
-    b_O: Float[Array, " d_model"]
-    scale: float = eqx.field(static=True)
-    causal: bool = eqx.field(static=True)
-
-    def __call__(self, x: Resid, queries: int | None = None) -> Float[Array, "batch queries d_model"]:
-        """The attention output at every position, or at the last ``queries`` positions only (keys
-        and values still come from every position)."""
-        seq = x.shape[1]
-        queries = seq if queries is None else queries
-        q = jnp.einsum("bpd,hde->bphe", x[:, seq - queries :], self.W_Q) + self.b_Q
-        k = jnp.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K
-        v = jnp.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V
-        scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / self.scale
-        if self.causal and queries > 1:  # the last position attends to every position
-            allowed = jnp.tril(jnp.ones((seq, seq), dtype=bool))[seq - queries :]
-            scores = jnp.where(allowed, scores, -jnp.inf)
-        pattern = jax.nn.softmax(scores, axis=-1)
-        z = jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
-        return jnp.einsum("bqhe,hem->bqm", z, self.W_O) + self.b_O
-
-
-class MLP(eqx.Module):
-    W_in: Float[Array, "d_model d_mlp"]
-    b_in: Float[Array, " d_mlp"]
-    W_out: Float[Array, "d_mlp d_model"]
-    b_out: Float[Array, " d_model"]
-    act_fn: str = eqx.field(static=True)
-
-    def __call__(self, x: Resid) -> Resid:
-        pre = x @ self.W_in + self.b_in
-        if self.act_fn == "relu":
-            post = jax.nn.relu(pre)
-        else:
-            post = jax.nn.gelu(pre, approximate=self.act_fn == "gelu_new")
-        return post @ self.W_out + self.b_out
-
-
 class Block(eqx.Module):
-    ln1: LayerNorm | None
+    """One layer: attention and (unless attention-only) an MLP, each behind its input norm.
+
+    ``ln1_post``/``ln2_post`` (Gemma-2) normalise each output before it joins the residual stream;
+    ``parallel`` (GPT-NeoX, GPT-J): the MLP reads the block's input, as the attention does.
+    """
+
+    ln1: Norm | None
     attn: Attention
-    ln2: LayerNorm | None
-    mlp: MLP | None
+    ln2: Norm | None
+    mlp: MLP | GatedMLP | None
+    ln1_post: Norm | None = None
+    ln2_post: Norm | None = None
+    parallel: bool = eqx.field(static=True, default=False)
 
 
-def _norm(ln: LayerNorm | None, x: Resid) -> Resid:
-    return x if ln is None else ln(x)
+_norm = apply_norm  # the name the rest of the package imports
 
 
 class Transformer(eqx.Module):
-    """GPT-2-style transformer: embeddings, ``n_layers`` blocks, final LayerNorm, unembedding.
+    """Embeddings, ``n_layers`` blocks, final norm, unembedding (``W_pos`` is ``None`` with rotary
+    positions; logits are soft-capped where the config says so).
 
     >>> import jax
     >>> from explainer.models import ModelConfig, init_random
@@ -113,9 +73,9 @@ class Transformer(eqx.Module):
 
     config: ModelConfig = eqx.field(static=True)
     W_E: Float[Array, "d_vocab d_model"]
-    W_pos: Float[Array, "n_ctx d_model"]
+    W_pos: Float[Array, "n_ctx d_model"] | None
     blocks: tuple[Block, ...]
-    ln_final: LayerNorm | None
+    ln_final: Norm | None
     W_U: Float[Array, "d_model d_vocab_out"]
     b_U: Float[Array, " d_vocab_out"]
 
@@ -167,22 +127,25 @@ class Transformer(eqx.Module):
         def layer_fn(block: Block, resid: Resid, layer: int, final: bool) -> tuple[Reads, dict[str, Reads]]:
             seen: dict[str, Reads] = {}  # returned, not stored, so that no tracer leaks out of a checkpoint
             x = read(f"blocks.{layer}.attn.in", resid, seen)
-            if final:  # from here on, the last position alone
-                resid = resid[:, -1:] + block.attn(_norm(block.ln1, x), queries=1)
-            else:
-                resid = resid + block.attn(_norm(block.ln1, x))
+            attn = block.attn(_norm(block.ln1, x), queries=1) if final else block.attn(_norm(block.ln1, x))
+            if block.ln1_post is not None:
+                attn = block.ln1_post(attn)
+            before = resid[:, -1:] if final else resid  # from here on (final), the last position alone
+            resid = before + attn
             if block.mlp is not None:
-                x = read(f"blocks.{layer}.mlp.in", resid, seen)
+                x = read(f"blocks.{layer}.mlp.in", before if block.parallel else resid, seen)
                 y = _norm(block.ln2, x)
                 out = block.mlp(y)
                 if hasattr(block.mlp, "fitted"):  # a rewrite MLP = f + rest: the rest is read as a site
                     rest = out - block.mlp.fitted(y)
                     out = out + (read(f"blocks.{layer}.mlp.rest", rest, seen) - rest)  # unedited: exactly out
+                if block.ln2_post is not None:
+                    out = block.ln2_post(out)
                 resid = resid + out
             return resid, seen
 
         seq = tokens.shape[-1]
-        resid = self.W_E[tokens] + self.W_pos[:seq]
+        resid = self.W_E[tokens] if self.W_pos is None else self.W_E[tokens] + self.W_pos[:seq]
         if last and not self.blocks:
             resid = resid[:, -1:]
         for layer, block in enumerate(self.blocks):
@@ -190,5 +153,10 @@ class Transformer(eqx.Module):
             resid, seen = (jax.checkpoint(fn) if remat else fn)(block, resid)
             captured.update(seen)
         x = read("unembed.in", resid, captured)
+        return self.unembed(x), captured
+
+    def unembed(self, x: Reads) -> Float[Array, "batch _ d_vocab_out"]:
+        """Logits of what ``unembed.in`` reads: final norm, ``W_U``, ``b_U``, the soft cap if any."""
         logits = _norm(self.ln_final, x) @ self.W_U + self.b_U
-        return logits, captured
+        cap = self.config.cap(self.config.output_logits_soft_cap)
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
