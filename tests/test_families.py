@@ -223,3 +223,14 @@ def test_missing_tensor_is_named(imported, tmp_path):
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(ExplainerError, match=r"missing tensor\(s\) \['model.layers.1.self_attn.k_proj.bias'\]"):
         import_hf(tmp_path / "hf", tmp_path / "native")
+
+
+def test_adjacent_pairs_rotary_is_the_half_rotation_with_dimensions_reordered():
+    """GPT-J's planes (2i, 2i+1) turn as Llama's planes (i, i + dim/2) once the dimensions are reordered."""
+    from explainer.models.rotary import Rotary
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+    order = np.concatenate([np.arange(0, 6, 2), np.arange(1, 6, 2), [6, 7]])  # rotary_dim 6, two pass through
+    adjacent = Rotary(6, 100.0, adjacent_pairs=True)(x, start=3)
+    half = Rotary(6, 100.0)(x[..., order], start=3)
+    np.testing.assert_allclose(np.asarray(adjacent)[..., order], np.asarray(half), atol=1e-6)
