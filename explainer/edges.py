@@ -158,14 +158,14 @@ def _norm_heads(ln, x: Float[Array, "batch seq heads d_model"]) -> Float[Array, 
     return _norm(ln, x.reshape(b, p * h, d)).reshape(x.shape)
 
 
-def _attention_writes(block, xq, xk, xv):
+def _attention_writes(block, xq, xk, xv, pads):
     """Per-head outputs (without ``b_O``) of attention whose heads read ``x[..., head, :]`` each
-    (``xk``, ``xv``: one input per key/value head)."""
+    (``xk``, ``xv``: one input per key/value head; ``pads``: each prompt's left padding)."""
     attn = block.attn
     q = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xq), attn.W_Q) + attn.b_Q
     k = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xk), attn.W_K) + attn.b_K
     v = jnp.einsum("bphd,hde->bphe", _norm_heads(block.ln1, xv), attn.W_V) + attn.b_V
-    return jnp.einsum("bqhe,hem->bqhm", attn.mix(q, k, v), attn.W_O)
+    return jnp.einsum("bqhe,hem->bqhm", attn.mix(q, k, v, pads), attn.W_O)
 
 
 def _post_scale(post, total: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq d_model"]:
@@ -193,8 +193,8 @@ def run(
     """
     keep = keep or {}
     cfg, heads = model.config, model.config.n_heads
-    embed = model.W_E[tokens]
-    writes: list[jax.Array] = [embed if model.W_pos is None else embed + model.W_pos[: tokens.shape[-1]]]
+    embed, pads = model.embed(tokens)
+    writes: list[jax.Array] = [embed]
     bias = jnp.zeros((cfg.d_model,), writes[0].dtype)  # per position ([b, p, d]) once a post-norm scales one
 
     def reads(site: str, shape: tuple[int, ...] = ()):
@@ -220,7 +220,7 @@ def run(
             readers = zip(_QKV, (heads, kv, kv), strict=True)
             xq, xk, xv = (reads(f"blocks.{layer}.attn.{x}.in", (r, n)) for x, r in readers)
         mlp_in = reads(f"blocks.{layer}.mlp.in") if block.parallel and block.mlp is not None else None
-        heads_out = _attention_writes(block, xq, xk, xv)
+        heads_out = _attention_writes(block, xq, xk, xv, pads)
         if block.ln1_post is None:
             bias = bias + block.attn.b_O
         else:

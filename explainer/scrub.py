@@ -5,14 +5,19 @@ run's own residual at ``s``, ``r`` the replacement at ``s``. The replacement com
 *ablation*:
 
 - ``resample`` (default): the full model's residual at ``s`` on the task's counterfactual input, or
-  on a permutation of the batch when the task has none (causal-scrubbing style);
-- ``mean``: the full model's mean residual at ``s`` over the task's training prompts, per position;
+  on a permutation of the batch when the task has none (causal-scrubbing style; a prompt is then
+  resampled from prompts of its own length);
+- ``mean``: the full model's mean residual at ``s`` over the task's training prompts, per position
+  (counted from the end; the mean at a position is over the prompts that reach it);
 - ``zero``: zeros;
 - ``optimal``: a learned constant per site, position and unit (Li & Janson's optimal ablation),
   started at the ``mean`` and fitted for a given keep mask by :func:`explainer.optimal.fit_optimal`.
 
 With every mask all ones the scrubbed model is the full model, bit for bit; with resample and every
 mask all zeros it is the full model on the resample input.
+
+Prompts of different lengths are left-padded (:mod:`explainer.models.padding`): every prompt ends
+at the last position, the one the metrics read, and a counterfactual has its clean prompt's length.
 
 With ``units="edges"`` a unit is a writer into a reader instead of a residual dimension
 (:mod:`explainer.edges`): the replacement then holds every writer's output, ``{"writers": ...}``.
@@ -28,6 +33,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from explainer import edges
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import STANDARD, Basis, Mask
+from explainer.models.padding import same_length_permutation
 from explainer.models.transformer import Reads, Transformer
 from explainer.tasks.base import Batch
 
@@ -178,7 +184,7 @@ class Scrubber(eqx.Module):
         if self.ablation == "resample":
             source = batch.corrupt
             if source is None:
-                source = batch.clean[jax.random.permutation(key, batch.clean.shape[0])]
+                source = batch.clean[same_length_permutation(key, batch.clean)]
             _, cache = capture(self.model, source, self.sites, self.units)
         elif self.ablation in ("mean", "optimal"):  # optimal: the learned constants
             assert self.means is not None
@@ -235,7 +241,7 @@ class ReferenceCache(eqx.Module):
             return full, scrubber.replacement(batch, key)
         repl = {s: v[index] for s, v in self.sources.items()}
         if self.permute:
-            perm = jax.random.permutation(key, index.shape[0])
+            perm = same_length_permutation(key, batch.clean)
             repl = {s: v[perm] for s, v in repl.items()}
         return full, repl
 
@@ -270,11 +276,20 @@ def site_means(
     model: Transformer, tokens: Int[Array, "batch seq"], sites, chunk: int = 256, units: str = "dims"
 ) -> SiteMeans:
     """Per-position mean of the full model's residual at each site over ``tokens`` (edges: of every
-    writer's output, ``{"writers": [seq, writers, d_model]}``)."""
+    writer's output, ``{"writers": [seq, writers, d_model]}``). Left padding is left out: the mean
+    at a position is over the prompts that reach it (and zero where none does)."""
     run = eqx.filter_jit(lambda t: capture(model, t, sites, units)[1])
+    padded = bool((tokens < 0).any())
     totals: dict[str, jax.Array] = {}
     for start in range(0, tokens.shape[0], chunk):
-        cache = run(tokens[start : start + chunk])
+        part = tokens[start : start + chunk]
+        cache = run(part)
         for site, h in cache.items():
+            if padded:  # zero the padding positions: [batch, seq] -> broadcast over the trailing axes
+                real = (part >= 0).reshape(*part.shape, *(1,) * (h.ndim - 2))
+                h = jnp.where(real, h, 0.0)
             totals[site] = totals.get(site, 0.0) + h.sum(0)
-    return {site: total / tokens.shape[0] for site, total in totals.items()}
+    if not padded:
+        return {site: total / tokens.shape[0] for site, total in totals.items()}
+    counts = (tokens >= 0).sum(0).astype(jnp.float32)
+    return {s: t / jnp.maximum(counts, 1.0).reshape(-1, *(1,) * (t.ndim - 1)) for s, t in totals.items()}

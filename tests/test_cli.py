@@ -155,13 +155,13 @@ def test_bad_prompts_leave_nothing_behind(tmp_path):
             {
                 "prompts": [
                     {"clean": [1, 2], "answers": [8], "wrong_answers": [9]},
-                    {"clean": [1], "answers": [8], "wrong_answers": [9]},
+                    {"clean": [1, 2], "answers": [8, 7], "wrong_answers": [9]},
                 ]
             }
         )
     )
     proc = cli("train", "--model", "planted-joint", "--task", prompts, "--out", tmp_path / "r", *FAST)
-    assert proc.returncode == 2 and "unequal 'clean' lengths" in proc.stderr
+    assert proc.returncode == 2 and "unequal 'answers' lengths" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
 
 

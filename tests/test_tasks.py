@@ -30,8 +30,9 @@ def test_corrupt_may_be_left_out():
     [
         ({"prompts": []}, "no prompts"),
         ({"items": []}, "'prompts' list"),
-        ({"prompts": [_p(), _p(clean=(1, 2, 3), corrupt=(1, 2, 3))]}, r"unequal 'clean' lengths \[2, 3\]"),
         ({"prompts": [_p(corrupt=(1,))]}, "counterfactual must have the clean prompt's length"),
+        ({"prompts": [_p(clean=(-1, 2))]}, "negative token id"),
+        ({"prompts": [{**_p(), "clean": "a b", "corrupt": "b a"}]}, "gives text, but there is no tokenizer"),
         ({"prompts": [_p(), {"clean": [1, 2], "answers": [1], "wrong_answers": [2]}]}, "for every prompt or for none"),
         ({"prompts": [_p(answers=())]}, "at least one token"),
         ({"prompts": [{**_p(), "lables": [1]}]}, "unknown key"),

@@ -44,11 +44,16 @@ def write_folder(out: Path, fill: Any) -> Path:
     return out
 
 
-def write_model_folder(model: Transformer, out: Path, card: dict[str, Any]) -> Path:
-    """Write ``model`` in the native format plus ``card.json``, atomically."""
+def write_model_folder(
+    model: Transformer, out: Path, card: dict[str, Any], copies: dict[str, Path] | None = None
+) -> Path:
+    """Write ``model`` in the native format plus ``card.json``, atomically; ``copies`` maps a file
+    name in ``out`` to a file copied there (a checkpoint's ``tokenizer.json``)."""
 
     def fill(tmp: Path) -> None:
         save_model(model, tmp)
         write_json(tmp / "card.json", card)
+        for name, source in (copies or {}).items():
+            shutil.copyfile(source, tmp / name)
 
     return write_folder(out, fill)

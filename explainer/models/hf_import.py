@@ -367,7 +367,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = 
     model folder ``out``.
 
     Writes ``config.json``, ``model.safetensors`` and ``card.json`` (where the model came from)
-    atomically. ``out`` must not exist, or be a model folder and ``overwrite`` set. Returns a
+    atomically, plus the checkpoint's ``tokenizer.json`` when it has one (prompts files may then give
+    text: :mod:`explainer.tasks.text`). ``out`` must not exist, or be a model folder and ``overwrite`` set. Returns a
     summary (what ``explainer import hf --json`` prints). Example, with a checkpoint saved by
     ``GPT2LMHeadModel.save_pretrained("./gpt2")``::
 
@@ -395,7 +396,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = 
             "name_or_path": hf.get("_name_or_path"),
         },
     }
-    write_model_folder(model, out, card)
+    tokenizer = src / "tokenizer.json"
+    write_model_folder(model, out, card, {"tokenizer.json": tokenizer} if tokenizer.is_file() else None)
     return {
         "out": str(out),
         "source": str(src),
@@ -408,4 +410,5 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = 
         "n_ctx": cfg.n_ctx,
         "act_fn": cfg.act_fn,
         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(model))),
+        "tokenizer": tokenizer.is_file(),
     }

@@ -5,8 +5,9 @@ The first ``rotary_dim`` dimensions of a head form ``rotary_dim / 2`` planes; pl
 ``i + rotary_dim / 2`` (the half rotation of Llama, GPT-NeoX, Qwen2, Gemma) or with its neighbour
 ``2i + 1`` (GPT-J; TransformerLens's ``rotary_adjacent_pairs``). The other dimensions pass
 unturned (partial rotary, e.g. Pythia's quarter). Llama-3's scaling ("NTK by parts") divides the
-slow frequencies by ``factor`` and blends the middle ones. The angles are constants of the trace:
-they depend only on positions, which the prompt length fixes.
+slow frequencies by ``factor`` and blends the middle ones. The angles are constants of the trace
+when they depend only on positions the prompt length fixes (``start``); a left-padded batch gives
+each prompt's own ``positions`` instead, and its angles are computed in the trace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 Heads = Float[Array, "batch seq heads d_head"]
 
@@ -60,10 +61,15 @@ class Rotary(eqx.Module):
         freqs = np.arange(start, start + n, dtype=np.float32)[:, None] * theta[None, :]
         return np.cos(freqs), np.sin(freqs)
 
-    def __call__(self, x: Heads, start: int) -> Heads:
-        """``x`` (positions ``start ..``) with each head's planes turned."""
-        cos, sin = self.angles(start, x.shape[1])
-        cos, sin = jnp.asarray(cos)[:, None, :], jnp.asarray(sin)[:, None, :]  # [seq, 1, planes]
+    def __call__(self, x: Heads, start: int = 0, positions: Int[Array, "batch seq"] | None = None) -> Heads:
+        """``x`` (positions ``start ..``, or each prompt's ``positions``) with each head's planes turned."""
+        if positions is None:
+            cos, sin = self.angles(start, x.shape[1])
+            cos, sin = jnp.asarray(cos)[:, None, :], jnp.asarray(sin)[:, None, :]  # [seq, 1, planes]
+        else:
+            theta = jnp.asarray(inverse_frequencies(self.dim, self.base, self.ntk))
+            freqs = positions.astype(jnp.float32)[..., None, None] * theta  # [batch, seq, 1, planes]
+            cos, sin = jnp.cos(freqs), jnp.sin(freqs)
         turn, rest = x[..., : self.dim], x[..., self.dim :]
         if self.adjacent_pairs:
             a, b = turn[..., 0::2], turn[..., 1::2]

@@ -32,6 +32,7 @@ from explainer.models.attention import Attention
 from explainer.models.config import ModelConfig
 from explainer.models.mlp import MLP, GatedMLP
 from explainer.models.norms import LayerNorm, Norm, RMSNorm, apply_norm
+from explainer.models.padding import pad_counts, real_positions
 
 __all__ = ["MLP", "Attention", "Block", "GatedMLP", "LayerNorm", "RMSNorm", "Transformer"]
 
@@ -127,7 +128,7 @@ class Transformer(eqx.Module):
         def layer_fn(block: Block, resid: Resid, layer: int, final: bool) -> tuple[Reads, dict[str, Reads]]:
             seen: dict[str, Reads] = {}  # returned, not stored, so that no tracer leaks out of a checkpoint
             x = read(f"blocks.{layer}.attn.in", resid, seen)
-            attn = block.attn(_norm(block.ln1, x), queries=1) if final else block.attn(_norm(block.ln1, x))
+            attn = block.attn(_norm(block.ln1, x), queries=1 if final else None, pads=pads)
             if block.ln1_post is not None:
                 attn = block.ln1_post(attn)
             before = resid[:, -1:] if final else resid  # from here on (final), the last position alone
@@ -144,8 +145,7 @@ class Transformer(eqx.Module):
                 resid = resid + out
             return resid, seen
 
-        seq = tokens.shape[-1]
-        resid = self.W_E[tokens] if self.W_pos is None else self.W_E[tokens] + self.W_pos[:seq]
+        resid, pads = self.embed(tokens)
         if last and not self.blocks:
             resid = resid[:, -1:]
         for layer, block in enumerate(self.blocks):
@@ -154,6 +154,14 @@ class Transformer(eqx.Module):
             captured.update(seen)
         x = read("unembed.in", resid, captured)
         return self.unembed(x), captured
+
+    def embed(self, tokens: Int[Array, "batch seq"]) -> tuple[Resid, Int[Array, " batch"]]:
+        """The token (plus learned position) embedding and each prompt's left padding
+        (:mod:`~explainer.models.padding`): padding embeds as token 0, positions count from each
+        prompt's first real token."""
+        pads = pad_counts(tokens)
+        resid = self.W_E[jnp.maximum(tokens, 0)]
+        return (resid if self.W_pos is None else resid + self.W_pos[real_positions(tokens)]), pads
 
     def unembed(self, x: Reads) -> Float[Array, "batch _ d_vocab_out"]:
         """Logits of what ``unembed.in`` reads: final norm, ``W_U``, ``b_U``, the soft cap if any."""

@@ -48,14 +48,15 @@ def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike
     """
     if task is None:
         if model_folder is not None and (Path(model_folder) / "prompts.json").is_file():
-            return PromptsTask.from_file(Path(model_folder) / "prompts.json", name=_own_task_name(Path(model_folder)))
+            own = Path(model_folder) / "prompts.json"
+            return PromptsTask.from_file(own, name=_own_task_name(Path(model_folder)), model_folder=model_folder)
         raise ExplainerError(
             "no task given and the model folder has no prompts.json; pass --task PROMPTS.json or "
             f"a built-in task ({', '.join(task_names())})"
         )
     text = str(task)
     if Path(text).is_file() or text.endswith(".json"):
-        return PromptsTask.from_file(text)
+        return PromptsTask.from_file(text, model_folder=model_folder)
     tasks = builtin_tasks()
     if text in tasks:
         return PromptsTask(tasks[text](), name=text)

@@ -3,6 +3,8 @@
 A task hands out prompts as a :class:`Batch`: ``clean`` tokens, ``corrupt`` tokens (its
 counterfactual inputs, or ``None`` when the task has none and a permutation of the batch stands in),
 and the ``answers`` / ``wrong_answers`` whose logits the metrics compare at the last position.
+Prompts of different lengths are left-padded with ``-1`` (:mod:`explainer.models.padding`), so the
+last position is every prompt's own last token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from explainer.models.config import ModelConfig
 
 
 class Batch(eqx.Module):
-    """Prompts as arrays. Metrics read the logits at the last position."""
+    """Prompts as arrays (left-padded with ``-1``). Metrics read the logits at the last position."""
 
     clean: Int[Array, "batch seq"]
     corrupt: Int[Array, "batch seq"] | None

@@ -4,11 +4,16 @@ Format (the one auto-circuit reads, so the same file can feed a peer tool)::
 
     {"prompts": [{"clean": [ints], "corrupt": [ints], "answers": [int], "wrong_answers": [int]}]}
 
-- every ``clean`` prompt has the same length, and so does every ``corrupt`` (the same length as
-  ``clean``); ``corrupt`` may be left out of every prompt, and then a permutation of the batch is
-  the resample source;
+- prompts may have different lengths: they are left-padded (:mod:`explainer.models.padding`), so
+  each ends at the last position, which the metrics read; a ``corrupt`` prompt has its ``clean``
+  prompt's length (position ``i`` of one corresponds to position ``i`` of the other);
+  ``corrupt`` may be left out of every prompt, and then the batch's prompts of the same length
+  are the resample source;
 - every prompt has the same number of ``answers`` and the same number of ``wrong_answers``
-  (at least one each); the metrics compare their mean logits at the last position.
+  (at least one each); the metrics compare their mean logits at the last position;
+- with a model folder that holds a ``tokenizer.json``, ``clean`` and ``corrupt`` may be strings
+  and ``answers`` / ``wrong_answers`` strings (or lists of them) of one token each
+  (:mod:`explainer.tasks.text`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import numpy as np
 
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
+from explainer.models.padding import PAD, pad_left
 from explainer.tasks.base import Batch
+from explainer.tasks.text import NO_TOKENIZER, TextEncoder, has_text, tokenizer_of
 
 _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
 
@@ -30,16 +37,50 @@ _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
 def _int_list(value: Any, where: str, key: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise ExplainerError(f"{where}: {key!r} must be a list of integer token ids, got {value!r:.80}")
+    if any(t < 0 for t in value):
+        raise ExplainerError(f"{where}: {key!r} has a negative token id, {value!r:.80}; ids count from 0")
     return value
 
 
-def parse_prompts(data: Any, source: str = "prompts") -> Batch:
-    """Validate a prompts object and turn it into a :class:`Batch`.
+def _tokens(value: Any, where: str, key: str, text: TextEncoder | None, why: str) -> list[int]:
+    """A prompt's or an answer list's token ids, from ids or (with a tokenizer) text."""
+    prompt = key in ("clean", "corrupt")  # a prompt is one string; answers a string or a list of them
+    is_text = isinstance(value, str) or (
+        not prompt and isinstance(value, list) and any(isinstance(x, str) for x in value)
+    )
+    if not is_text:
+        return _int_list(value, where, key)
+    if text is None:
+        raise ExplainerError(NO_TOKENIZER.format(where=f"{where}: {key!r}", why=why))
+    if prompt:
+        return text.prompt(value, where, key)
+    items = [value] if isinstance(value, str) else value
+    return [t if isinstance(t, int) and not isinstance(t, bool) else text.answer(t, where, key) for t in items]
+
+
+def _encoder(prompts: list[Any], tokenizer: Any) -> TextEncoder | None:
+    """A :class:`TextEncoder` when the prompts have text and a tokenizer (file or object) is given."""
+    if tokenizer is None or not has_text(prompts):
+        return None
+    if isinstance(tokenizer, TextEncoder):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return TextEncoder.from_file(tokenizer)
+    return TextEncoder(tokenizer)
+
+
+def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> Batch:
+    """Validate a prompts object and turn it into a :class:`Batch` (prompts of different lengths
+    left-padded; text tokenized with ``tokenizer``: a ``tokenizer.json`` path or a ``tokenizers``
+    ``Tokenizer``).
 
     >>> b = parse_prompts({"prompts": [{"clean": [1, 2], "corrupt": [3, 2], "answers": [1],
     ...                                 "wrong_answers": [3]}]})
     >>> b.clean.shape, b.answers.shape
     ((1, 2), (1, 1))
+    >>> parse_prompts({"prompts": [{"clean": [1, 2], "answers": [1], "wrong_answers": [3]},
+    ...                            {"clean": [4], "answers": [1], "wrong_answers": [3]}]}).clean.tolist()
+    [[1, 2], [-1, 4]]
     """
     if not isinstance(data, dict) or "prompts" not in data:
         raise ExplainerError(
@@ -49,6 +90,8 @@ def parse_prompts(data: Any, source: str = "prompts") -> Batch:
     prompts = data["prompts"]
     if not isinstance(prompts, list) or not prompts:
         raise ExplainerError(f"{source} has no prompts; add at least two to 'prompts'")
+    text = _encoder(prompts, tokenizer)
+    why = "there is no tokenizer (the model folder has no tokenizer.json)"
     rows: dict[str, list[list[int]]] = {k: [] for k in _KEYS}
     with_corrupt = isinstance(prompts[0], dict) and "corrupt" in prompts[0]
     for i, p in enumerate(prompts):
@@ -65,31 +108,45 @@ def parse_prompts(data: Any, source: str = "prompts") -> Batch:
             raise ExplainerError(f"{where}: give 'corrupt' for every prompt or for none")
         for key in _KEYS:
             if key in p:
-                rows[key].append(_int_list(p[key], where, key))
-        if not p["clean"]:
+                rows[key].append(_tokens(p[key], where, key, text, why))
+        if not rows["clean"][-1]:
             raise ExplainerError(f"{where}: 'clean' is empty")
-        if not p["answers"] or not p["wrong_answers"]:
+        if not rows["answers"][-1] or not rows["wrong_answers"][-1]:
             raise ExplainerError(f"{where}: 'answers' and 'wrong_answers' need at least one token each")
-    for key in _KEYS:
-        if not rows[key]:
-            continue
+        if with_corrupt and len(rows["corrupt"][-1]) != len(rows["clean"][-1]):
+            raise ExplainerError(
+                f"{where}: 'corrupt' has {len(rows['corrupt'][-1])} tokens but 'clean' has {len(rows['clean'][-1])}; "
+                "a counterfactual must have the clean prompt's length (position i of one corresponds to "
+                "position i of the other)"
+            )
+    for key in ("answers", "wrong_answers"):
         lengths = sorted({len(r) for r in rows[key]})
         if len(lengths) > 1:
             first_bad = next(i for i, r in enumerate(rows[key]) if len(r) != len(rows[key][0]))
             raise ExplainerError(
                 f"{source}: prompts have unequal '{key}' lengths {lengths} (prompt {first_bad} differs "
-                f"from prompt 0); every prompt must have the same length: pad them or split the file"
+                f"from prompt 0); every prompt must give the same number of {key}"
             )
-    if with_corrupt and len(rows["corrupt"][0]) != len(rows["clean"][0]):
+
+    def arr(key: str, padded: bool = False):
+        return jnp.asarray(pad_left(rows[key]) if padded else np.asarray(rows[key], dtype=np.int32))
+
+    corrupt = arr("corrupt", padded=True) if with_corrupt else None
+    return Batch(arr("clean", padded=True), corrupt, arr("answers"), arr("wrong_answers"))
+
+
+def _check_padding(tokens: np.ndarray, key: str, source: str) -> np.ndarray:
+    """Raise unless negative ids are left padding (:data:`PAD` before every real token); return
+    the tokens with the padding as 0 (for the vocabulary check)."""
+    pad = tokens == PAD
+    bad = ((tokens < 0) & ~pad).any(1) | (pad[:, 1:] & ~pad[:, :-1]).any(1) | pad.all(1)
+    if bad.any():
+        i = int(np.argmax(bad))
         raise ExplainerError(
-            f"{source}: 'corrupt' prompts have length {len(rows['corrupt'][0])} but 'clean' ones have "
-            f"{len(rows['clean'][0])}; a counterfactual must have the clean prompt's length"
+            f"{source}: prompt {i} has {key} {tokens[i].tolist()}: negative ids are padding ({PAD}), only before "
+            "a prompt's first token and never all of it"
         )
-
-    def arr(key: str):
-        return jnp.asarray(np.asarray(rows[key], dtype=np.int32))
-
-    return Batch(arr("clean"), arr("corrupt") if with_corrupt else None, arr("answers"), arr("wrong_answers"))
+    return np.where(pad, 0, tokens)
 
 
 def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") -> None:
@@ -97,7 +154,8 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
     seq = batch.clean.shape[1]
     if seq > config.n_ctx:
         raise ExplainerError(
-            f"{source}: prompts have {seq} tokens but the model's context is n_ctx={config.n_ctx}; shorten the prompts"
+            f"{source}: the longest prompt has {seq} tokens but the model's context is n_ctx={config.n_ctx}; "
+            "shorten the prompts"
         )
     checks = [
         ("clean", batch.clean, config.d_vocab),
@@ -109,6 +167,8 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
         if tokens is None:
             continue
         tokens = np.asarray(tokens)
+        if key in ("clean", "corrupt"):
+            tokens = _check_padding(tokens, key, source)
         bad = np.argwhere((tokens < 0) | (tokens >= vocab))
         if len(bad):
             i, j = bad[0]
@@ -145,7 +205,10 @@ class PromptsTask:
         self._train, self._heldout = split(batch, heldout_fraction)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, name: str | None = None) -> PromptsTask:
+    def from_file(
+        cls, path: str | os.PathLike, name: str | None = None, model_folder: str | os.PathLike | None = None
+    ) -> PromptsTask:
+        """The prompts in ``path``; text in them is tokenized with ``model_folder``'s ``tokenizer.json``."""
         from explainer.models.native import read_json
 
         path = Path(path)
@@ -153,7 +216,8 @@ class PromptsTask:
             raise ExplainerError(f"prompts file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
             raise ExplainerError(f'prompts file {str(path)!r} is empty; it should hold {{"prompts": [...]}}')
-        return cls(parse_prompts(read_json(path), source=str(path)), name=name or str(path))
+        batch = parse_prompts(read_json(path), source=str(path), tokenizer=tokenizer_of(model_folder))
+        return cls(batch, name=name or str(path))
 
     def check(self, config: ModelConfig) -> None:
         check_prompts(self.batch, config, source=f"task {self.name!r}")
@@ -166,12 +230,16 @@ class PromptsTask:
 
 
 def prompts_json(batch: Batch) -> dict[str, Any]:
-    """The prompts-file object for ``batch`` (the inverse of :func:`parse_prompts`)."""
+    """The prompts-file object for ``batch`` (the inverse of :func:`parse_prompts`; padding dropped)."""
+
+    def ids(row) -> list[int]:
+        return [t for t in np.asarray(row).tolist() if t != PAD]
+
     out = []
     for i in range(len(batch)):
-        p = {"clean": np.asarray(batch.clean[i]).tolist()}
+        p = {"clean": ids(batch.clean[i])}
         if batch.corrupt is not None:
-            p["corrupt"] = np.asarray(batch.corrupt[i]).tolist()
+            p["corrupt"] = ids(batch.corrupt[i])
         p["answers"] = np.asarray(batch.answers[i]).tolist()
         p["wrong_answers"] = np.asarray(batch.wrong_answers[i]).tolist()
         out.append(p)
