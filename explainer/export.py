@@ -30,7 +30,11 @@ share a score, and how many dimensions an edge passes is lost; that is exact onl
 readers. Runs trained with edge units (``--units edges``, :mod:`explainer.edges`) map one to one
 instead: our edge ``embed->a0.h1.q`` is MIB's ``input->a0.h1<q>``, its score the gate's test-time
 value and ``in_graph`` whether the run keeps it (an ``attn.in`` edge site gives every head's q, k
-and v the same edge).
+and v the same edge). Under grouped-query attention our key and value readers are the key/value
+heads (``embed->a0.kv1.k``), which MIB ungroups: query head ``h`` reads key/value head
+``h // (n_heads / n_kv_heads)``, so our edge ``S->a{l}.kv{j}.k`` becomes MIB's edges
+``S->a{l}.h{h}<k>`` for every query head ``h`` of group ``j``, each with the grouped edge's score and
+``in_graph`` (and likewise for ``v``; queries are per head in both).
 For models without MLPs (``attn_only``) the ``m{l}`` nodes and their edges are listed with score 0,
 never in the graph. A run is one circuit; MIB derives nested circuits from the scores itself (or
 export each run of a sweep).
@@ -51,6 +55,7 @@ from explainer.models.config import ModelConfig
 from explainer.models.native import CONFIG_FILE, read_json, write_json
 
 FORMATS = ("json", "mib")
+_KV_READER = re.compile(r"^a(\d+)\.kv(\d+)\.([kv])$")  # our key/value reader under grouped-query attention
 DEFAULT_NAMES = {"json": "units.json", "mib": "mib.json"}
 _SITE = re.compile(r"blocks\.(\d+)\.(attn|mlp)(?:\.([qkv]))?\.in$")
 
@@ -129,13 +134,17 @@ def _mib_edges(expl: Explanation, cfg: ModelConfig) -> dict[str, tuple[float, bo
         values, kept = gate_values(expl.gate_logits[site]), set(expl.kept.get(site, []))
         for unit, name in enumerate(names):
             src, dst = name.replace("embed", "input").split("->")
-            if dst.count(".") == 2:  # a{l}.h{h}.q -> a{l}.h{h}<q>
-                dst = f"{dst[:-2]}<{dst[-1]}>"
-            heads = (
-                [f"{dst}.h{h}<{x}>" for h in range(cfg.n_heads) for x in "qkv"]
-                if dst.count(".") == 0 and dst[0] == "a"
-                else [dst]
-            )
+            grouped = _KV_READER.match(dst)
+            if grouped:  # a{l}.kv{j}.k -> a{l}.h{h}<k> for each query head h of group j (MIB ungroups)
+                layer, kv, x = grouped.groups()
+                group = cfg.n_heads // cfg.n_kv_heads
+                heads = [f"a{layer}.h{h}<{x}>" for h in range(int(kv) * group, (int(kv) + 1) * group)]
+            elif dst.count(".") == 2:  # a{l}.h{h}.q -> a{l}.h{h}<q>
+                heads = [f"{dst[:-2]}<{dst[-1]}>"]
+            elif dst.count(".") == 0 and dst[0] == "a":
+                heads = [f"{dst}.h{h}<{x}>" for h in range(cfg.n_heads) for x in "qkv"]
+            else:
+                heads = [dst]
             for d in heads:
                 out[f"{src}->{d}"] = (float(values[unit]), unit in kept)
     return out
