@@ -51,8 +51,8 @@ bench-peers: $(TEST_STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers.py --peers-python $(PEERS)/bin/python
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check explainer adversary tests benchmarks notebooks
-	$(BIN)/ruff format --check explainer adversary tests benchmarks notebooks
+	$(BIN)/ruff check explainer adversary tests benchmarks notebooks docs
+	$(BIN)/ruff format --check explainer adversary tests benchmarks notebooks docs
 
 ## make docs: rewrite the generated pages of docs/ (cli.md, settings.md, results.md) from the code and results
 docs: $(TEST_STAMP)

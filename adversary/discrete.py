@@ -28,7 +28,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -144,10 +144,12 @@ def attack_all(
     key: PRNGKeyArray | None = None,
     divergence: str = "kl",
     methods: Sequence[str] = METHODS,
+    progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> tuple[AttackResult, list[AttackResult]]:
     """Run every method in ``methods`` (``exhaustive`` only when it has at most ``max_sets`` sets);
     return the strongest result (largest mean gap; the earlier method on ties) and all of them.
+    ``progress`` is called with each method's name before it runs.
 
     ``options`` is the union of the methods' settings; each method takes the ones it knows. Each
     per-method result equals :func:`attack` with the same arguments.
@@ -181,6 +183,8 @@ def attack_all(
         if method == "exhaustive" and _count_sets(oracle.n_excluded, budget) > settings["max_sets"]:
             continue
         oracle.forget()
+        if progress is not None:
+            progress(method)
         results.append(_run(oracle, method, budget, settings, key))
     best = max(results, key=lambda r: r.gap["kl_mean"])  # max keeps the first of equals
     return best, results

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from adversary.rotation import check_adversary_basis, close_attacks, random_skews, rotatable, rotated
+from adversary.rotation import check_adversary_basis, random_skews, rotatable, rotated
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import BETA, GAMMA, ZETA, Mask
 from explainer.metrics import divergence
@@ -107,29 +107,9 @@ class LearnedAdversary:
 
     @property
     def closes(self) -> bool:
-        """Whether :meth:`close` can change an explanation: in a rotated basis only."""
+        """Whether closing the rotated attacks (:func:`explainer.train.close_rotated`) can change an
+        explanation: in a rotated basis only."""
         return self.basis != "own"
-
-    def close(
-        self,
-        scrubber: Scrubber,
-        batch,
-        keep: dict[str, np.ndarray],
-        tolerance: float,
-        key: PRNGKeyArray,
-        admissible=None,
-    ) -> tuple[dict[str, np.ndarray], list[tuple[str, int]]]:
-        """After training, in a rotated basis: the finished explanation with units added back until
-        the rotated attack at :attr:`budget` (1 with a penalty) moves it by at most ``tolerance``
-        (:func:`adversary.rotation.close_attacks`), and the units added. In the own basis, ``keep``
-        as it is: the in-loop gates range over every unit, and the unit-wise attacks grade the result."""
-        if not self.closes:
-            return keep, []
-        budget = self.budget if self.budget is not None else 1
-        closed, added, _ = close_attacks(
-            scrubber, batch, keep, self.basis, budget, tolerance, key, self.divergence, admissible
-        )
-        return closed, added
 
     def _parts(self, params: State) -> tuple[Params, dict[str, Array] | None]:
         """The gate logits and, in a rotated basis, the skew parameters (fixed when ``random``)."""

@@ -1,11 +1,11 @@
 """Frontiers of every zoo model: ours (with and without the adversary) against every baseline.
 
-For each zoo model this trains our ladder of explanations with :func:`explainer.sweep.sweep`
+For each zoo model this trains our ladder of explanations with :func:`explainer.sweep`
 (MIB's ladder of sizes, :func:`explainer.frontier.mib_ladder`; the learned adversary in the loop,
 and once more without it) and builds every baseline of :mod:`explainer.baselines` on the same
 ladder (``exhaustive`` only on models of at most ``--exhaustive-units`` units; its sizes with too
 many sets are left out and listed). Every frontier is graded by the same code
-(:func:`explainer.sweep.grade_masks`, held-out prompts, resample ablation) and reported as:
+(:func:`explainer.frontier.grade.grade_masks`, held-out prompts, resample ablation) and reported as:
 
 - **CPR** (area under normalised faithfulness, higher is better) and **CMD** (area of
   ``|1 − f|``, lower is better), MIB's areas (:func:`explainer.frontier.mib_areas`: trapezoids
@@ -50,8 +50,9 @@ from rich.table import Table
 
 from explainer.baselines import METHODS, baseline_frontier
 from explainer.frontier import frontier_areas, mib_areas, mib_kl_area, mib_ladder
+from explainer.frontier.ladder import STRATEGIES
+from explainer.frontier.sweep import sweep
 from explainer.models import load_model, load_truth, resolve_model, zoo_names
-from explainer.sweep import STRATEGIES, sweep
 
 RESULTS = RESULTS_DIR / "frontier.json"
 PICTURE = RESULTS_DIR / "frontier.png"

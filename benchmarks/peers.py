@@ -206,7 +206,7 @@ def top_k_masks(scores: dict[str, float], names: dict[str, list[str]], counts: l
 
 
 def summarize(method: str, graded: dict, seconds: float) -> dict:
-    """A table row from :func:`explainer.sweep.grade_masks`'s frontier (same form for every method):
+    """A table row from :func:`explainer.frontier.grade.grade_masks`'s frontier (same form for every method):
     MIB's CPR/CMD over the ladder of edges asked for, and the areas over the edges kept."""
     keep = ("size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "gap", "kept")
     records = [{k: r.get(k) for k in keep} for r in graded["records"]]
@@ -241,11 +241,11 @@ def sweep_takes_edges() -> bool:
 def evaluate_ours(name: str, record: dict, args: argparse.Namespace) -> list[dict] | None:
     """OUR SIDE OF THE RACE (needs explainer's edge units; ``None`` until they exist).
 
-    - ours: :func:`explainer.sweep.sweep` with ``units="edges"`` over MIB's ladder of edge counts,
+    - ours: :func:`explainer.sweep` with ``units="edges"`` over MIB's ladder of edge counts,
       with and without the learned adversary (``--ours``); time = the whole sweep, training and
       grading;
     - every peer method's top-k circuits on the same ladder, graded by the same code
-      (:func:`explainer.sweep.grade_masks` on our edge scrubber: held-out prompts, resample
+      (:func:`explainer.frontier.grade.grade_masks` on our edge scrubber: held-out prompts, resample
       ablation): LD recovered, KL, normalised faithfulness, CPR/CMD, and the adversarial gap at
       ``--budget`` (:mod:`adversary.discrete`) of every circuit; time = auto-circuit's scoring time.
 
@@ -256,8 +256,9 @@ def evaluate_ours(name: str, record: dict, args: argparse.Namespace) -> list[dic
     """
     if not edges_available():
         return None
+    from explainer.frontier.grade import grade_masks
+    from explainer.frontier.sweep import sweep
     from explainer.scrub import Scrubber
-    from explainer.sweep import grade_masks, sweep
 
     folder = resolve_model(name)
     net = load_model(folder)

@@ -19,11 +19,11 @@ is the overhead of explaining a model over training it; the targets are at most 
 step and at most 3 for the min-max step.
 
 **Time to frontier** (``--frontier-models``): the wall time of an 8-point ladder of target sizes
-as :func:`explainer.sweep.sweep` trains it (:func:`~explainer.sweep.train_ladder` with its
-default strategy and patience, then :func:`~explainer.sweep.at_most`'s polish, exact searches and
+as :func:`explainer.sweep` trains it (:func:`~explainer.frontier.ladder.train_ladder` with its
+default strategy and patience, then :func:`~explainer.frontier.select.at_most`'s polish, exact searches and
 open restarts of stuck rungs, on the ladder's compiled step), next to one single training run
 (:func:`explainer.train.train_gates`, default settings) and to what ``explainer train`` does
-(:func:`explainer.train.fit`: the training run, then repair and the open restart when it misses
+(:func:`explainer.finishing.fit`: the training run, then repair and the open restart when it misses
 its KL budget), all without an adversary, in the same process. Each kind runs
 ``--frontier-repeats`` times (default 3), interleaved, each time with JAX's compiled programs
 cleared first, so compilation is part of every run as in a new process; the row gives the medians
@@ -149,16 +149,10 @@ def time_to_frontier(
     ``config``'s. Each of them runs ``repeats`` times, interleaved, every time with JAX's compiled
     programs cleared first (compilation is part of every run, as in a new process); the rows give
     the medians (a ladder's: its median run) and every run's seconds."""
-    from explainer.sweep import (
-        PATIENCE,
-        at_most,
-        choose_strategy,
-        exact_sets,
-        ladder_program,
-        open_restart,
-        train_ladder,
-    )
-    from explainer.train import fit, train_gates
+    from explainer.finishing import fit
+    from explainer.frontier.ladder import PATIENCE, choose_strategy, ladder_program, train_ladder
+    from explainer.frontier.select import at_most, exact_sets, open_restart
+    from explainer.train import train_gates
 
     folder = resolve_model(name)
     model, task = load_model(folder), resolve_task(None, folder)

@@ -5,70 +5,117 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 
+from explainer import models, rewrites
 from explainer import resume as resume_files
-from explainer import rewrites
 from explainer.bases import build_bases, matrices
 from explainer.config import TrainConfig, from_dict, load_config
 from explainer.errors import ExplainerError
+from explainer.evaluation import (  # noqa: F401  (re-exported: the functions behind eval and attack)
+    attack_explanation,
+    evaluate_explanation,
+    run_model,
+    run_scrubber,
+    run_task,
+)
 from explainer.explanation import Explanation, check_writable, load
-from explainer.illusion import check_illusions
+from explainer.finishing import fit
 from explainer.lock import run_lock
-from explainer.masks import Mask, as_mask
-from explainer.metrics import faithfulness
-from explainer.models import load_model, resolve_model, weights_sha256
+from explainer.masks import as_mask
+from explainer.models import resolve_model, weights_sha256
 from explainer.models.transformer import Transformer
 from explainer.models.zoo import ZOO_DIR
 from explainer.optimal import for_mask
+from explainer.progress import Timings
+from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
-from explainer.tasks.base import Batch
-from explainer.train import InLoopAdversary, fit
+from explainer.train import InLoopAdversary
+from explainer.verdicts import check_target_size, train_warnings
+
+_FOLDERS: dict[int, tuple[weakref.ref, Path]] = {}  # models loaded by load_model -> their folders
 
 
-def _model_record(folder: Path) -> dict[str, Any]:
+def load_model(model: str | os.PathLike) -> Transformer:
+    """The model of a zoo name or a model folder, as an equinox module.
+
+    :func:`explain` given this object knows its folder (for the run record and the folder's own
+    prompts), as if it had been given the name.
+
+    >>> net = load_model("planted-joint")
+    >>> net.config.n_layers
+    1
+    """
+    folder = resolve_model(model)
+    net = models.load_model(folder)
+    _FOLDERS[id(net)] = (weakref.ref(net, lambda _, k=id(net): _FOLDERS.pop(k, None)), folder.resolve())
+    return net
+
+
+def _model_and_folder(model: Any) -> tuple[Transformer, Path | None]:
+    if isinstance(model, Transformer):
+        entry = _FOLDERS.get(id(model))
+        return model, (entry[1] if entry is not None and entry[0]() is model else None)
+    if not isinstance(model, (str, os.PathLike)):
+        raise ExplainerError(
+            f"model must be a zoo name, a model folder or a model from explainer.load_model, not {type(model).__name__}"
+        )
+    folder = resolve_model(model)
+    return models.load_model(folder), folder
+
+
+def _model_record(folder: Path | None, net: Transformer | None = None) -> dict[str, Any]:
+    if folder is None:  # a model object with no folder: its weights' digest alone
+        assert net is not None
+        return {"name": None, "path": None, "sha256": _weights_digest(net)}
     folder = folder.resolve()
     in_zoo = folder.parent == ZOO_DIR.resolve()
     return {"name": folder.name if in_zoo else None, "path": str(folder), "sha256": weights_sha256(folder)}
 
 
-def _task_record(task_arg: str | os.PathLike | None, task: Task) -> dict[str, Any]:
+def _weights_digest(net: Transformer) -> str:
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(net):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def _task_record(task_arg: Any, task: Task) -> dict[str, Any]:
     if task_arg is None:
         return {"name": task.name, "source": "model"}
+    if not isinstance(task_arg, (str, os.PathLike)):
+        return {"name": task.name, "source": "inline"}
     text = str(task_arg)
     if Path(text).is_file():
         return {"name": task.name, "source": "file", "path": str(Path(text).resolve())}
     return {"name": task.name, "source": "builtin"}
 
 
-def evaluate_keep(scrubber: Scrubber, batch: Batch, keep: Mask, seed: int = 0, chunk: int = 512) -> dict[str, float]:
-    """Faithfulness of a (binary) keep mask on ``batch``, in chunks, as plain floats."""
-
-    @eqx.filter_jit
-    def run(scrubber, part: Batch, key):
-        full, repl = scrubber.reference(part, key)
-        return full, scrubber.logits(part.clean, keep, repl)
-
-    fulls, scrubbed = [], []
-    key = jax.random.key(seed)
-    for start in range(0, len(batch), chunk):
-        part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
-        full, logits = run(scrubber, part, jax.random.fold_in(key, start))
-        fulls.append(full)
-        scrubbed.append(logits)
-    return faithfulness(jnp.concatenate(fulls), jnp.concatenate(scrubbed), batch.answers, batch.wrong_answers)
+def _task_argument(task: Any) -> Any:
+    """What a run's record keeps of its task, for resume: the path, the name, or the prompts given."""
+    if task is None or isinstance(task, dict):
+        return task
+    if isinstance(task, list):
+        return {"prompts": task}
+    if isinstance(task, (str, os.PathLike)):
+        return str(Path(task).resolve()) if Path(task).is_file() else str(task)
+    raise ExplainerError("a run saved with out= needs its task as a name, a prompts file or prompts (dicts)")
 
 
 def explain(
-    model: str | os.PathLike = "planted-distractor",
-    task: str | os.PathLike | None = None,
+    model: Any = "planted-distractor",
+    task: Any = None,
     config: TrainConfig | str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -79,15 +126,20 @@ def explain(
 ) -> Explanation:
     """Learn an explanation of ``model`` on ``task``; save it to ``out`` when given.
 
-    ``model`` is a zoo name or a model folder; ``task`` a prompts file, a built-in task name, or
-    ``None`` for the model folder's own ``prompts.json``. ``settings`` override ``config``
-    (a :class:`TrainConfig` or a TOML file), e.g. ``steps=500, lam=0.05``. ``adversary`` is
-    ``"learned"`` (the default: an adversary trained in the loop tries to re-include excluded
-    units, and the explanation learns to be robust to it), ``"none"``, or an adversary object.
+    ``model`` is a zoo name, a model folder or a model from :func:`load_model`; ``task`` a
+    built-in task name, a prompts file, prompts given in Python (a ``{"prompts": [...]}`` dict or
+    a list of prompt dicts), or ``None`` for the model folder's own ``prompts.json``.
+    ``settings`` override ``config`` (a :class:`TrainConfig` or a TOML file), e.g. ``steps=500,
+    lam=0.05``. ``adversary`` is ``"learned"`` (the default: an adversary trained in the loop tries
+    to re-include excluded units, and the explanation learns to be robust to it), ``"none"``, or
+    an adversary object.
 
     With ``out``, training holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
     ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished run (see
     :func:`resume_run`, which reads its settings back).
+
+    The explanation returned can be measured again (:meth:`Explanation.evaluate`), attacked
+    (:meth:`Explanation.attack`) and drawn, in the same session or after loading it back.
 
     >>> e = explain("planted-joint", seed=1, progress=False)
     >>> e.kept
@@ -108,8 +160,12 @@ def explain(
         adversary = make_adversary(adversary)
     if adversary is not None and config.adversary_weight == 0:
         raise ExplainerError("adversary_weight is 0, so the adversary would learn nothing; use adversary 'none'")
-    folder = resolve_model(model)
-    net = load_model(folder)
+    net, folder = _model_and_folder(model)
+    if out is not None and folder is None:
+        raise ExplainerError(
+            "a run saved with out= must name its model's folder: load the model with explainer.load_model(NAME or "
+            "FOLDER), or pass the name or folder itself"
+        )
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     net = rewrites.rewrite(net, the_task.train_data(), config.rewrites)  # MLP = f + rest, rest one unit
@@ -122,11 +178,12 @@ def explain(
         positional=config.positional,
         units=config.units,
     )
+    check_target_size(config.target_size, scrubber.n_units)
     if out is None:
         return _explanation(scrubber, the_task, folder, task, config, adversary, progress)
     record = {
         "model": _model_record(folder),
-        "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
+        "task": _task_argument(task),
         "config": config.to_json(),
         "adversary": getattr(adversary, "name", None),
         "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
@@ -143,39 +200,53 @@ def explain(
             result = _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints)
         except BaseException:
             resume_files.discard_if_empty(out)
+            if resume_files.checkpoint_folder(out).exists():
+                print(
+                    f"training stopped; its checkpoints are kept in {resume_files.checkpoint_folder(out)}: continue "
+                    f"it with `explainer train --resume {out}`",
+                    file=sys.stderr,
+                )
             raise
-        result.save(out, overwrite=True if resume else overwrite)
+        with result.timings.phase("save"):
+            result.save(out, overwrite=True if resume else overwrite)
         resume_files.finish(out)
     return result
 
 
 def _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints=None) -> Explanation:
     started = time.perf_counter()
-    kept, gates, history = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints)
+    timings = Timings()
+    kept, gates, history = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints, timings)
     history["seconds"] = [time.perf_counter() - started]
     scrubber = scrubber.with_bases(gates.bases)  # a learned basis as trained
-    return Explanation(
-        kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
-        n_units=scrubber.n_units,
-        gate_logits={site: jax.device_get(v) for site, v in gates.logits.items()},
-        bases=matrices(scrubber.bases) or None,
-        model=_model_record(folder),
-        task=_task_record(task, the_task),
-        config={**config.to_json(), "adversary": getattr(adversary, "name", None)}
-        | ({"adversary_basis": adversary.basis} if getattr(adversary, "basis", "own") != "own" else {}),
-        faithfulness=evaluate_keep(
+    with timings.phase("evaluate"):
+        faithfulness = evaluate_keep(
             for_mask(scrubber, the_task.train_data(), kept, config.seed),  # optimal: fitted for this mask
             the_task.heldout_data(),
             as_mask(kept),
             config.seed,
-        ),
-        history=history,
-        rewrites=rewrites.tensors(scrubber.model) or None,
-        rewrite_report=rewrites.carried(
+        )
+        report = rewrites.carried(
             scrubber.model, the_task.train_data(), the_task.heldout_data(), config.ablation, config.seed
         )
-        or None,
+    explanation = Explanation(
+        kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
+        n_units=scrubber.n_units,
+        gate_logits={site: jax.device_get(v) for site, v in gates.logits.items()},
+        bases=matrices(scrubber.bases) or None,
+        model=_model_record(folder, scrubber.model),
+        task=_task_record(task, the_task),
+        config={**config.to_json(), "adversary": getattr(adversary, "name", None)}
+        | ({"adversary_basis": adversary.basis} if getattr(adversary, "basis", "own") != "own" else {}),
+        faithfulness=faithfulness,
+        history=history,
+        rewrites=rewrites.tensors(scrubber.model) or None,
+        rewrite_report=report or None,
+        timings=timings,
     )
+    n_wrong = int(the_task.heldout_data().wrong_answers.shape[1])
+    explanation.warnings = train_warnings(explanation, len(the_task.train_data()), n_wrong)
+    return explanation.bind(scrubber.model, the_task)
 
 
 def _check_same_run(out: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -264,26 +335,7 @@ def _refuse_conflicts(run, record: dict[str, Any], recorded: TrainConfig, given:
 def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explanation, Transformer, Path]:
     """Load a run with the model it explains, refusing if the model's weights changed since."""
     expl = load(run)
-    name, path = expl.model.get("name"), expl.model.get("path")
-    folder = resolve_model(name) if name else Path(str(path))
-    if not folder.is_dir() or not (folder / "model.safetensors").is_file():
-        raise ExplainerError(
-            f"the model of run {str(run)!r} is gone: {str(folder / 'model.safetensors')!r} does not exist"
-        )
-    if check_weights and weights_sha256(folder) != expl.model.get("sha256"):
-        raise ExplainerError(
-            f"the weights in {str(folder)!r} changed since run {str(run)!r} was trained (sha256 differs); "
-            "retrain the explanation on the current weights"
-        )
-    net = rewrites.from_tensors(load_model(folder), expl.config.get("rewrites"), expl.rewrites or {}, str(run))
-    if expl.config.get("units", "dims") == "edges":
-        _check_edge_run(expl, net, run, folder)
-        return expl, net, folder
-    missing = [s for s in expl.n_units if s not in net.sites]
-    d, positional = net.config.d_model, bool(expl.config.get("positional", False))
-    widths = [n for s, n in expl.n_units.items() if not rewrites.is_rest(s)]
-    if missing or any((n % d if positional else n - d) != 0 for n in widths):
-        raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r} (sites {missing}); retrain")
+    net, folder = run_model(expl, check_weights)
     return expl, net, folder
 
 
@@ -299,122 +351,12 @@ def check_run_units(run: str | os.PathLike, units: str) -> None:
         )
 
 
-def _check_edge_run(expl: Explanation, net: Transformer, run, folder) -> None:
-    """An edge run's sites and unit counts must be the model's edge graph."""
-    from explainer import edges
-
-    try:
-        expected = edges.edge_units(net.config, edges.check_edge_sites(net.config, list(expl.n_units)))
-    except ExplainerError as error:
-        raise ExplainerError(f"run {str(run)!r} does not match model {str(folder)!r}: {error}; retrain") from None
-    if expected != expl.n_units:
-        raise ExplainerError(
-            f"run {str(run)!r} has {expl.n_units} edges per site but model {str(folder)!r} gives {expected}; retrain"
-        )
-
-
-def run_scrubber(expl: Explanation, model: Transformer, train: Batch, ablation: str | None = None) -> Scrubber:
-    """The scrubbed model a run was trained with: its sites, ablation, bases and mask layout."""
-    ablation = ablation or expl.config.get("ablation", "resample")
-    positional = bool(expl.config.get("positional", False))
-    units = expl.config.get("units", "dims")
-    scrubber = Scrubber.build(model, train, list(expl.n_units), ablation, expl.basis_modules(), positional, units)
-    if scrubber.n_units != expl.n_units:
-        raise ExplainerError(
-            f"run {str(expl.path)!r} has {expl.n_units} units per site but these prompts give {scrubber.n_units}; "
-            "position-specific masks need prompts of the length they were trained on"
-        )
-    return for_mask(scrubber, train, expl.mask(), int(expl.config.get("seed", 0)))
-
-
-def run_task(expl: Explanation, folder: Path, task: str | os.PathLike | None = None) -> Task:
-    """The task a run was trained on (or ``task`` instead, when given)."""
-    if task is not None:
-        return resolve_task(task, folder)
-    record = expl.task
-    if record.get("source") == "file":
-        return resolve_task(record["path"], folder)
-    if record.get("source") == "builtin":
-        return resolve_task(record["name"], folder)
-    return resolve_task(None, folder)
-
-
 def evaluate(
     run: str | os.PathLike, task: str | os.PathLike | None = None, ablation: str | None = None
 ) -> dict[str, Any]:
     """Re-measure a saved explanation on held-out prompts (optionally another task or ablation)."""
     expl, net, folder = open_run(run)
-    the_task = run_task(expl, folder, task)
-    the_task.check(net.config)
-    ablation = ablation or expl.config.get("ablation", "resample")
-    scrubber = run_scrubber(expl, net, the_task.train_data(), ablation)
-    scores = evaluate_keep(scrubber, the_task.heldout_data(), as_mask(expl.mask()), int(expl.config.get("seed", 0)))
-    return {
-        "run": str(run),
-        "size": expl.size,
-        "kept": expl.kept,
-        "ablation": ablation,
-        "task": the_task.name,
-        "faithfulness": scores,
-        "basis": expl.config.get("basis", "standard"),
-        "units": expl.config.get("units", "dims"),
-        "illusion": {}  # an edge is a whole writer's output, not a direction of the reader's input
-        if expl.config.get("units", "dims") == "edges"
-        else check_illusions(
-            net, the_task.train_data(), expl.kept, expl.bases, bool(expl.config.get("positional", False))
-        ),
-    }
-
-
-def attack_explanation(
-    expl: Explanation,
-    model: Transformer,
-    task: Task,
-    budget: int = 1,
-    method: str = "all",
-    seed: int = 0,
-    divergence: str = "kl",
-    adversary_basis: str = "own",
-) -> dict[str, Any]:
-    """Grade an explanation (saved or not) with the discrete adversaries, on held-out prompts.
-
-    ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive``, ``learned`` or ``all``
-    (every method that fits; the strongest is reported, with the per-method list under
-    ``methods`` and any method left out, e.g. exhaustive with too many sets, under ``skipped``).
-    ``adversary_basis`` ``random`` or ``learned`` makes the adversary re-include directions of its
-    own rotation of the excluded subspace (:mod:`adversary.rotation`); the result then also
-    holds the re-included ``directions`` (residual vectors per site).
-    """
-    from adversary.discrete import METHODS, attack, attack_all
-    from adversary.rotation import adversary_bases, check_adversary_basis, directions
-
-    if method != "all" and method not in METHODS:
-        from explainer.errors import did_you_mean
-
-        raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
-    check_adversary_basis(adversary_basis)
-    task.check(model.config)
-    scrubber = run_scrubber(expl, model, task.train_data())
-    key = jax.random.key(seed)
-    batch, keep = task.heldout_data(), expl.mask()
-    bases = adversary_bases(scrubber, batch, keep, adversary_basis, budget, key, divergence)
-    scrubber = scrubber.with_bases(bases)  # kept units mean the same; excluded ones are rotated
-    basis = {"adversary_basis": adversary_basis}
-    if method != "all":
-        result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
-        return {**result, "seed": seed, **basis, "directions": directions(bases, result["reincluded"])}
-    best, every = attack_all(scrubber, batch, keep, budget, key, divergence)
-    ran = [r.method for r in every]
-    return {
-        **best.to_json(),
-        "method": "all",
-        "strongest": best.method,
-        "methods": [r.to_json() for r in every],
-        "skipped": [m for m in METHODS if m not in ran],
-        "seed": seed,
-        **basis,
-        "directions": directions(bases, best.reincluded),
-    }
+    return {"run": str(run), **evaluate_explanation(expl, net, run_task(expl, folder, task), ablation)}
 
 
 def attack_run(
@@ -426,6 +368,7 @@ def attack_run(
     task: str | os.PathLike | None = None,
     save: bool = True,
     adversary_basis: str = "own",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically).
 
@@ -435,7 +378,15 @@ def attack_run(
     with run_lock(run) if save else contextlib.nullcontext():
         result = {
             **attack_explanation(
-                expl, net, run_task(expl, folder, task), budget, method, seed, divergence, adversary_basis
+                expl,
+                net,
+                run_task(expl, folder, task),
+                budget,
+                method,
+                seed,
+                divergence,
+                adversary_basis,
+                progress=progress,
             ),
             "run": str(run),
         }

@@ -283,7 +283,7 @@ def baseline_frontier(
     units: str = "dims",
     **options: Any,
 ) -> dict[str, Any]:
-    """A baseline's frontier: the same records and CPR/CMD as :func:`explainer.sweep.sweep`
+    """A baseline's frontier: the same records and CPR/CMD as :func:`explainer.sweep`
     (``units="edges"``: over the edge graph, :mod:`explainer.edges`).
 
     ``sizes`` defaults to MIB's ladder (:func:`explainer.frontier.mib_ladder`). Records carry
@@ -297,8 +297,8 @@ def baseline_frontier(
     import time
 
     from explainer.frontier import mib_ladder
+    from explainer.frontier.grade import grade_masks
     from explainer.models import load_model, resolve_model
-    from explainer.sweep import grade_masks
     from explainer.tasks import resolve_task
 
     _check_method(method)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from explainer.masks import BETA, GAMMA, ZETA
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from explainer.explanation import Explanation
     from explainer.models.config import ModelConfig
 
 PORT_COLOURS = {"q": "tab:blue", "k": "tab:red", "v": "tab:green", "attn": "tab:purple"}
@@ -68,47 +67,30 @@ def open_probability(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(shifted / 2))
 
 
-def model_config(expl: Explanation) -> ModelConfig:
+def model_config(expl: Any) -> ModelConfig:
     """The configuration of the model ``expl`` explains, read from its folder (weights not needed)."""
-    from explainer.export import model_config_of
+    from pathlib import Path
 
-    return model_config_of(expl)
-
-
-def example() -> Explanation:
-    """A hand-made edge explanation of the shipped ``induction`` model (for examples; nothing trained):
-    head ``a0.h0`` feeds the key of ``a1.h1`` (K-composition), which writes the answer to the logits.
-    """
-    from explainer.edges import edge_sites, edge_units
-    from explainer.explanation import FAITHFULNESS_KEYS, Explanation
     from explainer.models.config import ModelConfig
+    from explainer.models.native import CONFIG_FILE, read_json
+    from explainer.models.zoo import resolve_model
 
-    config = ModelConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True)
-    n_units = edge_units(config, edge_sites(config))
-    kept = {"blocks.0.attn.v.in": [0], "blocks.1.attn.k.in": [4], "blocks.1.attn.v.in": [3], "unembed.in": [4]}
-    logits = {site: np.full(n, -3.0, np.float32) for site, n in n_units.items()}
-    for site, units in kept.items():
-        logits[site][units] = 2.0
-    logits["blocks.1.attn.k.in"][4] = 0.5
-    return Explanation(
-        kept=kept,
-        n_units=n_units,
-        gate_logits=logits,
-        model={"name": "induction"},
-        task={"name": "induction", "source": "model"},
-        config={"units": "edges"},
-        faithfulness=dict.fromkeys(FAITHFULNESS_KEYS, 0.0) | {"accuracy": 1.0, "logit_diff_recovered": 1.0},
-    )
+    name, path = expl.model.get("name"), expl.model.get("path")
+    folder = resolve_model(name) if name else Path(str(path))
+    if not (folder / CONFIG_FILE).is_file():
+        raise ExplainerError(f"the model of this run is gone: {str(folder / CONFIG_FILE)!r} does not exist")
+    return ModelConfig.from_json(read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
 
 
-def is_edge_run(expl: Explanation) -> bool:
+def is_edge_run(expl: Any) -> bool:
     return expl.config.get("units", "dims") == "edges"
 
 
-def circuit_edges(expl: Explanation, config: ModelConfig | None = None) -> list[CircuitEdge]:
+def circuit_edges(expl: Any, config: ModelConfig | None = None) -> list[CircuitEdge]:
     """The kept edges of an edge run, strongest first within each reader, in forward order of readers.
 
-    >>> for edge in circuit_edges(example()):
+    >>> from explainer.export import example_circuit
+    >>> for edge in circuit_edges(example_circuit()):
     ...     print(edge.name, edge.reader, edge.port, round(edge.probability, 2))
     embed->a0.h0.v a0.h0 v 0.97
     a0.h0->a1.h1.k a1.h1 k 0.89
@@ -182,7 +164,7 @@ BOX_W, BOX_H = 0.42, 0.5  # node size in data units (columns 1 apart, heads 1 ap
 _PORT_DY = {"q": 0.15, "k": 0.0, "v": -0.15}
 
 
-def circuit_figure(expl: Explanation, config: ModelConfig | None = None) -> tuple[Figure, list[CircuitEdge]]:
+def circuit_figure(expl: Any, config: ModelConfig | None = None) -> tuple[Figure, list[CircuitEdge]]:
     """The figure of an edge run's circuit and the edges it draws (each arrow's gid is ``edge:{name}``)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -288,11 +270,11 @@ def _bend(x0: float, y0: float, x1: float, y1: float, centre: float) -> float:
     return side * min(0.45, 0.3 + 0.05 * (x1 - x0))
 
 
-def _who(expl: Explanation) -> str:
+def _who(expl: Any) -> str:
     return f"{expl.model.get('name') or expl.model.get('path')} on {expl.task.get('name')}"
 
 
-def rollup_figure(expl: Explanation) -> Figure:
+def rollup_figure(expl: Any) -> Figure:
     """A dimension run's roll-up: per reader, kept units against all its units."""
     from matplotlib.figure import Figure
 

@@ -7,131 +7,14 @@ status 2.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from explainer.cli_common import _emit, _fail, _join_cluster, _warn, app
 from explainer.errors import ExplainerError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Learn small, faithful, adversarially robust explanations of transformer behaviours.",
-)
-zoo_app = typer.Typer(help="Models shipped with explainer.", invoke_without_command=True)
-app.add_typer(zoo_app, name="zoo")
-import_app = typer.Typer(help="Bring your own model: convert a checkpoint into a model folder.", no_args_is_help=True)
-app.add_typer(import_app, name="import")
-out = Console()
-err = Console(stderr=True)
-
-
-def _emit(result: dict[str, Any], as_json: bool, text: str | None = None) -> None:
-    if as_json:
-        print(json.dumps(result, default=str))
-    elif text is not None:
-        out.print(text, highlight=False, markup=False)
-
-
-def _fail(message: str) -> None:
-    raise ExplainerError(message)
-
-
-def _join_cluster(requested: bool) -> None:
-    """``--distributed`` or ``EXPLAINER_COORDINATOR``: join a multi-host cluster before JAX starts."""
-    from explainer.parallel import init_distributed
-
-    if init_distributed(requested=requested):
-        err.print("joined the JAX cluster (jax.distributed)", highlight=False)
-
-
-@zoo_app.callback()
-def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the shipped models, their tasks, accuracy and ground truth."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from explainer.models.zoo import zoo_entries
-
-    entries = zoo_entries()
-    result = {"models": [e.to_json() for e in entries]}
-    if as_json:
-        _emit(result, True)
-        return
-    table = Table(title="explainer zoo")
-    for column in ("name", "task", "accuracy", "ground truth"):
-        table.add_column(column, no_wrap=True)
-    for e in entries:
-        truth = "-" if e.ground_truth is None else f"{sum(map(len, e.ground_truth.values()))} units"
-        acc = "-" if e.accuracy is None else f"{100 * e.accuracy:.1f}%"
-        table.add_row(e.name, e.task, acc, truth)
-    out.print(table)
-    for e in entries:
-        out.print(f"[bold]{e.name}[/]: {e.description}", highlight=False)
-        if e.ground_truth:
-            out.print("    truth: " + ", ".join(f"{s} {u}" for s, u in e.ground_truth.items() if u), highlight=False)
-
-
-@zoo_app.command("train")
-def zoo_train(
-    name: str = typer.Argument(..., help="Trained zoo model: induction, direct, ioi or paren."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (the shipped weights use 0)."),
-    folder: Path | None = typer.Option(None, "--out", "-o", help="Model folder to write (default zoo/NAME)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Retrain a trained zoo model from a seed: its weights, prompts.json and card.json."""
-    from explainer.models.training import shipped_accuracy, write_trained
-
-    folder = folder or Path("zoo") / name
-    card = write_trained(name, folder, seed=seed, progress=progress, overwrite=overwrite)
-    result = {
-        "name": name,
-        "out": str(folder),
-        "seed": seed,
-        "task": card["task"],
-        "accuracy": card["accuracy"],
-        "top1_accuracy": card["top1_accuracy"],
-        "shipped_accuracy": shipped_accuracy(name),
-        "train_seconds": card["training"]["train_seconds"],
-    }
-    text = (
-        f"trained {name} (seed {seed}) in {result['train_seconds']} s: held-out accuracy "
-        f"{100 * card['accuracy']:.1f}%, top-1 {100 * card['top1_accuracy']:.1f}% "
-        f"(shipped model: {100 * (result['shipped_accuracy'] or 0):.1f}%)\nwrote {folder}"
-    )
-    _emit(result, as_json, text)
-
-
-@zoo_app.command("import-tracr")
-def zoo_import_tracr(
-    program: str = typer.Argument(..., help="A function of tracr.compiler.lib, e.g. make_reverse or frac_prevs."),
-    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
-    vocab: str | None = typer.Option(None, "--vocab", help="Comma-separated tokens, e.g. a,b,c (default per program)."),
-    max_seq_len: int = typer.Option(5, "--max-seq-len", help="Longest input, BOS not counted."),
-    bos: str = typer.Option("BOS", "--bos", help="The compiler's BOS token."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prompts."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Compile a RASP program with tracr into a model folder with prompts and ground truth."""
-    from explainer.models.tracr_import import import_tracr
-
-    result = import_tracr(
-        program, folder, vocab=vocab, max_seq_len=max_seq_len, bos=bos, seed=seed, overwrite=overwrite
-    )
-    lines = [f"{result['program']}: {result['n_layers']} layers, d_model {result['d_model']}"]
-    if result["note"]:
-        lines.append(f"note: {result['note']}")
-    else:
-        lines.append(f"accuracy {100 * result['accuracy']:.1f}% on {result['prompts']} prompts; ground truth:")
-        lines += [f"    {site}: {', '.join(labels)}" for site, labels in result["truth_labels"].items()]
-    _emit(result, as_json, "\n".join(lines) + f"\nwrote {folder}")
 
 
 @app.command()
@@ -168,7 +51,7 @@ def train(
         None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
     ),
     distributed: bool = typer.Option(
-        False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see the README)."
+        False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see docs/guide.md)."
     ),
     basis: str | None = typer.Option(
         None, "--basis", help="What a unit is: standard (default), pca, gradient, learned, or a .safetensors/.npz file."
@@ -251,6 +134,7 @@ def train(
             progress=progress,
             **settings,
         )
+    _warn(expl.result())
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
 
 
@@ -300,6 +184,7 @@ def evaluate_cmd(
         result["truth"] = {**truth_scores(expl.kept, known), "ground_truth": known}
         t = result["truth"]
         text += f"\nvs ground truth: precision {t['precision']:.3f} recall {t['recall']:.3f} F1 {t['f1']:.3f}"
+    _warn(result)
     _emit(result, as_json, text)
 
 
@@ -319,26 +204,30 @@ def attack(
     units: str | None = typer.Option(
         None, "--units", help="dims or edges: the run's units (checked; a run is attacked in the units it has)."
     ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say each method as it starts (stderr)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
-    """Grade an explanation: re-include up to K excluded units (dimensions or edges) to move its predictions."""
+    """Attack an explanation: re-include up to K excluded units (dimensions or edges) to move its predictions;
+    robust or fragile at that budget."""
     from explainer.api import attack_run, check_run_units
 
     if units is not None:
         check_run_units(run, units)
 
-    result = attack_run(run, budget, method, seed, divergence, adversary_basis=adversary_basis)
+    result = attack_run(run, budget, method, seed, divergence, adversary_basis=adversary_basis, progress=progress)
     gap = result["gap"]
     lines = [
+        result["verdict_text"],
         f"{run}: strongest attack at budget {budget}"
         + (f" ({result['strongest']})" if method == "all" else f" ({method})")
         + ("" if adversary_basis == "own" else f", in the adversary's {adversary_basis} basis"),
-        f"re-included {result['reincluded']}",
+        f"re-included {', '.join(result['reincluded_names']) or 'nothing'}",
         f"gap: KL mean {gap['kl_mean']:.4g}, max {gap['kl_max']:.4g} nats; "
         f"accuracy change {result['accuracy_change']:+.3f}, logit diff change {result['logit_diff_change']:+.3f}",
     ]
     for r in result.get("methods", []):
-        lines.append(f"  {r['method']:<10} gap {r['gap']['kl_mean']:.4g}  re-included {r['reincluded']}")
+        named = {s: u for s, u in r["reincluded"].items() if u}
+        lines.append(f"  {r['method']:<10} gap {r['gap']['kl_mean']:.4g}  re-included {named}")
     _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(run) / 'attack.json'}")
 
 
@@ -354,12 +243,18 @@ def show(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
-    """Summarise a run and draw its masks (sites × units) with the training curves (and its circuit)."""
+    """Summarise a run and draw its masks (sites × units) with the training curves (and its circuit);
+    for a sweep folder, list its rungs and draw its frontier."""
     from explainer.api import open_run
     from explainer.metrics import truth_scores
     from explainer.models import load_truth
     from explainer.plotting import plot_circuit, plot_explanation
 
+    if (Path(run) / "frontier.json").is_file() and not (Path(run) / "explanation.json").is_file():
+        if graph is not None:
+            _fail(f"{run} is a sweep folder; draw one rung's circuit: explainer show {run}/runs/RUNG --graph FILE")
+        _show_sweep(run, png, as_json)
+        return
     expl, net, folder = open_run(run, check_weights=False)
     truth = load_truth(folder)
     picture = plot_explanation(expl, png or Path(run) / "masks.png", truth)
@@ -377,6 +272,40 @@ def show(
         result["truth"] = truth_scores(expl.kept, truth)
         text += f"\nground truth {truth}: F1 {result['truth']['f1']:.3f}"
     _emit(result, as_json, text + f"\nwrote {picture}" + (f" and {result['graph']}" if graph is not None else ""))
+
+
+def _show_sweep(folder: Path, png: Path | None, as_json: bool) -> None:
+    """``show SWEEP``: the sweep's rungs as a table and its frontier drawn (``frontier.png`` by default)."""
+    from explainer.models.native import read_json
+    from explainer.plotting import plot_frontier
+
+    result = read_json(Path(folder) / "frontier.json")
+    if not isinstance(result, dict) or not isinstance(result.get("records"), list):
+        _fail(f"{Path(folder) / 'frontier.json'} is not a sweep's result; rerun the sweep")
+    picture = plot_frontier({"ours": result}, png or Path(folder) / "frontier.png")
+    lines = [_sweep_head(str(result["model"].get("name") or result["model"].get("path")), result)]
+    lines += _rung_table(result["records"])
+    _warn(result)
+    _emit({**result, "png": str(picture)}, as_json, "\n".join(lines) + f"\nwrote {picture}")
+
+
+def _sweep_head(model: str, result: dict[str, Any]) -> str:
+    head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
+    return f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}, KL area {result['kl_area']:.4g} nats"
+
+
+def _rung_table(records: list[dict[str, Any]]) -> list[str]:
+    """One line per rung: size, target, faithfulness, gap and its run folder within the sweep's."""
+    columns = f"{'size':>5} {'target':>7} {'KL mean':>9} {'KL p99':>9} {'f':>6} {'LD rec':>7} {'acc':>6} {'gap':>8}"
+    lines = [f"  {columns}  run"]
+    for r in records:
+        run = Path(*Path(r["run"]).parts[-2:]) if r.get("run") else None  # runs/size-K-target-T
+        lines.append(
+            f"  {r['size']:>5} {r.get('target', '-'):>7} {r['kl_mean']:>9.4g} {r['kl_p99']:>9.4g} "
+            f"{r['normalized_faithfulness']:>6.3f} {r['logit_diff_recovered']:>7.3f} {r['accuracy']:>6.3f} "
+            f"{r['gap']:>8.4g}  {run or '-'}"
+        )
+    return lines
 
 
 @app.command()
@@ -456,8 +385,9 @@ def sweep(
 ) -> None:
     """Train a ladder of explanations (sizes or penalties) and grade each: the frontier (or continue
     an interrupted sweep with --resume OUT)."""
-    from explainer.sweep import PATIENCE, resume_sweep
-    from explainer.sweep import sweep as run_sweep
+    from explainer.frontier.ladder import PATIENCE
+    from explainer.frontier.sweep import resume_sweep
+    from explainer.frontier.sweep import sweep as run_sweep
 
     settings = {
         "ablation": ablation,
@@ -503,83 +433,14 @@ def sweep(
             progress=progress,
             **settings,
         )
-    head = f"frontier of {model} ({result['mode']}, {result['strategy']})"
-    lines = [f"{head}: CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}, KL area {result['kl_area']:.4g} nats"]
-    lines.append(f"  {'size':>5} {'KL mean':>9} {'KL p99':>9} {'f':>6} {'LD rec':>7} {'acc':>6} {'gap':>8}  run")
-    for r in result["records"]:
-        lines.append(
-            f"  {r['size']:>5} {r['kl_mean']:>9.4g} {r['kl_p99']:>9.4g} {r['normalized_faithfulness']:>6.3f} "
-            f"{r['logit_diff_recovered']:>7.3f} {r['accuracy']:>6.3f} {r['gap']:>8.4g}  {r['run']}"
-        )
+    lines = [_sweep_head(str(model), result), *_rung_table(result["records"])]
     for name, g in result.get("ablations", {}).items():
         lines.append(f"  under {name:<8} CPR {g['cpr']:.3f}  CMD {g['cmd']:.3f}  KL area {g['kl_area']:.4g} nats")
+    _warn(result)
     _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(out_dir) / 'frontier.json'} and frontier.png")
 
 
-@import_app.command("hf")
-def import_hf_cmd(
-    src: Path = typer.Argument(..., help="Hugging Face GPT-2 checkpoint folder (config.json + model.safetensors)."),
-    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Convert a GPT-2-family Hugging Face checkpoint into a model folder (LayerNorm kept, nothing folded)."""
-    from explainer.models.hf_import import import_hf
-
-    r = import_hf(src, folder, overwrite=overwrite)
-    text = (
-        f"{src} ({r['weights']}): GPT-2, {r['n_layers']} layers, d_model {r['d_model']}, {r['n_heads']} heads, "
-        f"vocabulary {r['d_vocab']}, context {r['n_ctx']}, {r['parameters']:,} parameters\nwrote {folder}"
-    )
-    _emit(r, as_json, text)
-
-
-@import_app.command("tl")
-def import_tl_cmd(
-    src: Path = typer.Argument(..., help="Folder with a HookedTransformerConfig JSON and a state dict."),
-    folder: Path = typer.Argument(..., metavar="OUT", help="Model folder to write."),
-    config: Path | None = typer.Option(None, "--config", help="The config JSON (default SRC/config.json)."),
-    weights: Path | None = typer.Option(None, "--weights", help="The state dict (default: the one in SRC)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Convert TransformerLens files (config JSON + state dict) into a model folder."""
-    from explainer.models.tl import import_tl
-
-    r = import_tl(src, folder, overwrite=overwrite, config=config, weights=weights)
-    _emit(r, as_json, f"{src}: {r['n_layers']} layers, d_model {r['d_model']}\nwrote {folder}")
-
-
-@app.command("export-model")
-def export_model_cmd(
-    model: str = typer.Argument(..., help="Zoo name or model folder."),
-    folder: Path = typer.Argument(..., metavar="OUT", help="Folder to write."),
-    fmt: str = typer.Option("tl", "--format", help="tl: HookedTransformerConfig JSON + state dict (safetensors)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder written by this command."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Write a model as TransformerLens files, loadable with HookedTransformer.load_state_dict."""
-    from explainer.models.tl import export_tl
-
-    if fmt != "tl":
-        _fail(f"unknown model format {fmt!r}; valid: tl")
-    r = export_tl(model, folder, overwrite=overwrite)
-    _emit(r, as_json, f"wrote {folder}/config.json (HookedTransformerConfig) and {folder}/model.safetensors")
-
-
-@app.command("export")
-def export_cmd(
-    run: Path = typer.Argument(..., help="Run folder."),
-    fmt: str = typer.Option("json", "--format", help="json (per-unit scores) or mib (MIB circuit file)."),
-    target: Path | None = typer.Option(None, "--out", "-o", help="File to write (default RUN/units.json or mib.json)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
-) -> None:
-    """Export an explanation: per-unit importance scores, or a MIB circuit-localisation file."""
-    from explainer.export import export_run
-
-    r = export_run(run, fmt, target)
-    what = f"{r['units']} units" if fmt == "json" else f"{r['edges']} edges, {r['edges_in_graph']} in the circuit"
-    _emit(r, as_json, f"{run}: size {r['size']}; {what}\nwrote {r['out']}")
+from explainer import cli_models  # noqa: E402, F401  (registers the zoo, import and export commands last)
 
 
 def main(argv: list[str] | None = None) -> None:

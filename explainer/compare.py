@@ -82,7 +82,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> dict[str
     ``only_b`` count units over all sites and ``jaccard`` is shared / either.
 
     >>> import tempfile
-    >>> from explainer.circuit import example
+    >>> from explainer.export import example_circuit as example
     >>> folder = tempfile.mkdtemp()
     >>> a, b = example(), example()
     >>> b.kept["blocks.1.attn.k.in"] = []

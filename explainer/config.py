@@ -36,7 +36,7 @@ class TrainConfig:
     drops both is never found. ``λ`` moves slowly (``dual_lr``) and backs off ten times faster than
     it grows, because a ``λ`` that overshoots closes every gate of a serial pathway at once.
 
-    In ``kl_budget`` mode two safeguards follow training (:func:`explainer.train.fit`): ``repair``
+    In ``kl_budget`` mode two safeguards follow training (:func:`explainer.finishing.fit`): ``repair``
     adds back, by exact search, units whose gates closed for good although the budget needs them;
     ``open_restart`` trains once more from open gates (logit 3) when the explanation still misses
     the budget, which happens when every sampled mask of a mostly closed start breaks the model
@@ -52,7 +52,7 @@ class TrainConfig:
     0: no refit); if that set then holds on both sets of prompts, it is kept and trim goes on.
     With a rotated in-loop adversary (``adversary_basis`` ``random`` or ``learned``),
     ``close_attacks`` finally adds back units while the rotated attack still moves the explanation
-    by more than ``kl_budget`` on the training prompts (:func:`adversary.rotation.close_attacks`).
+    by more than ``kl_budget`` on the training prompts (:func:`adversary.rotated.close_attacks`).
 
     ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
     ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal

@@ -75,19 +75,71 @@ class Explanation:
     config: dict[str, Any]
     faithfulness: dict[str, float]
     history: dict[str, list[float]] | None = None
-    attack: dict[str, Any] | None = None
+    attack_result: dict[str, Any] | None = None  # the run's attack.json, when it has been attacked
     versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
     path: Path | None = None
     bases: dict[str, np.ndarray] | None = None  # per site, columns = units; absent sites: standard
     rewrites: dict[str, np.ndarray] | None = None  # fitted f of each rewritten MLP (explainer.rewrites)
     rewrite_report: dict[str, Any] | None = None  # how much of the behaviour each f carries
+    warnings: list[str] = dataclasses.field(default_factory=list)  # see explainer.verdicts
+    timings: Any = dataclasses.field(default_factory=dict)  # seconds per phase (explainer.progress.Timings)
+    _bound: Any = dataclasses.field(default=None, repr=False, compare=False)  # (model, task) in this session
+
+    def bind(self, model: Any, task: Any) -> Explanation:
+        """This explanation with the model and task it explains held in memory, for :meth:`evaluate`
+        and :meth:`attack` (a loaded run finds them from its record instead)."""
+        self._bound = (model, task)
+        return self
+
+    def _model_and_task(self, task: Any = None) -> tuple[Any, Any]:
+        from explainer.evaluation import run_model, run_task
+        from explainer.tasks import resolve_task
+
+        if self._bound is not None:
+            model, own = self._bound
+            return model, own if task is None else resolve_task(task)
+        model, folder = run_model(self)
+        return model, run_task(self, folder, task)
+
+    def evaluate(self, ablation: str | None = None, task: Any = None) -> dict[str, Any]:
+        """Faithfulness on held-out prompts (optionally under another ablation or on another task):
+        the fields of ``explainer eval --json``, with its ``warnings``.
+
+        >>> import explainer
+        >>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+        >>> e.evaluate(ablation="mean")["faithfulness"]["accuracy"]
+        1.0
+        """
+        from explainer.evaluation import evaluate_explanation
+
+        model, the_task = self._model_and_task(task)
+        result = evaluate_explanation(self, model, the_task, ablation)
+        return {"run": str(self.path) if self.path else None, **result}
+
+    def attack(
+        self, budget: int = 1, method: str = "all", seed: int = 0, divergence: str = "kl", adversary_basis: str = "own"
+    ) -> dict[str, Any]:
+        """Re-include up to ``budget`` excluded units to move the scrubbed model as much as possible
+        (:mod:`adversary.discrete`), on held-out prompts: the fields of ``explainer attack --json``,
+        with a ``verdict`` (robust or fragile against the KL budget).
+
+        >>> import explainer
+        >>> e = explainer.explain("planted-distractor", steps=300, progress=False)
+        >>> e.attack(budget=1)["verdict"]
+        'robust'
+        """
+        from explainer.evaluation import attack_explanation
+
+        model, the_task = self._model_and_task()
+        result = attack_explanation(self, model, the_task, budget, method, seed, divergence, adversary_basis)
+        return {"run": str(self.path) if self.path else None, **result}
 
     def plot(self, path: str | os.PathLike, truth: dict[str, list[int]] | None = None) -> Path:
         """Write the masks picture (``explainer show``'s ``masks.png``): gates per site and unit, the
         kept units boxed, and the training curves (:func:`explainer.plotting.plot_explanation`).
 
         >>> import tempfile
-        >>> from explainer.circuit import example
+        >>> from explainer.export import example_circuit as example
         >>> example().plot(tempfile.mkdtemp() + "/masks.png").name
         'masks.png'
         """
@@ -101,7 +153,7 @@ class Explanation:
         (:func:`explainer.plotting.plot_circuit`).
 
         >>> import tempfile
-        >>> from explainer.circuit import example
+        >>> from explainer.export import example_circuit as example
         >>> example().graph(tempfile.mkdtemp() + "/circuit.png").name
         'circuit.png'
         """
@@ -151,6 +203,8 @@ class Explanation:
             "size_per_site": self.size_per_site,
             "kept": self.kept,
             "faithfulness": self.faithfulness,
+            "warnings": list(self.warnings),
+            "timings": {k: round(float(v), 3) for k, v in dict(self.timings).items()},
             "versions": self.versions,
         } | ({"rewrites": self.rewrite_report} if self.rewrite_report else {})
 
@@ -178,8 +232,8 @@ class Explanation:
             from explainer.rewrites import describe
 
             lines += describe(self.rewrite_report, self.kept)
-        if self.attack:
-            a = self.attack
+        if self.attack_result:
+            a = self.attack_result
             lines.append(
                 f"attack ({a.get('method')}, budget {a.get('budget')}): gap KL mean "
                 f"{a['gap']['kl_mean']:.4g} max {a['gap']['kl_max']:.4g} by re-including {a.get('reincluded')}"
@@ -207,8 +261,8 @@ class Explanation:
                 save_file({k: np.asarray(v, np.float32) for k, v in self.rewrites.items()}, str(tmp / REWRITES_FILE))
             if self.history is not None:
                 write_json(tmp / HISTORY_FILE, self.history)
-            if self.attack is not None:
-                write_json(tmp / "attack.json", self.attack)
+            if self.attack_result is not None:
+                write_json(tmp / "attack.json", self.attack_result)
             swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -305,13 +359,23 @@ def load(path: str | os.PathLike) -> Explanation:
         config=data["config"],
         faithfulness=data["faithfulness"],
         history=history,  # type: ignore[arg-type]
-        attack=attack,  # type: ignore[arg-type]
+        attack_result=attack,  # type: ignore[arg-type]
         versions=data.get("versions", {}),
         path=path,
         bases=bases or None,
         rewrites=rewrites,
         rewrite_report=data.get("rewrites"),
+        warnings=[str(w) for w in data.get("warnings", [])],
+        timings=_timings(data.get("timings")),
     )
+
+
+def _timings(record: Any) -> Any:
+    """The run's seconds per phase, as a :class:`~explainer.progress.Timings` (empty when absent)."""
+    from explainer.progress import Timings
+
+    ok = isinstance(record, dict) and all(isinstance(v, (int, float)) for v in record.values())
+    return Timings(record if ok else {})
 
 
 def _is_history(history: Any) -> bool:

@@ -49,10 +49,11 @@ from typing import Any
 
 import numpy as np
 
+from explainer.circuit import model_config
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.explanation import FAITHFULNESS_KEYS, Explanation, load
 from explainer.models.config import ModelConfig
-from explainer.models.native import CONFIG_FILE, read_json, write_json
+from explainer.models.native import write_json
 
 FORMATS = ("json", "mib")
 _KV_READER = re.compile(r"^a(\d+)\.kv(\d+)\.([kv])$")  # our key/value reader under grouped-query attention
@@ -236,13 +237,7 @@ def example_explanation() -> Explanation:
 
 def model_config_of(expl: Explanation) -> ModelConfig:
     """The config of the model a run explains (its weights are not needed)."""
-    from explainer.models.zoo import resolve_model
-
-    name, path = expl.model.get("name"), expl.model.get("path")
-    folder = resolve_model(name) if name else Path(str(path))
-    if not (folder / CONFIG_FILE).is_file():
-        raise ExplainerError(f"the model of this run is gone: {str(folder / CONFIG_FILE)!r} does not exist")
-    return ModelConfig.from_json(read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
+    return model_config(expl)
 
 
 def export_run(run: str | os.PathLike, format: str = "json", out: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -272,3 +267,28 @@ def export_run(run: str | os.PathLike, format: str = "json", out: str | os.PathL
         result["edges"] = len(data["edges"])
         result["edges_in_graph"] = sum(e["in_graph"] for e in data["edges"].values())
     return result
+
+
+def example_circuit() -> Explanation:
+    """A hand-made edge explanation of the shipped ``induction`` model (for examples; nothing trained):
+    head ``a0.h0`` feeds the key of ``a1.h1`` (K-composition), which writes the answer to the logits.
+    """
+    from explainer.edges import edge_sites, edge_units
+    from explainer.models.config import ModelConfig
+
+    config = ModelConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True)
+    n_units = edge_units(config, edge_sites(config))
+    kept = {"blocks.0.attn.v.in": [0], "blocks.1.attn.k.in": [4], "blocks.1.attn.v.in": [3], "unembed.in": [4]}
+    logits = {site: np.full(n, -3.0, np.float32) for site, n in n_units.items()}
+    for site, units in kept.items():
+        logits[site][units] = 2.0
+    logits["blocks.1.attn.k.in"][4] = 0.5
+    return Explanation(
+        kept=kept,
+        n_units=n_units,
+        gate_logits=logits,
+        model={"name": "induction"},
+        task={"name": "induction", "source": "model"},
+        config={"units": "edges"},
+        faithfulness=dict.fromkeys(FAITHFULNESS_KEYS, 0.0) | {"accuracy": 1.0, "logit_diff_recovered": 1.0},
+    )

@@ -111,7 +111,7 @@ def _fit_best(scrubber, tokens, full, masks, start, key, steps, lr, batch) -> di
         )
         kl = _fit_kl(scrubber, tokens, full, masks, params)
         better = kl < best_kl
-        best = jax.tree.map(lambda b, p: jnp.where(better.reshape(-1, *([1] * (p.ndim - 1))), p, b), best, params)
+        best = jax.tree.map(lambda b, p, w=better: jnp.where(w.reshape(-1, *([1] * (p.ndim - 1))), p, b), best, params)
         best_kl = jnp.where(better, kl, best_kl)
     return best
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from explainer.explanation import Explanation
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -16,7 +14,7 @@ if TYPE_CHECKING:
     from explainer.models.config import ModelConfig
 
 
-def gate_values(expl: Explanation) -> np.ndarray:
+def gate_values(expl: Any) -> np.ndarray:
     """Deterministic gate value per site (rows, forward order) and unit (columns), NaN-padded."""
     from explainer.circuit import gate_value
 
@@ -27,10 +25,10 @@ def gate_values(expl: Explanation) -> np.ndarray:
     return grid
 
 
-def unit_kind(expl: Explanation) -> str:
+def unit_kind(expl: Any) -> str:
     """What a column of the masks picture is: ``writer (edge)``, ``learned direction``, ...
 
-    >>> from explainer.circuit import example
+    >>> from explainer.export import example_circuit as example
     >>> unit_kind(example())
     'writer (edge)'
     """
@@ -42,7 +40,7 @@ def unit_kind(expl: Explanation) -> str:
     return f"{kind} × position" if config.get("positional") else kind
 
 
-def finishing_marks(expl: Explanation) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+def finishing_marks(expl: Any) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Units the finishing passes changed: ``(added, dropped)`` per site.
 
     ``added``: kept although the trained gate is closed (repair, or closing rotated attacks);
@@ -60,7 +58,7 @@ def finishing_marks(expl: Explanation) -> tuple[dict[str, list[int]], dict[str, 
     return added, dropped
 
 
-def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str, list[int]] | None = None) -> Path:
+def plot_explanation(expl: Any, path: str | os.PathLike, truth: dict[str, list[int]] | None = None) -> Path:
     """Write a PNG: the mask heatmap (kept units boxed, ground truth crossed) and training curves.
 
     Columns are the units of the run's kind (:func:`unit_kind`); sites with fewer units than the
@@ -76,7 +74,7 @@ def plot_explanation(expl: Explanation, path: str | os.PathLike, truth: dict[str
     return _save(masks_figure(expl, truth), path)
 
 
-def masks_figure(expl: Explanation, truth: dict[str, list[int]] | None = None) -> Figure:
+def masks_figure(expl: Any, truth: dict[str, list[int]] | None = None) -> Figure:
     """The figure :func:`plot_explanation` writes: the heatmap axes first, then the curves."""
     from matplotlib.figure import Figure
 
@@ -103,7 +101,7 @@ def masks_figure(expl: Explanation, truth: dict[str, list[int]] | None = None) -
     return fig
 
 
-def _draw_masks(fig: Figure, ax, expl: Explanation, grid: np.ndarray, truth: dict | None) -> str:
+def _draw_masks(fig: Figure, ax, expl: Any, grid: np.ndarray, truth: dict | None) -> str:
     """The heatmap of gates with its marks; returns the legend line."""
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
@@ -147,7 +145,7 @@ def _draw_masks(fig: Figure, ax, expl: Explanation, grid: np.ndarray, truth: dic
     return "   ".join(parts)
 
 
-def _name_edges(ax, expl: Explanation, width: int) -> None:
+def _name_edges(ax, expl: Any, width: int) -> None:
     """Write each edge unit's writer in its cell (``h1:a0.h0`` for a head's q/k/v), where they fit."""
     if expl.config.get("units", "dims") != "edges" or width > 24:
         return
@@ -169,7 +167,7 @@ def _name_edges(ax, expl: Explanation, width: int) -> None:
             )
 
 
-def _draw_curves(ax, ax_size, expl: Explanation) -> None:
+def _draw_curves(ax, ax_size, expl: Any) -> None:
     """KL (sampled, noise-free), the adversary's gap and the KL budget; expected size and λ."""
     history = expl.history or {}
     kl = np.asarray(history["kl"])
@@ -254,7 +252,8 @@ def frontier_figure(frontiers: dict[str, dict], title: str | None = None, ablati
             + (f"  KL area {f['kl_area']:.3g}" if "kl_area" in f else ""),
         )
     ax.axhline(1.0, color="tab:green", lw=0.8, ls="--")
-    _size_axis(ax)
+    drawn = [r for f in frontiers.values() for r in f["records"]]
+    _size_axis(ax, [r["size"] for r in drawn], [r["normalized_faithfulness"] for r in drawn])
     ax.set_ylabel("normalised faithfulness (logit difference)")
     ax.legend(loc="lower right", fontsize=7)
     if scatter is not None:
@@ -272,7 +271,8 @@ def frontier_figure(frontiers: dict[str, dict], title: str | None = None, ablati
                 + (f"  KL area {g['kl_area']:.3g}" if "kl_area" in g else ""),
             )
         ax2.axhline(1.0, color="tab:green", lw=0.8, ls="--")
-        _size_axis(ax2)
+        drawn = [r for g in frontiers[with_ablations]["ablations"].values() for r in g["records"]]
+        _size_axis(ax2, [r["size"] for r in drawn], [r["normalized_faithfulness"] for r in drawn])
         ax2.set_title(f"{with_ablations}: the same explanations under each ablation", fontsize=9)
         ax2.legend(loc="lower right", fontsize=7)
     if title:
@@ -281,7 +281,7 @@ def frontier_figure(frontiers: dict[str, dict], title: str | None = None, ablati
     return fig
 
 
-def plot_circuit(expl: Explanation, path: str | os.PathLike, config: ModelConfig | None = None) -> Path:
+def plot_circuit(expl: Any, path: str | os.PathLike, config: ModelConfig | None = None) -> Path:
     """Write a PNG of the circuit: an edge run's kept edges as a layered graph (embed, heads, MLPs,
     logits; q/k/v inputs by colour; width by the gate's probability of being open), or for a
     dimension run the roll-up of kept units per reader. See :mod:`explainer.circuit`.
@@ -289,7 +289,7 @@ def plot_circuit(expl: Explanation, path: str | os.PathLike, config: ModelConfig
     ``config`` is the explained model's configuration (default: read from its folder).
 
     >>> import tempfile
-    >>> from explainer.circuit import example
+    >>> from explainer.export import example_circuit as example
     >>> plot_circuit(example(), tempfile.mkdtemp() + "/circuit.png").suffix
     '.png'
     """
@@ -299,13 +299,20 @@ def plot_circuit(expl: Explanation, path: str | os.PathLike, config: ModelConfig
     return _save(fig, path)
 
 
-def _size_axis(ax) -> None:
-    """Sizes on a symlog axis: linear from 0 to 1, so size 0 sits at 0, then logarithmic."""
-    from matplotlib.ticker import ScalarFormatter
+def _size_axis(ax, sizes: list[int] | None = None, values: list[float] | None = None) -> None:
+    """Sizes on a symlog axis: linear from 0 to 1, so size 0 sits at 0, then logarithmic; the sizes
+    drawn are the ticks when they are few. The y axis always shows 0 (nothing) to 1 (the full model)."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+    ax.set_xlim(-0.3, max(ax.get_xlim()[1], max(sizes or [1]), 1.0) * 1.3)  # whole markers at both ends
+    ticks = sorted(set(sizes or []))
+    if 0 < len(ticks) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlim(-0.3, max(ax.get_xlim()[1], 1.0) * 1.3)  # whole markers at both ends
+    finite = [v for v in values or [] if np.isfinite(v)]
+    ax.set_ylim(min([0.0, *finite]) - 0.05, max([1.0, *finite]) + 0.05)
     ax.set_xlabel("size (units kept; linear 0-1, log above)")
 
 

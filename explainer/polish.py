@@ -14,8 +14,15 @@ at once (:func:`explainer.parallel.thread_map`), with the scores one thread woul
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
-fewer of them), and only the most promising are scored on all of them (:func:`shortlist`). Every
-candidate is still evaluated, so a unit that gradients cannot see is still found.
+fewer of them), and only the most promising are scored on all of them (:func:`shortlist`).
+
+On models of up to :data:`EXACT_UNITS` units every candidate is evaluated, one unit a round, so a
+unit that gradients cannot see is still found (the models whose answers are known keep their exact
+searches). On larger models the candidates are first ranked by attribution: the gradient of the KL
+with respect to the mask (one backward pass, :meth:`KLOracle.attribution`) gives each unit's
+first-order effect, and only the best :data:`RANK_BOUND` are screened; rounds then move blocks of
+units and are at most :data:`MAX_ROUNDS`. So no pass evaluates a number of masks that grows with the
+number of units (:attr:`KLOracle.evaluations` counts them).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
 SHORTLIST = 32  # candidates of a round scored on every prompt
 MAX_ORACLE_PROMPTS = 256  # prompts an oracle scores, the first of its data
 CHUNK_ELEMENTS = 2**18  # residual elements (prompts × positions × d_model) a vmapped call should hold
+EXACT_UNITS = 512  # a round with at most this many candidates scores every one (every shipped model)
+RANK_BOUND = 128  # beyond that, the candidates a round screens, ranked first by attribution
+MAX_ROUNDS = 8  # rounds of a search while it has more than EXACT_UNITS candidates (blocks of units)
 
 
 def chunk_for(tokens, d_model: int) -> int:
@@ -65,6 +75,20 @@ def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Arra
         return kl_divergence(full, logits).mean(), logit_diff(logits, *answers).mean()
 
     return jax.vmap(one)(flat)
+
+
+@eqx.filter_jit
+def _kl_gradient(scrubber: Scrubber, tokens, full, replacement, flat: Float[Array, " units"], layout: Layout):
+    """The gradient of the mean KL with respect to the (relaxed) flat keep mask, at ``flat``."""
+
+    def loss(row):
+        keep, start = {}, 0
+        for site, n in layout:
+            keep[site] = row[start : start + n]
+            start += n
+        return kl_divergence(full, scrubber.logits(tokens, keep, replacement)).mean()
+
+    return jax.grad(loss)(flat)
 
 
 @eqx.filter_jit
@@ -131,6 +155,22 @@ class KLOracle:
         self.full_logit_diff = float(full_logit_diff)
         self.workers = cpu_workers()  # chunks scored at once, one per thread (explainer.parallel)
         self._memory: dict[bytes, tuple[float, float]] = {}
+        self._evaluated = 0  # distinct masks scored (forward passes of one mask)
+        self.gradients = 0  # attributions computed (backward passes of one mask)
+
+    @property
+    def evaluations(self) -> int:
+        """Masks scored so far, on all prompts and on the screen together."""
+        return self._evaluated + (self.screen.evaluations if getattr(self, "screen", None) is not None else 0)
+
+    def attribution(self, flat: np.ndarray) -> np.ndarray:
+        """Each unit's first-order effect on the KL at ``flat``: ``∂KL/∂m``, on the screen's prompts
+        when there is a screen (one backward pass)."""
+        source = self.screen if getattr(self, "screen", None) is not None else self
+        self.gradients += 1
+        row = jnp.asarray(np.asarray(flat, np.float32) > 0.5, jnp.float32)
+        grad = _kl_gradient(source.scrubber, source.tokens, source.full, source.replacement, row, source.layout)
+        return np.asarray(grad, np.float64)
 
     def kl(self, masks: np.ndarray) -> np.ndarray:
         """Mean KL of each row of ``masks`` (``[k, units]``), evaluated ``chunk`` rows at a time.
@@ -153,6 +193,7 @@ class KLOracle:
             if key not in self._memory:
                 first.setdefault(key, i)
         todo = list(first.values())  # one evaluation per distinct new row
+        self._evaluated += len(todo)
 
         def score(start: int) -> tuple[np.ndarray, np.ndarray]:
             part = masks[todo[start : start + self.chunk]].astype(np.float32)
@@ -177,6 +218,37 @@ class KLOracle:
             out[site] = np.asarray(flat[start : start + n] > 0.5)
             start += n
         return out
+
+
+def candidates(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:
+    """``units`` whose mask entries a search would set to ``value``: all of them on a model of at
+    most :data:`EXACT_UNITS` units (:func:`exact`), else the :data:`RANK_BOUND` whose change the
+    KL's gradient predicts to lower the KL most (:meth:`KLOracle.attribution`), in unit order.
+
+    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.tasks import resolve_task
+    >>> folder = resolve_model("planted-distractor")
+    >>> task = resolve_task(None, folder)
+    >>> oracle = KLOracle(Scrubber.build(load_model(folder), task.train_data()), task.train_data())
+    >>> candidates(oracle, np.zeros(oracle.n_units), np.arange(oracle.n_units), 1.0).size  # few: all
+    20
+    """
+    units = np.asarray(units)
+    if exact(oracle) or units.size <= RANK_BOUND:
+        return units
+    change = oracle.attribution(flat)[units] * (value - np.asarray(flat, np.float64)[units])
+    return np.sort(units[np.argsort(change, kind="stable")[:RANK_BOUND]])
+
+
+def exact(oracle: KLOracle) -> bool:
+    """Whether searches on ``oracle``'s model score every candidate, one unit a round, as long as
+    they need: models of at most :data:`EXACT_UNITS` units (every shipped one)."""
+    return oracle.n_units <= EXACT_UNITS
+
+
+def _rounds(oracle: KLOracle) -> int:
+    """Rounds a search may take: as many as it needs on an :func:`exact` model, else :data:`MAX_ROUNDS`."""
+    return oracle.n_units + 1 if exact(oracle) else MAX_ROUNDS
 
 
 def _with(flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:
@@ -214,7 +286,10 @@ def trim(
     {'blocks.0.attn.in': [0], 'unembed.in': [1]}
     """
     flat, dropped = np.asarray(flat, np.float32).copy(), []
-    while (kept := np.flatnonzero(flat > 0.5)).size:
+    rounds, large = _rounds(oracle), not exact(oracle)  # a large model: blocks of units, few rounds
+    while (kept := np.flatnonzero(flat > 0.5)).size and rounds > 0:
+        rounds -= 1
+        kept = candidates(oracle, flat, kept, 0.0)
         rows = _with(flat, kept, 0.0)
         kls = oracle.kl(rows)
         if ld_floor is not None:
@@ -227,9 +302,23 @@ def trim(
         best = int(np.argmin(kls))
         if kls[best] > budget:
             break
-        flat[kept[best]] = 0.0
-        dropped.append(int(kept[best]))
+        block = _block(oracle, flat, kept, kls, budget, ld_floor, check) if large else [int(kept[best])]
+        flat[block] = 0.0
+        dropped.extend(block)
     return flat, dropped
+
+
+def _block(oracle, flat, kept, kls, budget, ld_floor, check) -> list[int]:
+    """On a large set, the most of the cheapest single removals (1, 2, 4, ... of them, the longest
+    first) that can go together within the budget (and floor, and ``check``): at least the best one."""
+    order = np.argsort(kls, kind="stable")
+    free = kept[order][kls[order] <= budget]
+    for length in _doubling(free.size)[::-1]:
+        trial = flat.copy()
+        trial[free[:length]] = 0.0
+        if within(oracle, trial, budget, ld_floor) and (check is None or within(check, trial, budget, ld_floor)):
+            return [int(u) for u in free[:length]]
+    return [int(free[0])]
 
 
 def within(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None) -> bool:
@@ -250,6 +339,7 @@ def nearest_drop(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: fl
     kept = np.flatnonzero(np.asarray(flat) > 0.5)
     if kept.size == 0:
         return None
+    kept = candidates(oracle, flat, kept, 0.0)
     rows = _with(np.asarray(flat, np.float32), kept, 0.0)
     kls = oracle.kl(rows)
     inside = kls <= budget
@@ -343,8 +433,10 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     """
     flat, added = np.asarray(flat, np.float32).copy(), []
     current = float(oracle.kl(flat)[0])
-    while current > budget and len(added) < max_added:
-        excluded = np.flatnonzero(flat < 0.5)
+    rounds = _rounds(oracle)
+    while current > budget and len(added) < max_added and rounds > 0:
+        rounds -= 1
+        excluded = candidates(oracle, flat, np.flatnonzero(flat < 0.5), 1.0)
         if len(excluded) == 0:
             break
         scores = shortlist(oracle, _with(flat, excluded, 1.0), max(SHORTLIST, 2 * (max_added - len(added))))
@@ -379,7 +471,10 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     """
     flat = np.asarray(flat, np.float32).copy()
     base = float(oracle.kl(flat[None])[0])
-    while (kept := np.flatnonzero(flat > 0.5)).size:
+    rounds = _rounds(oracle)
+    while (kept := np.flatnonzero(flat > 0.5)).size and rounds > 0:
+        rounds -= 1
+        kept = candidates(oracle, flat, kept, 0.0)
         kls = shortlist(oracle, _with(flat, kept, 0.0))
         order = np.argsort(kls, kind="stable")
         free = kept[order][[no_worse(float(k), base) for k in kls[order]]]

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class progress_bar:
     """Context manager yielding ``advance(done, text)``; a no-op when ``enabled`` is false.
+
+    On a terminal it draws a rich bar on stderr; when stderr is not a terminal (a log file, a job
+    scheduler, a pipe) it prints a plain line at most every ``interval`` seconds and one at the end,
+    so long work is never silent.
 
     >>> with progress_bar(False, 10) as advance:
     ...     advance(5, "halfway")
     """
 
-    def __init__(self, enabled: bool, total: int, label: str = "training"):
-        self.enabled, self.total, self.label = enabled, total, label
+    def __init__(self, enabled: bool, total: int, label: str = "training", interval: float = 10.0):
+        self.enabled, self.total, self.label, self.interval = enabled, total, label, interval
+        self.bar = None
 
     def __enter__(self):
         if not self.enabled:
             return lambda done, text: None
+        if not sys.stderr.isatty():
+            return self._lines()
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -33,7 +45,59 @@ class progress_bar:
         task = self.bar.add_task("", total=self.total)
         return lambda done, text: self.bar.update(task, completed=done, description=text)
 
+    def _lines(self):
+        started = last = time.perf_counter()
+        self.last_line: tuple[int, str] | None = None
+
+        def advance(done: int, text: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self.last_line = (done, text)
+            if now - last >= self.interval or done >= self.total:
+                last = now
+                self._print(done, text, now - started)
+                self.last_line = None
+
+        self.started = started
+        return advance
+
+    def _print(self, done: int, text: str, elapsed: float) -> None:
+        print(
+            f"{self.label} {done}/{self.total} {text} [{elapsed:.0f}s]".replace("  ", " "), file=sys.stderr, flush=True
+        )
+
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.enabled and self.bar is not None:
             self.bar.__exit__(*exc)
+        elif self.enabled and getattr(self, "last_line", None) is not None:
+            self._print(*self.last_line, time.perf_counter() - self.started)
         return False
+
+
+class Timings(dict):
+    """Seconds per phase of a run (compile, train, each finishing pass, evaluate, save), in the
+    order the phases first ran; a phase that runs again adds to its time.
+
+    >>> t = Timings()
+    >>> with t.phase("train"):
+    ...     pass
+    >>> list(t), t["train"] >= 0
+    (['train'], True)
+    """
+
+    @contextmanager
+    def phase(self, name: str, say: bool = False) -> Iterator[None]:
+        """Time the block as phase ``name``; ``say``: announce it on stderr, and its time when done."""
+        started = time.perf_counter()
+        if say:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - started
+            if say:
+                print(f"{name} done [{time.perf_counter() - started:.1f}s]", file=sys.stderr, flush=True)
+
+    def rounded(self) -> dict[str, float]:
+        """The timings as plain floats, to the millisecond (for JSON)."""
+        return {k: round(float(v), 3) for k, v in self.items()}

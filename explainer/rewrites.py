@@ -256,7 +256,7 @@ def carried(
     difference recovered and accuracy. ``r2`` is the share of the MLP output's variance ``f``
     explains on the held-out prompts (every position).
     """
-    from explainer.api import evaluate_keep  # the evaluation shared with every run
+    from explainer.score import evaluate_keep  # the evaluation shared with every run
     from explainer.scrub import Scrubber
 
     found = rewrites_of(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,7 +31,7 @@ from explainer.faults import History, checked_step
 from explainer.masks import Gates, Mask
 from explainer.metrics import kl_divergence
 from explainer.parallel import DataParallel, data_parallel
-from explainer.progress import progress_bar
+from explainer.progress import Timings, progress_bar
 from explainer.scrub import Replacement, Scrubber, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 
@@ -47,8 +48,8 @@ class InLoopAdversary(Protocol):
     then one update that shares its forward pass with the explainer's step. ``gaps`` returns the
     mean ``D(S_m ‖ S_{m∨a})`` per restart and must be differentiable in both ``params`` and ``keep``.
     With ``warm_start`` false the state is re-initialised at every explainer step. An adversary
-    may also offer ``close(scrubber, batch, keep, tolerance, key, admissible)``, which
-    :func:`fit` calls on the finished explanation where its ``closes`` is true (see there).
+    may also say it ``closes`` (a rotated basis, with its ``basis``, ``budget`` and ``divergence``):
+    :func:`fit` then closes the rotated attacks left open on the finished explanation (see there).
     """
 
     name: str
@@ -295,8 +296,10 @@ def train_gates(
     adversary: InLoopAdversary | None = None,
     progress: bool = True,
     checkpoints: str | os.PathLike | None = None,
+    timings: Timings | None = None,
 ) -> tuple[Gates, dict[str, list[float]]]:
     """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap).
+    ``timings`` gains ``compile`` (the first step, which compiles it) and ``train`` (the rest).
 
     With a ``checkpoints`` folder, the state is saved there every ``config.checkpoint_every`` steps
     and at the end, and training continues from the newest good checkpoint found there. A NaN or
@@ -312,11 +315,17 @@ def train_gates(
     operands, state = _bind(plain, state)
     history = History(saved.history if saved else {}, fault_names)
     where = ""
+    timings = Timings() if timings is None else timings
+    started = time.perf_counter()
     with progress_bar(progress, config.steps) as advance:
         advance(int(state.step), "")
         for i in range(int(state.step), config.steps):
             state, metrics = step(state, *operands)
             history.append(metrics)
+            if i == int(saved.state.step if saved else 0):  # the first step of this process compiled it
+                jax.block_until_ready(state)
+                timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - started
+                started = time.perf_counter()
             done = i + 1
             due = checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0
             if done % 50 == 0 or done == config.steps or due:
@@ -327,6 +336,7 @@ def train_gates(
                 path = save_checkpoint(checkpoints, state, done, history.values)
                 where = f"The last good checkpoint (step {done}) is {path}. "
     history.flush(where)
+    timings["train"] = timings.get("train", 0.0) + time.perf_counter() - started
     out = history.values
     out["traces"] = [counter["traces"]]
     return state.gates, out
@@ -381,101 +391,14 @@ def refit_bases(
     return state.gates.bases
 
 
-def fit(
-    scrubber: Scrubber,
-    data: Batch,
-    config: TrainConfig,
-    adversary: InLoopAdversary | None = None,
-    progress: bool = True,
-    checkpoints: str | os.PathLike | None = None,
-) -> tuple[dict[str, np.ndarray], Gates, dict[str, list[float]]]:
-    """Train, threshold, and in ``kl_budget`` mode repair or restart an explanation that misses
-    its budget. Returns the binary keep mask, the gates it came from and the history.
+def close_rotated(scrubber: Scrubber, data: Batch, keep, adversary, tolerance: float, key, admissible=None):
+    """The finished explanation with units added back until the rotated attack at the adversary's
+    budget (1 with a penalty) moves it by at most ``tolerance``
+    (:func:`adversary.rotated.close_attacks`), and the units added."""
+    from adversary.rotated import close_attacks
 
-    With ``trim`` the finished explanation then drops, one at a time, units it can lose within the
-    budget (:func:`explainer.polish.trim`), each removal checked also on the training prompts the
-    oracle does not score, with other replacements. With a learned basis, where trim stops, the
-    rotation is refit (:func:`refit_bases`) to the set less the unit nearest to going
-    (:func:`explainer.polish.nearest_drop`); when that set holds on both sets of prompts the
-    refit basis replaces the gates' and trim goes on. The refit leaves the adversary out: on
-    ``induction`` a refit against it recovered a logit difference of 0.894 where one on the KL alone
-    recovered 0.901.
-
-    Last, with ``close_attacks`` and an adversary whose ``closes`` is true (the learned adversary in
-    a rotated basis: :meth:`adversary.learned.LearnedAdversary.close`), units are added back while
-    its discrete attack on the training prompts still finds a gap over ``kl_budget``, each addition
-    keeping the KL within the budget.
-
-    The history gains ``kl_finished`` (the KL of the finished explanation on the repair prompts),
-    ``repaired`` (units added back), ``trimmed`` (units dropped), ``refits`` (refits kept),
-    ``closed`` (units added back against the rotated attack) and ``open_restart`` (1 when the kept
-    result came from the restart from open gates). The restart checkpoints into
-    ``checkpoints/open-restart``.
-    """
-    gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints)
-    keep = finish(gates, config)
-    closing = config.close_attacks and bool(getattr(adversary, "closes", False))  # its ``close`` does something
-    if config.mode != "kl_budget" or not (config.repair or config.open_restart or config.trim or closing):
-        return keep, gates, history
-    from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
-
-    def polished(keep, gates):
-        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
-        flat = oracle.flat(keep)
-        added: list[int] = []
-        if config.repair:
-            flat, added = repair(oracle, flat, config.kl_budget)
-        return oracle.split(flat), float(oracle.kl(flat)[0]), len(added)
-
-    keep, kl, repaired = polished(keep, gates)
-    restarted = 0.0
-    if kl > config.kl_budget and config.open_restart and config.init_logit < OPEN_LOGIT:
-        open_config = config.replace(init_logit=OPEN_LOGIT)
-        more = None if checkpoints is None else os.path.join(checkpoints, "open-restart")
-        gates2, history2 = train_gates(scrubber, data, open_config, adversary, progress, more)
-        keep2, kl2, repaired2 = polished(finish(gates2, open_config), gates2)
-        size, size2 = (sum(int(v.sum()) for v in k.values()) for k in (keep, keep2))
-        if (kl2 <= config.kl_budget and (kl > config.kl_budget or size2 < size)) or (
-            kl > config.kl_budget and kl2 < kl
-        ):
-            keep, kl, repaired, gates, history, restarted = keep2, kl2, repaired2, gates2, history2, 1.0
-    trimmed = refits = 0
-    if config.trim and kl <= config.kl_budget:
-        # every removal must also hold on the prompts the oracle does not score, with other replacements
-        held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
-
-        def oracles(bases):
-            scrubbed = scrubber.with_bases(bases)
-            return KLOracle(scrubbed, data, config.seed), KLOracle(scrubbed, held, (config.seed + 1) % 2**63)
-
-        budget, floor = config.kl_budget, config.trim_ld_floor
-        oracle, check = oracles(gates.bases)
-        flat, dropped = trim(oracle, oracle.flat(keep), budget, floor, check)
-        while gates.bases and config.trim_refit_steps:  # a learned basis: refit it to a smaller set
-            candidate = nearest_drop(oracle, flat, budget, floor)
-            if candidate is None:
-                break
-            bases = refit_bases(scrubber, data, gates, oracle.split(candidate), config)
-            refitted = oracles(bases)
-            if not all(within(o, candidate, budget, floor) for o in refitted):
-                break
-            gates, (oracle, check), refits = eqx.tree_at(lambda g: g.bases, gates, bases), refitted, refits + 1
-            dropped.extend(int(u) for u in np.flatnonzero((flat > 0.5) & (candidate < 0.5)))
-            flat, more = trim(oracle, candidate, budget, floor, check)
-            dropped.extend(more)
-        keep, trimmed = oracle.split(flat), len(dropped)
-        kl = float(oracle.kl(flat)[0]) if dropped else kl
-    closed = 0
-    if closing and kl <= config.kl_budget:  # a rotated adversary's attacks, left open by training
-        oracle = KLOracle(scrubber.with_bases(gates.bases), data, config.seed)
-        admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= config.kl_budget  # noqa: E731
-        key = jax.random.fold_in(jax.random.key(config.seed), 3)
-        keep, added = adversary.close(scrubber.with_bases(gates.bases), data, keep, config.kl_budget, key, admissible)
-        keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
-        closed = len(added)
-        kl = float(oracle.kl(oracle.flat(keep))[0]) if added else kl
-    history = {**history, "kl_finished": [kl], "repaired": [float(repaired)], "open_restart": [restarted]}
-    history["trimmed"] = [float(trimmed)]
-    history["refits"] = [float(refits)]
-    history["closed"] = [float(closed)]
-    return keep, gates, history
+    budget = adversary.budget if adversary.budget is not None else 1
+    closed, added, _ = close_attacks(
+        scrubber, data, keep, adversary.basis, budget, tolerance, key, adversary.divergence, admissible
+    )
+    return closed, added

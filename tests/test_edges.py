@@ -214,7 +214,7 @@ def test_optimal_constants_are_fitted_per_writer(tiny):
 def test_optimal_ablation_grades_edge_masks(tiny):
     """Grading edge masks under the optimal ablation (a default of the sweep) measures them: the
     fitted constants are keyed by the writers, not by the reader sites."""
-    from explainer.sweep import ablation_frontiers
+    from explainer.frontier.grade import ablation_frontiers
 
     model, batch = tiny
     scrubber = Scrubber.build(model, batch, units="edges")

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from explainer.circuit import circuit_edges, circuit_figure, example, rollup_figure
+from explainer.circuit import circuit_edges, circuit_figure, rollup_figure
 from explainer.explanation import load
+from explainer.export import example_circuit as example
 from explainer.plotting import frontier_figure, masks_figure, unit_kind
 
 

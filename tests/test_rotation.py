@@ -8,7 +8,8 @@ import pytest
 import explainer
 from adversary.discrete import attack, attack_all
 from adversary.learned import LearnedAdversary
-from adversary.rotation import adversary_bases, close_attacks, directions, excluded_rotation, rotated, rotated_attack
+from adversary.rotated import adversary_bases, close_attacks, rotated_attack
+from adversary.rotation import directions, excluded_rotation, rotated
 from explainer.api import attack_explanation
 from explainer.errors import ExplainerError
 from explainer.masks import OrthogonalBasis

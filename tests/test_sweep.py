@@ -10,9 +10,11 @@ import pytest
 from explainer.api import evaluate, open_run
 from explainer.config import TrainConfig
 from explainer.errors import ExplainerError
+from explainer.frontier.grade import grade_masks
+from explainer.frontier.ladder import train_ladder
+from explainer.frontier.sweep import parse_ladder, sweep
 from explainer.models import load_model, resolve_model
 from explainer.scrub import Scrubber
-from explainer.sweep import grade_masks, parse_ladder, sweep, train_ladder
 from explainer.tasks import resolve_task
 
 CONTRACT = ("run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "gap")
@@ -162,7 +164,7 @@ def test_bad_ladders_name_the_fix(tmp_path):
 
 
 def test_signature_reads_the_finished_explanation_only():
-    from explainer.sweep import _signature
+    from explainer.frontier.ladder import _signature
 
     logits = {"a": np.array([[3.0, -1.0, 2.0]]), "b": np.array([[0.5, -2.0]])}
     same = {"a": np.array([[9.0, -5.0, 8.0]]), "b": np.array([[0.1, -0.3]])}  # the same top 2 and signs
@@ -219,7 +221,8 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
 def test_open_restarts_reuse_the_ladders_compiled_step(distractor):
     """A pair of open restarts trains as many states at once as a ladder trained both ways: given
     the ladder's program, it runs the step compiled for the ladder (one trace in all)."""
-    from explainer.sweep import ladder_program, open_restart
+    from explainer.frontier.ladder import ladder_program
+    from explainer.frontier.select import open_restart
 
     scrubber, task = distractor
     data, config = task.train_data(), TrainConfig(steps=100)
@@ -241,7 +244,7 @@ def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, st
     same curves up to float rounding, and still one compiled step for the whole ladder."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.sweep")
+    sweep_module = importlib.import_module("explainer.frontier.threads")
     scrubber, task = distractor
     calls = []
     original = sweep_module._Threads.run
@@ -270,7 +273,7 @@ def test_ladders_thread_by_default_only_where_a_step_is_work_enough(distractor, 
     least ``THREAD_ELEMENTS`` residual elements; below that, in one vmapped call."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.sweep")
+    sweep_module = importlib.import_module("explainer.frontier.threads")
     monkeypatch.setattr(sweep_module, "cpu_workers", lambda: 4)
     scrubber, task = distractor
     data = task.train_data()
@@ -303,7 +306,7 @@ def test_a_fault_in_a_threaded_ladder_names_its_step(distractor, monkeypatch):
     monkeypatch.setattr(train, "make_step", make_step)
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("explainer.sweep"), "make_step", make_step)
+    monkeypatch.setattr(importlib.import_module("explainer.frontier.ladder"), "make_step", make_step)
     scrubber, task = distractor
     with pytest.raises(ExplainerError, match="training stopped at step 40: the kl term is nan"):
         train_ladder(scrubber, task.train_data(), TrainConfig(steps=100), "sizes", [1, 2], workers=2)
@@ -313,7 +316,7 @@ def test_auto_strategy_is_continuation_on_every_backend(distractor, monkeypatch)
     """``auto`` keeps the frontiers' better strategy even where ``vmap`` is faster (a GPU)."""
     import jax
 
-    from explainer.sweep import choose_strategy
+    from explainer.frontier.ladder import choose_strategy
 
     scrubber, _ = distractor
     for backend in ("cpu", "gpu", "tpu"):
@@ -383,8 +386,9 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
 def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.sweep import Rung, at_most
 
     scrubber, task = distractor
     masks = {k: {s: np.zeros(10, np.float32) for s in scrubber.sites} for k in (0, 1, 2, 3)}
@@ -410,8 +414,9 @@ def test_at_most_keeps_the_way_whose_polished_rung_is_better():
     2-unit pathway (no single unit helps), so only the comparison finds it."""
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.sweep import Rung, at_most
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -441,11 +446,11 @@ def test_at_most_leaves_an_alternative_that_learned_nothing_unpolished(monkeypat
 
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
     from explainer.masks import Gates
     from explainer.polish import KLOracle
-    from explainer.sweep import Rung
 
-    sw = importlib.import_module("explainer.sweep")
+    sw = importlib.import_module("explainer.frontier.select")
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
     data = task.train_data()
@@ -478,9 +483,10 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
     cancelling pair ends empty, and only scoring all 190 pairs finds a faithful one."""
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
     from explainer.polish import KLOracle
-    from explainer.sweep import Rung, at_most
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -505,9 +511,10 @@ def test_at_most_takes_a_stuck_rungs_best_set_among_the_next_larger_rungs_units(
     larger rung polished down to the smaller one's size is taken whole."""
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
     from explainer.polish import KLOracle, best_of_size
-    from explainer.sweep import Rung, at_most
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -523,7 +530,7 @@ def test_at_most_takes_a_stuck_rungs_best_set_among_the_next_larger_rungs_units(
     larger[[*pair, *distractors]] = 1.0
     gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
     rungs = [Rung("sizes", 2.0, gates, oracle.split(half), {}), Rung("sizes", 4.0, gates, oracle.split(larger), {})]
-    monkeypatch.setattr(sys.modules["explainer.sweep"], "polish", lambda oracle, flat, size, budget: flat)
+    monkeypatch.setattr(sys.modules["explainer.frontier.select"], "polish", lambda oracle, flat, size, budget: flat)
     small, big = at_most(scrubber, data, rungs, exact_sets=10)
     assert small.history == {"subset_search": [1.0]} and np.flatnonzero(oracle.flat(small.keep)).tolist() == list(pair)
     assert big.history == {} and big.size == 2  # no better than the smaller rung now: replaced by it
@@ -541,8 +548,9 @@ def test_at_most_restarts_rungs_over_budget_but_not_the_way_downs_first():
     restart is)."""
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.sweep import Rung, at_most
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -586,8 +594,9 @@ def test_at_most_stops_restarting_after_a_batch_whose_largest_misses_the_budget(
     smaller rung is restarted (a smaller one will not meet it where a larger one could not)."""
     import jax.numpy as jnp
 
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.sweep import Rung, at_most
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -616,7 +625,7 @@ def test_sweep_searches_exactly_only_without_an_adversary(monkeypatch):
     out (on planted-cancel it replaced the robust 4-unit rungs by a fragile 2-unit set)."""
     import importlib
 
-    sw = importlib.import_module("explainer.sweep")
+    sw = importlib.import_module("explainer.frontier.sweep")
     seen = []
     real = sw.at_most
     monkeypatch.setattr(sw, "at_most", lambda *a: seen.append(a[-1]) or real(*a))

@@ -82,9 +82,9 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy, pati
 
     from explainer.checkpoint import list_checkpoints
     from explainer.config import TrainConfig
+    from explainer.frontier.ladder import train_ladder
     from explainer.models import load_model, resolve_model
     from explainer.scrub import Scrubber
-    from explainer.sweep import train_ladder
     from explainer.tasks import resolve_task
 
     folder = resolve_model("planted-distractor")

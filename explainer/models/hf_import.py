@@ -401,6 +401,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = 
     return {
         "out": str(out),
         "source": str(src),
+        "model_type": hf.get("model_type"),
         "weights": weights,
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,

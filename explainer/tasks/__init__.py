@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.tasks.base import Batch, Task
 from explainer.tasks.prompts import PromptsTask, parse_prompts, prompts_json
+from explainer.tasks.text import tokenizer_of
 
 
 def builtin_tasks() -> dict[str, Callable[..., Batch]]:
@@ -39,13 +41,27 @@ def _own_task_name(folder: Path) -> str:
     return name if isinstance(name, str) else "prompts.json"
 
 
-def resolve_task(task: str | os.PathLike | None, model_folder: str | os.PathLike | None = None) -> Task:
-    """A task from a prompts file, a built-in name, or (``task=None``) the model folder's prompts.
+def resolve_task(task: Any, model_folder: str | os.PathLike | None = None) -> Task:
+    """A task from a prompts file, a built-in name, prompts given in Python (a ``{"prompts": [...]}``
+    dict, or a list of prompt dicts), a :class:`Task` as it is, or (``task=None``) the model folder's
+    prompts.
 
-    >>> from explainer.models import resolve_model
     >>> resolve_task("xor-class").name
     'xor-class'
+    >>> p = {"clean": [1, 2], "answers": [1], "wrong_answers": [2]}
+    >>> len(resolve_task([p, p, p]).train_data())  # fewer than 10 prompts: every one trains and is held out
+    3
     """
+    if isinstance(task, (dict, list)):
+        data = task if isinstance(task, dict) else {"prompts": task}
+        return PromptsTask(parse_prompts(data, source="prompts", tokenizer=tokenizer_of(model_folder)))
+    if task is not None and not isinstance(task, (str, os.PathLike)):
+        if isinstance(task, Task):
+            return task
+        raise ExplainerError(
+            f"a task is a built-in name, a prompts file, a {{'prompts': [...]}} dict or a list of prompt dicts, "
+            f"not {type(task).__name__}"
+        )
     if task is None:
         if model_folder is not None and (Path(model_folder) / "prompts.json").is_file():
             own = Path(model_folder) / "prompts.json"

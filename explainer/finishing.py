@@ -1,0 +1,194 @@
+"""Finishing: after training, an explanation goes through a list of passes.
+
+Every pass has one small protocol: it takes a :class:`Candidate` (the binary keep mask, the gates
+it came from, their history, its KL on the training prompts, and what the passes did so far) and
+the :class:`Context` of the run, and returns a candidate. :func:`fit` is "train, then run the
+passes the settings ask for" (:func:`passes_for`):
+
+- ``repair``: units whose gates closed for good although the budget needs them come back, by exact
+  search on the finished mask (:func:`explainer.polish.repair`); it also measures the KL the next
+  passes read;
+- ``open_restart``: when the explanation still misses the budget, training runs once more from open
+  gates and the better of the two is kept (every sampled mask of a mostly closed start can break
+  the model, leaving the KL no slope to follow);
+- ``trim``: units the budget can lose go, one at a time (:func:`explainer.polish.trim`), each
+  removal checked also on the training prompts the oracle does not score; with a learned basis the
+  rotation is refit to a smaller set where trim stops (:func:`explainer.train.refit_bases`);
+- ``close``: with a rotated in-loop adversary, units come back while the rotated attack still moves
+  the explanation by more than the budget (:func:`explainer.train.close_rotated`).
+
+Each pass's cost is bounded by :mod:`explainer.polish`'s searches. The history gains
+``kl_finished``, ``repaired``, ``open_restart``, ``trimmed``, ``refits`` and ``closed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from explainer.config import TrainConfig
+from explainer.masks import Gates
+from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
+from explainer.progress import Timings
+from explainer.scrub import Scrubber
+from explainer.tasks.base import Batch
+from explainer.train import OPEN_LOGIT, close_rotated, finish, refit_bases, train_gates
+
+RECORD = ("repaired", "open_restart", "trimmed", "refits", "closed")  # what passes did, in history order
+
+
+@dataclasses.dataclass
+class Candidate:
+    """An explanation between passes: its keep mask, gates and history, and its KL on the training
+    prompts (``inf`` until the repair pass measures it)."""
+
+    keep: dict[str, np.ndarray]
+    gates: Gates
+    history: dict[str, list[float]]
+    kl: float = float("inf")
+    record: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(RECORD, 0.0))
+
+    def replace(self, **changes: Any) -> Candidate:
+        return dataclasses.replace(self, **changes)
+
+
+class Context(NamedTuple):
+    """What a pass may read: the run's scrubber, training prompts, settings and adversary."""
+
+    scrubber: Scrubber
+    data: Batch
+    config: TrainConfig
+    adversary: Any
+    progress: bool
+    checkpoints: str | os.PathLike | None
+
+    def oracle(self, gates: Gates, data: Batch | None = None, seed: int | None = None) -> KLOracle:
+        """The KL oracle of the scrubber in ``gates``' bases (learned ones, as they stand)."""
+        seed = self.config.seed if seed is None else seed
+        return KLOracle(self.scrubber.with_bases(gates.bases), self.data if data is None else data, seed)
+
+
+Pass = Callable[[Candidate, Context], Candidate]
+
+
+def repaired(candidate: Candidate, ctx: Context) -> Candidate:
+    """The candidate with its KL measured, and units added back while it misses the budget."""
+    oracle = ctx.oracle(candidate.gates)
+    flat, added = oracle.flat(candidate.keep), []
+    if ctx.config.repair:
+        flat, added = repair(oracle, flat, ctx.config.kl_budget)
+    record = {**candidate.record, "repaired": float(len(added))}
+    return candidate.replace(keep=oracle.split(flat), kl=float(oracle.kl(flat)[0]), record=record)
+
+
+def open_restart(candidate: Candidate, ctx: Context) -> Candidate:
+    """Training from open gates once more when the candidate misses the budget; the better kept
+    (within budget and smaller, or closer to the budget)."""
+    config, budget = ctx.config, ctx.config.kl_budget
+    if not (candidate.kl > budget and config.open_restart and config.init_logit < OPEN_LOGIT):
+        return candidate
+    open_config = config.replace(init_logit=OPEN_LOGIT)
+    more = None if ctx.checkpoints is None else os.path.join(ctx.checkpoints, "open-restart")
+    gates, history = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
+    other = repaired(Candidate(finish(gates, open_config), gates, history, record=candidate.record), ctx)
+    size, size2 = (sum(int(v.sum()) for v in c.keep.values()) for c in (candidate, other))
+    if (other.kl <= budget and (candidate.kl > budget or size2 < size)) or (
+        candidate.kl > budget and other.kl < candidate.kl
+    ):
+        return other.replace(record={**other.record, "open_restart": 1.0})
+    return candidate
+
+
+def trimmed(candidate: Candidate, ctx: Context) -> Candidate:
+    """Units the budget can lose dropped (each removal holding on the prompts the oracle does not
+    score, with other replacements); with a learned basis, the rotation refit to a smaller set."""
+    config, data = ctx.config, ctx.data
+    if candidate.kl > config.kl_budget:
+        return candidate
+    held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
+
+    def oracles(gates: Gates) -> tuple[KLOracle, KLOracle]:
+        return ctx.oracle(gates), ctx.oracle(gates, held, (config.seed + 1) % 2**63)
+
+    budget, floor, gates, refits = config.kl_budget, config.trim_ld_floor, candidate.gates, 0
+    oracle, check = oracles(gates)
+    flat, dropped = trim(oracle, oracle.flat(candidate.keep), budget, floor, check)
+    while gates.bases and config.trim_refit_steps:  # a learned basis: refit it to a smaller set
+        smaller = nearest_drop(oracle, flat, budget, floor)
+        if smaller is None:
+            break
+        bases = refit_bases(ctx.scrubber, data, gates, oracle.split(smaller), config)
+        refit = eqx.tree_at(lambda g: g.bases, gates, bases)
+        refitted = oracles(refit)
+        if not all(within(o, smaller, budget, floor) for o in refitted):
+            break
+        gates, (oracle, check), refits = refit, refitted, refits + 1
+        dropped.extend(int(u) for u in np.flatnonzero((flat > 0.5) & (smaller < 0.5)))
+        flat, more = trim(oracle, smaller, budget, floor, check)
+        dropped.extend(more)
+    record = {**candidate.record, "trimmed": float(len(dropped)), "refits": float(refits)}
+    kl = float(oracle.kl(flat)[0]) if dropped else candidate.kl
+    return candidate.replace(keep=oracle.split(flat), gates=gates, kl=kl, record=record)
+
+
+def closed(candidate: Candidate, ctx: Context) -> Candidate:
+    """Units added back while a rotated attack, left open by training, moves the explanation by
+    more than the budget (each addition keeping the KL within it)."""
+    config = ctx.config
+    if candidate.kl > config.kl_budget:
+        return candidate
+    oracle = ctx.oracle(candidate.gates)
+    admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= config.kl_budget  # noqa: E731
+    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    scrubber = ctx.scrubber.with_bases(candidate.gates.bases)
+    keep, added = close_rotated(scrubber, ctx.data, candidate.keep, ctx.adversary, config.kl_budget, key, admissible)
+    keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
+    kl = float(oracle.kl(oracle.flat(keep))[0]) if added else candidate.kl
+    return candidate.replace(keep=keep, kl=kl, record={**candidate.record, "closed": float(len(added))})
+
+
+def passes_for(config: TrainConfig, adversary: Any = None) -> list[tuple[str, Pass]]:
+    """The passes ``fit`` runs after training, in order: none outside ``kl_budget`` mode or when no
+    finishing setting is on; else repair (which measures the KL), then each pass that is on."""
+    closing = config.close_attacks and bool(getattr(adversary, "closes", False))  # closing can change something
+    wanted = {"open_restart": config.open_restart, "trim": config.trim, "close": closing}
+    if config.mode != "kl_budget" or not (config.repair or any(wanted.values())):
+        return []
+    chosen = [("open_restart", open_restart), ("trim", trimmed), ("close", closed)]
+    return [("repair", repaired)] + [(name, run) for name, run in chosen if wanted[name]]
+
+
+def fit(
+    scrubber: Scrubber,
+    data: Batch,
+    config: TrainConfig,
+    adversary: Any = None,
+    progress: bool = True,
+    checkpoints: str | os.PathLike | None = None,
+    timings: Timings | None = None,
+) -> tuple[dict[str, np.ndarray], Gates, dict[str, list[float]]]:
+    """Train, threshold, then run the finishing passes (:func:`passes_for`). Returns the binary keep
+    mask, the gates it came from and the history; ``timings`` gains each phase's seconds."""
+    timings = Timings() if timings is None else timings
+    gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints, timings)
+    candidate = Candidate(finish(gates, config), gates, history)
+    steps = passes_for(config, adversary)
+    context = Context(scrubber, data, config, adversary, progress, checkpoints)
+    for name, run in steps:
+        with timings.phase(name, say=progress):
+            candidate = run(candidate, context)
+    if not steps:
+        return candidate.keep, candidate.gates, candidate.history
+    return candidate.keep, candidate.gates, {**candidate.history, **finished_record(candidate)}
+
+
+def finished_record(candidate: Candidate) -> dict[str, list[float]]:
+    """The history's finishing entries: ``kl_finished`` and what each pass did."""
+    return {"kl_finished": [candidate.kl], **{k: [float(candidate.record[k])] for k in RECORD}}

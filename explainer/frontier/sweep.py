@@ -1,0 +1,463 @@
+"""The sweep: a ladder trained, finished, graded and saved as one folder (``explainer sweep``).
+
+:func:`sweep` runs :func:`~explainer.frontier.ladder.train_ladder`, then
+:func:`~explainer.frontier.select.at_most` on a ladder of sizes, then
+:func:`~explainer.frontier.grade.grade_masks`, and saves every rung as a run folder beside
+``frontier.json`` and ``frontier.png``; :func:`resume_sweep` continues an interrupted one.
+docs/guide.md describes the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from explainer import resume as resume_files
+from explainer.config import TrainConfig, load_config
+from explainer.errors import ExplainerError
+from explainer.explanation import swap_into_place
+from explainer.frontier import (
+    empty_mask,
+    full_mask,
+    mib_ladder,
+)
+from explainer.frontier.grade import grade_masks
+from explainer.frontier.ladder import (
+    DIRECTIONS,
+    PATIENCE,
+    TRIVIAL_LOGIT,
+    Rung,
+    check_patience,
+    check_steps,
+    choose_strategy,
+    ladder_program,
+    train_ladder,
+)
+from explainer.frontier.select import (
+    adversarial_gap,
+    at_most,
+    exact_sets,
+    open_restart,
+)
+from explainer.lock import run_lock
+from explainer.masks import Gates
+from explainer.progress import Timings
+from explainer.scrub import ABLATIONS, Scrubber, check_ablation
+from explainer.train import (
+    InLoopAdversary,
+)
+from explainer.verdicts import sweep_warnings
+
+FRONTIER_FILE = "frontier.json"
+
+
+def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[float] | None:
+    """``"1,2,4"`` (or a list) as numbers; sizes must be integers >= 0, penalties >= 0."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ExplainerError(f"--{kind} takes comma-separated numbers, e.g. 1,2,4; got {item!r}") from None
+        if not math.isfinite(value) or value < 0 or (kind == "sizes" and value != int(value)):
+            what = "integers >= 0" if kind == "sizes" else "numbers >= 0"
+            raise ExplainerError(f"--{kind} must be {what}; got {item!r}")
+        values.append(value)
+    if not values:
+        raise ExplainerError(f"--{kind} is empty; give comma-separated values, e.g. 1,2,4")
+    return sorted(set(values))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not (out / FRONTIER_FILE).is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise ExplainerError(f"{str(out)!r} exists and is not a sweep folder; choose another --out (nothing changed)")
+    if not overwrite:
+        raise ExplainerError(f"sweep folder {str(out)!r} already exists; pass --overwrite or choose another --out")
+
+
+def _trivial_rung(mode: str, value: float, n_units: dict[str, int], keep_all: bool) -> Rung:
+    logit = TRIVIAL_LOGIT if keep_all else -TRIVIAL_LOGIT
+    gates = Gates({s: jnp.full((n,), logit, jnp.float32) for s, n in n_units.items()})
+    keep = full_mask(n_units) if keep_all else empty_mask(n_units)
+    return Rung(mode, value, gates, keep, {})
+
+
+def sweep(
+    model: str | os.PathLike = "planted-distractor",
+    task: str | os.PathLike | None = None,
+    lambdas: str | Sequence[float | int] | None = None,
+    sizes: str | Sequence[float | int] | None = None,
+    config: TrainConfig | str | os.PathLike | None = None,
+    adversary: InLoopAdversary | str | None = "learned",
+    budget: int = 2,
+    ablations: Sequence[str] | None = ABLATIONS,
+    strategy: str = "auto",
+    continuation_steps: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    direction: str = "both",
+    patience: int = PATIENCE,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Train a ladder of explanations of ``model`` on ``task`` and grade them: the frontier.
+
+    Give ``sizes`` (target sizes) or ``lambdas`` (fixed penalties), as ``"1,2,4"`` or a list;
+    neither means MIB's ladder of sizes (:func:`explainer.frontier.mib_ladder`). ``settings``
+    override ``config`` as in :func:`explainer.explain`; ``adversary`` too. Returns
+    ``{"records": [{"run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy",
+    "gap", ...}], "cpr", "cmd", "ablations": {...}, ...}`` (see :func:`grade_masks`). With
+    ``out``, every explanation is saved as a run folder ``OUT/runs/size-K-target-T`` (or
+    ``size-K-lambda-X``: the size kept, then the rung's target) and the result as
+    ``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically.
+    Meanwhile the sweep holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
+    ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished sweep (see
+    :func:`resume_sweep`, which reads its settings back). ``direction`` is the way a continuation
+    ladder of sizes trains (:func:`train_ladder`: ``both``, ``up`` or ``down``). A rung after the
+    first (at most ``continuation_steps`` steps) and an open restart (at most ``steps``) stop once
+    their explanation has stayed the same for ``patience`` steps (0: they never stop early), on a
+    ladder of sizes without an adversary (:func:`train_ladder` says why only there).
+
+    >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
+    >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
+    [(0, 0.0), (2, 1.0)]
+    """
+    from explainer.api import _model_record
+    from explainer.models import load_model, resolve_model
+    from explainer.tasks import resolve_task
+
+    started = time.perf_counter()
+    if lambdas is not None and sizes is not None:
+        raise ExplainerError("give either --lambdas or --sizes, not both")
+    if not isinstance(config, TrainConfig):
+        config = load_config(config) if config is not None else TrainConfig()
+    config = config.replace(**settings)
+    if config.rewrites:
+        raise ExplainerError(
+            "sweep does not apply rewrites; train one size at a time with "
+            "`explainer train --rewrite ... --target-size K` instead"
+        )
+    for name, standard in (("basis", "standard"), ("positional", False)):
+        if getattr(config, name) != standard:
+            raise ExplainerError(
+                f"sweep trains in the standard basis over dimensions, not with {name} = "
+                f"{getattr(config, name)!r}; drop it, or train one size at a time with "
+                f"`explainer train --{name}{'' if name == 'positional' else ' ' + str(getattr(config, name))} "
+                "--target-size K`"
+            )
+    if direction not in DIRECTIONS:
+        raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    check_patience(patience)
+    if continuation_steps is not None:
+        check_steps("--continuation-steps", continuation_steps, 1)
+    if isinstance(adversary, str) or adversary is None:
+        from adversary.learned import make_adversary
+
+        adversary = make_adversary(adversary)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ExplainerError(f"--budget must be an integer >= 0, got {budget!r}")
+    ablations = tuple(ablations or ())
+    for a in ablations:
+        check_ablation(a)
+    out_path = Path(out) if out is not None else None
+    if resume and out_path is None:
+        raise ExplainerError("resume=True needs the sweep folder to continue (out)")
+    if out_path is not None and not resume:
+        _check_out(out_path, overwrite)
+        if not overwrite:
+            _refuse_unfinished(out_path)
+    folder = resolve_model(model)
+    net = load_model(folder)
+    the_task = resolve_task(task, folder)
+    the_task.check(net.config)
+    train = the_task.train_data()
+    scrubber = Scrubber.build(net, train, config.sites, config.ablation, units=config.units)
+    total = sum(scrubber.n_units.values())
+    mode = "lambdas" if lambdas is not None else "sizes"
+    values = parse_ladder(lambdas, "lambdas") if lambdas is not None else parse_ladder(sizes, "sizes")
+    if values is None:
+        values = [float(k) for k in mib_ladder(total)]
+    trivial = [v for v in values if mode == "sizes" and (v == 0 or v >= total)]
+    trained_values = [v for v in values if v not in trivial]
+    strategy = choose_strategy(strategy, scrubber)
+    if out_path is None:
+        return _sweep(locals(), None)
+    record = {
+        "kind": "sweep",
+        "model": _model_record(folder),
+        "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
+        "config": config.to_json(),
+        "adversary": getattr(adversary, "name", None),
+        "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
+        "overwrite": overwrite,
+        "mode": mode,
+        "ladder": values,
+        "budget": budget,
+        "ablations": list(ablations),
+        "strategy": strategy,
+        "continuation_steps": continuation_steps,
+        "direction": direction,
+        "patience": patience,
+    }
+    with run_lock(out_path):
+        if resume:
+            _check_same_sweep(out_path, record)
+            checkpoints = resume_files.checkpoint_folder(out_path)
+        else:
+            _check_out(out_path, overwrite)  # again, now that we hold the lock
+            checkpoints = resume_files.start(out_path, record, overwrite)
+        try:
+            result = _sweep(locals(), checkpoints)
+        except BaseException:
+            if not any(checkpoints.rglob("step-*.safetensors")):
+                resume_files.finish(out_path)
+            else:
+                print(
+                    f"the sweep stopped; what it trained is kept in {checkpoints}: continue it with "
+                    f"`explainer sweep --resume {out_path}`",
+                    file=sys.stderr,
+                )
+            raise
+        resume_files.finish(out_path)
+    return result
+
+
+def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
+    """Train, grade and save the ladder that :func:`sweep` set up (``ns``: its local variables)."""
+    from explainer.api import _model_record, _task_record
+
+    scrubber, train, config, mode, values, adversary = (
+        ns[k] for k in ("scrubber", "train", "config", "mode", "values", "adversary")
+    )
+    strategy, trained_values, trivial, total, out_path = (
+        ns[k] for k in ("strategy", "trained_values", "trivial", "total", "out_path")
+    )
+    t0 = time.perf_counter()
+    rungs = {}
+    # one step for the ladder and its open restarts (a pair of restarts reuses its compiled program)
+    program = ladder_program(scrubber, train, config, mode, adversary) if trained_values else None
+    if trained_values:
+        for r in train_ladder(
+            scrubber,
+            train,
+            config,
+            mode,
+            trained_values,
+            adversary,
+            strategy,
+            ns["continuation_steps"],
+            ns["progress"],
+            checkpoints,
+            ns["direction"],
+            ns["patience"],
+            program=program,
+        ):
+            rungs[r.value] = r
+    train_seconds = time.perf_counter() - t0
+    timings = Timings(train=train_seconds)
+    for v in trivial:
+        rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
+    ordered = [rungs[v] for v in values]
+    if mode == "sizes":
+        restart = open_restart(scrubber, train, config, adversary, checkpoints, ns["patience"], program)
+        exact = exact_sets(config, adversary)
+        gap = adversarial_gap(scrubber, train, ns["budget"], config.seed) if adversary is not None else None
+        with timings.phase("select", say=ns["progress"]):
+            ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, exact, gap=gap)
+    with timings.phase("grade"):
+        graded = grade_masks(
+            scrubber,
+            train,
+            ns["the_task"].heldout_data(),
+            [r.keep for r in ordered],
+            ns["budget"],
+            config.seed,
+            ns["ablations"],
+            progress=ns["progress"],
+            budgets=[int(r.value) for r in ordered] if mode == "sizes" else None,
+        )
+    result: dict[str, Any] = {
+        "records": graded["records"],
+        "cpr": graded["cpr"],
+        "cmd": graded["cmd"],
+        "model": _model_record(ns["folder"]),
+        "task": _task_record(ns["task"], ns["the_task"]),
+        "mode": mode,
+        "ladder": values,
+        "strategy": strategy,
+        "adversary": getattr(adversary, "name", None),
+        **{k: v for k, v in graded.items() if k not in ("records", "cpr", "cmd")},
+        "train_seconds": train_seconds,
+        "timings": timings,
+    }
+    for rung, record in zip(ordered, result["records"], strict=True):
+        record["target"] = int(rung.value) if mode == "sizes" else rung.value
+        record["run"] = str(out_path / "runs" / rung.name) if out_path is not None else None
+    n_wrong = int(ns["the_task"].heldout_data().wrong_answers.shape[1])
+    result["warnings"] = sweep_warnings(result, len(train), config.batch_size, n_wrong)
+    result["seconds"] = time.perf_counter() - ns["started"]
+    if out_path is not None:
+        with timings.phase("save"):
+            _save(out_path, ns["overwrite"], result, ordered, scrubber, config, adversary, strategy)
+    result["timings"] = timings.rounded()
+    return result
+
+
+def _refuse_unfinished(out: Path) -> None:
+    if resume_files.partial_path(out).exists():
+        raise ExplainerError(
+            f"sweep folder {str(out)!r} has an unfinished sweep in {resume_files.partial_path(out)}; continue "
+            f"it with `explainer sweep --resume {out}`, or pass --overwrite to start again"
+        )
+
+
+def _read_record(out: Path) -> dict[str, Any]:
+    if not (resume_files.partial_path(out) / resume_files.RECORD_FILE).is_file() and (out / FRONTIER_FILE).is_file():
+        raise ExplainerError(f"sweep {str(out)!r} has finished; there is nothing to resume")
+    record = resume_files.read_record(out)
+    if record.get("kind") != "sweep":
+        raise ExplainerError(f"{str(out)!r} is an unfinished `explainer train` run; resume it with `explainer train`")
+    return record
+
+
+def _check_same_sweep(out: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` with anything other than what it was started with."""
+    recorded = _read_record(out)
+    if recorded["model"].get("sha256") != record["model"]["sha256"]:
+        raise ExplainerError(
+            f"the weights of {record['model']['path']!r} changed since sweep {str(out)!r} started (sha256 "
+            "differs); it cannot be resumed: start again with --overwrite"
+        )
+    # sweeps started before the setting went both ways, and before rungs stopped once settled
+    recorded = {"direction": "both", "patience": 0, **recorded}
+    for key, value in record.items():
+        if key not in ("model", "overwrite") and recorded.get(key) != value:
+            raise ExplainerError(
+                f"sweep {str(out)!r} was started with {key} {recorded.get(key)!r}, not {value!r}; "
+                "resume it with the recorded settings (`explainer sweep --resume OUT` alone)"
+            )
+
+
+def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) -> dict[str, Any]:
+    """Continue the unfinished sweep ``out`` (killed, or stopped by a fault) from its checkpoints.
+
+    The settings come from ``OUT.partial/resume.json``; anything in ``given`` (``model``, ``task``,
+    ``sizes``, ``budget``, a training setting such as ``steps``, ...) must agree with them. The
+    result is what an uninterrupted sweep would have saved (bit for bit on the same machine).
+    """
+    from explainer.api import _refuse_conflicts
+    from explainer.config import from_dict
+
+    out = Path(out)
+    record = _read_record(out)
+    recorded = from_dict(dict(record["config"]), source=f"sweep {str(out)!r}")
+    given = {k: v for k, v in given.items() if v is not None}
+    ladder = {"lambdas": given.pop("lambdas", None), "sizes": given.pop("sizes", None)}
+    sweep_settings = {
+        "mode": next((k for k, v in ladder.items() if v is not None), record["mode"]),
+        "ladder": parse_ladder(ladder[record["mode"]], record["mode"]) or record["ladder"],
+        "budget": given.pop("budget", record["budget"]),
+        "ablations": list(given.pop("ablations", record["ablations"])),
+        "strategy": given.pop("strategy", record["strategy"]),
+        "direction": given.pop("direction", record.get("direction", "both")),
+        "patience": given.pop("patience", record.get("patience", 0)),
+        "continuation_steps": given.pop("continuation_steps", record["continuation_steps"]),
+    }
+    record = {"direction": "both", "patience": 0, **record}
+    differ = [f"{k} {v!r} (recorded: {record[k]!r})" for k, v in sweep_settings.items() if v != record[k]]
+    if differ:
+        raise ExplainerError(
+            f"--resume continues sweep {str(out)!r} with the settings it was started with; these differ: "
+            f"{', '.join(differ)}. Drop them, or start a new sweep with --overwrite"
+        )
+    _refuse_conflicts(out, record, recorded, given)
+    adversary: Any = record["adversary"] or "none"
+    if record.get("adversary_settings") and record["adversary"] == "learned":
+        from adversary.learned import make_adversary
+
+        settings = {k: v for k, v in record["adversary_settings"].items() if k != "name"}
+        adversary = make_adversary("learned", **settings)
+    return sweep(
+        record["model"].get("name") or record["model"]["path"],
+        record["task"],
+        **{record["mode"]: record["ladder"]},
+        config=recorded,
+        adversary=adversary,
+        budget=record["budget"],
+        ablations=record["ablations"],
+        strategy=record["strategy"],
+        continuation_steps=record["continuation_steps"],
+        out=out,
+        overwrite=record["overwrite"],
+        progress=progress,
+        resume=True,
+        direction=record["direction"],
+        patience=record["patience"],
+    )
+
+
+def _explanation(rung: Rung, record: dict[str, Any], result: dict[str, Any], scrubber, config, adversary, strategy):
+    from explainer.explanation import Explanation
+
+    if rung.mode == "sizes":
+        run_config = dataclasses.replace(config, target_size=int(rung.value), lam=None)
+    else:
+        run_config = dataclasses.replace(config, lam=rung.value, target_size=None)
+    faithfulness = {k: record[k] for k in record if k.startswith(("kl_", "logit_diff", "accuracy", "loss"))}
+    faithfulness["normalized_faithfulness"] = record["normalized_faithfulness"]
+    return Explanation(
+        kept=record["kept"],
+        n_units=scrubber.n_units,
+        gate_logits={s: np.asarray(v) for s, v in rung.gates.logits.items()},
+        model=result["model"],
+        task=result["task"],
+        config={**run_config.to_json(), "adversary": getattr(adversary, "name", None), "sweep": strategy},
+        faithfulness=faithfulness,
+        history=rung.history or None,
+        attack_result=None,
+    )
+
+
+def _save(out: Path, overwrite: bool, result, rungs: list[Rung], scrubber, config, adversary, strategy) -> None:
+    from explainer.models.native import write_json
+    from explainer.plotting import plot_frontier
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for rung, record in zip(rungs, result["records"], strict=True):
+            _explanation(rung, record, result, scrubber, config, adversary, strategy).save(tmp / "runs" / rung.name)
+        plot_frontier({"ours": result}, tmp / "frontier.png", title=_title(result))
+        result["png"] = str(out / "frontier.png")
+        from_cli = Path(sys.argv[0]).name in ("explainer", "cli.py")
+        result["command"] = " ".join(["explainer", *sys.argv[1:]]) if from_cli else None
+        write_json(tmp / FRONTIER_FILE, result)
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _title(result: dict[str, Any]) -> str:
+    name = result["model"].get("name") or Path(result["model"]["path"]).name
+    areas = f"CPR {result['cpr']:.3f}, CMD {result['cmd']:.3f}, KL area {result['kl_area']:.3g} nats"
+    return f"{name} on {result['task']['name']}: {areas}"

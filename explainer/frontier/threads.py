@@ -1,0 +1,190 @@
+"""The CPU thread fan-out of a ladder: a batch of training states split into one part per core.
+
+XLA on a CPU runs each call of these small programs on one core, so a ladder whose step is work
+enough (:data:`THREAD_ELEMENTS`) steps its parts each in its own thread; below that the
+interpreter's share of a step outweighs a second core and the batch steps as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from explainer.checkpoint import latest_checkpoint, save_checkpoint
+from explainer.config import TrainConfig
+from explainer.faults import History
+from explainer.parallel import cpu_workers, thread_map
+from explainer.scrub import Scrubber
+from explainer.tasks.base import Batch
+
+# one state's step must read at least this many residual elements (prompts × positions ×
+# d_model × sites) for its parts to step in threads
+THREAD_ELEMENTS = 2**16
+SETTLE_EVERY = 25  # steps between reads of a continuation rung's explanation
+
+
+def ladder_workers(scrubber: Scrubber, data: Batch, config: TrainConfig) -> int:
+    """The threads a ladder's stretches run on by default: the CPU's cores (:func:`cpu_workers`)
+    when one state's step reads at least :data:`THREAD_ELEMENTS` residual elements, else 1."""
+    positions = int(np.shape(data.clean)[1])
+    elements = config.batch_size * positions * scrubber.model.config.d_model * len(scrubber.n_units)
+    return cpu_workers() if elements >= THREAD_ELEMENTS else 1
+
+
+def _parts(n: int, workers: int) -> int:
+    """Equal parts a batch of ``n`` states splits into, one per thread: the most, at most ``workers``
+    (equal, so that every part runs the same compiled step).
+
+    >>> _parts(2, 2), _parts(16, 2), _parts(3, 2), _parts(1, 8), _parts(6, 4)
+    (2, 2, 1, 1, 3)
+    """
+    return max(d for d in range(1, max(1, min(n, workers)) + 1) if n % d == 0)
+
+
+@eqx.filter_jit
+def _split(tree, parts: int):
+    """``tree``'s arrays cut into ``parts`` equal batches along their first axis (one program)."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    k = jax.tree.leaves(arrays)[0].shape[0] // parts
+    return tuple(eqx.combine(jax.tree.map(lambda x, i=i: x[i * k : (i + 1) * k], arrays), static) for i in range(parts))
+
+
+@eqx.filter_jit
+def _join(parts):
+    """The batches of :func:`_split` as one again."""
+    arrays = [eqx.partition(p, eqx.is_array)[0] for p in parts]
+    static = eqx.partition(parts[0], eqx.is_array)[1]
+    return eqx.combine(jax.tree.map(lambda *xs: jnp.concatenate(xs), *arrays), static)
+
+
+def _merged(per_part: list[list[dict[str, Any]]]) -> list[dict[str, np.ndarray]]:
+    """Each step's metrics of every part (host arrays) as one batch's: the states' values in
+    order, and a fault flag wherever any part raised it."""
+    out = []
+    for metrics in zip(*per_part, strict=True):
+        step = {k: np.concatenate([np.atleast_1d(m[k]) for m in metrics]) for k in metrics[0] if k != "faults"}
+        step["faults"] = np.any(np.stack([np.asarray(m["faults"]) for m in metrics]), axis=0)
+        out.append(step)
+    return out
+
+
+class _Threads:
+    """``k`` steps of every part of a split batch, each part in its own thread (the step's compiled
+    program runs without the interpreter lock, so the parts run on separate cores)."""
+
+    def __init__(self, step, parts, targets, operands):
+        self.step, self.parts, self.targets, self.operands = step, list(parts), targets, operands
+
+    def _one(self, p: int, k: int) -> list[dict[str, Any]]:
+        state, out = self.parts[p], []
+        for _ in range(k):
+            state, metrics = self.step(state, self.targets[p], self.operands)
+            out.append(metrics)
+        self.parts[p] = state
+        return jax.device_get(out)
+
+    def run(self, k: int, first: bool) -> list[dict[str, np.ndarray]]:
+        """Every part's next ``k`` steps as one batch's metrics per step. On a stretch's ``first``
+        call each part's first step runs here, one after the other, so that a program not compiled
+        yet compiles once and not in every thread."""
+        parts = range(len(self.parts))
+        head = [self._one(p, 1) if first else [] for p in parts]
+        rest = k - 1 if first else k
+        tails = thread_map(lambda p: self._one(p, rest), parts, len(parts))
+        return _merged([h + t for h, t in zip(head, tails, strict=True)])
+
+    def states(self):
+        return _join(tuple(self.parts))
+
+    def logits(self):
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get([p.gates.logits for p in self.parts]))
+
+
+def _run_steps(
+    checked,
+    states,
+    targets,
+    operands,
+    steps: int,
+    advance,
+    done: int,
+    label: str,
+    checkpoints=None,
+    every=0,
+    settle: Callable[[Any], str] | None = None,
+    patience: int = 0,
+    workers: int = 1,
+):
+    """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
+    at the end, and continued from the newest good checkpoint found there (a finished one: no steps).
+    ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once.
+
+    With ``settle`` (gate logits of the batch -> a digest of its finished explanations,
+    :func:`_signature`) and ``patience``, the stretch stops early once that digest, read every
+    ``SETTLE_EVERY`` steps, has not changed for ``patience`` steps: every state's explanation has
+    settled. The digest and the step it last changed at are saved with each checkpoint, so a
+    resumed stretch stops where an uninterrupted one would.
+
+    With ``workers`` above 1 the batch is cut into that many equal parts where it divides
+    (:func:`_parts`), each part stepped in its own thread between the points where the stretch
+    reads its states (every ``SETTLE_EVERY`` steps, each checkpoint, the end); metrics, checks,
+    checkpoints and the result are the whole batch's, as without threads."""
+    step, names = checked
+    saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
+    if saved is not None:
+        states = saved.state
+    history = History(saved.history if saved else {}, names)
+    where = ""
+    watch = settle is not None and patience > 0
+    meta = saved.meta if saved is not None else {}
+    first = saved.step if saved else 0
+    last = first if meta.get("settled") else steps
+    n_parts = _parts(int(jax.tree.leaves(states.log_lambda)[0].shape[0]), workers) if last > first else 1
+    threads = None
+    if n_parts > 1:
+        threads = _Threads(step, _split(states, n_parts), _split(targets, n_parts), operands)
+        current, logits = threads.states, threads.logits
+    else:
+        current, logits = (lambda: states), (lambda: jax.device_get(states.gates.logits))
+    signature, since = meta.get("signature"), meta.get("since", first)
+    if watch and signature is None:
+        signature, since = settle(logits()), first
+    n = first
+    while n < last:
+        # the next step the stretch reads its states at: a settle read, a checkpoint, the end
+        stop = min(last, (n // SETTLE_EVERY + 1) * SETTLE_EVERY, (n // every + 1) * every if every else last)
+        if threads is not None:
+            for metrics in threads.run(stop - n, first=n == first):
+                history.append(metrics)
+        else:
+            for _ in range(stop - n):
+                states, metrics = step(states, targets, operands)
+                history.append(metrics)
+        n = stop
+        settled = False
+        if watch and n % SETTLE_EVERY == 0 and n < steps:
+            now = settle(logits())
+            if now != signature:
+                signature, since = now, n
+            settled = n - since >= patience
+        due = checkpoints is not None and every and (n % every == 0 or n == steps or settled)
+        if n % 50 == 0 or n == steps or due or settled:
+            history.flush(where)
+            note = f" settled at step {n}" if settled else ""
+            advance(
+                done + (steps if settled else n),
+                f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}{note}",
+            )
+        if due:
+            extra = {"signature": signature, "since": since, "settled": settled} if watch else {}
+            path = save_checkpoint(checkpoints, current(), n, history.values, meta={"label": label, **extra})
+            where = f"The last good checkpoint (step {n}) is {path}. "
+        if settled:
+            break
+    history.flush(where)
+    return current(), {k: np.asarray(v, np.float64) for k, v in history.values.items()}

@@ -1,0 +1,66 @@
+"""The finishing passes evaluate a number of masks that does not grow with the number of units.
+
+Repair, prune and trim on random one-layer models of 400 and of 4,000 units (two sites of width
+``d_model``), counted by the oracle (:attr:`explainer.polish.KLOracle.evaluations`). On models of up
+to ``EXACT_UNITS`` units every candidate is scored (the small models keep their exact searches);
+beyond, one backward pass ranks them and the rounds are bounded, so the count has a ceiling set by
+the constants alone, the same for 400 units and for 4,000.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from explainer.models import ModelConfig, init_random
+from explainer.polish import EXACT_UNITS, MAX_ROUNDS, RANK_BOUND, SHORTLIST, KLOracle, prune, repair, trim
+from explainer.scrub import Scrubber
+from explainer.tasks.base import Batch
+
+# per round: the screen of at most RANK_BOUND candidates, the shortlist on every prompt, and at most
+# log2(EXACT_UNITS) + 1 blocks or prefixes
+PER_ROUND = RANK_BOUND + 2 * SHORTLIST + int(np.log2(EXACT_UNITS)) + 2
+CEILING = MAX_ROUNDS * PER_ROUND + 2
+
+
+def oracle_of(d_model: int) -> KLOracle:
+    cfg = ModelConfig(n_layers=1, d_model=d_model, n_heads=2, d_head=8, d_vocab=13, n_ctx=6, attn_only=True)
+    model = init_random(cfg, jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 3)
+    clean, corrupt = (jax.random.randint(k, (16, 5), 0, 13) for k in keys[:2])
+    answers = jax.random.randint(keys[2], (16, 1), 0, 13)
+    batch = Batch(clean=clean, corrupt=corrupt, answers=answers, wrong_answers=(answers + 1) % 13)
+    return KLOracle(Scrubber.build(model, batch), batch, screen_prompts=8)
+
+
+PASSES = {
+    "repair": lambda oracle, half: repair(oracle, half, 1e-9, max_added=oracle.n_units),
+    "prune": lambda oracle, half: prune(oracle, half),
+    "trim": lambda oracle, half: trim(oracle, half, 0.05),
+}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """Masks each pass evaluates on both models, both in the bounded regime (``EXACT_UNITS`` set below
+    400 for the count; the shipped models, all under the real ``EXACT_UNITS``, keep exact searches)."""
+    import explainer.polish
+
+    exact_units, explainer.polish.EXACT_UNITS = explainer.polish.EXACT_UNITS, 100
+    out = {}
+    for d_model in (200, 2000):
+        oracle = oracle_of(d_model)
+        half = (np.random.default_rng(0).random(oracle.n_units) < 0.5).astype(np.float32)
+        for name, run in PASSES.items():
+            before = oracle.evaluations
+            run(oracle, half)
+            out[name, oracle.n_units] = oracle.evaluations - before
+    explainer.polish.EXACT_UNITS = exact_units
+    assert EXACT_UNITS >= 392  # the largest shipped model (paren) is searched exactly
+    return out
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_a_pass_evaluates_a_bounded_number_of_masks(counts, name):
+    small, large = counts[name, 400], counts[name, 4000]
+    assert small <= CEILING and large <= CEILING, (small, large, CEILING)  # one ceiling for both sizes
+    assert large < 4000 / 2  # well under one mask per unit: no round scores every unit
