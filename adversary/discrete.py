@@ -38,6 +38,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from explainer.errors import ExplainerError, did_you_mean
+from explainer.masks import Layout
 from explainer.metrics import accuracy, divergence, logit_diff
 from explainer.scrub import Replacement, Scrubber
 from explainer.tasks.base import Batch
@@ -57,7 +58,6 @@ RANDOM_FULL_SIZE = 0.75  # share of random sets with exactly ``budget`` units
 QUANTILES = (0.5, 0.9, 0.99)
 TRACES: collections.Counter[str] = collections.Counter()  # traces per jitted function (tests)
 
-Layout = tuple[tuple[str, int], ...]
 UnitSet = tuple[int, ...]  # sorted indices into the list of excluded units
 
 TOO_MANY_SETS = (
@@ -280,11 +280,7 @@ def _check_count(n: int, budget: int, max_sets: int) -> None:
 
 
 def _split(flat: Float[Array, " units"], layout: Layout) -> dict[str, Array]:
-    out, start = {}, 0
-    for site, n in layout:
-        out[site] = flat[start : start + n]
-        start += n
-    return out
+    return layout.split(flat)
 
 
 @eqx.filter_jit
@@ -347,7 +343,7 @@ class _Oracle:
     def __init__(self, scrubber, batch, keep, kind, key, chunk):
         self.scrubber, self.batch, self.kind, self.chunk = scrubber, batch, kind, chunk
         _, self.replacement = scrubber.reference(batch, _keys(key)[0])
-        self.layout: Layout = tuple((site, len(v)) for site, v in keep.items())
+        self.layout = Layout.of({site: len(v) for site, v in keep.items()})
         self.base = np.concatenate(list(keep.values()))
         self.excluded = np.flatnonzero(self.base == 0)
         both = jnp.stack([self.base] * 2)  # the same (2, units) shape as effect(): one trace
@@ -414,10 +410,9 @@ class _Oracle:
 
     def reincluded(self, units: UnitSet) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {site: [] for site, _ in self.layout}
-        offsets = np.cumsum([0] + [n for _, n in self.layout])
         for flat in sorted(int(self.excluded[u]) for u in units):
-            i = int(np.searchsorted(offsets, flat, side="right")) - 1
-            out[self.layout[i][0]].append(flat - int(offsets[i]))
+            site, unit = self.layout.locate(flat)
+            out[site].append(unit)
         return out
 
     def effect(self, units: UnitSet) -> dict[str, Any]:
@@ -539,18 +534,14 @@ def _learned(oracle: _Oracle, budget: int, rng: np.random.Generator, steps: int,
     """The in-loop adversary trained on its own against this explanation; its sets verified exactly."""
     from adversary.learned import LearnedAdversary, learn_reinclusions
 
-    offsets = np.cumsum([0] + [n for _, n in oracle.layout])
-    keep = {
-        site: jnp.asarray(oracle.base[offsets[i] : offsets[i + 1]], jnp.float32)
-        for i, (site, _) in enumerate(oracle.layout)
-    }
+    keep = {site: jnp.asarray(part, jnp.float32) for site, part in oracle.layout.split(oracle.base).items()}
     adversary = LearnedAdversary(budget=budget, restarts=restarts, divergence=oracle.kind)
     key = jax.random.key(int(rng.integers(0, np.iinfo(np.int32).max)))
     found = learn_reinclusions(
         adversary, oracle.scrubber, oracle.batch.clean, keep, oracle.replacement, oracle.ref, steps, key
     )
     position = {int(flat): i for i, flat in enumerate(oracle.excluded)}
-    index = {site: int(offsets[i]) for i, (site, _) in enumerate(oracle.layout)}
+    index = oracle.layout.starts
     oracle.gaps([tuple(position[index[s] + u] for s, units in sets.items() for u in units) for sets in found])
 
 

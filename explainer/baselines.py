@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from explainer.edges import WRITERS, n_writers
 from explainer.errors import ExplainerError, did_you_mean
+from explainer.masks import Layout
 from explainer.metrics import kl_divergence, logit_diff
 from explainer.scrub import Replacement, Scrubber, capture
 from explainer.tasks.base import Batch
@@ -65,17 +66,16 @@ def _fit_batch(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray):
     return batch, full, repl
 
 
+def _layout(scrubber: Scrubber) -> Layout:
+    return Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+
+
 def _flat(scrubber: Scrubber, scores: dict[str, Any]) -> np.ndarray:
-    return np.concatenate([np.asarray(scores[s], np.float64) for s in scrubber.sites])
+    return _layout(scrubber).flat(scores, np.float64)
 
 
 def _unflat(scrubber: Scrubber, flat: np.ndarray) -> dict[str, np.ndarray]:
-    out, start = {}, 0
-    for s in scrubber.sites:
-        n = scrubber.n_units[s]
-        out[s] = flat[start : start + n]
-        start += n
-    return out
+    return _layout(scrubber).split(flat)
 
 
 @eqx.filter_jit
@@ -151,14 +151,10 @@ def _kls(
     repl: Replacement,
     full: Float[Array, "batch vocab"],
     masks: Float[Array, "cand units"],
-    layout: tuple[tuple[str, int], ...],
+    layout: Layout,
 ) -> Float[Array, " cand"]:
     def one(flat):
-        keep, start = {}, 0
-        for site, n in layout:
-            keep[site] = flat[start : start + n]
-            start += n
-        return kl_divergence(full, scrubber.logits(tokens, keep, repl)).mean()
+        return kl_divergence(full, scrubber.logits(tokens, layout.split(flat), repl)).mean()
 
     return jax.vmap(one)(masks)
 
@@ -169,7 +165,7 @@ class _Evaluator:
     def __init__(self, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, chunk: int = CHUNK):
         self.scrubber, self.chunk = scrubber, chunk
         self.batch, self.full, self.repl = _fit_batch(scrubber, batch, key)
-        self.layout = tuple((s, scrubber.n_units[s]) for s in scrubber.sites)
+        self.layout = _layout(scrubber)
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         out = []

@@ -142,3 +142,73 @@ def as_mask(kept: dict[str, ArrayLike]) -> Mask:
 def size(mask: Mask) -> int:
     """Number of kept units of a binary mask, summed over sites."""
     return int(sum(int(jnp.sum(v > 0.5)) for v in mask.values()))
+
+
+class Layout(tuple):
+    """The sites of a set of masks and their widths, in order: the one place that turns per-site
+    masks into flat rows over every unit and back (the searches, baselines and adversaries score
+    stacks of flat rows). Iterates as ``(site, width)`` pairs; hashable, so a jitted function can
+    take it as a static argument.
+
+    >>> import numpy as np
+    >>> layout = Layout.of({"a": 2, "b": 3})
+    >>> layout.n_units, layout.split(np.arange(5))["b"].tolist()
+    (5, [2, 3, 4])
+    >>> layout.flat({"a": [1, 0], "b": [0, 0, 1]}).tolist(), layout.top(np.array([5, 1, 4, 2, 3]), 2).tolist()
+    ([1.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0, 0.0])
+    >>> layout.locate(3)
+    ('b', 1)
+    """
+
+    @classmethod
+    def of(cls, n_units: dict[str, int] | list[tuple[str, int]]) -> Layout:
+        """The layout of ``{site: width}`` (or ``(site, width)`` pairs), in their order."""
+        pairs = n_units.items() if isinstance(n_units, dict) else n_units
+        return cls((str(site), int(n)) for site, n in pairs)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(site for site, _ in self)
+
+    @property
+    def n_units(self) -> int:
+        return sum(n for _, n in self)
+
+    @property
+    def starts(self) -> dict[str, int]:
+        """Each site's first flat unit."""
+        out, start = {}, 0
+        for site, n in self:
+            out[site] = start
+            start += n
+        return out
+
+    def split(self, row):
+        """A flat row (numpy or JAX, units on the last axis) as ``{site: its units}``."""
+        out, start = {}, 0
+        for site, n in self:
+            out[site] = row[..., start : start + n]
+            start += n
+        return out
+
+    def flat(self, keep, dtype=None):
+        """Per-site masks as one flat numpy row, in this layout's order (float32 by default)."""
+        import numpy as np
+
+        return np.concatenate([np.asarray(keep[site], dtype or np.float32) for site, _ in self])
+
+    def top(self, scores, k: float | int):
+        """The flat binary row keeping the ``k`` highest ``scores`` (ties: the earlier unit)."""
+        import numpy as np
+
+        chosen = np.zeros(np.shape(scores), np.float32)
+        chosen[np.argsort(-np.asarray(scores), kind="stable")[: int(k)]] = 1.0
+        return chosen
+
+    def locate(self, unit: int) -> tuple[str, int]:
+        """The site of flat unit ``unit`` and its index there."""
+        for site, n in self:
+            if unit < n:
+                return site, unit
+            unit -= n
+        raise IndexError(f"unit out of range for a layout of {self.n_units} units")

@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from explainer.masks import Layout
 from explainer.metrics import kl_divergence, logit_diff
 from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
-Layout = tuple[tuple[str, int], ...]
 SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
 SHORTLIST = 32  # candidates of a round scored on every prompt
 MAX_ORACLE_PROMPTS = 256  # prompts an oracle scores, the first of its data
@@ -67,11 +67,7 @@ def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Arra
     """Mean KL and mean logit difference of each row's explanation."""
 
     def one(row):
-        keep, start = {}, 0
-        for site, n in layout:
-            keep[site] = row[start : start + n]
-            start += n
-        logits = scrubber.logits(tokens, keep, replacement)
+        logits = scrubber.logits(tokens, layout.split(row), replacement)
         return kl_divergence(full, logits).mean(), logit_diff(logits, *answers).mean()
 
     return jax.vmap(one)(flat)
@@ -82,11 +78,7 @@ def _kl_gradient(scrubber: Scrubber, tokens, full, replacement, flat: Float[Arra
     """The gradient of the mean KL with respect to the (relaxed) flat keep mask, at ``flat``."""
 
     def loss(row):
-        keep, start = {}, 0
-        for site, n in layout:
-            keep[site] = row[start : start + n]
-            start += n
-        return kl_divergence(full, scrubber.logits(tokens, keep, replacement)).mean()
+        return kl_divergence(full, scrubber.logits(tokens, layout.split(row), replacement)).mean()
 
     return jax.grad(loss)(flat)
 
@@ -150,8 +142,8 @@ class KLOracle:
         chunk = chunk_for(tokens, scrubber.model.config.d_model) if chunk is None else chunk
         self.scrubber, self.tokens, self.chunk = scrubber, tokens, chunk
         self.full, self.replacement, self.answers = full, replacement, answers
-        self.layout: Layout = tuple(scrubber.n_units.items())
-        self.n_units = sum(n for _, n in self.layout)
+        self.layout = Layout.of(scrubber.n_units)
+        self.n_units = self.layout.n_units
         self.full_logit_diff = float(full_logit_diff)
         self.workers = cpu_workers()  # chunks scored at once, one per thread (explainer.parallel)
         self._memory: dict[bytes, tuple[float, float]] = {}
@@ -210,14 +202,10 @@ class KLOracle:
         return np.array([self._memory[key] for key in keys], np.float64).reshape(len(keys), 2)
 
     def flat(self, keep: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.asarray(keep[site], np.float32) for site, _ in self.layout])
+        return self.layout.flat(keep)
 
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        out, start = {}, 0
-        for site, n in self.layout:
-            out[site] = np.asarray(flat[start : start + n] > 0.5)
-            start += n
-        return out
+        return self.layout.split(np.asarray(flat) > 0.5)
 
 
 def candidates(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig
 from explainer.faults import History, checked_step
-from explainer.masks import Gates, Mask
+from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
@@ -346,17 +346,9 @@ def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
     """Threshold the gates into the finished (binary) explanation."""
     if config.mode != "target_size":
         return {site: np.asarray(v) for site, v in gates.binary().items()}
-    sites = sorted(gates.logits)
-    flat = np.concatenate([np.asarray(gates.logits[s]) for s in sites])
-    order = np.argsort(-flat, kind="stable")[: config.target_size]
-    chosen = np.zeros(flat.shape, bool)
-    chosen[order] = True
-    out, start = {}, 0
-    for s in sites:
-        n = gates.logits[s].shape[0]
-        out[s] = chosen[start : start + n]
-        start += n
-    return out
+    layout = Layout.of([(s, gates.logits[s].shape[0]) for s in sorted(gates.logits)])  # ties: sorted sites
+    chosen = layout.top(layout.flat(gates.logits, np.float64), config.target_size) > 0.5
+    return layout.split(chosen)
 
 
 OPEN_LOGIT = 3.0

@@ -37,7 +37,7 @@ from explainer.config import TrainConfig
 from explainer.errors import ExplainerError
 from explainer.faults import checked_step
 from explainer.frontier.threads import _run_steps, ladder_workers
-from explainer.masks import Gates
+from explainer.masks import Gates, Layout
 from explainer.polish import (
     KLOracle,
     no_worse,
@@ -171,16 +171,8 @@ def _top(logits: np.ndarray, k: float | int) -> np.ndarray:
 def _finish(mode: str, value: float, gates: Gates) -> Mask:
     if mode == "lambdas":
         return {s: np.asarray(v > 0, np.float32) for s, v in gates.logits.items()}
-    sites = list(gates.logits)
-    flat = np.concatenate([np.asarray(gates.logits[s]) for s in sites])
-    chosen = np.zeros(flat.shape, np.float32)
-    chosen[_top(flat, value)] = 1.0
-    out, start = {}, 0
-    for s in sites:
-        n = gates.logits[s].shape[0]
-        out[s] = chosen[start : start + n]
-        start += n
-    return out
+    layout = Layout.of({s: v.shape[0] for s, v in gates.logits.items()})
+    return layout.split(layout.top(layout.flat(gates.logits, np.float64), value))
 
 
 def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any]) -> str:
