@@ -255,7 +255,7 @@ def frontier_figure(frontiers: dict[str, dict], title: str | None = None, ablati
     drawn = [r for f in frontiers.values() for r in f["records"]]
     _size_axis(ax, [r["size"] for r in drawn], [r["normalized_faithfulness"] for r in drawn])
     ax.set_ylabel("normalised faithfulness (logit difference)")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="best", fontsize=7, framealpha=0.6)
     if scatter is not None:
         fig.colorbar(scatter, ax=ax, label="adversarial gap (KL, nats)", fraction=0.04)
     if with_ablations:
@@ -274,7 +274,7 @@ def frontier_figure(frontiers: dict[str, dict], title: str | None = None, ablati
         drawn = [r for g in frontiers[with_ablations]["ablations"].values() for r in g["records"]]
         _size_axis(ax2, [r["size"] for r in drawn], [r["normalized_faithfulness"] for r in drawn])
         ax2.set_title(f"{with_ablations}: the same explanations under each ablation", fontsize=9)
-        ax2.legend(loc="lower right", fontsize=7)
+        ax2.legend(loc="best", fontsize=7, framealpha=0.6)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -628,7 +628,7 @@ def test_sweep_searches_exactly_only_without_an_adversary(monkeypatch):
     sw = importlib.import_module("explainer.frontier.sweep")
     seen = []
     real = sw.at_most
-    monkeypatch.setattr(sw, "at_most", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(sw, "at_most", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
     for adversary in ("none", "learned"):
         sweep("planted-distractor", sizes=[1], adversary=adversary, ablations=(), steps=50, progress=False)
     assert seen == [50, 0]

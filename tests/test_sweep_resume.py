@@ -16,7 +16,7 @@ from explainer import lock, resume
 
 ARGS = ["--model", "planted-distractor", "--sizes", "1,2,3", "--seed", "0", "--adversary", "none"]
 ARGS += ["--steps", "600", "--checkpoint-every", "100", "--ablations", "", "--no-progress"]
-TIMING = ("seconds", "train_seconds", "png", "command")  # and each record's run path
+TIMING = ("seconds", "train_seconds", "timings", "png", "command")  # and each record's run path
 
 
 def cli(*args):
