@@ -38,7 +38,7 @@ def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="
 
 @zoo_app.command("train")
 def zoo_train(
-    name: str = typer.Argument(..., help="Trained zoo model: induction, direct, ioi or paren."),
+    name: str = typer.Argument(..., help="Trained zoo model: induction, direct, ioi, paren or pylm."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the shipped weights use 0)."),
     folder: Path | None = typer.Option(None, "--out", "-o", help="Model folder to write (default zoo/NAME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
@@ -46,10 +46,12 @@ def zoo_train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Retrain a trained zoo model from a seed: its weights, prompts.json and card.json."""
+    from explainer.models.lm_training import LM_RECIPES, write_lm
     from explainer.models.training import shipped_accuracy, write_trained
 
     folder = folder or Path("zoo") / name
-    card = write_trained(name, folder, seed=seed, progress=progress, overwrite=overwrite)
+    write = write_lm if name in LM_RECIPES else write_trained
+    card = write(name, folder, seed=seed, progress=progress, overwrite=overwrite)
     result = {
         "name": name,
         "out": str(folder),
