@@ -35,6 +35,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class LMRecipe:
     prompt_len: int = 64
     n_prompts: int = 400
     ship_accuracy: float = SHIP_ACCURACY  # a task is shipped when the model reaches this accuracy
+    eval_every: int = 200  # steps between scores of the tasks during training (the card's curve)
 
     def __post_init__(self) -> None:
         assert self.steps % self.chunk == 0, f"steps must be a multiple of {self.chunk}"
@@ -124,6 +126,7 @@ SMOKE = LMRecipe(
     max_chars=20_000,
     prompt_len=32,
     n_prompts=40,
+    eval_every=20,
     ship_accuracy=0.0,  # ship every task, to exercise the folder
 )
 
@@ -192,9 +195,17 @@ def lm_loss(model: Transformer, windows: jax.Array) -> jax.Array:
 
 
 def train_lm(
-    r: LMRecipe, stream: np.ndarray, seed: int = 0, progress: bool = True, log: Any = None
+    r: LMRecipe,
+    stream: np.ndarray,
+    seed: int = 0,
+    progress: bool = True,
+    log: Any = None,
+    evaluate: Callable[[Transformer], dict[str, Any]] | None = None,
 ) -> tuple[Transformer, dict[str, Any]]:
-    """Train ``r``'s model on random windows of the token ``stream``; returns it and a record."""
+    """Train ``r``'s model on random windows of the token ``stream``; returns it and a record.
+
+    With ``evaluate``, its result every ``r.eval_every`` steps goes into the record's ``curve``
+    (and to ``log``, a text file, with each chunk's loss)."""
     start = time.perf_counter()
     k_init, k_data = jax.random.split(jax.random.key(seed))
     model = init_random(r.config, k_init)
@@ -221,7 +232,7 @@ def train_lm(
         return model, opt_state, losses
 
     keys = jax.random.split(k_data, r.steps).reshape(r.steps // r.chunk, r.chunk)
-    losses = []
+    losses, curve = [], []
     with progress_bar(progress, r.steps, "training pylm") as advance:
         for i, chunk_keys in enumerate(keys):
             model, opt_state, chunk_losses = chunk(model, opt_state, chunk_keys)
@@ -233,6 +244,11 @@ def train_lm(
                     file=log,
                     flush=True,
                 )
+            step = (i + 1) * r.chunk
+            if evaluate is not None and (step % r.eval_every == 0 or step == r.steps):
+                curve.append({"step": step, "loss": float(losses[-1].mean()), **evaluate(model)})
+                if log is not None:
+                    print(curve[-1], file=log, flush=True)
     losses = np.concatenate(losses)
     record = {
         "seed": seed,
@@ -246,6 +262,7 @@ def train_lm(
         "final_loss": float(losses[-r.chunk :].mean()),
         "train_seconds": round(time.perf_counter() - start, 1),
         "traces": counter["traces"],
+        "curve": curve,
     }
     return model, record
 
@@ -392,15 +409,20 @@ def write_lm(
     if tok.get_vocab_size() != r.config.d_vocab:
         raise ExplainerError(f"the tokenizer has {tok.get_vocab_size()} tokens, the config {r.config.d_vocab}")
     stream = encode_corpus(tok, train_texts)
-    tokenizer_seconds = round(time.perf_counter() - start, 1)
-    model, record = train_lm(r, stream, seed=seed, progress=progress, log=log)
     bigrams = _followers(stream, r.config.d_vocab)
     held = [np.asarray(e.ids, np.int32) for e in tok.encode_batch(held_texts)]
     made = {
         "induction": _pick(induction_prompts(tok, held, bigrams, r), r.n_prompts),
         "brackets": _pick(bracket_prompts(tok, held, r), r.n_prompts),
     }
-    scores = {task: score(model, tok, prompts, bigrams) for task, prompts in made.items() if len(prompts) >= 2}
+    made = {task: prompts for task, prompts in made.items() if len(prompts) >= 2}
+    prepare_seconds = round(time.perf_counter() - start, 1)
+
+    def evaluate(model: Transformer) -> dict[str, float]:
+        return {task: score(model, tok, prompts, bigrams)["accuracy"] for task, prompts in made.items()}
+
+    model, record = train_lm(r, stream, seed=seed, progress=progress, log=log, evaluate=evaluate)
+    scores = {task: score(model, tok, prompts, bigrams) for task, prompts in made.items()}
     shipped = [t for t in TASKS if t in scores and scores[t]["accuracy"] >= r.ship_accuracy]
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -434,7 +456,7 @@ def write_lm(
         },
         "training": {
             **record,
-            "tokenizer_seconds": tokenizer_seconds,
+            "prepare_seconds": prepare_seconds,
             "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))),
             "command": f"explainer zoo train {name} --seed {seed}",
         },
