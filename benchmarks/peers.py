@@ -235,7 +235,7 @@ def sweep_takes_edges() -> bool:
 
     from explainer.config import TrainConfig
 
-    return "units" in {f.name for f in dataclasses.fields(TrainConfig)}
+    return "units" in {f.name for f in dataclasses.fields(TrainConfig)}  # a group since the settings were typed
 
 
 def evaluate_ours(name: str, record: dict, args: argparse.Namespace) -> list[dict] | None:

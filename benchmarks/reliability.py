@@ -190,7 +190,7 @@ TOKENS = [
 
 
 def bad_inputs(tally: Tally, work: Path, n: int, seed: int) -> None:
-    from explainer.config import field_names
+    from explainer.config import flat_names
 
     rng = random.Random(seed)
     model = work / "model"
@@ -201,7 +201,7 @@ def bad_inputs(tally: Tally, work: Path, n: int, seed: int) -> None:
     )
     for i in range(n):
         path, out = work / f"c{i}.toml", work / f"r{i}"
-        path.write_text(toml_text(rng, field_names()), encoding="latin-1")
+        path.write_text(toml_text(rng, flat_names()), encoding="latin-1")
         tally.run("config", ["train", "--model", MODEL, "--config", path, "--out", out, *TRAIN_FAST])
         path = work / f"p{i}.json"
         path.write_text(prompts_text(rng), encoding="latin-1")
@@ -280,7 +280,7 @@ def overhead(steps: int, work: Path) -> dict:
     data = resolve_task(None, folder).train_data()
     scrubber = Scrubber.build(load_model(folder), data)
     config = TrainConfig()
-    optimizer = optax.adam(config.lr)
+    optimizer = optax.adam(config.optimiser.lr)
     from adversary.learned import make_adversary
 
     adversary = make_adversary("learned")
@@ -321,7 +321,7 @@ def overhead(steps: int, work: Path) -> dict:
         "checked_step_s": checked_s,
         "fault_check_overhead": checked_s / plain_s - 1,
         "checkpoint_save_s": save_s,
-        "checkpoint_overhead_per_step_at_default": save_s / config.checkpoint_every / plain_s,
+        "checkpoint_overhead_per_step_at_default": save_s / config.runtime.checkpoint_every / plain_s,
     }
 
 

@@ -105,8 +105,8 @@ def minmax_step(model, data, config):
     from explainer.train import CACHE_LIMIT_BYTES, init_state, make_step
 
     adversary = LearnedAdversary()
-    scrubber = Scrubber.build(model, data, config.sites, config.ablation)
-    optimizer = optax.adam(config.lr)
+    scrubber = Scrubber.build(model, data, config.units.sites, config.ablation)
+    optimizer = optax.adam(config.optimiser.lr)
     step, _ = make_step(scrubber, data, config, optimizer, adversary)
     cached = cache_bytes(scrubber, data)
     info = {"cache_bytes": cached, "cache_used": cached <= CACHE_LIMIT_BYTES, "units": sum(scrubber.n_units.values())}
@@ -142,14 +142,14 @@ def worker(args: argparse.Namespace) -> dict:
 
     from explainer.config import TrainConfig
 
-    config = TrainConfig(batch_size=args.batch_size, remat=bool(args.remat))
+    config = TrainConfig.of(batch_size=args.batch_size, remat=bool(args.remat))
     import jax
 
     model, data, index = build(args)
     out: dict = {"build_rss_gb": _rss_gb("VmRSS"), "device": str(jax.devices()[0])}
     steps = {}
     if args.worker in ("plain", "timing"):
-        steps["plain"] = plain_step(model, data.take(index), config.lr, config.remat)
+        steps["plain"] = plain_step(model, data.take(index), config.optimiser.lr, config.runtime.remat)
     if args.worker in ("minmax", "timing"):
         step, state, info = minmax_step(model, data, config)
         steps["minmax"] = (step, state)

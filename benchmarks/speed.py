@@ -102,7 +102,7 @@ def time_steps(step, state, steps: int, repeats: int) -> float:
 def explainer_step(model, data: Batch, config: TrainConfig, adversary=None):
     """The explainer's step and initial state, as ``train_gates`` makes them."""
     scrubber = Scrubber.build(model, data, None, "resample")
-    optimizer = optax.adam(config.lr)
+    optimizer = optax.adam(config.optimiser.lr)
     step, _ = make_step(scrubber, data, config, optimizer, adversary)
     return lambda state: step(state)[0], init_state(scrubber, config, optimizer, adversary)
 
@@ -111,13 +111,13 @@ def measure(name: str, config: TrainConfig, steps: int, repeats: int) -> dict:
     folder = resolve_model(name)
     model, task = load_model(folder), resolve_task(None, folder)
     data = task.train_data()
-    batch = data.take(jnp.arange(config.batch_size) % len(data))
+    batch = data.take(jnp.arange(config.optimiser.batch_size) % len(data))
     step_s = time_steps(*explainer_step(model, data, config), steps, repeats)
     minmax_s = time_steps(*explainer_step(model, data, config, LearnedAdversary()), steps, repeats)
-    plain_s = time_steps(*plain_step(model, batch, config.lr), steps, repeats)
+    plain_s = time_steps(*plain_step(model, batch, config.optimiser.lr), steps, repeats)
     return {
         "model": name,
-        "batch_size": config.batch_size,
+        "batch_size": config.optimiser.batch_size,
         "step_ms": 1e3 * step_s,
         "minmax_ms": 1e3 * minmax_s,
         "plain_ms": 1e3 * plain_s,
@@ -160,7 +160,8 @@ def time_to_frontier(
     scrubber = Scrubber.build(model, data, None, "resample")
     sizes = ladder_sizes(sum(scrubber.n_units.values()))
     short = config if ladder_steps is None else config.replace(steps=ladder_steps)
-    more = continuation_steps if continuation_steps is not None else max(1, short.steps // 4)  # train_ladder's
+    steps = short.optimiser.steps
+    more = continuation_steps if continuation_steps is not None else max(1, steps // 4)  # train_ladder's
     patience = PATIENCE if patience is None else patience
 
     def cold(run):  # seconds of ``run()`` with every compiled program forgotten, as in a new process
@@ -187,7 +188,8 @@ def time_to_frontier(
         timed["trained"] = time.perf_counter() - started
         timed["steps"] = [len(r.history["kl"]) for r in rungs]
         restart = open_restart(scrubber, data, short, patience=patience, program=program)
-        timed["rungs"] = at_most(scrubber, data, rungs, short.seed, short.kl_budget, restart, exact_sets(short, None))
+        seed, budget = short.optimiser.seed, short.penalty.kl_budget
+        timed["rungs"] = at_most(scrubber, data, rungs, seed, budget, restart, exact_sets(short, None))
         return timed
 
     singles, commands, ladders = [], [], {s: [] for s in strategies}
@@ -208,7 +210,7 @@ def time_to_frontier(
                 "model": name,
                 "strategy": choose_strategy(strategy, scrubber),
                 "sizes": sizes,
-                "ladder_steps": short.steps,
+                "ladder_steps": short.optimiser.steps,
                 "continuation_steps": more,
                 "patience": patience,
                 "rung_steps": timed["steps"],
@@ -285,7 +287,7 @@ def _frontier_results(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().optimiser.batch_size)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--models", nargs="*", default=None, help="models of the step table (default: all)")

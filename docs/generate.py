@@ -195,46 +195,79 @@ def _cli_help() -> dict[str, str]:
 def _field_help(field: dataclasses.Field, docs: dict[str, str], cli: dict[str, str]) -> str:
     for key in ("help", "doc", "description"):
         if field.metadata.get(key):
-            return str(field.metadata[key])
+            default = field.default if field.default is not dataclasses.MISSING else None
+            shown = ("on" if default else "off") if isinstance(default, bool) else default
+            return str(field.metadata[key]).replace("{default}", str(shown))
     return docs.get(field.name) or cli.get(field.name, "")
 
 
-def _settings_rows(config: Any, prefix: str, cli: dict[str, str]) -> tuple[list[list[Any]], list[tuple[str, Any]]]:
-    docs = _attribute_docs(type(config))
-    rows, groups = [], []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
+def _settings_rows(kind: type, prefix: str, cli: dict[str, str]) -> list[list[Any]]:
+    """One row per field of the settings class ``kind``; a group is one row naming its table."""
+    from explainer.config import GROUPS, flag
+
+    docs = _attribute_docs(kind)
+    rows = []
+    for field in dataclasses.fields(kind):
         name = prefix + field.name
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            groups.append((name, value))
-            rows.append([code(name), "table", code(f"[{name}]"), cell(_field_help(field, docs, cli))])
+        if field.name in GROUPS and not prefix:
+            kinds = " or ".join(code(k.__name__) for k in GROUPS[field.name])
+            rows.append([code(name), kinds, code(f"[{name}]"), cell(_field_help(field, docs, cli))])
             continue
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        rows.append([code(name), code(kind), code(json.dumps(value, default=str)), cell(_field_help(field, docs, cli))])
-    return rows, groups
+        kind_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        default = "required" if field.default is dataclasses.MISSING else code(json.dumps(field.default, default=str))
+        switch = flag(field.name) if field.name in cli or field.metadata.get("flag") else ""
+        help_text = cell(_field_help(field, docs, cli)) + (f" Flag: {code(switch)}." if switch else "")
+        rows.append([code(name), code(kind_name), default, help_text])
+    return rows
 
 
 def settings_page() -> str:
-    """``docs/settings.md``: every field of ``TrainConfig`` with its type, default and help."""
-    from explainer.config import TrainConfig
+    """``docs/settings.md``: the groups of ``TrainConfig``, each field with its type, default and help."""
+    from explainer.config import GROUPS, TrainConfig
 
     cli = _cli_help()
-    doc = inspect.cleandoc(TrainConfig.__doc__ or "").split("\n\n")[0]
+    doc = inspect.cleandoc(sys.modules[TrainConfig.__module__].__doc__ or "").split("\n>>>")[0].strip()
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", doc).replace("``", "`")  # reST roles as code
     body = [
-        "How an explanation is trained: the fields of `explainer.TrainConfig`. Give them as keywords "
-        "(`explainer.explain(model, steps=2000)`), in a TOML file (`--config settings.toml`) or, for most, "
-        "as flags of `explainer train` and `explainer sweep` (see [cli.md](cli.md)).",
+        "How an explanation is trained: `explainer.TrainConfig`, a few groups of settings. Give them as flat "
+        "keywords (`explainer.explain(model, steps=2000)`, `TrainConfig.of(steps=2000, lam=0.01)`), in a TOML "
+        "file with a table per group (`--config settings.toml`) or, for most, as flags of `explainer train` and "
+        "`explainer sweep` (see [cli.md](cli.md)). A flat name is the field's name in its group; `units` is the "
+        "kind of units (`dims` or `edges`, `kind` in the `[units]` table).",
         "",
         doc,
         "",
+        "```toml",
+        'ablation = "resample"',
+        "",
+        "[optimiser]",
+        "steps = 2000",
+        "",
+        "[penalty]",
+        "kl_budget = 0.005   # or: lam = 0.01, or: target_size = 8",
+        "",
+        "[units]",
+        'kind = "dims"',
+        'basis = "learned"',
+        "",
+        "[finishing]",
+        "trim = true",
+        "```",
+        "",
+        "## Top level",
+        "",
+        table(["setting", "type", "default", "help"], _settings_rows(TrainConfig, "", cli)),
+        "",
     ]
-    pending: list[tuple[str, Any]] = [("", TrainConfig())]
-    while pending:
-        prefix, config = pending.pop(0)
-        rows, groups = _settings_rows(config, f"{prefix}." if prefix else "", cli)
-        title = "Top level" if not prefix else f"`[{prefix}]`"
-        body += [f"## {title}", "", table(["setting", "type", "default", "help"], rows), ""]
-        pending.extend(groups)
+    for group, kinds in GROUPS.items():
+        for kind in kinds:
+            title = f"`[{group}]`" + (f": `{kind.__name__}`" if len(kinds) > 1 else "")
+            about = inspect.cleandoc(kind.__doc__ or "").split("\n\n")[0]
+            about = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", about).replace("``", "`")
+            rows = _settings_rows(kind, f"{group}.", cli)
+            if group == "units":
+                rows.insert(0, [code("units.kind"), code("str"), code(json.dumps(kind.kind)), "The kind of units."])
+            body += [f"## {title}", "", about, "", table(["setting", "type", "default", "help"], rows), ""]
     return page("Settings reference", "explainer/config.py", body)
 
 

@@ -168,17 +168,18 @@ def explain(
         )
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
-    net = rewrites.rewrite(net, the_task.train_data(), config.rewrites)  # MLP = f + rest, rest one unit
+    units = config.units
+    net = rewrites.rewrite(net, the_task.train_data(), getattr(units, "rewrites", None))  # MLP = f + rest (one unit)
     scrubber = Scrubber.build(
         net,
         the_task.train_data(),
-        rewrites.with_rest_sites(config.sites, net),
+        rewrites.with_rest_sites(units.sites, net),
         config.ablation,
-        build_bases(config.basis, net, the_task.train_data(), config.sites or net.sites),
-        positional=config.positional,
-        units=config.units,
+        build_bases(getattr(units, "basis", "standard"), net, the_task.train_data(), units.sites or net.sites),
+        positional=getattr(units, "positional", False),
+        units=units.kind,
     )
-    check_target_size(config.target_size, scrubber.n_units)
+    check_target_size(getattr(config.penalty, "target_size", None), scrubber.n_units)
     if out is None:
         return _explanation(scrubber, the_task, folder, task, config, adversary, progress)
     record = {
@@ -221,13 +222,13 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
     scrubber = scrubber.with_bases(gates.bases)  # a learned basis as trained
     with timings.phase("evaluate"):
         faithfulness = evaluate_keep(
-            for_mask(scrubber, the_task.train_data(), kept, config.seed),  # optimal: fitted for this mask
+            for_mask(scrubber, the_task.train_data(), kept, config.optimiser.seed),  # optimal: fitted for this mask
             the_task.heldout_data(),
             as_mask(kept),
-            config.seed,
+            config.optimiser.seed,
         )
         report = rewrites.carried(
-            scrubber.model, the_task.train_data(), the_task.heldout_data(), config.ablation, config.seed
+            scrubber.model, the_task.train_data(), the_task.heldout_data(), config.ablation, config.optimiser.seed
         )
     explanation = Explanation(
         kept={site: [int(u) for u in v.nonzero()[0]] for site, v in kept.items()},
@@ -252,6 +253,7 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
 def _check_same_run(out: str | os.PathLike, record: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with anything other than what it was started with."""
     recorded = resume_files.read_record(out)
+    recorded["config"] = from_dict(recorded["config"], source=f"run {str(out)!r}").to_json()  # older records too
     if not recorded["overwrite"] and (Path(out) / "explanation.json").is_file():
         resume_files.finish(out)
         raise ExplainerError(f"run {str(out)!r} has finished; there is nothing to resume")

@@ -13,7 +13,16 @@ from typing import Any
 
 import typer
 
-from explainer.cli_common import _emit, _fail, _join_cluster, _warn, app
+from explainer.cli_common import (
+    _emit,
+    _fail,
+    _join_cluster,
+    _warn,
+    app,
+    config_from_options,
+    given_settings,
+    setting_option,
+)
 from explainer.errors import ExplainerError
 
 
@@ -24,14 +33,12 @@ def train(
         None, "--task", "-t", help="Prompts file or built-in task; default: the model's own prompts."
     ),
     config: Path | None = typer.Option(None, "--config", help="TOML file of training settings."),
-    lam: float | None = typer.Option(None, "--lambda", help="Fixed size penalty (nats per kept unit)."),
-    target_size: int | None = typer.Option(None, "--target-size", help="Train an explanation of exactly N units."),
-    kl_budget: float | None = typer.Option(
-        None, "--kl-budget", help="Smallest explanation with KL <= this (default 0.01)."
-    ),
-    ablation: str | None = typer.Option(None, "--ablation", help="resample (default), mean, zero or optimal."),
-    steps: int | None = typer.Option(None, "--steps", help="Training steps (default 1500)."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    lam: float | None = setting_option("lam"),
+    target_size: int | None = setting_option("target_size"),
+    kl_budget: float | None = setting_option("kl_budget"),
+    ablation: str | None = setting_option("ablation"),
+    steps: int | None = setting_option("steps"),
+    seed: int | None = setting_option("seed"),
     adversary: str | None = typer.Option(
         None, "--adversary", help="learned (default): train against an adversary in the loop; none."
     ),
@@ -41,46 +48,19 @@ def train(
         help="What the in-loop adversary re-includes: own (default) units, or directions of a random "
         "or learned rotation of the excluded subspace.",
     ),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
-    ),
-    devices: int | None = typer.Option(
-        None, "--devices", help="Split each step's batch across N devices (default: all JAX sees)."
-    ),
-    remat: bool | None = typer.Option(
-        None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
-    ),
+    checkpoint_every: int | None = setting_option("checkpoint_every"),
+    devices: int | None = setting_option("devices"),
+    remat: bool | None = setting_option("remat"),
     distributed: bool = typer.Option(
         False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see docs/guide.md)."
     ),
-    basis: str | None = typer.Option(
-        None, "--basis", help="What a unit is: standard (default), pca, gradient, learned, or a .safetensors/.npz file."
-    ),
-    positional: bool | None = typer.Option(
-        None, "--positional/--no-positional", help="One gate per (position, unit) (fixed-length prompts)."
-    ),
-    units: str | None = typer.Option(
-        None, "--units", help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader)."
-    ),
-    trim: bool | None = typer.Option(
-        None, "--trim/--no-trim", help="After training, drop every unit the KL budget can lose (default off)."
-    ),
-    trim_ld_floor: float | None = typer.Option(
-        None,
-        "--trim-ld-floor",
-        help="With --trim, keep the logit difference recovered (training prompts) at least this (default 0.9).",
-    ),
-    trim_refit_steps: int | None = typer.Option(
-        None,
-        "--trim-refit-steps",
-        help="With --trim and --basis learned, steps that refit the rotation to a smaller set (default 300; 0: none).",
-    ),
-    rewrite: list[str] | None = typer.Option(
-        None,
-        "--rewrite",
-        help="Rewrite an MLP as a fitted f plus a remainder that is one unit: blocks.L.mlp=linear, "
-        "=rank-R or =mean (mlps=FORM: every MLP). Repeatable.",
-    ),
+    basis: str | None = setting_option("basis"),
+    positional: bool | None = setting_option("positional"),
+    units: str | None = setting_option("units"),
+    trim: bool | None = setting_option("trim"),
+    trim_ld_floor: float | None = setting_option("trim_ld_floor"),
+    trim_refit_steps: int | None = setting_option("trim_refit_steps"),
+    rewrites: list[str] | None = setting_option("rewrites"),
     run: Path | None = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/MODEL-sSEED)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     resume: Path | None = typer.Option(
@@ -90,26 +70,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Learn an explanation and save it as a run folder (or continue one with --resume RUN)."""
+    settings = given_settings(locals())
     from explainer.api import explain, resume_run
 
-    settings = {
-        "lam": lam,
-        "target_size": target_size,
-        "kl_budget": kl_budget,
-        "ablation": ablation,
-        "steps": steps,
-        "seed": seed,
-        "checkpoint_every": checkpoint_every,
-        "devices": devices,
-        "remat": remat,
-        "basis": basis,
-        "positional": positional,
-        "units": units,
-        "trim": trim,
-        "trim_ld_floor": trim_ld_floor,
-        "trim_refit_steps": trim_refit_steps,
-        "rewrites": rewrite or None,
-    }
     _join_cluster(distributed)
     if resume is not None:
         if overwrite:
@@ -123,16 +86,16 @@ def train(
     else:
         if model is None:
             _fail("missing option --model: pass a zoo name or a model folder (or --resume RUN)")
-        run = run or Path("runs") / f"{Path(model).name}-s{seed or 0}"
+        built = config_from_options(config, settings)
+        run = run or Path("runs") / f"{Path(model).name}-s{settings.get('seed', 0)}"
         expl = explain(
             model,
             task,
-            config,
+            built,
             out=run,
             overwrite=overwrite,
             adversary=_in_loop_adversary(adversary, adversary_basis),
             progress=progress,
-            **settings,
         )
     _warn(expl.result())
     _emit(expl.result(), as_json, expl.summary() + f"\nsaved to {run}")
@@ -330,7 +293,7 @@ def sweep(
     config: Path | None = typer.Option(None, "--config", help="TOML file of training settings."),
     adversary: str | None = typer.Option(None, "--adversary", help="learned (default) or none."),
     budget: int | None = typer.Option(None, "--budget", "-k", help="Attack budget of the reported gap (default 2)."),
-    ablation: str | None = typer.Option(None, "--ablation", help="Training ablation (default resample)."),
+    ablation: str | None = setting_option("ablation"),
     ablations: str | None = typer.Option(
         None,
         "--ablations",
@@ -350,8 +313,8 @@ def sweep(
         "down from the largest from open gates; vmap: every rung from the initial gates and from open "
         "gates; each rung the better), up or down.",
     ),
-    steps: int | None = typer.Option(
-        None, "--steps", help="Training steps of the first rung and of each open restart (default 1500)."
+    steps: int | None = setting_option(
+        "steps", "Training steps of the first rung and of each open restart (default {default})."
     ),
     continuation_steps: int | None = typer.Option(
         None, "--continuation-steps", help="Most training steps of every later rung (default: a quarter of --steps)."
@@ -362,19 +325,11 @@ def sweep(
         help="On a ladder of sizes without an adversary, a later rung or an open restart stops once its "
         "explanation has not changed for N steps (default 100; 0: never stops early).",
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", help="Checkpoint into OUT.partial/ every N steps (default 250; 0: never)."
-    ),
-    devices: int | None = typer.Option(
-        None, "--devices", help="Split each step's batch across N devices (default: all JAX sees)."
-    ),
-    remat: bool | None = typer.Option(
-        None, "--remat/--no-remat", help="Recompute each block in the backward pass: less memory (default off)."
-    ),
-    units: str | None = typer.Option(
-        None, "--units", help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader)."
-    ),
+    seed: int | None = setting_option("seed"),
+    checkpoint_every: int | None = setting_option("checkpoint_every"),
+    devices: int | None = setting_option("devices"),
+    remat: bool | None = setting_option("remat"),
+    units: str | None = setting_option("units"),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),
     resume: Path | None = typer.Option(
@@ -385,30 +340,26 @@ def sweep(
 ) -> None:
     """Train a ladder of explanations (sizes or penalties) and grade each: the frontier (or continue
     an interrupted sweep with --resume OUT)."""
-    from explainer.frontier.ladder import PATIENCE
+    settings = given_settings(locals())
     from explainer.frontier.sweep import resume_sweep
     from explainer.frontier.sweep import sweep as run_sweep
 
-    settings = {
-        "ablation": ablation,
-        "steps": steps,
-        "seed": seed,
-        "checkpoint_every": checkpoint_every,
-        "devices": devices,
-        "remat": remat,
-        "units": units,
-    }
     listed = [a.strip() for a in ablations.split(",") if a.strip()] if ablations is not None else None
+    given = {"lambdas": lambdas, "sizes": sizes, "adversary": adversary, "budget": budget, "ablations": listed}
+    given |= {
+        "strategy": strategy,
+        "direction": direction,
+        "patience": patience,
+        "continuation_steps": continuation_steps,
+    }
+    given = {k: v for k, v in given.items() if v is not None}  # the rest: the library's defaults
     if resume is not None:
         if overwrite:
             _fail("--resume continues a sweep and --overwrite starts one again; give one of them")
         if out_dir is not None and Path(out_dir).resolve() != resume.resolve():
             _fail(f"--resume {resume} writes that sweep; drop --out {out_dir}")
         out_dir = resume
-        given = {"model": model, "task": task, "lambdas": lambdas, "sizes": sizes, "config": config}
-        given |= {"adversary": adversary, "budget": budget, "ablations": listed, "strategy": strategy}
-        given |= {"direction": direction, "patience": patience, "continuation_steps": continuation_steps}
-        result = resume_sweep(resume, progress, **given, **settings)
+        result = resume_sweep(resume, progress, model=model, task=task, config=config, **given, **settings)
         model = result["model"].get("name") or result["model"]["path"]
     else:
         if model is None:
@@ -418,20 +369,11 @@ def sweep(
         result = run_sweep(
             model,
             task,
-            lambdas=lambdas,
-            sizes=sizes,
-            config=config,
-            adversary=adversary or "learned",
-            budget=2 if budget is None else budget,
-            ablations=listed if listed is not None else ["resample", "mean", "zero", "optimal"],
-            strategy=strategy or "auto",
-            direction=direction or "both",
-            continuation_steps=continuation_steps,
-            patience=PATIENCE if patience is None else patience,
+            config=config_from_options(config, settings),
             out=out_dir,
             overwrite=overwrite,
             progress=progress,
-            **settings,
+            **given,
         )
     lines = [_sweep_head(str(model), result), *_rung_table(result["records"])]
     for name, g in result.get("ablations", {}).items():

@@ -7,6 +7,7 @@ Every command takes ``--json`` and then prints one JSON object as its last line 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -50,3 +51,31 @@ def _join_cluster(requested: bool) -> None:
 
     if init_distributed(requested=requested):
         err.print("joined the JAX cluster (jax.distributed)", highlight=False)
+
+
+def setting_option(name: str, help: str | None = None) -> Any:
+    """The typer option of flat setting ``name``: its flag and help (``help`` may say it in the
+    command's terms, ``{default}`` filled in) from the settings' metadata. Not given, it is
+    ``None``: the library's default (or the ``--config`` file's value) applies."""
+    from explainer.config import DEFAULTS, flag, setting_field, setting_help
+
+    text = setting_help(name) if help is None else help.format(default=DEFAULTS[name])
+    switch = setting_field(name).type == "bool" or isinstance(DEFAULTS[name], bool)
+    option = f"{flag(name)}/--no-{flag(name)[2:]}" if switch else flag(name)
+    return typer.Option(None, option, help=text)
+
+
+def given_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The flat settings among a command's options (its ``locals()``) that were given."""
+    from explainer.config import flat_names
+
+    names = flat_names()
+    return {k: v for k, v in options.items() if k in names and v is not None and v != []}
+
+
+def config_from_options(config: Path | None, settings: dict[str, Any]):
+    """The :class:`~explainer.config.TrainConfig` of ``--config FILE`` (or the defaults) with the
+    flat ``settings`` given as flags on top."""
+    from explainer.config import TrainConfig, load_config
+
+    return (load_config(config) if config is not None else TrainConfig()).replace(**settings)

@@ -1,13 +1,40 @@
-"""Training settings: one frozen dataclass whose defaults are the settings, loadable from TOML."""
+"""Training settings: a frozen :class:`TrainConfig` of a few typed groups, loadable from TOML.
+
+The groups follow what a setting changes, so that an illegal combination cannot be written:
+
+- ``optimiser`` (:class:`Optimiser`): how the gates move, seed included. The dual ascent on λ
+  (``init_lambda``, ``dual_lr``) is here because the KL budget, the target size and the sweep's
+  ladders all run it; a penalty is then one number.
+- ``penalty``: exactly one of :class:`KLBudget`, :class:`Lambda`, :class:`TargetSize`, so a
+  target size with a fixed λ is refused when it is built.
+- ``units``: :class:`Dims` (sites, basis, positional gates, rewrites) or :class:`Edges` (sites
+  only), so an edge run with a basis cannot be written.
+- ``finishing`` (:class:`Finishing`): the passes after training (:mod:`explainer.finishing`).
+- ``runtime`` (:class:`Runtime`): checkpoints, devices, rematerialisation; never the result.
+- ``ablation`` and ``adversary_weight`` stay at the top: they shape the objective whatever the
+  penalty and the units are.
+
+Each group checks itself when built. Flat names (``steps``, ``lam``, ``basis``...) remain the
+keywords of :func:`explainer.explain`, the keys of saved run records and the CLI's flags:
+:meth:`TrainConfig.of` and :meth:`TrainConfig.replace` take them, :meth:`TrainConfig.to_json`
+writes them. Each field's ``metadata`` holds its help text (``{default}`` stands for its default)
+and its flag where that is not ``--`` plus the name; the CLI and ``docs/settings.md`` read them.
+
+>>> TrainConfig.of(lam=0.1).penalty
+Lambda(lam=0.1)
+>>> TrainConfig().replace(steps=300).optimiser.steps
+300
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.scrub import check_ablation, check_units
@@ -18,209 +45,509 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How an explanation is trained.
+def setting(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory: Any = None) -> Any:
+    """A settings field whose ``metadata`` carries its help text and, when it differs, its flag."""
+    metadata = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
-    The size penalty has three modes; the default needs no tuning per model:
 
-    - ``kl_budget`` (default): the smallest explanation whose KL stays within ``kl_budget`` nats;
-      the penalty multiplier is learned by dual ascent;
-    - ``lam``: a fixed penalty, in nats per kept unit (a unit is kept only if it buys more KL);
-    - ``target_size``: an explanation of exactly ``target_size`` units (multiplier learned while
-      training, the top units by gate logit kept at the end).
-
-    Gates start mostly closed (``init_logit = -1``: a noise-free gate value of 0.22) so
-    that every unit has to earn its place: started open, a pair of units whose contributions cancel
-    sits in a local optimum (closing either one alone costs KL), and the smaller explanation that
-    drops both is never found. ``λ`` moves slowly (``dual_lr``) and backs off ten times faster than
-    it grows, because a ``λ`` that overshoots closes every gate of a serial pathway at once.
-
-    In ``kl_budget`` mode two safeguards follow training (:func:`explainer.finishing.fit`): ``repair``
-    adds back, by exact search, units whose gates closed for good although the budget needs them;
-    ``open_restart`` trains once more from open gates (logit 3) when the explanation still misses
-    the budget, which happens when every sampled mask of a mostly closed start breaks the model
-    and the KL has no slope to follow, and keeps the better of the two. ``trim`` (off by default)
-    then drops, one at a time by exact search, the units the explanation can lose within its budget
-    while its logit difference recovered on the training prompts stays at least ``trim_ld_floor``
-    (default 0.9; ``None``: the KL budget alone). On confident models the KL saturates, and a
-    budget of 0.01 nats alone let trim cut the logit difference recovered to 0.84 (paren). Each
-    removal must also hold on the training prompts the search does not score (those after its
-    first 256, or the same prompts with other replacements). With a ``learned`` basis, where trim
-    stops, the rotation is refit to the set less the unit nearest to going
-    (``trim_refit_steps`` steps of training with the gates fixed, no size penalty, no adversary;
-    0: no refit); if that set then holds on both sets of prompts, it is kept and trim goes on.
-    With a rotated in-loop adversary (``adversary_basis`` ``random`` or ``learned``),
-    ``close_attacks`` finally adds back units while the rotated attack still moves the explanation
-    by more than ``kl_budget`` on the training prompts (:func:`adversary.rotated.close_attacks`).
-
-    ``basis`` says what a unit is (:mod:`explainer.bases`): ``standard`` residual dimensions,
-    ``pca`` directions, a ``learned`` rotation trained with the mask, or a file of orthogonal
-    matrices; ``positional`` gives every (position, unit) pair its own gate (fixed-length tasks).
-    ``rewrites`` (e.g. ``["blocks.0.mlp=linear"]``) replace MLPs by a fitted ``f`` plus a remainder
-    that is one more unit (:mod:`explainer.rewrites`).
-
-    ``devices`` splits each step's batch across that many devices (unset: all of JAX's devices;
-    ``batch_size`` must be a multiple of it; see :mod:`explainer.parallel`), and ``remat``
-    recomputes each transformer block's activations in the backward pass instead of storing them
-    (``jax.checkpoint``): less memory, somewhat more time, the same explanation.
-
-    >>> TrainConfig(lam=0.1).mode
-    'lambda'
-    >>> TrainConfig().mode
-    'kl_budget'
-    """
-
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 0.05
-    ablation: str = "resample"
-    kl_budget: float = 0.01
-    lam: float | None = None
-    target_size: int | None = None
-    init_lambda: float = 0.1
-    dual_lr: float = 0.005
-    init_logit: float = -1.0
-    sites: tuple[str, ...] | list[str] | None = None
-    adversary_weight: float = 1.0
-    repair: bool = True
-    trim: bool = False
-    trim_ld_floor: float | None = 0.9
-    trim_refit_steps: int = 300
-    open_restart: bool = True
-    close_attacks: bool = True
-    seed: int = 0
-    checkpoint_every: int = 250
-    devices: int | None = None
-    remat: bool = False
-    basis: str = "standard"
-    basis_lr: float = 0.001
-    positional: bool = False
-    units: str = "dims"
-    rewrites: tuple[str, ...] | list[str] | None = None
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "lr", "kl_budget", "init_lambda", "dual_lr", "basis_lr")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ExplainerError(f"setting {name!r} must be a positive number, got {value!r}")
-        for name in ("steps", "batch_size", "seed"):
-            if not isinstance(getattr(self, name), int):
-                raise ExplainerError(f"setting {name!r} must be an integer, got {getattr(self, name)!r}")
-        if self.lam is not None and self.target_size is not None:
-            raise ExplainerError("give either lam (--lambda) or target_size (--target-size), not both")
-        if self.lam is not None and (not isinstance(self.lam, (int, float)) or self.lam < 0):
-            raise ExplainerError(f"setting 'lam' must be a number >= 0, got {self.lam!r}")
-        if self.target_size is not None and (not isinstance(self.target_size, int) or self.target_size < 0):
-            raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {self.target_size!r}")
-        for name in ("repair", "open_restart", "trim", "close_attacks", "remat", "positional"):
-            if not isinstance(getattr(self, name), bool):
-                raise ExplainerError(f"setting {name!r} must be true or false, got {getattr(self, name)!r}")
-        floor = self.trim_ld_floor
-        if floor is not None and (not isinstance(floor, (int, float)) or isinstance(floor, bool) or math.isnan(floor)):
-            raise ExplainerError(f"setting 'trim_ld_floor' must be a number (-inf: no floor), got {floor!r}")
-        if not isinstance(self.adversary_weight, (int, float)) or self.adversary_weight < 0:
-            raise ExplainerError(f"setting 'adversary_weight' must be >= 0, got {self.adversary_weight!r}")
-        _check_ranges(self)
-        check_ablation(self.ablation)
-        if not isinstance(self.basis, str):
-            raise ExplainerError(f"setting 'basis' must be a name or a file path, got {self.basis!r}")
-        from explainer.bases import check_basis
-
-        check_basis(self.basis)
-        if check_units(self.units) == "edges" and (self.basis != "standard" or self.positional or self.rewrites):
-            raise ExplainerError(
-                "edge units (--units edges) take no basis, positional masks or rewrites; "
-                "use --units dims for those options"
-            )
-        if self.sites is not None:
-            object.__setattr__(self, "sites", tuple(self.sites))
-        if self.rewrites is not None:
-            from explainer.rewrites import parse
-
-            if isinstance(self.rewrites, str) or not isinstance(self.rewrites, (list, tuple)):
-                raise ExplainerError(
-                    f"setting 'rewrites' must be a list like ['blocks.0.mlp=linear'], got {self.rewrites!r}"
-                )
-            for spec in self.rewrites:
-                parse(spec)
-            object.__setattr__(self, "rewrites", tuple(self.rewrites) or None)
-
-    @property
-    def mode(self) -> str:
-        if self.lam is not None:
-            return "lambda"
-        if self.target_size is not None:
-            return "target_size"
-        return "kl_budget"
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes``; ``None`` values are ignored (handy for CLI flags)."""
-        return from_dict({**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name in ("sites", "rewrites"):
-            if out[name] is not None:
-                out[name] = list(out[name])
-        return out
+def _fail(name: str, must: str, value: Any) -> None:
+    raise ExplainerError(f"setting {name!r} must be {must}, got {value!r}")
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_ranges(config: TrainConfig) -> None:
-    """Types and ranges the checks above leave out: finite numbers, integer seeds, site names."""
-    for name in ("lr", "kl_budget", "init_lambda", "dual_lr", "init_logit", "adversary_weight", "lam"):
-        value = getattr(config, name)
-        if value is not None and (not _number(value) or not math.isfinite(value)):
-            raise ExplainerError(f"setting {name!r} must be a finite number, got {value!r}")
-    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
-        raise ExplainerError(f"setting 'seed' must be an integer in 0..2**63-1, got {config.seed!r}")
-    refit = config.trim_refit_steps
-    if not isinstance(refit, int) or isinstance(refit, bool) or refit < 0:
-        raise ExplainerError(f"setting 'trim_refit_steps' must be an integer >= 0 (0: no refit), got {refit!r}")
-    every = config.checkpoint_every
-    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-        raise ExplainerError(f"setting 'checkpoint_every' must be an integer >= 0 (0: never), got {every!r}")
-    devices = config.devices
-    if devices is not None and (not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
-        raise ExplainerError(f"setting 'devices' must be a positive integer (unset: all devices), got {devices!r}")
-    if isinstance(config.target_size, bool):
-        raise ExplainerError(f"setting 'target_size' must be an integer >= 0, got {config.target_size!r}")
-    sites = config.sites
-    if sites is not None and (not isinstance(sites, (list, tuple)) or not all(isinstance(s, str) for s in sites)):
-        raise ExplainerError(f"setting 'sites' must be a list of site names, got {sites!r}")
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+def _positive(group: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(group, name)
+        if not _number(value):
+            _fail(name, "a finite number", value)
+        if value <= 0:
+            _fail(name, "a positive number", value)
+
+
+def _booleans(group: Any) -> None:
+    for field in dataclasses.fields(group):
+        if field.type == "bool" and not isinstance(getattr(group, field.name), bool):
+            _fail(field.name, "true or false", getattr(group, field.name))
+
+
+def _names(name: str, value: Any, must: str) -> tuple[str, ...] | None:
+    """A list of strings as a tuple (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        _fail(name, must, value)
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimiser:
+    """How the gates (and a learned basis, and λ) are optimised."""
+
+    steps: int = setting(1500, "Training steps (default {default}).")
+    batch_size: int = setting(64, "Prompts per training step (default {default}); a multiple of --devices.")
+    lr: float = setting(0.05, "Adam learning rate of the gate logits (default {default}).")
+    init_logit: float = setting(
+        -1.0, "Starting gate logit (default {default}: mostly closed, so every unit has to earn its place)."
+    )
+    basis_lr: float = setting(0.001, "Adam learning rate of a learned basis's rotations (default {default}).")
+    init_lambda: float = setting(
+        0.1, "Starting λ of the dual ascent (KL budget, target size, ladders; default {default})."
+    )
+    dual_lr: float = setting(
+        0.005, "Step of the dual ascent on log λ (default {default}); it backs off ten times faster than it grows."
+    )
+    seed: int = setting(0, "Random seed (default {default}).")
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "lr", "basis_lr", "init_lambda", "dual_lr")
+        for name in ("steps", "batch_size"):
+            if not _integer(getattr(self, name)):
+                _fail(name, "an integer", getattr(self, name))
+        if not _number(self.init_logit):
+            _fail("init_logit", "a finite number", self.init_logit)
+        if not _integer(self.seed) or not 0 <= self.seed < 2**63:
+            _fail("seed", "an integer in 0..2**63-1", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLBudget:
+    """The smallest explanation whose KL stays within the budget; λ learned by dual ascent."""
+
+    mode: ClassVar[str] = "kl_budget"
+    kl_budget: float = setting(0.01, "Smallest explanation with KL <= this (default {default}).")
+
+    def __post_init__(self) -> None:
+        _positive(self, "kl_budget")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lambda:
+    """A fixed penalty in nats per kept unit: a unit is kept only if it buys more KL."""
+
+    mode: ClassVar[str] = "lambda"
+    lam: float = setting(help="Fixed size penalty (nats per kept unit).", flag="--lambda")
+
+    def __post_init__(self) -> None:
+        if not _number(self.lam) or self.lam < 0:
+            _fail("lam", "a finite number >= 0", self.lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSize:
+    """An explanation of exactly ``target_size`` units (λ learned, the top units kept at the end)."""
+
+    mode: ClassVar[str] = "target_size"
+    target_size: int = setting(help="Train an explanation of exactly N units.")
+
+    def __post_init__(self) -> None:
+        if not _integer(self.target_size) or self.target_size < 0:
+            _fail("target_size", "an integer >= 0", self.target_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Units are residual dimensions of each reader's input, in a basis."""
+
+    kind: ClassVar[str] = "dims"
+    sites: tuple[str, ...] | list[str] | None = setting(
+        None, "Reader sites to explain (default: every site of the model)."
+    )
+    basis: str = setting(
+        "standard", "What a unit is: standard (default), pca, gradient, learned, or a .safetensors/.npz file."
+    )
+    positional: bool = setting(False, "One gate per (position, unit) (fixed-length prompts).")
+    rewrites: tuple[str, ...] | list[str] | None = setting(
+        None,
+        "Rewrite an MLP as a fitted f plus a remainder that is one unit: blocks.L.mlp=linear, "
+        "=rank-R or =mean (mlps=FORM: every MLP). Repeatable.",
+        flag="--rewrite",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", _names("sites", self.sites, "a list of site names"))
+        if not isinstance(self.basis, str):
+            _fail("basis", "a name or a file path", self.basis)
+        from explainer.bases import check_basis
+
+        check_basis(self.basis)
+        _booleans(self)
+        rewrites = _names("rewrites", self.rewrites, "a list like ['blocks.0.mlp=linear']")
+        if rewrites:
+            from explainer.rewrites import parse
+
+            for spec in rewrites:
+                parse(spec)
+        object.__setattr__(self, "rewrites", rewrites or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edges:
+    """Units are edges: one writer (embed, a head, an MLP) into one reader. No basis to choose."""
+
+    kind: ClassVar[str] = "edges"
+    sites: tuple[str, ...] | list[str] | None = setting(
+        None, "Reader sites to explain (default: every site of the model)."
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", _names("sites", self.sites, "a list of site names"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Finishing:
+    """The passes after training, in KL-budget mode (:func:`explainer.finishing.fit`)."""
+
+    repair: bool = setting(
+        True, "Add back, by exact search, units whose gates closed for good although the budget needs them."
+    )
+    open_restart: bool = setting(
+        True, "Train once more from open gates when the explanation misses its budget; keep the better."
+    )
+    trim: bool = setting(False, "After training, drop every unit the KL budget can lose (default {default}).")
+    trim_ld_floor: float | None = setting(
+        0.9, "With --trim, keep the logit difference recovered (training prompts) at least this (default {default})."
+    )
+    trim_refit_steps: int = setting(
+        300,
+        "With --trim and --basis learned, steps that refit the rotation to a smaller set (default {default}; 0: none).",
+    )
+    close_attacks: bool = setting(
+        True, "With a rotated in-loop adversary, add back units while its attack moves the explanation past the budget."
+    )
+
+    def __post_init__(self) -> None:
+        _booleans(self)
+        floor = self.trim_ld_floor
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or math.isnan(floor)):
+            _fail("trim_ld_floor", "a number (-inf: no floor)", floor)
+        if not _integer(self.trim_refit_steps) or self.trim_refit_steps < 0:
+            _fail("trim_refit_steps", "an integer >= 0 (0: no refit)", self.trim_refit_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how the steps run; none of these changes the explanation."""
+
+    checkpoint_every: int = setting(250, "Checkpoint into OUT.partial/ every N steps (default {default}; 0: never).")
+    devices: int | None = setting(None, "Split each step's batch across N devices (default: all JAX sees).")
+    remat: bool = setting(False, "Recompute each block in the backward pass: less memory (default {default}).")
+
+    def __post_init__(self) -> None:
+        if not _integer(self.checkpoint_every) or self.checkpoint_every < 0:
+            _fail("checkpoint_every", "an integer >= 0 (0: never)", self.checkpoint_every)
+        if self.devices is not None and (not _integer(self.devices) or self.devices < 1):
+            _fail("devices", "a positive integer (unset: all devices)", self.devices)
+        _booleans(self)
+
+
+Penalty = KLBudget | Lambda | TargetSize
+Units = Dims | Edges
+PENALTIES: tuple[type, ...] = (KLBudget, Lambda, TargetSize)
+UNIT_KINDS: tuple[type, ...] = (Dims, Edges)
+GROUPS: dict[str, tuple[type, ...]] = {
+    "optimiser": (Optimiser,),
+    "penalty": PENALTIES,
+    "units": UNIT_KINDS,
+    "finishing": (Finishing,),
+    "runtime": (Runtime,),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How an explanation is trained: settings in groups (see the module's docstring).
+
+    The size penalty needs no tuning per model by default (``KLBudget``). Gates start mostly
+    closed so that every unit earns its place: started open, a pair of units whose contributions
+    cancel sits in a local optimum and the smaller explanation that drops both is never found. λ
+    moves slowly and backs off faster than it grows, because a λ that overshoots closes every gate
+    of a serial pathway at once. In KL-budget mode the ``finishing`` passes follow training
+    (:func:`explainer.finishing.fit`): repair, an open restart, optional trim (with a refit of a
+    learned basis) and, with a rotated in-loop adversary, closing its attacks.
+
+    >>> TrainConfig.of(steps=300, target_size=4).penalty.mode
+    'target_size'
+    >>> TrainConfig().units.kind
+    'dims'
+    """
+
+    optimiser: Optimiser = setting(help="How the gates are optimised.", factory=Optimiser)
+    penalty: Penalty = setting(
+        help="The size penalty: exactly one of kl_budget, lam (--lambda) or target_size.", factory=KLBudget
+    )
+    units: Units = setting(
+        help="What a unit is: dims (residual dimensions, default) or edges (writer -> reader).", factory=Dims
+    )
+    ablation: str = setting(
+        "resample", "Replacement of excluded units: resample, mean, zero or optimal (default {default})."
+    )
+    adversary_weight: float = setting(
+        1.0, "Weight of the in-loop adversary's term in the explainer's loss (default {default})."
+    )
+    finishing: Finishing = setting(help="The passes after training (KL-budget mode).", factory=Finishing)
+    runtime: Runtime = setting(help="Checkpoints, devices and memory; never the result.", factory=Runtime)
+
+    def __post_init__(self) -> None:
+        for name, kinds in GROUPS.items():
+            if not isinstance(getattr(self, name), kinds):
+                what = " or ".join(k.__name__ for k in kinds)
+                raise ExplainerError(
+                    f"setting {name!r} must be a {what}, got {getattr(self, name)!r}; for flat settings "
+                    "use TrainConfig.of(steps=..., lam=...)"
+                )
+        if not isinstance(self.ablation, str):
+            _fail("ablation", "a name", self.ablation)
+        check_ablation(self.ablation)
+        if not _number(self.adversary_weight) or self.adversary_weight < 0:
+            _fail("adversary_weight", "a finite number >= 0", self.adversary_weight)
+
+    @classmethod
+    def of(cls, **settings: Any) -> TrainConfig:
+        """A config from flat settings (``steps=300, lam=0.1, basis="pca"``); unknown names are
+        errors that suggest the closest, and two penalties or an edge run with a basis are refused.
+
+        >>> TrainConfig.of(stpes=300)
+        Traceback (most recent call last):
+        ...
+        explainer.errors.ExplainerError: unknown setting 'stpes'; did you mean 'steps'? ...
+        """
+        _check_names(settings)
+        parts: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+        top = {}
+        for name, value in settings.items():
+            group = PLACE[name]
+            (parts[group] if group else top)[name] = value
+        return cls(
+            optimiser=Optimiser(**parts["optimiser"]),
+            penalty=_penalty(parts["penalty"]),
+            units=_units(parts["units"]),
+            finishing=Finishing(**parts["finishing"]),
+            runtime=Runtime(**parts["runtime"]),
+            **top,
+        )
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with flat ``changes``; ``None`` values are ignored (a CLI flag not given). A
+        penalty given replaces the penalty, and ``units`` switches the kind of unit.
+
+        >>> TrainConfig.of(lam=0.1).replace(target_size=3).penalty
+        TargetSize(target_size=3)
+        """
+        changes = {k: v for k, v in changes.items() if v is not None}
+        _check_names(changes)
+        flat = self.settings()
+        if PENALTY_NAMES & changes.keys():
+            flat = {k: v for k, v in flat.items() if k not in PENALTY_NAMES}
+        return TrainConfig.of(**{**flat, **changes})
+
+    def settings(self) -> dict[str, Any]:
+        """The flat settings this config holds (its penalty's one number, its kind of units' own)."""
+        out: dict[str, Any] = {"ablation": self.ablation, "adversary_weight": self.adversary_weight}
+        for group in GROUPS:
+            out |= dataclasses.asdict(getattr(self, group))
+        out["units"] = self.units.kind
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Every flat setting, the saved run record's form: the settings another penalty or kind of
+        units would use are at their defaults (``lam`` and ``target_size`` ``None``)."""
+        out = {**DEFAULTS, **self.settings()}
+        for name in ("sites", "rewrites"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return {name: out[name] for name in FLAT_NAMES}
+
+    def to_tables(self) -> dict[str, Any]:
+        """The TOML form: one table per group, unset (``None``) settings left out."""
+        tables: dict[str, Any] = {"ablation": self.ablation, "adversary_weight": self.adversary_weight}
+        for group in GROUPS:
+            values = dataclasses.asdict(getattr(self, group))
+            if group == "units":
+                values = {"kind": self.units.kind, **values}
+            tables[group] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+        return tables
+
+
+def _field_names(kinds: tuple[type, ...]) -> list[str]:
+    return [f.name for k in kinds for f in dataclasses.fields(k)]
+
+
+PENALTY_NAMES = frozenset(_field_names(PENALTIES))
+PLACE: dict[str, str | None] = {
+    **{name: group for group, kinds in GROUPS.items() for name in _field_names(kinds)},
+    "units": "units",
+    "ablation": None,
+    "adversary_weight": None,
+}
+FLAT_NAMES = (  # the order of the saved records' keys
+    *("steps", "batch_size", "lr", "ablation", "kl_budget", "lam", "target_size", "init_lambda", "dual_lr"),
+    *("init_logit", "sites", "adversary_weight", "repair", "trim", "trim_ld_floor", "trim_refit_steps"),
+    *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat", "basis", "basis_lr"),
+    *("positional", "units", "rewrites"),
+)
+assert set(FLAT_NAMES) == set(PLACE), "every flat setting has one place"
+
+
+def flat_names() -> list[str]:
+    """The flat settings' names, as keywords of :meth:`TrainConfig.of` and keys of saved records."""
+    return list(FLAT_NAMES)
+
+
+def _check_names(settings: dict[str, Any]) -> None:
+    for name in settings:
+        if name not in PLACE:
+            raise ExplainerError(f"unknown setting {name!r}; {did_you_mean(name, FLAT_NAMES)}")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of flat setting ``name`` (``lam``: ``--lambda``)."""
+    return setting_field(name).metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def _penalty(given: dict[str, Any]) -> Penalty:
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        named = " and ".join(f"{k} ({flag(k)})" for k in given)
+        raise ExplainerError(
+            f"{named} are two size penalties, not both: give one of them (kl_budget: the smallest explanation "
+            "within a KL budget; lam: a fixed penalty per unit; target_size: exactly N units)"
+        )
+    for kind in PENALTIES:
+        if given.keys() <= {f.name for f in dataclasses.fields(kind)}:
+            return kind(**given)
+    raise AssertionError(given)  # pragma: no cover - every penalty name has a kind
+
+
+def _units(given: dict[str, Any]) -> Units:
+    kind = given.pop("units", "dims")
+    if not isinstance(kind, str):
+        _fail("units", "dims or edges", kind)
+    if check_units(kind) == "dims":
+        return Dims(**given)
+    extra = [k for k, v in given.items() if k != "sites" and v not in (DEFAULTS[k], [], ())]
+    if extra:
+        raise ExplainerError(
+            f"edge units (--units edges) take no basis, positional masks or rewrites (given: {', '.join(extra)}); "
+            "use --units dims for those options"
+        )
+    return Edges(sites=given.get("sites"))
+
+
+def _defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kinds in (*GROUPS.values(), (TrainConfig,)):
+        for kind in kinds:
+            for f in dataclasses.fields(kind):
+                if f.name not in GROUPS:
+                    out[f.name] = None if f.default is dataclasses.MISSING else f.default
+    return out | {"units": "dims"}
+
+
+DEFAULTS = _defaults()
+
+
+def setting_field(name: str) -> dataclasses.Field:
+    """The field that holds flat setting ``name`` (``units``: the group's own field)."""
+    group = PLACE[name]
+    kinds = (TrainConfig,) if group is None or name == "units" else GROUPS[group]
+    return next(f for kind in kinds for f in dataclasses.fields(kind) if f.name == name)
+
+
+def setting_help(name: str) -> str:
+    """The help of flat setting ``name`` with its default filled in (``on``/``off`` for a switch)."""
+    default = DEFAULTS[name]
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return setting_field(name).metadata["help"].format(default=shown)
+
+
+# --- files and records -------------------------------------------------------------------------
 
 
 def from_dict(data: Any, source: str = "config") -> TrainConfig:
-    """A config from a dictionary; unknown keys are errors that list the valid ones."""
+    """A config from a dictionary of tables (``{"optimiser": {"steps": 300}, ...}``) or of flat
+    settings (saved run records, old TOML files); unknown keys are errors that suggest the closest.
+
+    As before the groups, a flat ``kl_budget`` beside ``lam`` or ``target_size`` is ignored: saved
+    records always carry it.
+    """
     if not isinstance(data, dict):
         raise ExplainerError(f"{source} must be a table of settings")
-    names = field_names()
+    if _layout(data, source) == "tables":
+        data = _flatten(data, source)
+    elif data.get("lam") is not None or data.get("target_size") is not None:
+        data = {k: v for k, v in data.items() if k != "kl_budget"}
     for key in data:
-        if key not in names:
-            raise ExplainerError(f"{source}: unknown setting {key!r}; {did_you_mean(key, names)}")
+        if key in GROUPS and key != "units":
+            raise ExplainerError(f"{source}: {key!r} is a table of settings, e.g. [{key}]")
+        if key not in PLACE:
+            raise ExplainerError(f"{source}: unknown setting {key!r}; {did_you_mean(key, [*FLAT_NAMES, *GROUPS])}")
     try:
-        return TrainConfig(**data)
-    except TypeError as err:  # pragma: no cover - all fields have defaults
+        return TrainConfig.of(**data)
+    except (ExplainerError, TypeError) as err:  # TypeError: a type checker's, under the tests
         raise ExplainerError(f"{source}: {err}") from None
 
 
+def _layout(data: dict[str, Any], source: str) -> str:
+    """``tables`` (a group's settings under ``[optimiser]``...) or ``flat`` (every setting at the top)."""
+    tables = [k for k, v in data.items() if k in GROUPS and isinstance(v, dict)]
+    flat = [k for k in data if k in PLACE and PLACE[k] is not None and k not in tables]
+    if tables and flat:
+        raise ExplainerError(
+            f"{source} mixes tables ({', '.join(tables)}) with flat settings ({', '.join(flat)}); "
+            f"put {flat[0]!r} under [{PLACE[flat[0]]}]"
+        )
+    return "tables" if tables else "flat"
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Tables as flat settings, each key checked against its own table."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("ablation", "adversary_weight"):
+            flat[key] = value
+            continue
+        if key not in GROUPS:
+            raise ExplainerError(f"{source}: unknown setting {key!r}; {did_you_mean(key, [*GROUPS, 'ablation'])}")
+        if not isinstance(value, dict):
+            raise ExplainerError(f"{source}: {key!r} is a table of settings, e.g. [{key}]")
+        names = _field_names(GROUPS[key]) + (["kind"] if key == "units" else [])
+        for name, item in value.items():
+            if name not in names:
+                home = PLACE.get(name)
+                fix = f"it belongs under [{home}]" if home else did_you_mean(name, names)
+                raise ExplainerError(f"{source}: unknown setting {name!r} in [{key}]; {fix}")
+            flat["units" if key == "units" and name == "kind" else name] = item
+    return flat
+
+
+_NOTED: set[str] = set()
+
+
 def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read settings from a TOML file (top-level keys, or a ``[train]`` table).
+    """Read settings from a TOML file: a table per group (or all of them under ``[train]``).
 
     Example file::
 
-        steps = 2000
         ablation = "mean"
+
+        [optimiser]
+        steps = 2000
+
+        [penalty]
         kl_budget = 0.005
+
+    A file of the old flat layout (every setting at the top) still loads, with a note on stderr
+    (once per file) that shows it as tables.
     """
     path = Path(path)
     if not path.is_file():
@@ -229,6 +556,42 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ExplainerError(f"{path} is not valid TOML: {err}") from None
-    if set(data) == {"train"}:
+    if set(data) == {"train"} and isinstance(data["train"], dict):
         data = data["train"]
-    return from_dict(data, source=str(path))
+    config = from_dict(data, source=str(path))
+    if _layout(data, str(path)) == "flat" and any(PLACE.get(k) for k in data) and str(path) not in _NOTED:
+        _NOTED.add(str(path))
+        print(f"note: {path} uses the old flat layout of settings (still read); as tables it reads:", file=sys.stderr)
+        print(to_toml(_as_tables(data, config)), file=sys.stderr)
+    return config
+
+
+def _as_tables(data: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The settings a flat file gives, in the tables they belong to."""
+    out: dict[str, Any] = {}
+    for group, values in config.to_tables().items():
+        if not isinstance(values, dict):
+            out |= {group: values} if group in data else {}
+            continue
+        given = {k: v for k, v in values.items() if k in data or (k == "kind" and "units" in data)}
+        out |= {group: given} if given else {}
+    return out
+
+
+def to_toml(tables: dict[str, Any]) -> str:
+    """Settings as TOML text: plain values first, then a ``[table]`` per group (empty ones left out)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if v != v else ("inf" if v > 0 else "-inf")
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in tables.items() if not isinstance(v, dict) and v is not None]
+    for name, table in tables.items():
+        if isinstance(table, dict) and table:
+            lines += ["", f"[{name}]", *(f"{k} = {value(v)}" for k, v in table.items() if v is not None)]
+    return "\n".join(lines).strip() + "\n"

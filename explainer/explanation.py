@@ -390,7 +390,7 @@ FAITHFULNESS_KEYS = ("kl_mean", "kl_p99", "kl_max", "logit_diff_recovered", "acc
 
 def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dict) -> None:
     """The fields of ``explanation.json`` that commands read, with the types they need."""
-    from explainer.config import field_names, from_dict
+    from explainer.config import flat_names, from_dict
 
     problem = None
     model, task, config, faith = (data.get(k) for k in ("model", "task", "config", "faithfulness"))
@@ -412,4 +412,4 @@ def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dic
         problem = "the gate logits do not have one value per unit"
     if problem:
         raise ExplainerError(f"{path / JSON_FILE} is damaged: {problem}; retrain the run")
-    from_dict({k: v for k, v in config.items() if k in field_names()}, source=f"{path / JSON_FILE} config")
+    from_dict({k: v for k, v in config.items() if k in flat_names()}, source=f"{path / JSON_FILE} config")

@@ -71,7 +71,7 @@ class Context(NamedTuple):
 
     def oracle(self, gates: Gates, data: Batch | None = None, seed: int | None = None) -> KLOracle:
         """The KL oracle of the scrubber in ``gates``' bases (learned ones, as they stand)."""
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.optimiser.seed if seed is None else seed
         return KLOracle(self.scrubber.with_bases(gates.bases), self.data if data is None else data, seed)
 
 
@@ -82,8 +82,8 @@ def repaired(candidate: Candidate, ctx: Context) -> Candidate:
     """The candidate with its KL measured, and units added back while it misses the budget."""
     oracle = ctx.oracle(candidate.gates)
     flat, added = oracle.flat(candidate.keep), []
-    if ctx.config.repair:
-        flat, added = repair(oracle, flat, ctx.config.kl_budget)
+    if ctx.config.finishing.repair:
+        flat, added = repair(oracle, flat, ctx.config.penalty.kl_budget)
     record = {**candidate.record, "repaired": float(len(added))}
     return candidate.replace(keep=oracle.split(flat), kl=float(oracle.kl(flat)[0]), record=record)
 
@@ -91,8 +91,8 @@ def repaired(candidate: Candidate, ctx: Context) -> Candidate:
 def open_restart(candidate: Candidate, ctx: Context) -> Candidate:
     """Training from open gates once more when the candidate misses the budget; the better kept
     (within budget and smaller, or closer to the budget)."""
-    config, budget = ctx.config, ctx.config.kl_budget
-    if not (candidate.kl > budget and config.open_restart and config.init_logit < OPEN_LOGIT):
+    config, budget = ctx.config, ctx.config.penalty.kl_budget
+    if not (candidate.kl > budget and config.finishing.open_restart and config.optimiser.init_logit < OPEN_LOGIT):
         return candidate
     open_config = config.replace(init_logit=OPEN_LOGIT)
     more = None if ctx.checkpoints is None else os.path.join(ctx.checkpoints, "open-restart")
@@ -110,17 +110,17 @@ def trimmed(candidate: Candidate, ctx: Context) -> Candidate:
     """Units the budget can lose dropped (each removal holding on the prompts the oracle does not
     score, with other replacements); with a learned basis, the rotation refit to a smaller set."""
     config, data = ctx.config, ctx.data
-    if candidate.kl > config.kl_budget:
+    if candidate.kl > config.penalty.kl_budget:
         return candidate
     held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
 
     def oracles(gates: Gates) -> tuple[KLOracle, KLOracle]:
-        return ctx.oracle(gates), ctx.oracle(gates, held, (config.seed + 1) % 2**63)
+        return ctx.oracle(gates), ctx.oracle(gates, held, (config.optimiser.seed + 1) % 2**63)
 
-    budget, floor, gates, refits = config.kl_budget, config.trim_ld_floor, candidate.gates, 0
+    budget, floor, gates, refits = config.penalty.kl_budget, config.finishing.trim_ld_floor, candidate.gates, 0
     oracle, check = oracles(gates)
     flat, dropped = trim(oracle, oracle.flat(candidate.keep), budget, floor, check)
-    while gates.bases and config.trim_refit_steps:  # a learned basis: refit it to a smaller set
+    while gates.bases and config.finishing.trim_refit_steps:  # a learned basis: refit it to a smaller set
         smaller = nearest_drop(oracle, flat, budget, floor)
         if smaller is None:
             break
@@ -141,14 +141,14 @@ def trimmed(candidate: Candidate, ctx: Context) -> Candidate:
 def closed(candidate: Candidate, ctx: Context) -> Candidate:
     """Units added back while a rotated attack, left open by training, moves the explanation by
     more than the budget (each addition keeping the KL within it)."""
-    config = ctx.config
-    if candidate.kl > config.kl_budget:
+    config, budget = ctx.config, ctx.config.penalty.kl_budget
+    if candidate.kl > budget:
         return candidate
     oracle = ctx.oracle(candidate.gates)
-    admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= config.kl_budget  # noqa: E731
-    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= budget  # noqa: E731
+    key = jax.random.fold_in(jax.random.key(config.optimiser.seed), 3)
     scrubber = ctx.scrubber.with_bases(candidate.gates.bases)
-    keep, added = close_rotated(scrubber, ctx.data, candidate.keep, ctx.adversary, config.kl_budget, key, admissible)
+    keep, added = close_rotated(scrubber, ctx.data, candidate.keep, ctx.adversary, budget, key, admissible)
     keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
     kl = float(oracle.kl(oracle.flat(keep))[0]) if added else candidate.kl
     return candidate.replace(keep=keep, kl=kl, record={**candidate.record, "closed": float(len(added))})
@@ -157,9 +157,10 @@ def closed(candidate: Candidate, ctx: Context) -> Candidate:
 def passes_for(config: TrainConfig, adversary: Any = None) -> list[tuple[str, Pass]]:
     """The passes ``fit`` runs after training, in order: none outside ``kl_budget`` mode or when no
     finishing setting is on; else repair (which measures the KL), then each pass that is on."""
-    closing = config.close_attacks and bool(getattr(adversary, "closes", False))  # closing can change something
-    wanted = {"open_restart": config.open_restart, "trim": config.trim, "close": closing}
-    if config.mode != "kl_budget" or not (config.repair or any(wanted.values())):
+    passes = config.finishing
+    closing = passes.close_attacks and bool(getattr(adversary, "closes", False))  # closing can change something
+    wanted = {"open_restart": passes.open_restart, "trim": passes.trim, "close": closing}
+    if config.penalty.mode != "kl_budget" or not (passes.repair or any(wanted.values())):
         return []
     chosen = [("open_restart", open_restart), ("trim", trimmed), ("close", closed)]
     return [("repair", repaired)] + [(name, run) for name, run in chosen if wanted[name]]

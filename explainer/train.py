@@ -92,15 +92,16 @@ def _dual_update(config: TrainConfig, log_lambda, kl_deterministic, size):
     zero, sometimes several nats when a needed gate happens to close) and overstates the KL of
     the finished explanation.
     """
-    if config.mode == "kl_budget":
-        direction = jnp.tanh((config.kl_budget - kl_deterministic) / config.kl_budget)
-    elif config.mode == "target_size":
-        direction = jnp.tanh(size - config.target_size)
+    penalty, dual_lr = config.penalty, config.optimiser.dual_lr
+    if penalty.mode == "kl_budget":
+        direction = jnp.tanh((penalty.kl_budget - kl_deterministic) / penalty.kl_budget)
+    elif penalty.mode == "target_size":
+        direction = jnp.tanh(size - penalty.target_size)
     else:
         return log_lambda
     # Back off faster than we push: a λ that overshoots closes gates of a serial pathway together,
     # and a pathway whose gates are all closed gets no gradient to reopen.
-    rate = jnp.where(direction > 0, config.dual_lr, DUAL_BACKOFF * config.dual_lr)
+    rate = jnp.where(direction > 0, dual_lr, DUAL_BACKOFF * dual_lr)
     return jnp.clip(log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
 
 
@@ -114,12 +115,12 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     outputs on the training prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here,
     instead of in every step.
 
-    With ``config.devices`` above one the batch is split across devices and the rest replicated
-    (:mod:`explainer.parallel`); with ``config.remat`` each block is recomputed in the backward pass.
+    With ``runtime.devices`` above one the batch is split across devices and the rest replicated
+    (:mod:`explainer.parallel`); with ``runtime.remat`` each block is recomputed in the backward pass.
     """
-    n = len(data)
-    parallel = data_parallel(config.devices, config.batch_size)
-    if config.remat:
+    n, batch_size = len(data), config.optimiser.batch_size
+    parallel = data_parallel(config.runtime.devices, batch_size)
+    if config.runtime.remat:
         scrubber = dataclasses.replace(scrubber, remat=True)
     cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
     scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
@@ -139,7 +140,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         state = parallel.replicate(state)
         key = jax.random.fold_in(state.key, state.step)
         k_batch, k_repl, k_gate, k_adv = jax.random.split(key, 4)
-        index = jax.random.randint(k_batch, (config.batch_size,), 0, n)
+        index = jax.random.randint(k_batch, (batch_size,), 0, n)
         batch = parallel.shard(data.take(index))
         if cache is not None:
             ref, repl = cache.take(scrubber, batch, index, k_repl)
@@ -194,7 +195,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             adv_state = adversary_ascent(adv_params, adv_opt, adv_grads)
 
         kl_det = jnp.zeros(())
-        if config.mode == "kl_budget":
+        if config.penalty.mode == "kl_budget":
             det = state.gates.deterministic()
             kl_det = kl_divergence(ref, current.logits(batch.clean, det, repl)).mean()
         log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
@@ -245,9 +246,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
     A rotation moves every unit of its site at once, so it learns more slowly than the gates.
     """
-    if config.basis != "learned":
-        return optax.adam(config.lr)
-    return optax.multi_transform({"gates": optax.adam(config.lr), "basis": optax.adam(config.basis_lr)}, _labels)
+    opt = config.optimiser
+    if getattr(config.units, "basis", None) != "learned":
+        return optax.adam(opt.lr)
+    return optax.multi_transform({"gates": optax.adam(opt.lr), "basis": optax.adam(opt.basis_lr)}, _labels)
 
 
 def _labels(params):
@@ -262,18 +264,20 @@ def _labels(params):
 def init_state(
     scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None, gates: Gates | None = None
 ) -> TrainState:
-    """The state before the first step: ``gates`` when given, else gates at ``config.init_logit``
+    """The state before the first step: ``gates`` when given, else gates at ``optimiser.init_logit``
     (with the starting rotations of a learned basis)."""
-    key = jax.random.key(config.seed)
+    opt, penalty = config.optimiser, config.penalty
+    key = jax.random.key(opt.seed)
     k_adv, k_run = jax.random.split(key)
     learned = None
-    if config.basis == "learned" and gates is None:
+    if getattr(config.units, "basis", None) == "learned" and gates is None:
         from explainer.bases import learned_bases
 
         learned = learned_bases(scrubber.bases, scrubber.sites, scrubber.model.config.d_model)
-    gates = Gates.init(scrubber.n_units, config.init_logit, learned) if gates is None else gates
-    log_lambda = math.log(config.lam if config.mode == "lambda" and config.lam > 0 else config.init_lambda)
-    if config.mode == "lambda" and config.lam == 0:
+    gates = Gates.init(scrubber.n_units, opt.init_logit, learned) if gates is None else gates
+    fixed = penalty.lam if penalty.mode == "lambda" else None
+    log_lambda = math.log(fixed if fixed else opt.init_lambda)
+    if fixed == 0:
         log_lambda = -math.inf
     adv = None
     if adversary is not None:
@@ -301,7 +305,7 @@ def train_gates(
     """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap).
     ``timings`` gains ``compile`` (the first step, which compiles it) and ``train`` (the rest).
 
-    With a ``checkpoints`` folder, the state is saved there every ``config.checkpoint_every`` steps
+    With a ``checkpoints`` folder, the state is saved there every ``runtime.checkpoint_every`` steps
     and at the end, and training continues from the newest good checkpoint found there. A NaN or
     inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
     """
@@ -317,9 +321,10 @@ def train_gates(
     where = ""
     timings = Timings() if timings is None else timings
     started = time.perf_counter()
-    with progress_bar(progress, config.steps) as advance:
+    steps, every = config.optimiser.steps, config.runtime.checkpoint_every
+    with progress_bar(progress, steps) as advance:
         advance(int(state.step), "")
-        for i in range(int(state.step), config.steps):
+        for i in range(int(state.step), steps):
             state, metrics = step(state, *operands)
             history.append(metrics)
             if i == int(saved.state.step if saved else 0):  # the first step of this process compiled it
@@ -327,12 +332,12 @@ def train_gates(
                 timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - started
                 started = time.perf_counter()
             done = i + 1
-            due = checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0
-            if done % 50 == 0 or done == config.steps or due:
+            due = checkpoints is not None and every and done % every == 0
+            if done % 50 == 0 or done == steps or due:
                 history.flush(where)
                 m = history.values
                 advance(done, f"kl {m['kl'][-1]:.4f}  size {m['size'][-1]:.1f}")
-            if due or (checkpoints is not None and config.checkpoint_every and done == config.steps):
+            if due or (checkpoints is not None and every and done == steps):
                 path = save_checkpoint(checkpoints, state, done, history.values)
                 where = f"The last good checkpoint (step {done}) is {path}. "
     history.flush(where)
@@ -344,10 +349,10 @@ def train_gates(
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
     """Threshold the gates into the finished (binary) explanation."""
-    if config.mode != "target_size":
+    if config.penalty.mode != "target_size":
         return {site: np.asarray(v) for site, v in gates.binary().items()}
     layout = Layout.of([(s, gates.logits[s].shape[0]) for s in sorted(gates.logits)])  # ties: sorted sites
-    chosen = layout.top(layout.flat(gates.logits, np.float64), config.target_size) > 0.5
+    chosen = layout.top(layout.flat(gates.logits, np.float64), config.penalty.target_size) > 0.5
     return layout.split(chosen)
 
 
@@ -363,22 +368,24 @@ def refit_bases(
     config: TrainConfig,
 ) -> dict[str, Any]:
     """``gates``' learned rotations retrained for the fixed binary explanation ``keep``: the same
-    training step, ``config.trim_refit_steps`` of them, with the gates held at ``keep``, no size
+    training step, ``finishing.trim_refit_steps`` of them, with the gates held at ``keep``, no size
     penalty and no adversary, so that only the rotations learn (``basis_lr``).
 
     Trained with the gates, a rotation serves every mask the gates sampled; once the explanation is
     one set, the rotation can serve that set alone. :func:`fit` uses it when ``trim`` can go no
     further.
     """
-    refit = config.replace(lam=0.0, steps=config.trim_refit_steps)
+    refit = config.replace(lam=0.0, steps=config.finishing.trim_refit_steps)
     fixed = Gates(
         {site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in gates.logits}, gates.bases
     )
-    optimizer = optax.multi_transform({"gates": optax.set_to_zero(), "basis": optax.adam(config.basis_lr)}, _labels)
+    optimizer = optax.multi_transform(
+        {"gates": optax.set_to_zero(), "basis": optax.adam(config.optimiser.basis_lr)}, _labels
+    )
     state = init_state(scrubber, refit, optimizer, gates=fixed)
     step, _ = make_step(scrubber, data, refit, optimizer)
     operands, state = _bind(step, state)
-    for _ in range(refit.steps):
+    for _ in range(refit.optimiser.steps):
         state, _ = step(state, *operands)
     return state.gates.bases
 

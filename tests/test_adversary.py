@@ -76,8 +76,8 @@ def test_learned_adversary_finds_nine_tenths_of_the_exhaustive_optimum(name, sit
 
 def test_minmax_step_is_traced_once_and_records_the_gap():
     scrubber, task, _ = _setup("planted-cancel")
-    config = TrainConfig(steps=4)
-    optimizer = optax.adam(config.lr)
+    config = TrainConfig.of(steps=4)
+    optimizer = optax.adam(config.optimiser.lr)
     adversary = LearnedAdversary(steps=2, restarts=3)
     step, counter = make_step(scrubber, task.train_data(), config, optimizer, adversary)
     state = init_state(scrubber, config, optimizer, adversary)

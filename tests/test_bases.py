@@ -88,7 +88,7 @@ def test_a_basis_file_must_be_orthogonal_and_name_real_sites(tmp_path):
     with pytest.raises(ExplainerError, match="shape"):
         file_bases(tmp_path / "shape.npz", sites, d)
     with pytest.raises(ExplainerError, match="unknown basis"):
-        explainer.TrainConfig(basis="pcaa")
+        explainer.TrainConfig.of(basis="pcaa")
 
 
 def _dormant_distractor():

@@ -121,7 +121,7 @@ def test_clear_errors(tiny):
     from explainer.config import TrainConfig
 
     with pytest.raises(ExplainerError, match="--units dims"):
-        TrainConfig(units="edges", basis="pca")
+        TrainConfig.of(units="edges", basis="pca")
 
 
 def test_baselines_rank_edges():

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import explainer
 from explainer.cli import main
-from explainer.config import field_names, load_config
+from explainer.config import flat_names, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import load
 from explainer.models import load_model, resolve_model
@@ -97,7 +97,7 @@ VALUES = st.one_of(
     st.lists(st.integers(-2, 5), max_size=2),
     st.sampled_from([2**40, -(2**63), 2**64, 1e308, "resample", "mean", ["unembed.in"], ["blocks.9.mlp.in"]]),
 )
-KEYS = st.sampled_from([*field_names(), "stpes", "lambda", "Steps", "train"])
+KEYS = st.sampled_from([*flat_names(), "stpes", "lambda", "Steps", "train", "optimiser", "penalty", "units"])
 
 
 def toml_value(value) -> str:

@@ -44,7 +44,7 @@ model, data = load_model(folder), resolve_task(None, folder).train_data()
 out = {"devices": len(jax.devices()), "runs": {}}
 for adversary in ("none", "learned"):
     for devices in (4, 1):
-        config = TrainConfig(steps=steps, devices=devices)
+        config = TrainConfig.of(steps=steps, devices=devices)
         scrubber = Scrubber.build(model, data, None, config.ablation)
         gates, history = train_gates(scrubber, data, config, make_adversary(adversary), progress=False)
         out["runs"][f"{adversary}-{devices}"] = {
@@ -53,14 +53,14 @@ for adversary in ("none", "learned"):
             "traces": history["traces"][0],
             "sharding": str(next(iter(gates.logits.values())).sharding),
         }
-config = TrainConfig(devices=4)
+config = TrainConfig.of(devices=4)
 scrubber = Scrubber.build(model, data)
-optimizer = optax.adam(config.lr)
+optimizer = optax.adam(config.optimiser.lr)
 step, _ = make_step(scrubber, data, config, optimizer)
 state = step.parallel.put_replicated(init_state(scrubber, config, optimizer))
 out["hlo_all_reduce"] = "all-reduce" in step.fn.lower(state, step.operands).lowered.compile().as_text()
 try:
-    make_step(scrubber, data, TrainConfig(devices=4, batch_size=30), optimizer)
+    make_step(scrubber, data, TrainConfig.of(devices=4, batch_size=30), optimizer)
 except ExplainerError as e:
     out["batch_error"] = str(e)
 print(json.dumps(out))
@@ -173,7 +173,7 @@ def test_devices_setting_is_validated(bad):
 def test_remat_setting_is_validated():
     with pytest.raises(ExplainerError, match="remat"):
         from_dict({"remat": "yes"})
-    assert TrainConfig(remat=True, devices=2).to_json()["devices"] == 2
+    assert TrainConfig.of(remat=True, devices=2).to_json()["devices"] == 2
 
 
 def test_distributed_settings_from_the_environment():

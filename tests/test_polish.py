@@ -11,7 +11,7 @@ from explainer.polish import SHORTLIST, KLOracle, nearest_drop, prune, repair, s
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 
-KL_BUDGET = TrainConfig().kl_budget
+KL_BUDGET = TrainConfig().penalty.kl_budget
 
 
 @pytest.fixture(scope="module")
@@ -219,13 +219,13 @@ def test_nearest_drop_prefers_the_removal_that_keeps_the_most(sort_oracle):
 
 
 def test_trim_ld_floor_setting_is_checked():
-    assert TrainConfig(trim_ld_floor=None).trim_ld_floor is None
+    assert TrainConfig.of(trim_ld_floor=None).finishing.trim_ld_floor is None
     with pytest.raises(explainer.ExplainerError, match="trim_ld_floor"):
-        TrainConfig(trim_ld_floor=float("nan"))
-    assert TrainConfig(trim_refit_steps=0).trim_refit_steps == 0
+        TrainConfig.of(trim_ld_floor=float("nan"))
+    assert TrainConfig.of(trim_refit_steps=0).finishing.trim_refit_steps == 0
     for bad in (-1, True):
         with pytest.raises(explainer.ExplainerError, match="trim_refit_steps"):
-            TrainConfig(trim_refit_steps=bad)
+            TrainConfig.of(trim_refit_steps=bad)
 
 
 def test_trim_setting_in_training():

@@ -189,7 +189,7 @@ def test_resume_refuses_conflicts_and_finished_runs(tmp_path):
     record = {
         "model": api._model_record(resolve_model("planted-distractor")),
         "task": None,
-        "config": TrainConfig(steps=30, checkpoint_every=10).to_json(),
+        "config": TrainConfig.of(steps=30, checkpoint_every=10).to_json(),
         "adversary": None,
         "adversary_settings": None,
         "overwrite": False,

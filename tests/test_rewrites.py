@@ -156,7 +156,7 @@ def test_rewrites_need_an_mlp_and_one_form_per_mlp():
     with pytest.raises(ExplainerError, match="rewritten twice"):
         rewrites.resolve(["mlps=linear", "blocks.0.mlp=mean"], load_model(resolve_model("planted-joint")).config)
     with pytest.raises(ExplainerError, match="unknown rewrite form"):  # checked as soon as it is configured
-        explainer.TrainConfig(rewrites=["blocks.0.mlp=cubic"])
+        explainer.TrainConfig.of(rewrites=["blocks.0.mlp=cubic"])
 
 
 def test_position_specific_masks_give_the_remainder_one_unit_per_position():

@@ -35,7 +35,7 @@ def _kept(mask):
 @pytest.mark.parametrize("strategy", ["vmap", "continuation"])
 def test_target_sizes_are_met_and_the_truth_is_found(distractor, strategy):
     scrubber, task = distractor
-    config = TrainConfig(steps=300)
+    config = TrainConfig.of(steps=300)
     rungs = train_ladder(scrubber, task.train_data(), config, "sizes", [3, 1, 2], strategy=strategy)
     assert [r.size for r in rungs] == [3, 1, 2]  # in the order given
     assert _kept(rungs[2].keep) == TRUTH
@@ -57,12 +57,12 @@ def test_each_rung_keeps_the_better_of_up_and_down(strategy):
     task = resolve_task(None, folder)
     data = task.train_data()
     scrubber = Scrubber.build(load_model(folder), data)
-    config = TrainConfig(steps=300)
+    config = TrainConfig.of(steps=300)
     ladders = {
         d: train_ladder(scrubber, data, config, "sizes", [1, 2, 4], strategy=strategy, direction=d)
         for d in ("up", "down", "both")
     }
-    oracle = KLOracle(scrubber, data, config.seed)
+    oracle = KLOracle(scrubber, data, config.optimiser.seed)
     kl = {d: oracle.kl(np.stack([oracle.flat(r.keep) for r in rungs])) for d, rungs in ladders.items()}
     for i, rung in enumerate(ladders["both"]):
         way = "down" if rung.history["descending"] == [1.0] else "up"
@@ -84,7 +84,7 @@ def test_penalties_order_the_sizes(distractor, strategy):
     rungs = train_ladder(
         scrubber,
         task.train_data(),
-        TrainConfig(steps=300),
+        TrainConfig.of(steps=300),
         "lambdas",
         [0.0, 0.05, 100.0],
         strategy=strategy,
@@ -184,7 +184,7 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     end does; with ``patience=0`` every rung trains all its steps, and so does every rung of
     penalties or with an adversary. The first rung always trains all of its."""
     scrubber, task = distractor
-    config = TrainConfig(steps=300)
+    config = TrainConfig.of(steps=300)
     values = [1, 2, 3] if mode == "sizes" else [0.01, 0.1, 1.0]
     ladders = {
         p: train_ladder(scrubber, task.train_data(), config, mode, values, continuation_steps=400, patience=p)
@@ -204,7 +204,7 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     rungs = train_ladder(
         scrubber,
         task.train_data(),
-        TrainConfig(steps=100),
+        TrainConfig.of(steps=100),
         mode,
         values,
         adversary,
@@ -225,7 +225,7 @@ def test_open_restarts_reuse_the_ladders_compiled_step(distractor):
     from explainer.frontier.select import open_restart
 
     scrubber, task = distractor
-    data, config = task.train_data(), TrainConfig(steps=100)
+    data, config = task.train_data(), TrainConfig.of(steps=100)
     program = ladder_program(scrubber, data, config, "sizes")
     rungs = train_ladder(scrubber, data, config, "sizes", [1, 2], program=program)
     again = open_restart(scrubber, data, config, program=program)([2.0, 1.0])
@@ -251,7 +251,7 @@ def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, st
     monkeypatch.setattr(
         sweep_module._Threads, "run", lambda self, k, first: calls.append(k) or original(self, k, first)
     )
-    config = TrainConfig(steps=150)
+    config = TrainConfig.of(steps=150)
     ladders = {}
     for workers in (1, 2):
         ladders[workers] = train_ladder(
@@ -309,7 +309,7 @@ def test_a_fault_in_a_threaded_ladder_names_its_step(distractor, monkeypatch):
     monkeypatch.setattr(importlib.import_module("explainer.frontier.ladder"), "make_step", make_step)
     scrubber, task = distractor
     with pytest.raises(ExplainerError, match="training stopped at step 40: the kl term is nan"):
-        train_ladder(scrubber, task.train_data(), TrainConfig(steps=100), "sizes", [1, 2], workers=2)
+        train_ladder(scrubber, task.train_data(), TrainConfig.of(steps=100), "sizes", [1, 2], workers=2)
 
 
 def test_auto_strategy_is_continuation_on_every_backend(distractor, monkeypatch):

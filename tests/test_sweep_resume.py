@@ -90,7 +90,7 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy, pati
     folder = resolve_model("planted-distractor")
     task = resolve_task(None, folder)
     scrubber = Scrubber.build(load_model(folder), task.train_data())
-    config = TrainConfig(steps=200, checkpoint_every=50)
+    config = TrainConfig.of(steps=200, checkpoint_every=50)
 
     def ladder(checkpoints=None):
         rungs = train_ladder(

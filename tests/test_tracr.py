@@ -17,7 +17,7 @@ from explainer.models.tracr_compile import RECIPES, UNSUPPORTED, compile_program
 from explainer.models.tracr_import import ZOO
 from explainer.tasks import resolve_task
 
-KL_BUDGET = explainer.TrainConfig().kl_budget
+KL_BUDGET = explainer.TrainConfig().penalty.kl_budget
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))

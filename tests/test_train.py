@@ -32,8 +32,8 @@ def _nonempty(kept):
 
 def test_step_is_traced_once(planted_models):
     scrubber, task = _setup("planted-joint", planted_models)
-    config = TrainConfig(steps=5)
-    optimizer = optax.adam(config.lr)
+    config = TrainConfig.of(steps=5)
+    optimizer = optax.adam(config.optimiser.lr)
     step, counter = make_step(scrubber, task.train_data(), config, optimizer)
     state = init_state(scrubber, config, optimizer)
     for _ in range(5):

@@ -92,7 +92,7 @@ class Rung:
 
 def _step_config(config: TrainConfig) -> TrainConfig:
     """The step runs with a fixed penalty; the ladder sets each rung's ``log_lambda`` itself."""
-    return dataclasses.replace(config, lam=config.init_lambda, target_size=None)
+    return config.replace(lam=config.optimiser.init_lambda)
 
 
 def _ladder_step(step, config: TrainConfig, mode: str):
@@ -107,7 +107,8 @@ def _ladder_step(step, config: TrainConfig, mode: str):
         states, metrics = eqx.filter_vmap(lambda state: fn(state, operands))(states)
         if mode == "sizes":  # dual ascent on each rung's λ towards its own size (as target_size does)
             direction = jnp.tanh(metrics["size"] - targets)
-            rate = jnp.where(direction > 0, rise * config.dual_lr, DUAL_BACKOFF * config.dual_lr)
+            dual_lr = config.optimiser.dual_lr
+            rate = jnp.where(direction > 0, rise * dual_lr, DUAL_BACKOFF * dual_lr)
             log_lambda = jnp.clip(states.log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
             states = eqx.tree_at(lambda s: s.log_lambda, states, log_lambda)
         return states, metrics
@@ -136,7 +137,7 @@ class LadderProgram:
 
     def check(self, config: TrainConfig, mode: str, adversary: InLoopAdversary | None) -> None:
         """Refuse to run a ladder whose step would differ from this program's."""
-        same = _step_config(config).replace(init_logit=self.config.init_logit) == self.config
+        same = _step_config(config).replace(init_logit=self.config.optimiser.init_logit) == self.config
         if not same or mode != self.mode or adversary is not self.adversary:
             raise ExplainerError(
                 "this ladder program was made for other training settings, ladder mode or adversary; "
@@ -149,7 +150,7 @@ def ladder_program(
 ) -> LadderProgram:
     """The :class:`LadderProgram` of ladders of ``mode`` trained with ``config`` on ``data``."""
     config = _step_config(config)
-    optimizer = optax.adam(config.lr)
+    optimizer = optax.adam(config.optimiser.lr)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
     checked = checked_step(_ladder_step(step, config, mode))
     operands = step.operands if isinstance(step, TrainStep) else None
@@ -158,7 +159,7 @@ def ladder_program(
 
 def _log_lambdas(mode: str, values: Sequence[float | int], config: TrainConfig) -> np.ndarray:
     if mode == "sizes":
-        return np.full(len(values), math.log(config.init_lambda), np.float32)
+        return np.full(len(values), math.log(config.optimiser.init_lambda), np.float32)
     return np.array([math.log(v) if v > 0 else -math.inf for v in values], np.float32)
 
 
@@ -188,7 +189,7 @@ def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any])
 
 
 def _open(config: TrainConfig) -> TrainConfig:
-    return config.replace(init_logit=max(config.init_logit, OPEN_LOGIT))
+    return config.replace(init_logit=max(config.optimiser.init_logit, OPEN_LOGIT))
 
 
 def _stack(states: Sequence[TrainState]) -> TrainState:
@@ -314,7 +315,7 @@ def train_ladder(
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
-    ``config.steps // 4``) is the most steps of every rung after the first under ``continuation``:
+    ``optimiser.steps // 4``) is the most steps of every rung after the first under ``continuation``:
     such a rung stops once its explanation (every way's) has not changed for ``patience`` steps (0:
     never stops early). With an ``adversary`` no rung stops early: while the explainer's set sits
     still the adversary can still be finding the attack that will move it (on planted-cancel,
@@ -334,7 +335,7 @@ def train_ladder(
     both). A rung that a whole run from open gates at its own size trained (every rung of ``vmap``
     that way, the largest of ``continuation``) records ``opened``: :func:`at_most` does not restart
     it. See the module docstring for the strategies. With a ``checkpoints`` folder, training is
-    saved there every ``config.checkpoint_every`` steps (``vmap``: in the folder itself;
+    saved there every ``runtime.checkpoint_every`` steps (``vmap``: in the folder itself;
     ``continuation``: each rung in its own ``rung-J``; both ways, trained in lockstep, in
     ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
     rungs) and continued from what is there. ``program`` is the step to run (:func:`ladder_program`;
@@ -348,7 +349,7 @@ def train_ladder(
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
     >>> scrubber = Scrubber.build(load_model(folder), task.train_data())
-    >>> rungs = train_ladder(scrubber, task.train_data(), TrainConfig(steps=300), "sizes", [1, 2])
+    >>> rungs = train_ladder(scrubber, task.train_data(), TrainConfig.of(steps=300), "sizes", [1, 2])
     >>> [r.size for r in rungs], rungs[1].keep["unembed.in"].nonzero()[0].tolist()
     ([1, 2], [1])
     """
@@ -376,14 +377,14 @@ def train_ladder(
     log_lambda = _log_lambdas(mode, values, config)
     targets = jnp.asarray(values, jnp.float32)
     folder = Path(checkpoints) if checkpoints is not None else None
-    every = config.checkpoint_every
+    every, steps = config.runtime.checkpoint_every, config.optimiser.steps
     alternatives: list[Rung | None] = [None] * len(values)
     ways = DIRECTIONS_BOTH if mode == "sizes" and direction == "both" else (direction if mode == "sizes" else "up",)
     starts = [start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary) for way in ways]
     if strategy == "vmap":  # every rung of every way from its start, as one batch (way-major)
         n = len(values)
         label = f"sweep ({n} rungs, vmap{', both ways' if len(ways) > 1 else ''})"
-        with progress_bar(progress, config.steps, label=label) as advance:
+        with progress_bar(progress, steps, label=label) as advance:
             batch = _stack([s for s in starts for _ in values])
             batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
             rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
@@ -394,7 +395,7 @@ def train_ladder(
                 batch,
                 rungs,
                 operands,
-                config.steps,
+                steps,
                 advance,
                 0,
                 "",
@@ -413,8 +414,8 @@ def train_ladder(
             for w in range(len(ways))
         ]
     else:
-        more = continuation_steps if continuation_steps is not None else max(1, config.steps // 4)
-        total = config.steps + more * (len(values) - 1)
+        more = continuation_steps if continuation_steps is not None else max(1, steps // 4)
+        total = steps + more * (len(values) - 1)
         label = f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
         # one way in the folder itself (the way down alone in down/); both ways, in lockstep, in both/
         sub = None if folder is None else folder / {"up": "", "down": "down"}.get("".join(ways), "both")
@@ -429,7 +430,7 @@ def train_ladder(
                         values,
                         mode,
                         ways,
-                        config.steps,
+                        steps,
                         more,
                         operands,
                         advance,
@@ -444,7 +445,7 @@ def train_ladder(
             )
     gates, histories = list(by_way[0][0]), list(by_way[0][1])
     if len(by_way) > 1:  # each rung: the way whose finished explanation has the lower KL
-        oracle = KLOracle(scrubber, data, config.seed)
+        oracle = KLOracle(scrubber, data, config.optimiser.seed)
         kl = [
             oracle.kl(np.stack([oracle.flat(_finish(mode, v, g)) for v, g in zip(values, way[0], strict=True)]))
             for way in by_way

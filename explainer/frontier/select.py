@@ -262,7 +262,7 @@ def exact_sets(config: TrainConfig, adversary: InLoopAdversary | None) -> int:
     undo what the adversary bought: on planted-cancel it put the faithful but fragile 2-unit set
     (adversarial gap 8.75 nats) in place of the robust 4-unit rungs. Restarts train with the
     adversary."""
-    return 0 if adversary is not None else config.steps
+    return 0 if adversary is not None else config.optimiser.steps
 
 
 def open_restart(
@@ -275,7 +275,7 @@ def open_restart(
     program: LadderProgram | None = None,
 ) -> Callable[[Sequence[float]], list[Rung]]:
     """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (at
-    most ``config.steps``, as ``explain``'s open restart, and stopped once every rung's explanation
+    most ``optimiser.steps``, as ``explain``'s open restart, and stopped once every rung's explanation
     has stayed the same for ``patience`` steps: on ioi's 8-point ladder the restart of the 81- and
     41-unit rungs settled at step 775 with the same KL as at 1500), several as one batch;
     checkpoints in ``open-restart-K`` (``open-restart-K1-K2`` for a batch). ``program``: the

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from explainer import resume as resume_files
-from explainer.config import TrainConfig, load_config
+from explainer.config import Dims, KLBudget, TrainConfig, flag, from_dict, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import swap_into_place
 from explainer.frontier import (
@@ -80,6 +80,34 @@ def parse_ladder(text: str | Sequence[float | int] | None, kind: str) -> list[fl
     if not values:
         raise ExplainerError(f"--{kind} is empty; give comma-separated values, e.g. 1,2,4")
     return sorted(set(values))
+
+
+def check_sweepable(config: TrainConfig) -> KLBudget:
+    """Refuse settings a sweep cannot carry; returns the KL budget its selection works to.
+
+    A sweep sets every rung's penalty from its ladder and trains in the standard basis, without
+    positional gates or rewrites (those need one size at a time: ``explainer train``).
+    """
+    if not isinstance(config.penalty, KLBudget):
+        name = next(iter(dataclasses.asdict(config.penalty)))
+        raise ExplainerError(
+            f"a sweep sets each rung's penalty from --sizes or --lambdas; drop {name} ({flag(name)}) from its settings"
+        )
+    units = config.units
+    if isinstance(units, Dims) and units.rewrites:
+        raise ExplainerError(
+            "sweep does not apply rewrites; train one size at a time with "
+            "`explainer train --rewrite ... --target-size K` instead"
+        )
+    for name, standard in (("basis", "standard"), ("positional", False)):
+        value = getattr(units, name, standard)
+        if value != standard:
+            raise ExplainerError(
+                f"sweep trains in the standard basis over dimensions, not with {name} = {value!r}; drop it, or "
+                f"train one size at a time with `explainer train --{name}"
+                f"{'' if name == 'positional' else ' ' + str(value)} --target-size K`"
+            )
+    return config.penalty
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -151,19 +179,7 @@ def sweep(
     if not isinstance(config, TrainConfig):
         config = load_config(config) if config is not None else TrainConfig()
     config = config.replace(**settings)
-    if config.rewrites:
-        raise ExplainerError(
-            "sweep does not apply rewrites; train one size at a time with "
-            "`explainer train --rewrite ... --target-size K` instead"
-        )
-    for name, standard in (("basis", "standard"), ("positional", False)):
-        if getattr(config, name) != standard:
-            raise ExplainerError(
-                f"sweep trains in the standard basis over dimensions, not with {name} = "
-                f"{getattr(config, name)!r}; drop it, or train one size at a time with "
-                f"`explainer train --{name}{'' if name == 'positional' else ' ' + str(getattr(config, name))} "
-                "--target-size K`"
-            )
+    check_sweepable(config)
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     check_patience(patience)
@@ -190,7 +206,7 @@ def sweep(
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     train = the_task.train_data()
-    scrubber = Scrubber.build(net, train, config.sites, config.ablation, units=config.units)
+    scrubber = Scrubber.build(net, train, config.units.sites, config.ablation, units=config.units.kind)
     total = sum(scrubber.n_units.values())
     mode = "lambdas" if lambdas is not None else "sizes"
     values = parse_ladder(lambdas, "lambdas") if lambdas is not None else parse_ladder(sizes, "sizes")
@@ -280,9 +296,10 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
     if mode == "sizes":
         restart = open_restart(scrubber, train, config, adversary, checkpoints, ns["patience"], program)
         exact = exact_sets(config, adversary)
-        gap = adversarial_gap(scrubber, train, ns["budget"], config.seed) if adversary is not None else None
+        seed = config.optimiser.seed
+        gap = adversarial_gap(scrubber, train, ns["budget"], seed) if adversary is not None else None
         with timings.phase("select", say=ns["progress"]):
-            ordered = at_most(scrubber, train, ordered, config.seed, config.kl_budget, restart, exact, gap=gap)
+            ordered = at_most(scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap)
     with timings.phase("grade"):
         graded = grade_masks(
             scrubber,
@@ -290,7 +307,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
             ns["the_task"].heldout_data(),
             [r.keep for r in ordered],
             ns["budget"],
-            config.seed,
+            config.optimiser.seed,
             ns["ablations"],
             progress=ns["progress"],
             budgets=[int(r.value) for r in ordered] if mode == "sizes" else None,
@@ -313,7 +330,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         record["target"] = int(rung.value) if mode == "sizes" else rung.value
         record["run"] = str(out_path / "runs" / rung.name) if out_path is not None else None
     n_wrong = int(ns["the_task"].heldout_data().wrong_answers.shape[1])
-    result["warnings"] = sweep_warnings(result, len(train), config.batch_size, n_wrong)
+    result["warnings"] = sweep_warnings(result, len(train), config.optimiser.batch_size, n_wrong)
     result["seconds"] = time.perf_counter() - ns["started"]
     if out_path is not None:
         with timings.phase("save"):
@@ -342,6 +359,7 @@ def _read_record(out: Path) -> dict[str, Any]:
 def _check_same_sweep(out: Path, record: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with anything other than what it was started with."""
     recorded = _read_record(out)
+    recorded["config"] = from_dict(recorded["config"], source=f"sweep {str(out)!r}").to_json()  # older records too
     if recorded["model"].get("sha256") != record["model"]["sha256"]:
         raise ExplainerError(
             f"the weights of {record['model']['path']!r} changed since sweep {str(out)!r} started (sha256 "
@@ -365,7 +383,6 @@ def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) ->
     result is what an uninterrupted sweep would have saved (bit for bit on the same machine).
     """
     from explainer.api import _refuse_conflicts
-    from explainer.config import from_dict
 
     out = Path(out)
     record = _read_record(out)
@@ -418,10 +435,7 @@ def resume_sweep(out: str | os.PathLike, progress: bool = True, **given: Any) ->
 def _explanation(rung: Rung, record: dict[str, Any], result: dict[str, Any], scrubber, config, adversary, strategy):
     from explainer.explanation import Explanation
 
-    if rung.mode == "sizes":
-        run_config = dataclasses.replace(config, target_size=int(rung.value), lam=None)
-    else:
-        run_config = dataclasses.replace(config, lam=rung.value, target_size=None)
+    run_config = config.replace(**({"target_size": int(rung.value)} if rung.mode == "sizes" else {"lam": rung.value}))
     faithfulness = {k: record[k] for k in record if k.startswith(("kl_", "logit_diff", "accuracy", "loss"))}
     faithfulness["normalized_faithfulness"] = record["normalized_faithfulness"]
     return Explanation(
@@ -430,7 +444,12 @@ def _explanation(rung: Rung, record: dict[str, Any], result: dict[str, Any], scr
         gate_logits={s: np.asarray(v) for s, v in rung.gates.logits.items()},
         model=result["model"],
         task=result["task"],
-        config={**run_config.to_json(), "adversary": getattr(adversary, "name", None), "sweep": strategy},
+        config={
+            **run_config.to_json(),
+            "kl_budget": config.penalty.kl_budget,
+            "adversary": getattr(adversary, "name", None),
+            "sweep": strategy,
+        },
         faithfulness=faithfulness,
         history=rung.history or None,
         attack_result=None,

@@ -32,7 +32,7 @@ def ladder_workers(scrubber: Scrubber, data: Batch, config: TrainConfig) -> int:
     """The threads a ladder's stretches run on by default: the CPU's cores (:func:`cpu_workers`)
     when one state's step reads at least :data:`THREAD_ELEMENTS` residual elements, else 1."""
     positions = int(np.shape(data.clean)[1])
-    elements = config.batch_size * positions * scrubber.model.config.d_model * len(scrubber.n_units)
+    elements = config.optimiser.batch_size * positions * scrubber.model.config.d_model * len(scrubber.n_units)
     return cpu_workers() if elements >= THREAD_ELEMENTS else 1
 
 
