@@ -195,7 +195,8 @@ def time_to_frontier(
     singles, commands, ladders = [], [], {s: [] for s in strategies}
     for _ in range(repeats):  # interleaved, so that a slower spell of the machine slows every kind
         singles.append(cold(lambda: train_gates(scrubber, data, config, progress=False))[0])
-        seconds, (_, _, history) = cold(lambda: fit(scrubber, data, config, progress=False))
+        seconds, fitted = cold(lambda: fit(scrubber, data, config, progress=False))
+        history = fitted.history
         commands.append(seconds)
         for strategy in strategies:
             ladders[strategy].append(cold(lambda strategy=strategy: ladder(strategy)))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from explainer import models, rewrites
 from explainer import resume as resume_files
@@ -82,8 +83,6 @@ def _model_record(folder: Path | None, net: Transformer | None = None) -> dict[s
 
 def _weights_digest(net: Transformer) -> str:
     import hashlib
-
-    import numpy as np
 
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(net):
@@ -217,12 +216,13 @@ def explain(
 def _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints=None) -> Explanation:
     started = time.perf_counter()
     timings = Timings()
-    kept, gates, history = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints, timings)
+    fitted = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints, timings)
+    kept, gates, history, constants = fitted.keep, fitted.gates, fitted.history, fitted.constants
     history["seconds"] = [time.perf_counter() - started]
     scrubber = scrubber.with_bases(gates.bases)  # a learned basis as trained
     with timings.phase("evaluate"):
         faithfulness = evaluate_keep(
-            for_mask(scrubber, the_task.train_data(), kept, config.optimiser.seed),  # optimal: fitted for this mask
+            for_mask(scrubber, the_task.train_data(), kept, config.optimiser.seed, constants),  # optimal: fitted
             the_task.heldout_data(),
             as_mask(kept),
             config.optimiser.seed,
@@ -244,6 +244,7 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
         rewrites=rewrites.tensors(scrubber.model) or None,
         rewrite_report=report or None,
         timings=timings,
+        constants=None if constants is None else {s: np.asarray(v) for s, v in constants.items()},
     )
     n_wrong = int(the_task.heldout_data().wrong_answers.shape[1])
     explanation.warnings = train_warnings(explanation, len(the_task.train_data()), n_wrong)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from explainer import rewrites
 from explainer.errors import ExplainerError
@@ -86,7 +87,10 @@ def run_scrubber(expl: Any, model: Transformer, train: Batch, ablation: str | No
             f"run {str(expl.path)!r} has {expl.n_units} units per site but these prompts give {scrubber.n_units}; "
             "position-specific masks need prompts of the length they were trained on"
         )
-    return for_mask(scrubber, train, expl.mask(), int(expl.config.get("seed", 0)))
+    learned = getattr(expl, "constants", None) if ablation == expl.config.get("ablation") else None
+    if learned and any(np.shape(learned.get(s)) != np.shape(c) for s, c in (scrubber.means or {}).items()):
+        learned = None  # constants learned for prompts of another length: start from the means alone
+    return for_mask(scrubber, train, expl.mask(), int(expl.config.get("seed", 0)), learned)
 
 
 def run_task(expl: Any, folder: Path, task: Any = None) -> Task:

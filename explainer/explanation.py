@@ -8,7 +8,9 @@ A run folder holds:
   ``faithfulness`` (``kl_mean``, ``kl_p90``, ``kl_p99``, ``kl_max``, ``logit_diff_recovered``,
   ``accuracy``, ... on held-out prompts), ``seed`` and library ``versions``;
 - ``explanation.safetensors``: ``mask.{site}`` (the binary keep mask, float32 0/1) and
-  ``gate_logits.{site}`` (the trained hard-concrete log-alphas);
+  ``gate_logits.{site}`` (the trained hard-concrete log-alphas); trained under the ``optimal``
+  ablation, also ``constants.{site}`` (the replacement constants learned with the gates,
+  ``[seq, d_model]``; edges: ``constants.writers``, ``[seq, writers, d_model]``);
 - ``history.json``: per-step training curves (``loss``, ``kl``, ``size``, ``lambda``, ``gap``);
 - with rewrites (:mod:`explainer.rewrites`): ``rewrites.safetensors`` (each fitted ``f``:
   ``blocks.L.mlp.W_f`` and ``.b_f``) and ``rewrites`` in ``explanation.json`` (what ``f`` carries);
@@ -83,6 +85,7 @@ class Explanation:
     rewrite_report: dict[str, Any] | None = None  # how much of the behaviour each f carries
     warnings: list[str] = dataclasses.field(default_factory=list)  # see explainer.verdicts
     timings: Any = dataclasses.field(default_factory=dict)  # seconds per phase (explainer.progress.Timings)
+    constants: dict[str, np.ndarray] | None = None  # optimal ablation: the constants learned with the gates
     _bound: Any = dataclasses.field(default=None, repr=False, compare=False)  # (model, task) in this session
 
     def bind(self, model: Any, task: Any) -> Explanation:
@@ -256,6 +259,8 @@ class Explanation:
                 tensors[f"gate_logits.{site}"] = np.asarray(self.gate_logits[site], np.float32)
             for site, matrix in (self.bases or {}).items():
                 tensors[f"basis.{site}"] = np.asarray(matrix, np.float32)
+            for site, values in (self.constants or {}).items():
+                tensors[f"constants.{site}"] = np.asarray(values, np.float32)
             save_file(tensors, str(tmp / TENSORS_FILE))
             if self.rewrites:
                 save_file({k: np.asarray(v, np.float32) for k, v in self.rewrites.items()}, str(tmp / REWRITES_FILE))
@@ -329,6 +334,7 @@ def load(path: str | os.PathLike) -> Explanation:
         kept = {s: [int(u) for u in units] for s, units in data["kept"].items()}
         logits = {s: tensors[f"gate_logits.{s}"] for s in n_units}
         bases = {k.removeprefix("basis."): v for k, v in tensors.items() if k.startswith("basis.")}
+        constants = {k.removeprefix("constants."): v for k, v in tensors.items() if k.startswith("constants.")}
         if any(site not in n_units or m.ndim != 2 or m.shape[0] != m.shape[1] for site, m in bases.items()):
             raise ValueError("a basis tensor names an unknown site or is not square")
         for site, units in kept.items():
@@ -367,6 +373,7 @@ def load(path: str | os.PathLike) -> Explanation:
         rewrite_report=data.get("rewrites"),
         warnings=[str(w) for w in data.get("warnings", [])],
         timings=_timings(data.get("timings")),
+        constants=constants or None,
     )
 
 

@@ -37,7 +37,7 @@ from explainer.config import TrainConfig
 from explainer.masks import Gates
 from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
 from explainer.progress import Timings
-from explainer.scrub import Scrubber
+from explainer.scrub import Scrubber, SiteMeans
 from explainer.tasks.base import Batch
 from explainer.train import OPEN_LOGIT, close_rotated, finish, refit_bases, train_gates
 
@@ -46,14 +46,16 @@ RECORD = ("repaired", "open_restart", "trimmed", "refits", "closed")  # what pas
 
 @dataclasses.dataclass
 class Candidate:
-    """An explanation between passes: its keep mask, gates and history, and its KL on the training
-    prompts (``inf`` until the repair pass measures it)."""
+    """An explanation between passes: its keep mask, gates and history, its KL on the training
+    prompts (``inf`` until the repair pass measures it), and the ``optimal`` ablation's constants
+    learned with the gates (``None`` under other ablations)."""
 
     keep: dict[str, np.ndarray]
     gates: Gates
     history: dict[str, list[float]]
     kl: float = float("inf")
     record: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(RECORD, 0.0))
+    constants: SiteMeans | None = None
 
     def replace(self, **changes: Any) -> Candidate:
         return dataclasses.replace(self, **changes)
@@ -69,10 +71,18 @@ class Context(NamedTuple):
     progress: bool
     checkpoints: str | os.PathLike | None
 
-    def oracle(self, gates: Gates, data: Batch | None = None, seed: int | None = None) -> KLOracle:
-        """The KL oracle of the scrubber in ``gates``' bases (learned ones, as they stand)."""
+    def scrubbing(self, gates: Gates, constants: SiteMeans | None = None) -> Scrubber:
+        """The scrubber in ``gates``' bases (learned ones, as they stand), replacing excluded units
+        by ``constants`` where given (the ``optimal`` ablation's, learned with the gates)."""
+        scrubber = self.scrubber.with_bases(gates.bases)
+        return scrubber if constants is None else eqx.tree_at(lambda s: s.means, scrubber, constants)
+
+    def oracle(
+        self, gates: Gates, data: Batch | None = None, seed: int | None = None, constants: SiteMeans | None = None
+    ) -> KLOracle:
+        """The KL oracle of :meth:`scrubbing`."""
         seed = self.config.optimiser.seed if seed is None else seed
-        return KLOracle(self.scrubber.with_bases(gates.bases), self.data if data is None else data, seed)
+        return KLOracle(self.scrubbing(gates, constants), self.data if data is None else data, seed)
 
 
 Pass = Callable[[Candidate, Context], Candidate]
@@ -80,7 +90,7 @@ Pass = Callable[[Candidate, Context], Candidate]
 
 def repaired(candidate: Candidate, ctx: Context) -> Candidate:
     """The candidate with its KL measured, and units added back while it misses the budget."""
-    oracle = ctx.oracle(candidate.gates)
+    oracle = ctx.oracle(candidate.gates, constants=candidate.constants)
     flat, added = oracle.flat(candidate.keep), []
     if ctx.config.finishing.repair:
         flat, added = repair(oracle, flat, ctx.config.penalty.kl_budget)
@@ -96,8 +106,9 @@ def open_restart(candidate: Candidate, ctx: Context) -> Candidate:
         return candidate
     open_config = config.replace(init_logit=OPEN_LOGIT)
     more = None if ctx.checkpoints is None else os.path.join(ctx.checkpoints, "open-restart")
-    gates, history = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
-    other = repaired(Candidate(finish(gates, open_config), gates, history, record=candidate.record), ctx)
+    gates, history, constants = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
+    other = Candidate(finish(gates, open_config), gates, history, record=candidate.record, constants=constants)
+    other = repaired(other, ctx)
     size, size2 = (sum(int(v.sum()) for v in c.keep.values()) for c in (candidate, other))
     if (other.kl <= budget and (candidate.kl > budget or size2 < size)) or (
         candidate.kl > budget and other.kl < candidate.kl
@@ -115,7 +126,10 @@ def trimmed(candidate: Candidate, ctx: Context) -> Candidate:
     held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
 
     def oracles(gates: Gates) -> tuple[KLOracle, KLOracle]:
-        return ctx.oracle(gates), ctx.oracle(gates, held, (config.optimiser.seed + 1) % 2**63)
+        constants = candidate.constants
+        return ctx.oracle(gates, constants=constants), ctx.oracle(
+            gates, held, (config.optimiser.seed + 1) % 2**63, constants
+        )
 
     budget, floor, gates, refits = config.penalty.kl_budget, config.finishing.trim_ld_floor, candidate.gates, 0
     oracle, check = oracles(gates)
@@ -144,10 +158,10 @@ def closed(candidate: Candidate, ctx: Context) -> Candidate:
     config, budget = ctx.config, ctx.config.penalty.kl_budget
     if candidate.kl > budget:
         return candidate
-    oracle = ctx.oracle(candidate.gates)
+    oracle = ctx.oracle(candidate.gates, constants=candidate.constants)
     admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= budget  # noqa: E731
     key = jax.random.fold_in(jax.random.key(config.optimiser.seed), 3)
-    scrubber = ctx.scrubber.with_bases(candidate.gates.bases)
+    scrubber = ctx.scrubbing(candidate.gates, candidate.constants)
     keep, added = close_rotated(scrubber, ctx.data, candidate.keep, ctx.adversary, budget, key, admissible)
     keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
     kl = float(oracle.kl(oracle.flat(keep))[0]) if added else candidate.kl
@@ -174,20 +188,19 @@ def fit(
     progress: bool = True,
     checkpoints: str | os.PathLike | None = None,
     timings: Timings | None = None,
-) -> tuple[dict[str, np.ndarray], Gates, dict[str, list[float]]]:
-    """Train, threshold, then run the finishing passes (:func:`passes_for`). Returns the binary keep
-    mask, the gates it came from and the history; ``timings`` gains each phase's seconds."""
+) -> Candidate:
+    """Train, threshold, then run the finishing passes (:func:`passes_for`). Returns the finished
+    candidate (binary keep mask, gates, history with the passes' record, learned constants);
+    ``timings`` gains each phase's seconds."""
     timings = Timings() if timings is None else timings
-    gates, history = train_gates(scrubber, data, config, adversary, progress, checkpoints, timings)
-    candidate = Candidate(finish(gates, config), gates, history)
+    gates, history, constants = train_gates(scrubber, data, config, adversary, progress, checkpoints, timings)
+    candidate = Candidate(finish(gates, config), gates, history, constants=constants)
     steps = passes_for(config, adversary)
     context = Context(scrubber, data, config, adversary, progress, checkpoints)
     for name, run in steps:
         with timings.phase(name, say=progress):
             candidate = run(candidate, context)
-    if not steps:
-        return candidate.keep, candidate.gates, candidate.history
-    return candidate.keep, candidate.gates, {**candidate.history, **finished_record(candidate)}
+    return candidate.replace(history={**candidate.history, **finished_record(candidate)}) if steps else candidate
 
 
 def finished_record(candidate: Candidate) -> dict[str, list[float]]:

@@ -13,9 +13,14 @@ and keeps, per mask, the constants with the lowest KL on the fitting prompts see
 after any stretch: Adam's first steps move every constant by about the learning rate whatever the
 gradient's size, which on a model with sharp nonlinearities (the tracr-compiled ones) can leave the
 constants far worse than the means they started at. So the fitted constants are never worse than
-the means on the prompts they were fitted on. A mask *trained* with
-``ablation="optimal"`` is trained against the starting constants (the means): the fit is done
-for the finished mask, when it is evaluated or attacked (:func:`for_mask`).
+the means on the prompts they were fitted on.
+
+A mask *trained* with ``ablation="optimal"`` learns its constants jointly with the gates (the
+same Adam, descending the training loss: :func:`explainer.train.make_step`), so the mask is
+chosen against constants fitted to it, not against the means. The run keeps those constants;
+when the finished mask is evaluated or attacked they are a second starting point of the fit
+(:func:`for_mask`): it starts from whichever of the means and the learned constants scores
+better on the fitting prompts, so the result is still never worse than the means.
 """
 
 from __future__ import annotations
@@ -97,22 +102,30 @@ def _fit_kl(
     return jax.vmap(one)(params, masks)
 
 
-def _fit_best(scrubber, tokens, full, masks, start, key, steps, lr, batch) -> dict[str, Array]:
-    """Fit in ``SEGMENTS`` stretches; per mask, the constants with the lowest KL on ``tokens``."""
+def _pick(better: Array, a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
+    """Per mask (leading axis), ``a`` where ``better`` else ``b``."""
+    return jax.tree.map(lambda x, y: jnp.where(better.reshape(-1, *([1] * (x.ndim - 1))), x, y), a, b)
+
+
+def _fit_best(scrubber, tokens, full, masks, means, starts, key, steps, lr, batch) -> dict[str, Array]:
+    """Fit in ``SEGMENTS`` stretches from the better of ``means`` and ``starts`` (stacked per mask,
+    or ``None``); per mask, the constants with the lowest KL on ``tokens``."""
     k = next(iter(masks.values())).shape[0]
-    params = {s: jnp.broadcast_to(c, (k, *c.shape)) for s, c in start.items()}
+    params = {s: jnp.broadcast_to(c, (k, *c.shape)) for s, c in means.items()}
+    best_kl = _fit_kl(scrubber, tokens, full, masks, params)
+    if starts is not None:
+        other_kl = _fit_kl(scrubber, tokens, full, masks, starts)
+        params, best_kl = _pick(other_kl < best_kl, starts, params), jnp.minimum(other_kl, best_kl)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = jax.vmap(optax.adam(lr).init)(params)
-    best, best_kl = params, _fit_kl(scrubber, tokens, full, masks, params)
+    best = params
     lengths = [steps // SEGMENTS + (i < steps % SEGMENTS) for i in range(SEGMENTS)]
     for i, length in enumerate(n for n in lengths if n > 0):
         params, opt_state = _fit(
             scrubber, tokens, full, masks, params, opt_state, jax.random.fold_in(key, i), length, lr, batch
         )
         kl = _fit_kl(scrubber, tokens, full, masks, params)
-        better = kl < best_kl
-        best = jax.tree.map(lambda b, p, w=better: jnp.where(w.reshape(-1, *([1] * (p.ndim - 1))), p, b), best, params)
-        best_kl = jnp.where(better, kl, best_kl)
+        best, best_kl = _pick(kl < best_kl, params, best), jnp.minimum(kl, best_kl)
     return best
 
 
@@ -124,12 +137,15 @@ def fit_constants(
     lr: float = LR,
     batch_size: int = BATCH,
     seed: int = 0,
+    starts: Sequence[dict[str, Any] | None] | None = None,
 ) -> list[SiteMeans]:
     """The optimal-ablation constants of each keep mask (one dict ``{site: [seq, d_model]}`` each),
     never worse than the starting means on ``data`` (see the module docstring).
 
-    ``scrubber`` must use ``ablation="optimal"`` (its constants are the starting point); ``data``
-    are the prompts to fit on (the task's training prompts).
+    ``scrubber`` must use ``ablation="optimal"`` (its constants, the means, are the starting
+    point); ``data`` are the prompts to fit on (the task's training prompts); ``starts``, one per
+    mask (or ``None``), are other constants to start from where they score better (those learned
+    with the mask).
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -145,23 +161,41 @@ def fit_constants(
     masks = list(masks)
     full = _reference(scrubber, data.clean)
     key = jax.random.key(seed)
+    means = scrubber.means
+    others = [None] * len(masks) if starts is None else list(starts)
+    if len(others) != len(masks):
+        raise ExplainerError(f"fit_constants got {len(others)} starting constants for {len(masks)} masks")
     out: list[SiteMeans] = []
     for start in range(0, len(masks), CHUNK):
-        group = masks[start : start + CHUNK]
+        group, alt = masks[start : start + CHUNK], others[start : start + CHUNK]
         width = 1 << (len(group) - 1).bit_length()  # pad to a power of two: few compiles, little waste
-        padded = group + [group[-1]] * (width - len(group))
+        padded, alt = group + [group[-1]] * (width - len(group)), alt + [alt[-1]] * (width - len(alt))
         stacked = {s: jnp.asarray(np.stack([np.asarray(m[s], np.float32) for m in padded])) for s in scrubber.sites}
-        fitted = _fit_best(scrubber, data.clean, full, stacked, scrubber.means, key, steps, lr, batch_size)
+        begin = None  # the means alone, or per mask the other start (the means where there is none)
+        if any(c is not None for c in alt):
+            begin = {s: jnp.stack([jnp.asarray((means if c is None else c)[s]) for c in alt]) for s in means}
+        fitted = _fit_best(scrubber, data.clean, full, stacked, means, begin, key, steps, lr, batch_size)
         out += [{s: v[i] for s, v in fitted.items()} for i in range(len(group))]
     return out
 
 
-def fit_optimal(scrubber: Scrubber, data: Batch, keep: dict[str, Any], seed: int = 0, **options: Any) -> Scrubber:
-    """``scrubber`` with its constants fitted for ``keep`` (see :func:`fit_constants`)."""
-    [constants] = fit_constants(scrubber, data, [keep], seed=seed, **options)
+def fit_optimal(
+    scrubber: Scrubber,
+    data: Batch,
+    keep: dict[str, Any],
+    seed: int = 0,
+    start: dict[str, Any] | None = None,
+    **options: Any,
+) -> Scrubber:
+    """``scrubber`` with its constants fitted for ``keep`` (see :func:`fit_constants`; ``start``:
+    constants learned with the mask, a second starting point)."""
+    [constants] = fit_constants(scrubber, data, [keep], seed=seed, starts=[start], **options)
     return eqx.tree_at(lambda s: s.means, scrubber, constants)
 
 
-def for_mask(scrubber: Scrubber, data: Batch, keep: dict[str, Any], seed: int = 0) -> Scrubber:
-    """The scrubber to evaluate ``keep`` with: fitted for it under ``optimal``, else unchanged."""
-    return fit_optimal(scrubber, data, keep, seed) if scrubber.ablation == "optimal" else scrubber
+def for_mask(
+    scrubber: Scrubber, data: Batch, keep: dict[str, Any], seed: int = 0, start: dict[str, Any] | None = None
+) -> Scrubber:
+    """The scrubber to evaluate ``keep`` with: fitted for it under ``optimal`` (from the means, or
+    ``start`` where that scores better), else unchanged."""
+    return fit_optimal(scrubber, data, keep, seed, start) if scrubber.ablation == "optimal" else scrubber

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from explainer import optimal
 from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig
 from explainer.faults import History, checked_step
@@ -32,7 +33,7 @@ from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
-from explainer.scrub import Replacement, Scrubber, build_cache, cache_bytes
+from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 
 LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
@@ -76,12 +77,16 @@ class InLoopAdversary(Protocol):
 
 
 class TrainState(eqx.Module):
+    """Everything a step reads and writes. ``constants``: under the ``optimal`` ablation, the
+    replacement constants learned with the gates and their Adam state (``None`` otherwise)."""
+
     gates: Gates
     opt_state: Any
     log_lambda: Float[Array, ""]
     adversary: Any
     step: Array
     key: PRNGKeyArray
+    constants: Any = None
 
 
 def _dual_update(config: TrainConfig, log_lambda, kl_deterministic, size):
@@ -126,6 +131,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
+    const_optimizer = constants_optimizer()
 
     def adversary_ascent(params, opt_state, grads):
         neg = jax.tree.map(jnp.negative, grads)  # ascent
@@ -150,6 +156,9 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
         current = scrubber.with_bases(state.gates.bases)  # learned bases, if any, as they stand
+        values, const_opt = state.constants if state.constants is not None else (None, None)
+        if values is not None:  # optimal ablation: the constants as they stand replace excluded units
+            repl = broadcast_constants(values, batch.clean.shape[0])
 
         if adversary is not None:
             if not adversary.warm_start:
@@ -167,16 +176,17 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
                 adv_params, adv_opt = adversary_ascent(adv_params, adv_opt, jax.grad(objective)(adv_params))
 
         def loss_fn(params):
-            gates, adv = params
+            gates, adv, consts = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
             scr = scrubber.with_bases(gates.bases)  # learned bases train with the gates
-            scrubbed = scr.logits(batch.clean, keep, repl)
+            replacement = repl if consts is None else broadcast_constants(consts, batch.clean.shape[0])
+            scrubbed = scr.logits(batch.clean, keep, replacement)
             kl = kl_divergence(ref, scrubbed).mean()
             size = gates.expected_size()
             loss = kl + lam * size
             gap = objective = jnp.zeros(())
             if adversary is not None:
-                gaps = adversary.gaps(adv, scr, batch.clean, keep, scrubbed, repl, k_adv)
+                gaps = adversary.gaps(adv, scr, batch.clean, keep, scrubbed, replacement, k_adv)
                 gap = jnp.max(gaps)
                 # the explainer descends and the adversary ascends this one objective; its cost
                 # term depends on the adversary alone, so it pulls only the adversary
@@ -184,11 +194,15 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
                 loss = loss + config.adversary_weight * objective
             return loss, (kl, size, gap, objective)
 
-        (loss, (kl, size, gap, objective)), (grads, adv_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
-            (state.gates, adv_params)
+        (loss, (kl, size, gap, objective)), (grads, adv_grads, const_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+            (state.gates, adv_params, values)
         )
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
             updates, opt_state = optimizer.update(grads, state.opt_state, state.gates)
+            constants = None
+            if values is not None:  # the constants descend the same loss as the gates
+                const_updates, const_opt = const_optimizer.update(const_grads, const_opt, values)
+                constants = (optax.apply_updates(values, const_updates), const_opt)
         gates = eqx.apply_updates(state.gates, updates)
         adv_state = None
         if adversary is not None:
@@ -199,7 +213,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             det = state.gates.deterministic()
             kl_det = kl_divergence(ref, current.logits(batch.clean, det, repl)).mean()
         log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
-        new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key)
+        new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key, constants)
         metrics = {
             "loss": loss,
             "kl": kl,
@@ -283,6 +297,10 @@ def init_state(
     if adversary is not None:
         params = adversary.init(k_adv, scrubber.n_units)
         adv = (params, optax.adam(adversary.lr).init(params))
+    constants = None
+    if scrubber.ablation == "optimal" and scrubber.means is not None:  # learned from the means
+        with jax.numpy_dtype_promotion("standard"):
+            constants = (dict(scrubber.means), constants_optimizer().init(dict(scrubber.means)))
     return TrainState(
         gates,
         optimizer.init(eqx.filter(gates, eqx.is_array)),
@@ -290,7 +308,22 @@ def init_state(
         adv,
         jnp.zeros((), jnp.int32),
         k_run,
+        constants,
     )
+
+
+def constants_optimizer() -> optax.GradientTransformation:
+    """Adam on the optimal ablation's constants while the gates train (the fit's learning rate)."""
+    return optax.adam(optimal.LR)
+
+
+class Trained(NamedTuple):
+    """What training returns: the gates, the per-step history and the learned ``optimal``
+    ablation constants (``None`` under other ablations)."""
+
+    gates: Gates
+    history: dict[str, list[float]]
+    constants: SiteMeans | None = None
 
 
 def train_gates(
@@ -301,8 +334,9 @@ def train_gates(
     progress: bool = True,
     checkpoints: str | os.PathLike | None = None,
     timings: Timings | None = None,
-) -> tuple[Gates, dict[str, list[float]]]:
-    """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap).
+) -> Trained:
+    """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap) and,
+    under the ``optimal`` ablation, the constants learned with them (:class:`Trained`).
     ``timings`` gains ``compile`` (the first step, which compiles it) and ``train`` (the rest).
 
     With a ``checkpoints`` folder, the state is saved there every ``runtime.checkpoint_every`` steps
@@ -344,7 +378,7 @@ def train_gates(
     timings["train"] = timings.get("train", 0.0) + time.perf_counter() - started
     out = history.values
     out["traces"] = [counter["traces"]]
-    return state.gates, out
+    return Trained(state.gates, out, None if state.constants is None else state.constants[0])
 
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:

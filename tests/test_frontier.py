@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from explainer.api import evaluate_keep
+from explainer.errors import ExplainerError
 from explainer.frontier import (
     add_normalized,
     empty_mask,
@@ -176,3 +177,45 @@ def test_optimal_constants_never_end_worse_than_the_means():
     assert fitted_fit["kl_mean"] <= mean_fit["kl_mean"] + 1e-6
     mean_out, fitted_out = measure(scrubber, heldout, [keep] * 2, constants=[scrubber.means, constants])
     assert mean_out["kl_mean"] < 1e-4 and fitted_out["kl_mean"] < 1e-3
+
+
+def test_a_better_start_is_taken_and_a_worse_one_is_not(distractor):
+    """``starts`` (constants learned with a mask) are a second starting point: the fit begins from
+    whichever of them and the scrubber's constants scores better, so it is never worse than either."""
+    model, task = distractor
+    train = task.train_data()
+    scrubber = Scrubber.build(model, train, ablation="optimal")
+    zeros = eqx.tree_at(lambda s: s.means, scrubber, {s: jnp.zeros_like(m) for s, m in scrubber.means.items()})
+    keep = empty_mask(scrubber.n_units)
+    keep["blocks.0.attn.in"][0] = 1
+    bad = {s: m + 5.0 for s, m in zeros.means.items()}
+    from_good, from_bad = fit_constants(zeros, train, [keep, keep], steps=6, starts=[scrubber.means, bad])
+    kls = measure(scrubber, train, [keep] * 4, constants=[zeros.means, scrubber.means, from_good, from_bad])
+    zero_kl, mean_kl, from_good_kl, from_bad_kl = (k["kl_mean"] for k in kls)
+    assert mean_kl < zero_kl - 1e-3  # the other start is the better one here
+    assert from_good_kl <= mean_kl + 1e-6
+    assert from_bad_kl <= zero_kl + 1e-6
+    with pytest.raises(ExplainerError, match="starting constants"):
+        fit_constants(scrubber, train, [keep], steps=6, starts=[scrubber.means, bad])
+
+
+def test_training_under_optimal_learns_constants_with_the_gates(tmp_path):
+    """Under ``ablation="optimal"`` the constants train with the gates, are saved with the run and
+    start the evaluation's fit; the evaluation is never worse than the means on the fitting prompts."""
+    import explainer
+    from explainer.evaluation import run_scrubber
+
+    e = explainer.explain("planted-distractor", ablation="optimal", steps=300, progress=False)
+    model, task = e._bound
+    means = Scrubber.build(model, task.train_data(), ablation="optimal").means
+    assert e.constants is not None and set(e.constants) == set(means)
+    assert any(not np.allclose(e.constants[s], means[s]) for s in means)  # they moved while training
+    loaded = explainer.load(e.save(tmp_path / "run"))
+    for site, values in e.constants.items():
+        np.testing.assert_array_equal(loaded.constants[site], values)
+    scrubber = run_scrubber(loaded, model, task.train_data())
+    keep = loaded.mask()
+    fitted, at_means = measure(scrubber, task.train_data(), [keep] * 2, constants=[scrubber.means, means])
+    assert fitted["kl_mean"] <= at_means["kl_mean"] + 1e-6
+    plain = explainer.explain("planted-distractor", steps=50, progress=False)
+    assert plain.constants is None
