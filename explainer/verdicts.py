@@ -146,7 +146,8 @@ def attack_verdict(gap: float, threshold: float, budget: int, reincluded: str) -
     """
     robust = gap <= threshold
     if robust:
-        text = f"robust at budget {budget}: no re-inclusion of up to {budget} units moved KL by more than {threshold:g}"
+        units = "1 unit" if budget == 1 else f"up to {budget} units"
+        text = f"robust at budget {budget}: no re-inclusion of {units} moved KL by more than {threshold:g}"
     else:
         text = f"fragile at budget {budget}: re-including {reincluded} moves KL by {gap:.3g} nats (> {threshold:g})"
     return {"verdict": "robust" if robust else "fragile", "threshold": threshold, "verdict_text": text}

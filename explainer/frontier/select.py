@@ -25,6 +25,7 @@ from explainer.frontier.ladder import (
     _open,
     train_ladder,
 )
+from explainer.masks import Layout
 from explainer.polish import (
     MAX_ORACLE_PROMPTS,
     KLOracle,
@@ -241,13 +242,13 @@ def adversarial_gap(scrubber: Scrubber, train: Batch, budget: int, seed: int = 0
     from adversary.discrete import attack_all
 
     prompts = train.take(jnp.arange(min(len(train), MAX_ORACLE_PROMPTS)))
-    oracle = KLOracle(scrubber, prompts, seed)
+    layout = Layout.of(scrubber.n_units)
 
     def gap(flat: np.ndarray) -> float:
         excluded = int((flat < 0.5).sum())
         if excluded == 0 or budget < 1:
             return 0.0
-        keep = oracle.split(np.asarray(flat, np.float32))
+        keep = layout.split(np.asarray(flat, np.float32))
         best, _ = attack_all(
             scrubber, prompts, keep, min(budget, excluded), jax.random.key(seed), methods=ATTACK_METHODS
         )
