@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from explainer.frontier.ladder import (
 )
 from explainer.masks import Layout
 from explainer.polish import (
-    MAX_ORACLE_PROMPTS,
     KLOracle,
     best_of_size,
     best_subset,
@@ -141,7 +141,8 @@ def at_most(
             return flat, float(oracle.kl(flat[None])[0])
         better = polish(oracle, flat, int(rung.value), kl_budget)
         kl, kl_before = float(oracle.kl(better[None])[0]), float(oracle.kl(flat[None])[0])
-        if gap is not None and not no_worse(cost(better, kl), cost(flat, kl_before)):
+        same = np.array_equal(better > 0.5, flat > 0.5)
+        if gap is not None and not same and not no_worse(cost(better, kl), cost(flat, kl_before)):
             return flat, kl_before  # pruning dropped what the adversary needs (a cancelling pair)
         return better, kl
 
@@ -235,14 +236,26 @@ def at_most(
     return [out[i] for i in range(len(rungs))]
 
 
-def adversarial_gap(scrubber: Scrubber, train: Batch, budget: int, seed: int = 0) -> Callable[[np.ndarray], float]:
+GAP_PROMPTS = 64  # prompts the selection's attacks score (a ranking, not a reported number)
+GAP_RESTARTS = 1  # greedy restarts of the selection's attacks (the first tries every unit, to GREEDY_ALL)
+
+
+def adversarial_gap(
+    scrubber: Scrubber, train: Batch, budget: int, seed: int = 0, progress: bool = False
+) -> Callable[[np.ndarray], float]:
     """``gap(flat)``: the mean KL gap of the strongest of the grading attacks
-    (:data:`~explainer.frontier.grade.ATTACK_METHODS`) at ``budget`` on the training prompts (the
-    first :data:`~explainer.polish.MAX_ORACLE_PROMPTS`), for :func:`at_most`'s ranking."""
+    (:data:`~explainer.frontier.grade.ATTACK_METHODS`) at ``budget`` on the first
+    :data:`GAP_PROMPTS` training prompts, for :func:`at_most`'s ranking.
+
+    Greedy runs one restart (which tries every unit up to ``GREEDY_ALL`` per step), so an attack
+    scores a bounded number of sets whatever the model's size: the ranking needs to tell a set
+    an attack breaks from one it does not, not the strongest attack's exact size. ``progress``:
+    one line on stderr per attack."""
     from adversary.discrete import attack_all
 
-    prompts = train.take(jnp.arange(min(len(train), MAX_ORACLE_PROMPTS)))
+    prompts = train.take(jnp.arange(min(len(train), GAP_PROMPTS)))
     layout = Layout.of(scrubber.n_units)
+    done = [0]
 
     def gap(flat: np.ndarray) -> float:
         excluded = int((flat < 0.5).sum())
@@ -250,8 +263,18 @@ def adversarial_gap(scrubber: Scrubber, train: Batch, budget: int, seed: int = 0
             return 0.0
         keep = layout.split(np.asarray(flat, np.float32))
         best, _ = attack_all(
-            scrubber, prompts, keep, min(budget, excluded), jax.random.key(seed), methods=ATTACK_METHODS
+            scrubber,
+            prompts,
+            keep,
+            min(budget, excluded),
+            jax.random.key(seed),
+            methods=ATTACK_METHODS,
+            restarts=GAP_RESTARTS,
         )
+        done[0] += 1
+        if progress:
+            size = int((flat > 0.5).sum())
+            print(f"select: attack {done[0]} on a {size}-unit set, gap {best.gap['kl_mean']:.4g}", file=sys.stderr)
         return float(best.gap["kl_mean"])
 
     return gap

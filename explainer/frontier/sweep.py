@@ -297,7 +297,7 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         restart = open_restart(scrubber, train, config, adversary, checkpoints, ns["patience"], program)
         exact = exact_sets(config, adversary)
         seed = config.optimiser.seed
-        gap = adversarial_gap(scrubber, train, ns["budget"], seed) if adversary is not None else None
+        gap = adversarial_gap(scrubber, train, ns["budget"], seed, ns["progress"]) if adversary is not None else None
         with timings.phase("select", say=ns["progress"]):
             ordered = at_most(scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap)
     with timings.phase("grade"):
