@@ -33,6 +33,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/reliability.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/growth.py
 	$(BIN)/python benchmarks/frontier.py
 	$(BIN)/python benchmarks/optimality.py
 

@@ -410,6 +410,49 @@ def _rows(data: dict[str, Any], name: str) -> list[str]:
     return out
 
 
+def _growth(data: dict[str, Any], name: str) -> list[str]:
+    """``growth``: seconds per command and size, growth exponents, the training step's compile time."""
+    out = _provenance(data, name)
+    keys = ["size", "command", "units", "wall_s", "train_s", "compile_s", "overhead_s", "overhead_ratio", "peak_rss_gb"]
+    keys += ["timed_out", "running_at_timeout"]
+    phases = {
+        (size["size"], command): ", ".join(f"{k} {cell(v)}" for k, v in row.get("timings", {}).items())
+        for size in data.get("sizes", [])
+        for command, row in size.get("rows", {}).items()
+    }
+    rows = [{**r, "phases (s)": phases.get((r.get("size"), r.get("command")))} for r in data.get("rows", [])]
+    keys.append("phases (s)")
+    out += [
+        f"{data.get('steps')} training steps per run, {data.get('prompts')} prompts × {data.get('seq')} tokens, "
+        f"vocabulary {data.get('vocab')}; `overhead` is the wall time less the training steps.",
+        "",
+        table(keys, [[r.get(k) for k in keys] for r in rows]),
+        "",
+    ]
+    exps = data.get("exponents", {})
+    if exps:
+        cols = sorted({k for e in exps.values() for k in e})
+        out += [
+            "Growth exponents of wall seconds:",
+            "",
+            table(["command", *cols], [[c, *[e.get(k) for k in cols]] for c, e in exps.items()]),
+            "",
+        ]
+    compiles = data.get("compile", [])
+    if compiles:
+        keys = ["layers", "d_model", "units_kind", "units", "compile_s", "steady_step_s", "peak_rss_gb"]
+        out += ["Training-step compile time:", "", table(keys, [[r.get(k) for k in keys] for r in compiles]), ""]
+        grows = data.get("compile_exponents", {})
+        if grows:
+            out += [
+                "Compile time against layers, fitted exponent: "
+                + ", ".join(f"{k} {cell(v)}" for k, v in grows.items())
+                + ".",
+                "",
+            ]
+    return out
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any], str], list[str]]]] = [
     ("frontier.json", "Frontiers (MIB's ladder)", lambda d, n: _frontier(d, n, rungs=True)),
     ("frontier-", "Frontiers, other settings", lambda d, n: _frontier(d, n, rungs=False)),
@@ -419,6 +462,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any], str], list[str]]]] = [
     ("time_to_frontier", "Time to a frontier", _rows),
     ("speed", "Step speed", _rows),
     ("scale", "Scale", _rows),
+    ("growth", "Growth with model size", _growth),
     ("reliability", "Reliability", _reliability),
 ]
 
