@@ -394,8 +394,10 @@ def write_lm(
     """Train the zoo language model ``name`` and write its folder; returns its card.
 
     The folder gets ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``prompts.json``
-    (the induction task, when shipped), ``prompts-TASK.json`` for every other shipped task and
-    ``card.json`` (corpus, accuracies of every task, shipped or not, training record).
+    (the first shipped task of ``TASKS``, induction when it is shipped), ``prompts-TASK.json`` for
+    every other shipped task and ``card.json`` (corpus, accuracies of every task, shipped or not,
+    training record; its ``task`` and ``accuracy`` are those of ``prompts.json``, or of induction
+    when nothing is shipped).
     """
     from explainer.models.training import _check_writable
 
@@ -428,18 +430,19 @@ def write_lm(
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     tok.save(str(tmp / "tokenizer.json"))
-    for task in shipped:
-        write_json(tmp / ("prompts.json" if task == "induction" else f"prompts-{task}.json"), {"prompts": made[task]})
-    main = scores.get("induction", {})
+    files = {t: "prompts.json" if i == 0 else f"prompts-{t}.json" for i, t in enumerate(shipped)}
+    for task, file in files.items():
+        write_json(tmp / file, {"prompts": made[task]})
+    main = scores.get(shipped[0] if shipped else "induction", {})
     digest = hashlib.sha256("\0".join(train_texts + held_texts).encode()).hexdigest()
     card = {
         "name": name,
-        "task": "induction" if "induction" in shipped else None,
+        "task": shipped[0] if shipped else None,
         "kind": "trained",
         "accuracy": main.get("accuracy"),
         "top1_accuracy": main.get("top1_accuracy"),
         "tasks": scores,
-        "shipped_tasks": {t: "prompts.json" if t == "induction" else f"prompts-{t}.json" for t in shipped},
+        "shipped_tasks": files,
         "ship_threshold": r.ship_accuracy,
         "heldout": "every prompt is cut from standard-library files the tokenizer and model never saw",
         "description": r.description,
