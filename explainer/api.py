@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -189,27 +188,14 @@ def explain(
         "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
         "overwrite": overwrite,
     }
-    with run_lock(out):
-        if resume:
-            _check_same_run(out, record)
-            checkpoints = resume_files.checkpoint_folder(out)
-        else:
-            check_writable(Path(out), overwrite)  # again, now that we hold the lock
-            checkpoints = resume_files.start(out, record, overwrite)
-        try:
-            result = _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints)
-        except BaseException:
-            resume_files.discard_if_empty(out)
-            if resume_files.checkpoint_folder(out).exists():
-                print(
-                    f"training stopped; its checkpoints are kept in {resume_files.checkpoint_folder(out)}: continue "
-                    f"it with `explainer train --resume {out}`",
-                    file=sys.stderr,
-                )
-            raise
+    free = lambda path, overwrite: check_writable(Path(path), overwrite)  # noqa: E731
+    run = resume_files.lifecycle(
+        out, record, resume=resume, overwrite=overwrite, check_same=_check_same_run, check_free=free, command="train"
+    )
+    with run as checkpoints:
+        result = _explanation(scrubber, the_task, folder, task, config, adversary, progress, checkpoints)
         with result.timings.phase("save"):
             result.save(out, overwrite=True if resume else overwrite)
-        resume_files.finish(out)
     return result
 
 

@@ -15,8 +15,11 @@ recorded settings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,4 +93,47 @@ def finish(run: str | os.PathLike) -> None:
 def discard_if_empty(run: str | os.PathLike) -> None:
     """Remove ``RUN.partial`` when it holds no checkpoint (nothing to resume from)."""
     if not list_checkpoints(checkpoint_folder(run)):
+        finish(run)
+
+
+@contextlib.contextmanager
+def lifecycle(
+    run: str | os.PathLike,
+    record: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    check_same: Callable[[Any, dict[str, Any]], None],
+    check_free: Callable[[Any, bool], None],
+    command: str,
+) -> Iterator[Path]:
+    """One run's life on disk, shared by ``explainer train`` and ``explainer sweep``.
+
+    Holds the lock ``RUN.lock``; continues ``RUN.partial`` (``resume``: after
+    ``check_same(run, record)``) or starts it (after ``check_free(run, overwrite)``, checked again
+    now that the lock is held); yields the checkpoint folder. When the body returns (it has saved
+    the run), ``RUN.partial`` goes; when it fails, the checkpoints stay and the message says how to
+    continue (``explainer COMMAND --resume RUN``), or ``RUN.partial`` goes when it holds none.
+    """
+    from explainer.lock import run_lock
+
+    with run_lock(run):
+        if resume:
+            check_same(run, record)
+            checkpoints = checkpoint_folder(run)
+        else:
+            check_free(run, overwrite)
+            checkpoints = start(run, record, overwrite)
+        try:
+            yield checkpoints
+        except BaseException:
+            if not any(checkpoints.rglob("step-*.safetensors")):
+                finish(run)
+            else:
+                print(
+                    f"{command} stopped; what it trained is kept in {checkpoints}: continue it with "
+                    f"`explainer {command} --resume {run}`",
+                    file=sys.stderr,
+                )
+            raise
         finish(run)

@@ -5,6 +5,12 @@
 :func:`~explainer.frontier.grade.grade_masks`, and saves every rung as a run folder beside
 ``frontier.json`` and ``frontier.png``; :func:`resume_sweep` continues an interrupted one.
 docs/guide.md describes the options.
+
+With ``out``, every explanation is saved as a run folder ``OUT/runs/size-K-target-T`` (or
+``size-K-lambda-X``: the size kept, then the rung's target) and the result as
+``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically. Meanwhile the sweep holds
+the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` (:func:`explainer.resume.lifecycle`,
+as ``explainer train`` does).
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ from explainer.frontier.select import (
     exact_sets,
     open_restart,
 )
-from explainer.lock import run_lock
 from explainer.masks import Gates
 from explainer.progress import Timings
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
@@ -149,27 +154,106 @@ def sweep(
 ) -> dict[str, Any]:
     """Train a ladder of explanations of ``model`` on ``task`` and grade them: the frontier.
 
-    Give ``sizes`` (target sizes) or ``lambdas`` (fixed penalties), as ``"1,2,4"`` or a list;
-    neither means MIB's ladder of sizes (:func:`explainer.frontier.mib_ladder`). ``settings``
-    override ``config`` as in :func:`explainer.explain`; ``adversary`` too. Returns
-    ``{"records": [{"run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy",
-    "gap", ...}], "cpr", "cmd", "ablations": {...}, ...}`` (see :func:`grade_masks`). With
-    ``out``, every explanation is saved as a run folder ``OUT/runs/size-K-target-T`` (or
-    ``size-K-lambda-X``: the size kept, then the rung's target) and the result as
-    ``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically.
-    Meanwhile the sweep holds the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` every
-    ``checkpoint_every`` steps; ``resume=True`` continues such an unfinished sweep (see
-    :func:`resume_sweep`, which reads its settings back). ``direction`` is the way a continuation
-    ladder of sizes trains (:func:`train_ladder`: ``both``, ``up`` or ``down``). A rung after the
-    first (at most ``continuation_steps`` steps) and an open restart (at most ``steps``) stop once
-    their explanation has stayed the same for ``patience`` steps (0: they never stop early), on a
-    ladder of sizes without an adversary (:func:`train_ladder` says why only there).
+    ``sizes`` (target sizes) or ``lambdas`` (fixed penalties), as ``"1,2,4"`` or a list; neither
+    means MIB's ladder of sizes. ``settings`` override ``config`` as in :func:`explainer.explain`.
+    Returns ``{"records": [...], "cpr", "cmd", "ablations", ...}`` (:func:`grade_masks`); with
+    ``out``, also the folder described in the module docstring. The other options are
+    :func:`prepare`'s.
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
     [(0, 0.0), (2, 1.0)]
     """
-    from explainer.api import _model_record
+    spec = prepare(
+        model, task, lambdas, sizes, config, adversary, budget, ablations, strategy, continuation_steps,
+        out, overwrite, progress, resume, direction, patience, settings,
+    )  # fmt: skip
+    if spec.out is None:
+        return _sweep(spec, None)
+    run = resume_files.lifecycle(
+        spec.out,
+        spec.record(),
+        resume=resume,
+        overwrite=overwrite,
+        check_same=_check_same_sweep,
+        check_free=_check_out,
+        command="sweep",
+    )
+    with run as checkpoints:
+        return _sweep(spec, checkpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A sweep as :func:`prepare` validated and resolved it: what :func:`_sweep` trains, grades and
+    saves, and what ``OUT.partial/resume.json`` records."""
+
+    folder: Path
+    task: Any
+    the_task: Any
+    train: Any
+    scrubber: Scrubber
+    config: TrainConfig
+    adversary: Any
+    mode: str
+    values: list[float]
+    trivial: list[float]
+    budget: int
+    ablations: tuple[str, ...]
+    strategy: str
+    continuation_steps: int | None
+    direction: str
+    patience: int
+    out: Path | None
+    overwrite: bool
+    progress: bool
+    started: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.scrubber.n_units.values())
+
+    @property
+    def trained_values(self) -> list[float]:
+        return [v for v in self.values if v not in self.trivial]
+
+    def record(self) -> dict[str, Any]:
+        """The settings a resumed sweep must agree with."""
+        from explainer.api import _model_record
+
+        adversary, task = self.adversary, self.task
+        return {
+            "kind": "sweep",
+            "model": _model_record(self.folder),
+            "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
+            "config": self.config.to_json(),
+            "adversary": getattr(adversary, "name", None),
+            "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
+            "overwrite": self.overwrite,
+            "mode": self.mode,
+            "ladder": self.values,
+            "budget": self.budget,
+            "ablations": list(self.ablations),
+            "strategy": self.strategy,
+            "continuation_steps": self.continuation_steps,
+            "direction": self.direction,
+            "patience": self.patience,
+        }
+
+
+def prepare(
+    model, task, lambdas, sizes, config, adversary, budget, ablations, strategy, continuation_steps,
+    out, overwrite, progress, resume, direction, patience, settings,
+) -> SweepSpec:  # fmt: skip
+    """Check :func:`sweep`'s arguments once (each refusal names the fix), then load the model and
+    task and resolve the ladder and the strategy.
+
+    ``direction`` is the way a continuation ladder of sizes trains (:func:`train_ladder`:
+    ``both``, ``up`` or ``down``). A rung after the first (at most ``continuation_steps`` steps)
+    and an open restart (at most ``steps``) stop once their explanation has stayed the same for
+    ``patience`` steps (0: never early), on a ladder of sizes without an adversary. ``resume``
+    continues an unfinished sweep in ``out`` (:func:`resume_sweep` reads its settings back).
+    """
     from explainer.models import load_model, resolve_model
     from explainer.tasks import resolve_task
 
@@ -213,60 +297,23 @@ def sweep(
     if values is None:
         values = [float(k) for k in mib_ladder(total)]
     trivial = [v for v in values if mode == "sizes" and (v == 0 or v >= total)]
-    trained_values = [v for v in values if v not in trivial]
-    strategy = choose_strategy(strategy, scrubber)
-    if out_path is None:
-        return _sweep(locals(), None)
-    record = {
-        "kind": "sweep",
-        "model": _model_record(folder),
-        "task": str(Path(task).resolve()) if task is not None and Path(task).is_file() else task,
-        "config": config.to_json(),
-        "adversary": getattr(adversary, "name", None),
-        "adversary_settings": dataclasses.asdict(adversary) if dataclasses.is_dataclass(adversary) else None,
-        "overwrite": overwrite,
-        "mode": mode,
-        "ladder": values,
-        "budget": budget,
-        "ablations": list(ablations),
-        "strategy": strategy,
-        "continuation_steps": continuation_steps,
-        "direction": direction,
-        "patience": patience,
-    }
-    with run_lock(out_path):
-        if resume:
-            _check_same_sweep(out_path, record)
-            checkpoints = resume_files.checkpoint_folder(out_path)
-        else:
-            _check_out(out_path, overwrite)  # again, now that we hold the lock
-            checkpoints = resume_files.start(out_path, record, overwrite)
-        try:
-            result = _sweep(locals(), checkpoints)
-        except BaseException:
-            if not any(checkpoints.rglob("step-*.safetensors")):
-                resume_files.finish(out_path)
-            else:
-                print(
-                    f"the sweep stopped; what it trained is kept in {checkpoints}: continue it with "
-                    f"`explainer sweep --resume {out_path}`",
-                    file=sys.stderr,
-                )
-            raise
-        resume_files.finish(out_path)
-    return result
+    return SweepSpec(
+        folder, task, the_task, train, scrubber, config, adversary, mode, values, trivial, budget, ablations,
+        choose_strategy(strategy, scrubber), continuation_steps, direction, patience, out_path, overwrite,
+        progress, started,
+    )  # fmt: skip
 
 
-def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
-    """Train, grade and save the ladder that :func:`sweep` set up (``ns``: its local variables)."""
+def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
+    """Train, grade and save the ladder of ``spec``."""
     from explainer.api import _model_record, _task_record
 
     scrubber, train, config, mode, values, adversary = (
-        ns[k] for k in ("scrubber", "train", "config", "mode", "values", "adversary")
-    )
+        spec.scrubber, spec.train, spec.config, spec.mode, spec.values, spec.adversary
+    )  # fmt: skip
     strategy, trained_values, trivial, total, out_path = (
-        ns[k] for k in ("strategy", "trained_values", "trivial", "total", "out_path")
-    )
+        spec.strategy, spec.trained_values, spec.trivial, spec.total, spec.out
+    )  # fmt: skip
     t0 = time.perf_counter()
     rungs = {}
     # one step for the ladder and its open restarts (a pair of restarts reuses its compiled program)
@@ -280,11 +327,11 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
             trained_values,
             adversary,
             strategy,
-            ns["continuation_steps"],
-            ns["progress"],
+            spec.continuation_steps,
+            spec.progress,
             checkpoints,
-            ns["direction"],
-            ns["patience"],
+            spec.direction,
+            spec.patience,
             program=program,
         ):
             rungs[r.value] = r
@@ -294,30 +341,30 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
-        restart = open_restart(scrubber, train, config, adversary, checkpoints, ns["patience"], program)
+        restart = open_restart(scrubber, train, config, adversary, checkpoints, spec.patience, program)
         exact = exact_sets(config, adversary)
         seed = config.optimiser.seed
-        gap = adversarial_gap(scrubber, train, ns["budget"], seed, ns["progress"]) if adversary is not None else None
-        with timings.phase("select", say=ns["progress"]):
+        gap = adversarial_gap(scrubber, train, spec.budget, seed, spec.progress) if adversary is not None else None
+        with timings.phase("select", say=spec.progress):
             ordered = at_most(scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap)
     with timings.phase("grade"):
         graded = grade_masks(
             scrubber,
             train,
-            ns["the_task"].heldout_data(),
+            spec.the_task.heldout_data(),
             [r.keep for r in ordered],
-            ns["budget"],
+            spec.budget,
             config.optimiser.seed,
-            ns["ablations"],
-            progress=ns["progress"],
+            spec.ablations,
+            progress=spec.progress,
             budgets=[int(r.value) for r in ordered] if mode == "sizes" else None,
         )
     result: dict[str, Any] = {
         "records": graded["records"],
         "cpr": graded["cpr"],
         "cmd": graded["cmd"],
-        "model": _model_record(ns["folder"]),
-        "task": _task_record(ns["task"], ns["the_task"]),
+        "model": _model_record(spec.folder),
+        "task": _task_record(spec.task, spec.the_task),
         "mode": mode,
         "ladder": values,
         "strategy": strategy,
@@ -329,12 +376,12 @@ def _sweep(ns: dict[str, Any], checkpoints: Path | None) -> dict[str, Any]:
     for rung, record in zip(ordered, result["records"], strict=True):
         record["target"] = int(rung.value) if mode == "sizes" else rung.value
         record["run"] = str(out_path / "runs" / rung.name) if out_path is not None else None
-    n_wrong = int(ns["the_task"].heldout_data().wrong_answers.shape[1])
+    n_wrong = int(spec.the_task.heldout_data().wrong_answers.shape[1])
     result["warnings"] = sweep_warnings(result, len(train), config.optimiser.batch_size, n_wrong)
-    result["seconds"] = time.perf_counter() - ns["started"]
+    result["seconds"] = time.perf_counter() - spec.started
     if out_path is not None:
         with timings.phase("save"):
-            _save(out_path, ns["overwrite"], result, ordered, scrubber, config, adversary, strategy)
+            _save(out_path, spec.overwrite, result, ordered, scrubber, config, adversary, strategy)
     result["timings"] = timings.rounded()
     return result
 
