@@ -399,11 +399,11 @@ def write_lm(
     training record; its ``task`` and ``accuracy`` are those of ``prompts.json``, or of induction
     when nothing is shipped).
     """
-    from explainer.models.training import _check_writable
+    from explainer.models.folders import check_out
 
     r = recipe or lm_recipe(name)
     folder = Path(folder)
-    _check_writable(folder, overwrite)
+    check_out(folder, overwrite)
     start = time.perf_counter()
     train_files, held_files = stdlib_files(r)
     train_texts, held_texts = read_texts(train_files, r), read_texts(held_files, r)
