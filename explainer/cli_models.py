@@ -46,9 +46,13 @@ def zoo_train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Retrain a trained zoo model from a seed: its weights, prompts.json and card.json."""
+    from explainer.errors import ExplainerError, did_you_mean
     from explainer.models.lm_training import LM_RECIPES, write_lm
-    from explainer.models.training import shipped_accuracy, write_trained
+    from explainer.models.training import RECIPES, shipped_accuracy, write_trained
 
+    names = sorted({*RECIPES, *LM_RECIPES})
+    if name not in names:
+        raise ExplainerError(f"no trained zoo model named {name!r}; {did_you_mean(name, names)}")
     folder = folder or Path("zoo") / name
     write = write_lm if name in LM_RECIPES else write_trained
     card = write(name, folder, seed=seed, progress=progress, overwrite=overwrite)
