@@ -278,7 +278,7 @@ def test_ladders_thread_by_default_only_where_a_step_is_work_enough(distractor, 
     scrubber, task = distractor
     data = task.train_data()
     small = TrainConfig()  # 64 prompts x 4 positions x d_model 10 x 2 sites
-    assert small.batch_size * 4 * 10 * 2 < sweep_module.THREAD_ELEMENTS
+    assert small.optimiser.batch_size * 4 * 10 * 2 < sweep_module.THREAD_ELEMENTS
     assert sweep_module.ladder_workers(scrubber, data, small) == 1
     assert sweep_module.ladder_workers(scrubber, data, small.replace(batch_size=1024)) == 4
 
