@@ -239,13 +239,11 @@ def measure(model: Transformer, batch: Batch) -> dict[str, float]:
 
 
 def shipped_accuracy(name: str) -> float | None:
-    """The held-out accuracy on the shipped card of zoo model ``name`` (``None`` if not shipped)."""
-    from explainer.models.lm_training import LM_RECIPES
+    """The held-out accuracy on the shipped card of zoo model ``name`` (``None`` if not shipped);
+    ``zoo train`` has checked the name."""
     from explainer.models.native import read_json
     from explainer.models.zoo import ZOO_DIR
 
-    if name not in LM_RECIPES:
-        recipe(name)
     path = ZOO_DIR / name / "card.json"
     card = read_json(path) if path.is_file() else {}
     return card.get("accuracy") if isinstance(card, dict) else None
