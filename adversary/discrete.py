@@ -23,7 +23,6 @@ any of its evaluations found wins. Re-including a unit can also make the scrubbe
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import math
@@ -31,16 +30,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
 from explainer.metrics import accuracy, divergence, logit_diff
-from explainer.scrub import Replacement, Scrubber
+from explainer.score import Divergence, Reference, Scorer, scrubbed
+from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
 METHODS = ("greedy", "random", "gradient", "exhaustive", "learned")
@@ -56,7 +55,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
 GREEDY_ALL = 128  # greedy's first restart tries every remaining unit per step up to this many
 RANDOM_FULL_SIZE = 0.75  # share of random sets with exactly ``budget`` units
 QUANTILES = (0.5, 0.9, 0.99)
-TRACES: collections.Counter[str] = collections.Counter()  # traces per jitted function (tests)
 
 UnitSet = tuple[int, ...]  # sorted indices into the list of excluded units
 
@@ -279,76 +277,27 @@ def _check_count(n: int, budget: int, max_sets: int) -> None:
 # --- exact evaluation -----------------------------------------------------------------------------
 
 
-def _split(flat: Float[Array, " units"], layout: Layout) -> dict[str, Array]:
-    return layout.split(flat)
-
-
-@eqx.filter_jit
-def _logits_stack(
-    scrubber: Scrubber,
-    tokens: Int[Array, "batch seq"],
-    replacement: Replacement,
-    masks: Float[Array, "cand units"],
-    layout: Layout,
-) -> Float[Array, "cand batch vocab"]:
-    TRACES["logits"] += 1
-    return jax.vmap(lambda flat: scrubber.logits(tokens, _split(flat, layout), replacement))(masks)
-
-
-@eqx.filter_jit
-def _gaps(
-    scrubber: Scrubber,
-    tokens: Int[Array, "batch seq"],
-    replacement: Replacement,
-    ref: Float[Array, "batch vocab"],
-    masks: Float[Array, "cand units"],
-    layout: Layout,
-    kind: str,
-) -> Float[Array, "cand batch"]:
-    TRACES["gaps"] += 1
-
-    def gap(flat):
-        return divergence(kind, ref, scrubber.logits(tokens, _split(flat, layout), replacement))
-
-    return jax.vmap(gap)(masks)
-
-
-@eqx.filter_jit
-def _gap_grads(
-    scrubber: Scrubber,
-    tokens: Int[Array, "batch seq"],
-    replacement: Replacement,
-    ref: Float[Array, "batch vocab"],
-    base: Float[Array, " units"],
-    points: Float[Array, "probes units"],
-    layout: Layout,
-    kind: str,
-) -> Float[Array, "probes units"]:
-    """Gradient of the mean gap w.r.t. the relaxed re-inclusion ``a`` at each point: keep = m + a on
-    the excluded units (shapes depend on the sites only, so one trace serves every explanation)."""
-    TRACES["grads"] += 1
-
-    def mean_gap(a):
-        keep = _split(base + (1.0 - base) * a, layout)
-        return divergence(kind, ref, scrubber.logits(tokens, keep, replacement)).mean()
-
-    return jax.vmap(jax.grad(mean_gap))(points)
-
-
 class _Oracle:
     """Exact mean gaps of candidate sets (sorted tuples of indices into ``excluded``), cached.
 
     Holds the one replacement every candidate shares and ``S_m``, the reference of every gap."""
 
     def __init__(self, scrubber, batch, keep, kind, key, chunk):
-        self.scrubber, self.batch, self.kind, self.chunk = scrubber, batch, kind, chunk
-        _, self.replacement = scrubber.reference(batch, _keys(key)[0])
+        self.scrubber, self.batch, self.kind = scrubber, batch, kind
         self.layout = Layout.of({site: len(v) for site, v in keep.items()})
-        self.base = np.concatenate(list(keep.values()))
+        self.base = np.concatenate(list(keep.values())).astype(np.float32)
         self.excluded = np.flatnonzero(self.base == 0)
-        both = jnp.stack([self.base] * 2)  # the same (2, units) shape as effect(): one trace
-        self.ref = _logits_stack(scrubber, batch.clean, self.replacement, both, self.layout)[0]
+        reference = Reference.of(scrubber, batch, _keys(key)[0])
+        self.replacement = reference.replacement
+        self.ref = jnp.asarray(
+            Scorer(scrubber, reference, self.layout, chunk)(self.base[None], scrubbed)[0], jnp.float32
+        )
+        self.scorer = Scorer(scrubber, reference.against(self.ref), self.layout, chunk)
         self.cache: dict[UnitSet, float] = {}
+
+    @property
+    def chunk(self) -> int:
+        return self.scorer.chunk
 
     @property
     def n_excluded(self) -> int:
@@ -364,40 +313,22 @@ class _Oracle:
         return rows
 
     def gaps(self, sets: Iterable[UnitSet]) -> np.ndarray:
-        """Mean gap of each set; new sets are evaluated in padded chunks of ``chunk``."""
+        """Mean gap of each set; new sets are evaluated by the scorer."""
         sets = [tuple(sorted(s)) for s in sets]
         new = list(dict.fromkeys(s for s in sets if s not in self.cache))
-        for start in range(0, len(new), self.chunk):
-            part = new[start : start + self.chunk]
-            padded = part + [()] * (self.chunk - len(part))
-            per_example = _gaps(
-                self.scrubber,
-                self.batch.clean,
-                self.replacement,
-                self.ref,
-                jnp.asarray(self.masks(padded)),
-                self.layout,
-                self.kind,
-            )
-            means = np.asarray(per_example, np.float64)[: len(part)].mean(axis=1)
-            self.cache.update(zip(part, means.tolist(), strict=True))
+        if new:
+            means = self.scorer(self.masks(new), Divergence(self.kind)).mean(axis=1)
+            self.cache.update(zip(new, means.tolist(), strict=True))
         return np.array([self.cache[s] for s in sets])
 
     def gradients(self, points: np.ndarray) -> np.ndarray:
-        """Gradient of the mean gap at each relaxed point (rows over excluded units)."""
+        """Gradient of the mean gap at each relaxed point (rows over excluded units): with
+        ``keep = m + (1 − m)·a``, ``∂/∂a = (1 − m)·∂/∂keep``."""
         full = np.zeros((len(points), len(self.base)), np.float32)
         full[:, self.excluded] = points
-        grads = _gap_grads(
-            self.scrubber,
-            self.batch.clean,
-            self.replacement,
-            self.ref,
-            jnp.asarray(self.base),
-            jnp.asarray(full),
-            self.layout,
-            self.kind,
-        )
-        return np.asarray(grads, np.float64)[:, self.excluded]
+        keep = self.base + (1.0 - self.base) * full
+        grads = self.scorer.gradients(keep, Divergence(self.kind, mean=True)) * (1.0 - self.base)
+        return grads[:, self.excluded]
 
     def best(self) -> UnitSet:
         """The evaluated set with the largest mean gap (on ties the smallest, then the earliest).
@@ -417,14 +348,8 @@ class _Oracle:
 
     def effect(self, units: UnitSet) -> dict[str, Any]:
         """Gap quantiles, accuracy and logit-diff changes of re-including ``units``."""
-        stack = _logits_stack(
-            self.scrubber,
-            self.batch.clean,
-            self.replacement,
-            jnp.asarray(self.masks([(), units])),
-            self.layout,
-        )
-        before, after = stack[0], stack[1]
+        before = self.ref
+        after = jnp.asarray(self.scorer(self.masks([units]), scrubbed)[0], jnp.float32)
         gap = np.asarray(divergence(self.kind, before, after), np.float64)
         b = self.batch
         summary = {"kl_mean": float(gap.mean()), "kl_max": float(gap.max())}

@@ -44,8 +44,9 @@ from rich.table import Table
 import explainer
 from adversary.discrete import attack
 from explainer.baselines import MAX_SETS, _Evaluator, _unflat
-from explainer.frontier import measure, smallest_size
+from explainer.frontier import smallest_size
 from explainer.models import load_model, resolve_model
+from explainer.score import measure
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 

@@ -35,13 +35,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from explainer.edges import WRITERS, n_writers
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
-from explainer.metrics import kl_divergence, logit_diff
-from explainer.scrub import Replacement, Scrubber, capture
+from explainer.score import Reference, Scorer, mean_kl, mean_logit_diff
+from explainer.scrub import Scrubber, capture
 from explainer.tasks.base import Batch
 
 RANKINGS = ("random", "variance", "attribution", "integrated_gradients")
@@ -51,7 +51,7 @@ FIT_PROMPTS = 256
 IG_STEPS = 16
 ACDC_THRESHOLDS = tuple(float(t) for t in np.logspace(-5, 0, 11))
 MAX_SETS = 50_000
-CHUNK = 256
+SETS_PER_PASS = 4096  # candidate sets an exhaustive search holds at once
 Mask = dict[str, np.ndarray]
 
 
@@ -60,10 +60,10 @@ def _check_method(method: str) -> None:
         raise ExplainerError(f"unknown baseline {method!r}; {did_you_mean(method, METHODS)}")
 
 
-def _fit_batch(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray):
-    batch = batch.take(jnp.arange(min(len(batch), FIT_PROMPTS)))
-    full, repl = scrubber.reference(batch, key)
-    return batch, full, repl
+def _fit_scorer(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Scorer:
+    """The scorer of the fitting prompts: the first ``FIT_PROMPTS`` of ``batch``, one replacement."""
+    fit = batch.take(jnp.arange(min(len(batch), FIT_PROMPTS)))
+    return Scorer(scrubber, Reference.of(scrubber, fit, key))
 
 
 def _layout(scrubber: Scrubber) -> Layout:
@@ -76,23 +76,6 @@ def _flat(scrubber: Scrubber, scores: dict[str, Any]) -> np.ndarray:
 
 def _unflat(scrubber: Scrubber, flat: np.ndarray) -> dict[str, np.ndarray]:
     return _layout(scrubber).split(flat)
-
-
-@eqx.filter_jit
-def _ld_grad(
-    scrubber: Scrubber,
-    batch: Batch,
-    repl: Replacement,
-    alphas: Float[Array, " steps"],
-) -> dict[str, Float[Array, "steps units"]]:
-    """Gradient of the mean logit difference w.r.t. the keep mask at ``keep = α·1``, per ``α``."""
-
-    def mean_ld(keep):
-        logits = scrubber.logits(batch.clean, keep, repl)
-        return logit_diff(logits, batch.answers, batch.wrong_answers).mean()
-
-    ones = {s: jnp.ones(n, jnp.float32) for s, n in scrubber.n_units.items()}
-    return jax.vmap(lambda a: jax.grad(mean_ld)(jax.tree.map(lambda x: a * x, ones)))(alphas)
 
 
 def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **options: Any) -> dict[str, np.ndarray]:
@@ -112,13 +95,14 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
     if method not in RANKINGS:
         raise ExplainerError(f"{method!r} is a search, not a ranking; use baseline_masks (rankings: {RANKINGS})")
     k_repl, k_rand = jax.random.split(key)
-    batch, _, repl = _fit_batch(scrubber, batch, k_repl)
+    scorer = _fit_scorer(scrubber, batch, k_repl)
     if method == "random":
         flat = np.asarray(jax.random.uniform(k_rand, (sum(scrubber.n_units.values()),)), np.float64)
         return _unflat(scrubber, flat)
     if method == "variance":
         units = scrubber.units
-        _, cache = eqx.filter_jit(lambda m, t: capture(m, t, scrubber.sites, units))(scrubber.model, batch.clean)
+        tokens = scorer.ref.tokens
+        _, cache = eqx.filter_jit(lambda m, t: capture(m, t, scrubber.sites, units))(scrubber.model, tokens)
         if units == "edges":  # an edge's variance is its writer's: [batch, seq, writers, d] -> [writers]
             writers = np.asarray(jnp.var(cache[WRITERS], axis=0).mean(axis=(0, 2)), np.float64)
             config = scrubber.model.config
@@ -128,9 +112,10 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
             }
         return {s: np.asarray(jnp.var(cache[s], axis=0).mean(axis=0), np.float64) for s in scrubber.sites}
     steps = int(options.get("steps", IG_STEPS)) if method == "integrated_gradients" else 1
-    alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps if steps > 1 else jnp.ones(1, jnp.float32)
-    grads = _ld_grad(scrubber, batch, repl, alphas)
-    return {s: np.abs(np.asarray(g, np.float64).mean(axis=0)) for s, g in grads.items()}
+    alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps if steps > 1 else np.ones(1, np.float32)
+    # the gradient of the mean logit difference w.r.t. the keep mask at keep = α·1, per α
+    grads = scorer.gradients(alphas[:, None] * np.ones((1, scorer.layout.n_units), np.float32), mean_logit_diff)
+    return _unflat(scrubber, np.abs(grads.mean(axis=0)))
 
 
 def top_k(scrubber: Scrubber, scores: dict[str, Any], k: int) -> Mask:
@@ -144,55 +129,21 @@ def top_k(scrubber: Scrubber, scores: dict[str, Any], k: int) -> Mask:
 # --- searches -------------------------------------------------------------------------------------
 
 
-@eqx.filter_jit
-def _kls(
-    scrubber: Scrubber,
-    tokens: Int[Array, "batch seq"],
-    repl: Replacement,
-    full: Float[Array, "batch vocab"],
-    masks: Float[Array, "cand units"],
-    layout: Layout,
-) -> Float[Array, " cand"]:
-    def one(flat):
-        return kl_divergence(full, scrubber.logits(tokens, layout.split(flat), repl)).mean()
-
-    return jax.vmap(one)(masks)
-
-
-class _Evaluator:
-    """Mean KL of stacks of flat keep masks on one fixed fitting batch, padded to ``CHUNK``."""
-
-    def __init__(self, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, chunk: int = CHUNK):
-        self.scrubber, self.chunk = scrubber, chunk
-        self.batch, self.full, self.repl = _fit_batch(scrubber, batch, key)
-        self.layout = _layout(scrubber)
-
-    def __call__(self, masks: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(masks), self.chunk):
-            part = masks[start : start + self.chunk]
-            width = min(self.chunk, 1 << (len(part) - 1).bit_length())
-            padded = np.concatenate([part, np.repeat(part[-1:], width - len(part), axis=0)])
-            kls = _kls(self.scrubber, self.batch.clean, self.repl, self.full, jnp.asarray(padded), self.layout)
-            out.append(np.asarray(kls, np.float64)[: len(part)])
-        return np.concatenate(out)
-
-
 def acdc(
     scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, thresholds: Sequence[float | int] = ACDC_THRESHOLDS
 ) -> list[Mask]:
     """ACDC on units, one keep mask per threshold (see the module docstring)."""
-    kl = _Evaluator(scrubber, batch, key)
+    score = _fit_scorer(scrubber, batch, key)
     n = sum(scrubber.n_units.values())
     taus = np.asarray(thresholds, np.float64)
     masks = np.ones((len(taus), n), np.float32)
-    current = kl(masks)
+    current = score(masks, mean_kl)
     offsets = np.cumsum([0] + [scrubber.n_units[s] for s in scrubber.sites])
     order = [u for i in reversed(range(len(scrubber.sites))) for u in range(offsets[i], offsets[i + 1])]
     for unit in order:
         trial = masks.copy()
         trial[:, unit] = 0.0
-        tried = kl(trial)
+        tried = score(trial, mean_kl)
         accept = tried - current < taus
         masks[accept] = trial[accept]
         current = np.where(accept, tried, current)
@@ -218,7 +169,7 @@ def exhaustive(
     >>> {s: v.nonzero()[0].tolist() for s, v in best.items() if v.any()}
     {'blocks.0.attn.in': [0], 'unembed.in': [1]}
     """
-    kl = _Evaluator(scrubber, batch, key)
+    score = _fit_scorer(scrubber, batch, key)
     n = sum(scrubber.n_units.values())
     out: list[Mask | None] = []
     for k in sizes:
@@ -228,11 +179,11 @@ def exhaustive(
             continue
         best, best_kl = None, np.inf
         combos = itertools.combinations(range(n), k)
-        while part := list(itertools.islice(combos, 16 * CHUNK)):
+        while part := list(itertools.islice(combos, SETS_PER_PASS)):
             rows = np.zeros((len(part), n), np.float32)
             for row, units in zip(rows, part, strict=True):
                 row[list(units)] = 1.0
-            kls = kl(rows)
+            kls = score(rows, mean_kl)
             i = int(np.argmin(kls))
             if best is None or kls[i] < best_kl:
                 best, best_kl = rows[i], kls[i]

@@ -48,14 +48,29 @@ def logit_diff(
     return right - jnp.take_along_axis(logits, wrong, axis=-1).mean(-1)
 
 
+def correct(logits: Logits, answers: Int[Array, "batch n_answers"], wrong: Int[Array, "batch n_wrong"]):
+    """Per prompt, whether its best answer logit beats every wrong-answer logit."""
+    right = jnp.take_along_axis(logits, answers, axis=-1).max(-1)
+    return right > jnp.take_along_axis(logits, wrong, axis=-1).max(-1)
+
+
 def accuracy(logits: Logits, answers: Int[Array, "batch n_answers"], wrong: Int[Array, "batch n_wrong"]):
     """Share of prompts whose best answer logit beats every wrong-answer logit.
 
     >>> float(accuracy(jnp.array([[2.0, 1.0]]), jnp.array([[0]]), jnp.array([[1]])))
     1.0
     """
-    right = jnp.take_along_axis(logits, answers, axis=-1).max(-1)
-    return jnp.mean(right > jnp.take_along_axis(logits, wrong, axis=-1).max(-1))
+    return jnp.mean(correct(logits, answers, wrong))
+
+
+def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_answers"]) -> Float[Array, " batch"]:
+    """``−log`` of the probability the model puts on the answers, per prompt.
+
+    >>> round(float(task_loss(jnp.array([[0.0, 0.0]]), jnp.array([[0]]))[0]), 4)
+    0.6931
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jax.scipy.special.logsumexp(jnp.take_along_axis(logp, answers, axis=-1), axis=-1)
 
 
 def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, float]:

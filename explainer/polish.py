@@ -7,10 +7,9 @@ lowers the KL most, until the explanation is within budget. :func:`trim` drops u
 can lose, :func:`prune` those whose removal costs nothing (a sweep's rungs).
 
 The KL is that of the finished explanation on a fixed subset of the training prompts with one
-fixed replacement, so the result is deterministic. Candidates are scored in vmapped chunks sized to
-the work of one mask (:data:`CHUNK_ELEMENTS`), because a call over more residual elements than the
-CPU's caches hold costs more per mask; on a CPU the chunks of one call are scored on all its cores
-at once (:func:`explainer.parallel.thread_map`), with the scores one thread would give.
+fixed replacement, so the result is deterministic. Candidates are scored by
+:class:`explainer.score.Scorer` (vmapped chunks sized to the work of one mask, on every CPU core),
+with the scores one thread would give.
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
@@ -32,83 +31,35 @@ import math
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
 
-from explainer.masks import Layout
-from explainer.metrics import kl_divergence, logit_diff
-from explainer.parallel import cpu_workers, thread_map
+from explainer.score import Reference, Scorer, kl_and_logit_diff, mean_kl, mean_logit_diff
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
 SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
 SHORTLIST = 32  # candidates of a round scored on every prompt
 MAX_ORACLE_PROMPTS = 256  # prompts an oracle scores, the first of its data
-CHUNK_ELEMENTS = 2**18  # residual elements (prompts × positions × d_model) a vmapped call should hold
 EXACT_UNITS = 512  # a round with at most this many candidates scores every one (every shipped model)
 RANK_BOUND = 128  # beyond that, the candidates a round screens, ranked first by attribution
 MAX_ROUNDS = 8  # rounds of a search while it has more than EXACT_UNITS candidates (blocks of units)
 
 
-def chunk_for(tokens, d_model: int) -> int:
-    """Masks per vmapped call: a power of two from 1 to 64 whose prompts × positions × ``d_model``
-    comes nearest :data:`CHUNK_ELEMENTS`.
-
-    >>> chunk_for(np.zeros((256, 15)), 64), chunk_for(np.zeros((32, 15)), 64), chunk_for(np.zeros((256, 4)), 10)
-    (1, 8, 32)
-    """
-    per_mask = tokens.shape[0] * tokens.shape[1] * d_model
-    return int(min(64, max(1, 2 ** round(math.log2(CHUNK_ELEMENTS / per_mask)))))
-
-
 @eqx.filter_jit
-def _mean_scores(scrubber: Scrubber, tokens, full, replacement, flat: Float[Array, "k units"], layout: Layout, answers):
-    """Mean KL and mean logit difference of each row's explanation."""
-
-    def one(row):
-        logits = scrubber.logits(tokens, layout.split(row), replacement)
-        return kl_divergence(full, logits).mean(), logit_diff(logits, *answers).mean()
-
-    return jax.vmap(one)(flat)
-
-
-@eqx.filter_jit
-def _kl_gradient(scrubber: Scrubber, tokens, full, replacement, flat: Float[Array, " units"], layout: Layout):
-    """The gradient of the mean KL with respect to the (relaxed) flat keep mask, at ``flat``."""
-
-    def loss(row):
-        return kl_divergence(full, scrubber.logits(tokens, layout.split(row), replacement)).mean()
-
-    return jax.grad(loss)(flat)
-
-
-@eqx.filter_jit
-def _prompts(scrubber: Scrubber, data: Batch, key, n: int, screen: int):
-    """What an oracle scores against, for the first ``n`` prompts and (``screen`` > 0) the first
-    ``screen`` of them: tokens, the full model's logits, the replacements, the answers and the full
-    model's mean logit difference. One compiled program: op by op, each slice and mean compiled on
-    its own (on ioi a new process built its first oracle in 0.87 s that way, 0.64 s this way)."""
-
-    def inputs(k: int):
-        batch = jax.tree.map(lambda x: x[:k], data)
-        full, replacement = scrubber.reference(batch, key)
-        answers = (batch.answers, batch.wrong_answers)
-        return batch.clean, full, replacement, answers, logit_diff(full, *answers).mean()
-
-    whole = inputs(n)
-    if not screen:
-        return whole, None
-    tokens, full, replacement, answers, _ = whole
-    head = jax.tree.map(lambda x: x[:screen], (tokens, full, replacement, answers))
-    return whole, (*head, logit_diff(head[1], *head[3]).mean())
+def _references(scrubber: Scrubber, data: Batch, key, n: int, screen: int) -> tuple[Reference, Reference | None]:
+    """What an oracle scores against: the first ``n`` prompts of ``data`` and (``screen`` > 0) the
+    first ``screen`` of them, with one replacement. One compiled program: op by op, each slice is
+    compiled on its own."""
+    whole = Reference.of(scrubber, jax.tree.map(lambda x: x[:n], data), key)
+    return whole, (whole.head(screen) if screen else None)
 
 
 class KLOracle:
     """Exact mean KL (and logit difference recovered) of binary keep masks on a fixed set of
     prompts (flat masks over all units): the first ``max_prompts`` of ``data``, with one fixed
-    replacement. Its ``screen`` is the same oracle on the first ``screen_prompts`` of them (``None``
-    when there are no more than that), on which :func:`shortlist` ranks candidates.
+    replacement, scored by a :class:`explainer.score.Scorer`. Its ``screen`` is the same oracle on
+    the first ``screen_prompts`` of them (``None`` when there are no more than that), on which
+    :func:`shortlist` ranks candidates.
 
     >>> from explainer.models import load_model, resolve_model
     >>> from explainer.tasks import resolve_task
@@ -130,25 +81,33 @@ class KLOracle:
     ):
         n = min(len(data), max_prompts)
         screen = screen_prompts if 0 < screen_prompts < n else 0  # a screen only when it has fewer prompts
-        whole, head = _prompts(scrubber, data, jax.random.key(seed), n, screen)
-        self._set(scrubber, *whole, chunk=chunk)
+        whole, head = _references(scrubber, data, jax.random.key(seed), n, screen)
+        self._set(Scorer(scrubber, whole, chunk=chunk))
         self.screen: KLOracle | None = None  # the first screen_prompts prompts, when there are more
         if head is not None:
             self.screen = KLOracle.__new__(KLOracle)
-            self.screen._set(scrubber, *head, chunk=chunk)
+            self.screen._set(Scorer(scrubber, head, chunk=chunk))
             self.screen.screen = None
 
-    def _set(self, scrubber: Scrubber, tokens, full, replacement, answers, full_logit_diff, chunk: int | None) -> None:
-        chunk = chunk_for(tokens, scrubber.model.config.d_model) if chunk is None else chunk
-        self.scrubber, self.tokens, self.chunk = scrubber, tokens, chunk
-        self.full, self.replacement, self.answers = full, replacement, answers
-        self.layout = Layout.of(scrubber.n_units)
+    def _set(self, scorer: Scorer) -> None:
+        self.scorer, self.scrubber, self.layout = scorer, scorer.scrubber, scorer.layout
         self.n_units = self.layout.n_units
-        self.full_logit_diff = float(full_logit_diff)
-        self.workers = cpu_workers()  # chunks scored at once, one per thread (explainer.parallel)
+        self.full_logit_diff = float(mean_logit_diff(scorer.ref.full, scorer.ref))
         self._memory: dict[bytes, tuple[float, float]] = {}
         self._evaluated = 0  # distinct masks scored (forward passes of one mask)
         self.gradients = 0  # attributions computed (backward passes of one mask)
+
+    @property
+    def chunk(self) -> int:
+        return self.scorer.chunk
+
+    @property
+    def workers(self) -> int:
+        return self.scorer.workers
+
+    @workers.setter
+    def workers(self, n: int) -> None:
+        self.scorer.workers = n
 
     @property
     def evaluations(self) -> int:
@@ -160,12 +119,11 @@ class KLOracle:
         when there is a screen (one backward pass)."""
         source = self.screen if getattr(self, "screen", None) is not None else self
         self.gradients += 1
-        row = jnp.asarray(np.asarray(flat, np.float32) > 0.5, jnp.float32)
-        grad = _kl_gradient(source.scrubber, source.tokens, source.full, source.replacement, row, source.layout)
-        return np.asarray(grad, np.float64)
+        row = (np.asarray(flat, np.float32) > 0.5).astype(np.float32)
+        return source.scorer.gradients(row[None], mean_kl)[0]
 
     def kl(self, masks: np.ndarray) -> np.ndarray:
-        """Mean KL of each row of ``masks`` (``[k, units]``), evaluated ``chunk`` rows at a time.
+        """Mean KL of each row of ``masks`` (``[k, units]``).
 
         Rows already evaluated are answered from memory (the searches re-score many of the same
         masks: rungs of a ladder that prune to the same set, unchanged candidates across rounds).
@@ -186,18 +144,9 @@ class KLOracle:
                 first.setdefault(key, i)
         todo = list(first.values())  # one evaluation per distinct new row
         self._evaluated += len(todo)
-
-        def score(start: int) -> tuple[np.ndarray, np.ndarray]:
-            part = masks[todo[start : start + self.chunk]].astype(np.float32)
-            padded = np.concatenate([part, np.ones((self.chunk - len(part), self.n_units), np.float32)])
-            kl, ld = _mean_scores(
-                self.scrubber, self.tokens, self.full, self.replacement, jnp.asarray(padded), self.layout, self.answers
-            )
-            return np.asarray(kl, np.float64)[: len(part)], np.asarray(ld, np.float64)[: len(part)]
-
-        starts = range(0, len(todo), self.chunk)
-        for start, (kl, ld) in zip(starts, thread_map(score, starts, self.workers), strict=True):
-            for i, a, b in zip(todo[start : start + self.chunk], kl, ld, strict=True):
+        if todo:
+            scores = self.scorer(masks[todo].astype(np.float32), kl_and_logit_diff)
+            for i, (a, b) in zip(todo, scores, strict=True):
                 self._memory[keys[i]] = (float(a), float(b))
         return np.array([self._memory[key] for key in keys], np.float64).reshape(len(keys), 2)
 
@@ -417,7 +366,9 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     exactly, at least twice as many as there is room for), then the returns of the best 1, 2, 4, ...
     of them together (one vmapped pass), and takes the fewest that reach the budget, or else the
     prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
-    repair costs a few rounds rather than one per unit.
+    repair costs a few rounds rather than one per unit. Once within the budget, each added unit the
+    budget can do without is taken out again, the last added first (at most ``max_added`` masks):
+    a doubled prefix can hold a unit that only ranked near the needed ones.
     """
     flat, added = np.asarray(flat, np.float32).copy(), []
     current = float(oracle.kl(flat)[0])
@@ -441,6 +392,14 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
         flat[helpful[: lengths[pick]]] = 1.0
         added.extend(int(u) for u in helpful[: lengths[pick]])
         current = float(kls[pick])
+    if current <= budget:  # a doubled prefix can hold units the budget does not need: the last first
+        for unit in reversed(list(added)):
+            trial = flat.copy()
+            trial[unit] = 0.0
+            kl = float(oracle.kl(trial)[0])
+            if kl <= budget:
+                flat, current = trial, kl
+                added.remove(unit)
     return flat, added
 
 

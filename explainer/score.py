@@ -1,34 +1,284 @@
-"""Scoring keep masks: the faithfulness of a mask on a batch of prompts, in chunks.
+"""Scoring stacks of keep masks: the one place where masks meet prompts.
 
-The one place that turns a scrubber, prompts and a binary keep mask into the faithfulness numbers
-of :func:`explainer.metrics.faithfulness`; evaluation, rewrites and runs all read it.
+A :class:`Reference` is a fixed set of prompts and what every mask is scored against there: the
+full model's logits and one replacement. A :class:`Scorer` evaluates a stack of flat keep masks
+``[K, units]`` (in its :class:`~explainer.masks.Layout`'s order) on one reference with one policy:
+
+- masks are evaluated ``chunk`` at a time under ``vmap``; ``chunk`` defaults to
+  :func:`mask_chunk`, so that one call holds about :data:`CHUNK_ELEMENTS` residual elements;
+- a short last chunk is padded by repeating its last row, so that every call has one shape and
+  compiles once per reduction (a compile costs more than the padded rows on any model);
+- chunks run on CPU threads (:func:`explainer.parallel.cpu_workers`), one chunk per thread.
+
+What a mask yields is a *reduction* of its scrubbed logits against the reference: the mean KL,
+the mean KL and logit difference, the per-prompt divergence from reference logits, or the logits
+themselves. Reductions are module-level functions or frozen dataclasses, so that a compiled
+program is reused by every call that asks for the same one. :func:`evaluate_keep` and
+:func:`measure` score masks on every prompt of a batch (in chunks of prompts, each with its own
+replacement) for evaluation and the frontier; the searches (``polish``, ``baselines``, the
+discrete adversaries) hold one :class:`Scorer` on a fixed subset of prompts.
+
+>>> from explainer.models import load_model, resolve_model
+>>> from explainer.tasks import resolve_task
+>>> folder = resolve_model("planted-distractor")
+>>> data = resolve_task(None, folder).train_data()
+>>> scrubber = Scrubber.build(load_model(folder), data)
+>>> scorer = Scorer(scrubber, Reference.of(scrubber, data.take(jnp.arange(32)), jax.random.key(0)))
+>>> [round(float(v), 6) for v in scorer(np.ones((2, scorer.layout.n_units)), mean_kl)]
+[0.0, 0.0]
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from explainer.masks import Mask
-from explainer.metrics import faithfulness
-from explainer.scrub import Scrubber
+from explainer.masks import Layout, Mask
+from explainer.metrics import correct, divergence, kl_divergence, logit_diff, task_loss
+from explainer.parallel import cpu_workers, thread_map
+from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
 
+CHUNK_ELEMENTS = 2**18  # residual elements (prompts × positions × d_model) one vmapped call should hold
+MAX_CHUNK = 64  # masks per vmapped call, at most
+PROMPT_CHUNK = 512  # prompts per reference when a whole batch is scored (evaluate_keep, measure)
+TRACES: collections.Counter[str] = collections.Counter()  # traces of the compiled evaluations (tests)
 
-def evaluate_keep(scrubber: Scrubber, batch: Batch, keep: Mask, seed: int = 0, chunk: int = 512) -> dict[str, float]:
-    """Faithfulness of a (binary) keep mask on ``batch``, in chunks, as plain floats."""
 
-    @eqx.filter_jit
-    def run(scrubber, part: Batch, key):
-        full, repl = scrubber.reference(part, key)
-        return full, scrubber.logits(part.clean, keep, repl)
+class Reference(NamedTuple):
+    """Prompts and what masks are scored against on them: ``full`` (logits at the last position;
+    the full model's, or any other reference such as a scrubbed run's) and one ``replacement``."""
 
-    fulls, scrubbed = [], []
+    tokens: Int[Array, "batch seq"]
+    full: Float[Array, "batch vocab"]
+    replacement: Replacement
+    answers: Int[Array, "batch n_answers"]
+    wrong_answers: Int[Array, "batch n_wrong"]
+
+    @classmethod
+    def of(cls, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Reference:
+        full, replacement = scrubber.reference(batch, key)
+        return cls(batch.clean, full, replacement, batch.answers, batch.wrong_answers)
+
+    def against(self, logits: Float[Array, "batch vocab"]) -> Reference:
+        """The same prompts and replacement, scored against ``logits`` instead."""
+        return self._replace(full=logits)
+
+    def head(self, n: int) -> Reference:
+        """The first ``n`` prompts."""
+        return jax.tree.map(lambda x: x[:n], self)
+
+
+# --- reductions: (scrubbed logits, reference) -> what one mask yields -----------------------------
+
+
+def mean_kl(logits, ref: Reference):
+    """Mean KL(full ‖ scrubbed) over the prompts."""
+    return kl_divergence(ref.full, logits).mean()
+
+
+def kl_and_logit_diff(logits, ref: Reference):
+    """Mean KL and mean logit difference over the prompts, as ``[2]``."""
+    return jnp.stack(
+        [kl_divergence(ref.full, logits).mean(), logit_diff(logits, ref.answers, ref.wrong_answers).mean()]
+    )
+
+
+def mean_logit_diff(logits, ref: Reference):
+    """Mean logit difference of the scrubbed model."""
+    return logit_diff(logits, ref.answers, ref.wrong_answers).mean()
+
+
+def scrubbed(logits, ref: Reference):
+    """The scrubbed logits themselves (``[prompts, vocab]``)."""
+    return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """Per-prompt divergence ``kind`` (:func:`explainer.metrics.divergence`) of the scrubbed
+    logits from the reference's, as ``[prompts]`` (``mean=False``) or their mean."""
+
+    kind: str
+    mean: bool = False
+
+    def __call__(self, logits, ref: Reference):
+        values = divergence(self.kind, ref.full, logits)
+        return values.mean() if self.mean else values
+
+
+Reduction = Callable[[Array, Reference], Any]
+
+
+# --- the one evaluation policy --------------------------------------------------------------------
+
+
+def mask_chunk(n_prompts: int, positions: int, d_model: int) -> int:
+    """Masks per vmapped call: a power of two from 1 to :data:`MAX_CHUNK` whose prompts ×
+    positions × ``d_model`` comes nearest :data:`CHUNK_ELEMENTS`.
+
+    >>> mask_chunk(256, 15, 64), mask_chunk(32, 15, 64), mask_chunk(256, 4, 10)
+    (1, 8, 32)
+    """
+    per_mask = n_prompts * positions * d_model
+    return int(min(MAX_CHUNK, max(1, 2 ** round(math.log2(CHUNK_ELEMENTS / per_mask)))))
+
+
+@eqx.filter_jit
+def _evaluate(scrubber: Scrubber, ref: Reference, rows, layout: Layout, reduce: Reduction, constants):
+    TRACES["evaluate"] += 1
+
+    def one(row, consts):
+        replacement = ref.replacement if consts is None else broadcast_constants(consts, ref.tokens.shape[0])
+        return reduce(scrubber.logits(ref.tokens, layout.split(row), replacement), ref)
+
+    if constants is None:
+        return jax.vmap(lambda row: one(row, None))(rows)
+    return jax.vmap(one)(rows, constants)
+
+
+@eqx.filter_jit
+def _gradients(scrubber: Scrubber, ref: Reference, points, layout: Layout, reduce: Reduction):
+    TRACES["gradients"] += 1
+
+    def value(row):
+        return reduce(scrubber.logits(ref.tokens, layout.split(row), ref.replacement), ref)
+
+    return jax.vmap(jax.grad(value))(points)
+
+
+class Scorer:
+    """Stacks of flat keep masks scored on one :class:`Reference` (see the module docstring)."""
+
+    def __init__(
+        self,
+        scrubber: Scrubber,
+        ref: Reference,
+        layout: Layout | None = None,
+        chunk: int | None = None,
+        workers: int | None = None,
+    ):
+        self.scrubber, self.ref = scrubber, ref
+        self.layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites]) if layout is None else layout
+        tokens = np.shape(ref.tokens)
+        self.chunk = mask_chunk(tokens[0], tokens[1], scrubber.model.config.d_model) if chunk is None else chunk
+        self.workers = cpu_workers() if workers is None else workers
+        self.calls = 0  # masks scored (rows asked for, padding not counted)
+
+    @property
+    def n_prompts(self) -> int:
+        return int(np.shape(self.ref.tokens)[0])
+
+    def __call__(self, rows: np.ndarray, reduce: Reduction, constants: Sequence[SiteMeans] | None = None) -> np.ndarray:
+        """``reduce`` of each row's scrubbed logits, stacked (host float64). With ``constants``
+        (one per row, ``optimal`` ablation) each row replaces its excluded units by its own."""
+        rows = np.atleast_2d(np.asarray(rows, np.float32))
+        if not len(rows):
+            return np.zeros((0,), np.float64)
+        self.calls += len(rows)
+        starts = range(0, len(rows), self.chunk)
+
+        def chunk(start: int) -> np.ndarray:
+            part = rows[start : start + self.chunk]
+            pad = self.chunk - len(part)
+            padded = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+            consts = None
+            if constants is not None:
+                group = list(constants[start : start + len(part)])
+                group += [group[-1]] * pad
+                consts = {s: jnp.stack([c[s] for c in group]) for s in group[0]}
+            out = _evaluate(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce, consts)
+            return np.asarray(out, np.float64)[: len(part)]
+
+        return np.concatenate(thread_map(chunk, starts, self.workers))
+
+    def gradients(self, points: np.ndarray, reduce: Reduction) -> np.ndarray:
+        """The gradient of ``reduce`` (a scalar one) with respect to the relaxed flat mask, at each
+        row of ``points`` (one backward pass per row)."""
+        points = np.atleast_2d(np.asarray(points, np.float32))
+        out = _gradients(self.scrubber, self.ref, jnp.asarray(points), self.layout, reduce)
+        return np.asarray(out, np.float64)
+
+
+# --- every prompt of a batch ----------------------------------------------------------------------
+
+
+def prompt_stats(logits, ref: Reference):
+    """Per prompt: KL(full ‖ scrubbed), logit difference, whether the answer wins, task loss
+    (``[prompts, 4]``), everything :func:`summarise` needs."""
+    answers, wrong = ref.answers, ref.wrong_answers
+    columns = (
+        kl_divergence(ref.full, logits),
+        logit_diff(logits, answers, wrong),
+        correct(logits, answers, wrong).astype(jnp.float32),
+    )
+    return jnp.stack([*columns, task_loss(logits, answers)], axis=-1).astype(jnp.float32)
+
+
+def summarise(stats: np.ndarray, full: np.ndarray) -> dict[str, float]:
+    """The numbers of :func:`explainer.metrics.faithfulness` (and the task ``loss`` and
+    ``loss_full``) from one mask's :func:`prompt_stats` and the full model's."""
+    kl = stats[:, 0].astype(np.float64)
+    scrubbed_ld = float(jnp.asarray(stats[:, 1], jnp.float32).mean())
+    full_ld = float(jnp.asarray(full[:, 1], jnp.float32).mean())
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p90": float(np.quantile(kl, 0.9)),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "logit_diff": scrubbed_ld,
+        "logit_diff_full": full_ld,
+        "logit_diff_recovered": scrubbed_ld / full_ld if full_ld != 0 else float("nan"),
+        "accuracy": float(stats[:, 2].mean()),
+        "accuracy_full": float(full[:, 2].mean()),
+        "loss": float(jnp.asarray(stats[:, 3], jnp.float32).mean()),
+        "loss_full": float(jnp.asarray(full[:, 3], jnp.float32).mean()),
+    }
+
+
+def measure(
+    scrubber: Scrubber,
+    batch: Batch,
+    masks: Sequence[dict[str, Any]],
+    seed: int = 0,
+    constants: Sequence[SiteMeans] | None = None,
+    chunk: int = PROMPT_CHUNK,
+) -> list[dict[str, float]]:
+    """Faithfulness of each binary keep mask (``{site: vector}``) on every prompt of ``batch``:
+    the keys of :func:`explainer.metrics.faithfulness`, plus the task ``loss`` and ``loss_full``.
+
+    Prompts are scored ``chunk`` at a time, each chunk against its own replacement (key
+    ``fold_in(seed, start)``); ``constants`` gives each mask its own ``optimal`` ablation constants
+    (from :func:`explainer.optimal.fit_constants`).
+    """
+    masks = list(masks)
+    if not masks:
+        return []
+    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+    rows = np.stack([layout.flat(m, np.float32) for m in masks])
     key = jax.random.key(seed)
+    fulls, parts = [], []
     for start in range(0, len(batch), chunk):
         part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
-        full, logits = run(scrubber, part, jax.random.fold_in(key, start))
-        fulls.append(full)
-        scrubbed.append(logits)
-    return faithfulness(jnp.concatenate(fulls), jnp.concatenate(scrubbed), batch.answers, batch.wrong_answers)
+        ref = Reference.of(scrubber, part, jax.random.fold_in(key, start))
+        fulls.append(np.asarray(prompt_stats(ref.full, ref)))
+        parts.append(Scorer(scrubber, ref, layout)(rows, prompt_stats, constants))
+    full, stats = np.concatenate(fulls), np.concatenate(parts, axis=1)
+    return [summarise(row, full) for row in stats]
+
+
+def evaluate_keep(
+    scrubber: Scrubber, batch: Batch, keep: Mask, seed: int = 0, chunk: int = PROMPT_CHUNK
+) -> dict[str, float]:
+    """Faithfulness of one (binary) keep mask on ``batch``, as plain floats (:func:`measure`)."""
+    scores = measure(scrubber, batch, [keep], seed, chunk=chunk)[0]
+    return {k: v for k, v in scores.items() if k not in ("loss", "loss_full")}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from adversary import METHODS, AttackResult, attack, attack_all
-from adversary.discrete import TRACES
 from explainer.errors import ExplainerError
 from explainer.models import load_truth, resolve_model
+from explainer.score import TRACES
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 

@@ -3,6 +3,7 @@
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,15 +16,16 @@ from explainer.frontier import (
     frontier_areas,
     full_mask,
     loss_recovered,
-    measure,
     mib_areas,
     mib_kl_area,
     mib_ladder,
     normalized_faithfulness,
 )
 from explainer.masks import as_mask
+from explainer.metrics import faithfulness
 from explainer.models import resolve_model
 from explainer.optimal import fit_constants, fit_optimal, for_mask
+from explainer.score import measure
 from explainer.scrub import ABLATIONS, Scrubber
 from explainer.tasks import resolve_task
 
@@ -119,13 +121,17 @@ def _truth(scrubber):
 
 
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
-def test_measure_agrees_with_evaluate_keep(distractor, ablation):
+def test_measure_agrees_with_scoring_one_mask_directly(distractor, ablation):
     model, task = distractor
     scrubber = Scrubber.build(model, task.train_data(), ablation=ablation)
     masks = [empty_mask(scrubber.n_units), _truth(scrubber), full_mask(scrubber.n_units)]
     batched = measure(scrubber, task.heldout_data(), masks, seed=3)
+    heldout = task.heldout_data()
+    full, replacement = scrubber.reference(heldout, jax.random.fold_in(jax.random.key(3), 0))
     for mask, got in zip(masks, batched, strict=True):
-        want = evaluate_keep(scrubber, task.heldout_data(), as_mask(mask), 3)
+        logits = scrubber.logits(heldout.clean, as_mask(mask), replacement)  # one mask, directly
+        want = faithfulness(full, logits, heldout.answers, heldout.wrong_answers)
+        assert evaluate_keep(scrubber, heldout, as_mask(mask), 3) == {k: got[k] for k in want}
         for key, value in want.items():
             assert got[key] == pytest.approx(value, abs=1e-4), key
     scored = add_normalized(batched, batched[0])

@@ -33,18 +33,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
-
-from explainer.metrics import faithfulness
-from explainer.scrub import Scrubber, SiteMeans, broadcast_constants
-from explainer.tasks.base import Batch
 
 MIB_PERCENTAGES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-MASK_CHUNK = 8  # masks evaluated per compiled call (padded), so every ladder compiles once
 
 
 def mib_ladder(total: int, percentages: Sequence[float] = MIB_PERCENTAGES) -> list[int]:
@@ -188,93 +179,6 @@ def smallest_size(records: Sequence[dict[str, Any]], max_kl: float = 0.01, key: 
     """
     sizes = [int(r["size"]) for r in records if r.get(key) is not None and r[key] <= max_kl]
     return min(sizes) if sizes else None
-
-
-def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_answers"]) -> Float[Array, " batch"]:
-    """``−log`` of the probability the model puts on the answers, per prompt.
-
-    >>> round(float(task_loss(jnp.array([[0.0, 0.0]]), jnp.array([[0]]))[0]), 4)
-    0.6931
-    """
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jax.scipy.special.logsumexp(jnp.take_along_axis(logp, answers, axis=-1), axis=-1)
-
-
-# --- measuring many masks at once ---------------------------------------------------------------
-
-
-def _stack(masks: Sequence[dict[str, Any]], sites: Sequence[str]) -> dict[str, Array]:
-    return {s: jnp.asarray(np.stack([np.asarray(m[s], np.float32) for m in masks])) for s in sites}
-
-
-@eqx.filter_jit
-def _scrubbed_stack(
-    scrubber: Scrubber,
-    tokens: Int[Array, "batch seq"],
-    replacement: dict[str, Array],
-    masks: dict[str, Float[Array, "k units"]],
-    constants: dict[str, Float[Array, "k seq ..."]] | None,
-) -> Float[Array, "k batch vocab"]:
-    """Scrubbed logits for a stack of masks (each with its own constants, for ``optimal``)."""
-
-    def one(keep, means):
-        if means is None:
-            return scrubber.logits(tokens, keep, replacement)
-        repl = broadcast_constants(means, tokens.shape[0])
-        return scrubber.logits(tokens, keep, repl)
-
-    if constants is None:
-        return jax.vmap(lambda keep: one(keep, None))(masks)
-    return jax.vmap(one)(masks, constants)
-
-
-def measure(
-    scrubber: Scrubber,
-    batch: Batch,
-    masks: Sequence[dict[str, Any]],
-    seed: int = 0,
-    constants: Sequence[SiteMeans] | None = None,
-    chunk: int = 512,
-) -> list[dict[str, float]]:
-    """Faithfulness of each binary keep mask on ``batch``, plus the task ``loss`` and ``loss_full``.
-
-    The keys of :func:`explainer.metrics.faithfulness`, with the same replacement as
-    :func:`explainer.api.evaluate_keep` (prompts in chunks of ``chunk``, key ``fold_in(seed,
-    start)``). Masks are evaluated ``MASK_CHUNK`` at a time under ``vmap``. ``constants`` gives
-    each mask its own ``optimal`` ablation constants (from :func:`explainer.optimal.fit_constants`).
-    """
-    masks = list(masks)
-    if not masks:
-        return []
-    sites = scrubber.sites
-    key = jax.random.key(seed)
-    fulls, parts = [], []
-    for start in range(0, len(batch), chunk):
-        part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
-        full, repl = scrubber.reference(part, jax.random.fold_in(key, start))
-        rows = []
-        for m0 in range(0, len(masks), MASK_CHUNK):
-            group = masks[m0 : m0 + MASK_CHUNK]
-            pad = MASK_CHUNK - len(group)
-            stacked = _stack(group + [group[-1]] * pad, sites)
-            consts = None
-            if constants is not None:
-                cgroup = list(constants[m0 : m0 + MASK_CHUNK])
-                cgroup += [cgroup[-1]] * pad
-                consts = {s: jnp.stack([c[s] for c in cgroup]) for s in cgroup[0]}  # edges: one "writers" entry
-            rows.append(_scrubbed_stack(scrubber, part.clean, repl, stacked, consts)[: len(group)])
-        fulls.append(full)
-        parts.append(jnp.concatenate(rows))
-    full = jnp.concatenate(fulls)
-    scrubbed = jnp.concatenate(parts, axis=1)
-    loss_full = float(task_loss(full, batch.answers).mean())
-    out = []
-    for logits in scrubbed:
-        scores = faithfulness(full, logits, batch.answers, batch.wrong_answers)
-        scores["loss"] = float(task_loss(logits, batch.answers).mean())
-        scores["loss_full"] = loss_full
-        out.append(scores)
-    return out
 
 
 def add_normalized(scores: list[dict[str, float]], empty: dict[str, float]) -> list[dict[str, float]]:

@@ -19,7 +19,6 @@ from explainer.frontier import (
     add_normalized,
     empty_mask,
     frontier_areas,
-    measure,
     mib_areas,
     mib_kl_area,
 )
@@ -27,6 +26,7 @@ from explainer.frontier.ladder import (
     Mask,
 )
 from explainer.progress import progress_bar
+from explainer.score import measure
 from explainer.scrub import Scrubber, check_ablation
 from explainer.tasks.base import Batch
 
