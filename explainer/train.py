@@ -1,20 +1,19 @@
-"""The training loop: hard-concrete gates trained by optax, one jitted step.
+"""Training: hard-concrete gates trained by optax, one jitted step (stepped by :mod:`explainer.steps`).
 
 Loss per step (DESIGN.md, data flow)::
 
     D(ref ‖ S_m) + λ·size(m) + μ·D(S_m ‖ S_{m∨a})
 
-``λ`` is fixed (``lam``) or learned by dual ascent (``kl_budget``, ``target_size``); the last term
-is present only when an adversary is passed in. The adversary is any object with the
-:class:`InLoopAdversary` methods; the ``adversary`` package provides them.
+``λ`` is fixed (``lam``) or learned by dual ascent (``kl_budget``, ``target_size``;
+:mod:`explainer.dual`); the last term is present only when an adversary is passed in. The
+adversary is any object with the :class:`InLoopAdversary` methods; the ``adversary`` package
+provides them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -26,18 +25,16 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from explainer import optimal
-from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig
-from explainer.faults import History, checked_step
+from explainer.dual import DualAscent, dual_ascent
+from explainer.faults import checked_step
 from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants, build_cache, cache_bytes
+from explainer.steps import run_steps
 from explainer.tasks.base import Batch
-
-LOG_LAMBDA_RANGE = (math.log(1e-6), math.log(1e4))
-DUAL_BACKOFF = 10.0
 
 
 @runtime_checkable
@@ -89,27 +86,6 @@ class TrainState(eqx.Module):
     constants: Any = None
 
 
-def _dual_update(config: TrainConfig, log_lambda, kl_deterministic, size):
-    """Dual ascent on log λ with a bounded step (tanh), so one batch cannot swing it far.
-
-    The KL budget constrains the explanation itself, so it is compared with the KL of the gates'
-    deterministic (noise-free) value, not with the sampled gates' KL: that one is spiky (mostly
-    zero, sometimes several nats when a needed gate happens to close) and overstates the KL of
-    the finished explanation.
-    """
-    penalty, dual_lr = config.penalty, config.optimiser.dual_lr
-    if penalty.mode == "kl_budget":
-        direction = jnp.tanh((penalty.kl_budget - kl_deterministic) / penalty.kl_budget)
-    elif penalty.mode == "target_size":
-        direction = jnp.tanh(size - penalty.target_size)
-    else:
-        return log_lambda
-    # Back off faster than we push: a λ that overshoots closes gates of a serial pathway together,
-    # and a pathway whose gates are all closed gets no gradient to reopen.
-    rate = jnp.where(direction > 0, dual_lr, DUAL_BACKOFF * dual_lr)
-    return jnp.clip(log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
-
-
 CACHE_LIMIT_BYTES = 256 * 2**20
 
 
@@ -132,6 +108,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
     const_optimizer = constants_optimizer()
+    dual = dual_ascent_of(config)
 
     def adversary_ascent(params, opt_state, grads):
         neg = jax.tree.map(jnp.negative, grads)  # ascent
@@ -208,11 +185,14 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         if adversary is not None:
             adv_state = adversary_ascent(adv_params, adv_opt, adv_grads)
 
+        # the KL budget constrains the explanation itself, so λ follows the KL of the gates'
+        # deterministic (noise-free) value: the sampled gates' KL is spiky (mostly zero, sometimes
+        # several nats when a needed gate happens to close) and overstates the finished one's
         kl_det = jnp.zeros(())
         if config.penalty.mode == "kl_budget":
             det = state.gates.deterministic()
             kl_det = kl_divergence(ref, current.logits(batch.clean, det, repl)).mean()
-        log_lambda = _dual_update(config, state.log_lambda, kl_det, size)
+        log_lambda = dual.update(state.log_lambda, kl_det if config.penalty.mode == "kl_budget" else size)
         new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key, constants)
         metrics = {
             "loss": loss,
@@ -290,9 +270,7 @@ def init_state(
         learned = learned_bases(scrubber.bases, scrubber.sites, scrubber.model.config.d_model)
     gates = Gates.init(scrubber.n_units, opt.init_logit, learned) if gates is None else gates
     fixed = penalty.lam if penalty.mode == "lambda" else None
-    log_lambda = math.log(fixed if fixed else opt.init_lambda)
-    if fixed == 0:
-        log_lambda = -math.inf
+    log_lambda = dual_ascent_of(config).init(opt.init_lambda if fixed is None else fixed)
     adv = None
     if adversary is not None:
         params = adversary.init(k_adv, scrubber.n_units)
@@ -310,6 +288,17 @@ def init_state(
         k_run,
         constants,
     )
+
+
+def dual_ascent_of(config: TrainConfig) -> DualAscent:
+    """The dual ascent on log λ of ``config``'s penalty: towards the KL budget or the target size
+    (under a fixed ``lam``, λ stays where :func:`init_state` puts it)."""
+    penalty, target = config.penalty, None
+    if penalty.mode == "kl_budget":
+        target = penalty.kl_budget
+    elif penalty.mode == "target_size":
+        target = penalty.target_size
+    return dual_ascent(config.optimiser.dual_lr, penalty.mode, target)
 
 
 def constants_optimizer() -> optax.GradientTransformation:
@@ -346,39 +335,25 @@ def train_gates(
     optimizer = make_optimizer(config)
     state = init_state(scrubber, config, optimizer, adversary)
     plain, counter = make_step(scrubber, data, config, optimizer, adversary)
-    step, fault_names = checked_step(plain)
-    saved = latest_checkpoint(checkpoints, like=state) if checkpoints is not None else None
-    if saved is not None:
-        state = saved.state
-    operands, state = _bind(plain, state)
-    history = History(saved.history if saved else {}, fault_names)
-    where = ""
-    timings = Timings() if timings is None else timings
-    started = time.perf_counter()
-    steps, every = config.optimiser.steps, config.runtime.checkpoint_every
-    with progress_bar(progress, steps) as advance:
-        advance(int(state.step), "")
-        for i in range(int(state.step), steps):
-            state, metrics = step(state, *operands)
-            history.append(metrics)
-            if i == int(saved.state.step if saved else 0):  # the first step of this process compiled it
-                jax.block_until_ready(state)
-                timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - started
-                started = time.perf_counter()
-            done = i + 1
-            due = checkpoints is not None and every and done % every == 0
-            if done % 50 == 0 or done == steps or due:
-                history.flush(where)
-                m = history.values
-                advance(done, f"kl {m['kl'][-1]:.4f}  size {m['size'][-1]:.1f}")
-            if due or (checkpoints is not None and every and done == steps):
-                path = save_checkpoint(checkpoints, state, done, history.values)
-                where = f"The last good checkpoint (step {done}) is {path}. "
-    history.flush(where)
-    timings["train"] = timings.get("train", 0.0) + time.perf_counter() - started
-    out = history.values
-    out["traces"] = [counter["traces"]]
-    return Trained(state.gates, out, None if state.constants is None else state.constants[0])
+    bound = isinstance(plain, TrainStep)  # else any ``state -> (state, metrics)`` callable
+    # the loop steps ``step(state, targets, operands)``: one state has no targets
+    checked = checked_step(lambda state, _, operands: plain(state, *operands))
+    with progress_bar(progress, config.optimiser.steps) as advance:
+        state, history = run_steps(
+            checked,
+            state,
+            None,
+            (plain.operands,) if bound else (),
+            config.optimiser.steps,
+            checkpoints=checkpoints,
+            every=config.runtime.checkpoint_every,
+            describe=lambda m: f"kl {m['kl'][-1]:.4f}  size {m['size'][-1]:.1f}",
+            advance=advance,
+            place=plain.parallel.put_replicated if bound else None,
+            timings=Timings() if timings is None else timings,
+        )
+    history["traces"] = [counter["traces"]]
+    return Trained(state.gates, history, None if state.constants is None else state.constants[0])
 
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:

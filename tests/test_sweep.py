@@ -244,7 +244,7 @@ def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, st
     same curves up to float rounding, and still one compiled step for the whole ladder."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.frontier.threads")
+    sweep_module = importlib.import_module("explainer.steps")
     scrubber, task = distractor
     calls = []
     original = sweep_module._Threads.run
@@ -273,7 +273,7 @@ def test_ladders_thread_by_default_only_where_a_step_is_work_enough(distractor, 
     least ``THREAD_ELEMENTS`` residual elements; below that, in one vmapped call."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.frontier.threads")
+    sweep_module = importlib.import_module("explainer.steps")
     monkeypatch.setattr(sweep_module, "cpu_workers", lambda: 4)
     scrubber, task = distractor
     data = task.train_data()

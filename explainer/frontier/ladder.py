@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,9 +33,9 @@ import numpy as np
 import optax
 
 from explainer.config import TrainConfig
+from explainer.dual import DUAL_BACKOFF, dual_ascent
 from explainer.errors import ExplainerError
 from explainer.faults import checked_step
-from explainer.frontier.threads import _run_steps, ladder_workers
 from explainer.masks import Gates, Layout
 from explainer.polish import (
     KLOracle,
@@ -44,10 +43,9 @@ from explainer.polish import (
 )
 from explainer.progress import progress_bar
 from explainer.scrub import Scrubber
+from explainer.steps import ladder_workers, run_steps
 from explainer.tasks.base import Batch
 from explainer.train import (
-    DUAL_BACKOFF,
-    LOG_LAMBDA_RANGE,
     OPEN_LOGIT,
     InLoopAdversary,
     TrainState,
@@ -100,16 +98,14 @@ def _ladder_step(step, config: TrainConfig, mode: str):
     argument, not constants it closes over (see :class:`explainer.train.TrainStep`): baked into the
     program, they made each step of a ladder about 1.6 times slower than a training run's."""
     fn = step.fn if isinstance(step, TrainStep) else (lambda state, _: step(state))
+    dual = dual_ascent(config.optimiser.dual_lr, "target_size")
 
     @eqx.filter_jit
     def ladder_step(states: TrainState, rungs: tuple[jax.Array, jax.Array], operands: Any):
         targets, rise = rungs  # rise: how fast λ rises, as a multiple of dual_lr
         states, metrics = eqx.filter_vmap(lambda state: fn(state, operands))(states)
         if mode == "sizes":  # dual ascent on each rung's λ towards its own size (as target_size does)
-            direction = jnp.tanh(metrics["size"] - targets)
-            dual_lr = config.optimiser.dual_lr
-            rate = jnp.where(direction > 0, rise * dual_lr, DUAL_BACKOFF * dual_lr)
-            log_lambda = jnp.clip(states.log_lambda + rate * direction, *LOG_LAMBDA_RANGE)
+            log_lambda = dual.update(states.log_lambda, metrics["size"], targets, rise)
             states = eqx.tree_at(lambda s: s.log_lambda, states, log_lambda)
         return states, metrics
 
@@ -120,7 +116,7 @@ def _ladder_step(step, config: TrainConfig, mode: str):
 class LadderProgram:
     """The step every stretch of a ladder runs, made once: the training step (model, prompts and
     cache as its ``operands``), vmapped over a batch of states and checked for faults. It compiles
-    once per batch shape (per thread's part of a batch: :func:`_run_steps`), so :func:`at_most`'s
+    once per batch shape (per thread's part of a batch: :func:`explainer.steps.run_steps`), so :func:`at_most`'s
     open restarts, given the ladder's program (:func:`open_restart`), reuse the ladder's compiled
     step when they train as many states at once as it did (two: a pair of restarts, a ladder
     trained both ways; on a 2-core CPU one state per thread, as a restart alone). On ioi on a 2-core CPU a
@@ -158,9 +154,9 @@ def ladder_program(
 
 
 def _log_lambdas(mode: str, values: Sequence[float | int], config: TrainConfig) -> np.ndarray:
-    if mode == "sizes":
-        return np.full(len(values), math.log(config.optimiser.init_lambda), np.float32)
-    return np.array([math.log(v) if v > 0 else -math.inf for v in values], np.float32)
+    """Each rung's starting log λ: its own penalty, or (sizes) ``init_lambda`` for the dual ascent."""
+    lams = [config.optimiser.init_lambda] * len(values) if mode == "sizes" else values
+    return dual_ascent(config.optimiser.dual_lr, "target_size").init(lams)
 
 
 def _top(logits: np.ndarray, k: float | int) -> np.ndarray:
@@ -224,7 +220,7 @@ def _continue(
     rungs and steps, so rung ``j`` of every way is one stretch of the batched step (its states in
     ``workers`` threads): a step of two states costs little more than a step of one. Every rung after the first stops
     early once every way's explanation has stayed the same for ``patience`` steps, the first once
-    it has for ``first_patience`` (0: never; see :func:`_run_steps`). Returns, per way, each rung's
+    it has for ``first_patience`` (0: never; see :func:`explainer.steps.run_steps`). Returns, per way, each rung's
     gates and history in the order of ``values``."""
     ascending = sorted(range(len(values)), key=lambda i: values[i])
     orders = [ascending[::-1] if way == "down" else ascending for way in ways]
@@ -243,21 +239,22 @@ def _continue(
         rung_folder = folder / f"rung-{j}" if folder is not None else None
         ks = [values[i] for i in chosen]
         settle = lambda logits, ks=ks: _signature(mode, ks, logits)  # noqa: E731
-        state, history = _run_steps(
+        state, history = run_steps(
             ladder_step,
             state,
             rung,
             operands,
             n,
-            advance,
-            done,
-            f"rung {j + 1}{suffix}",
-            rung_folder,
-            every,
-            settle,
-            patience if j > 0 else first_patience,
-            workers,
+            checkpoints=rung_folder,
+            every=every,
+            settle=settle,
+            patience=patience if j > 0 else first_patience,
+            workers=workers,
+            label=f"rung {j + 1}{suffix}",
+            advance=advance,
+            done=done,
         )
+        history = {k: np.asarray(v, np.float64) for k, v in history.items()}
         done += n
         batch = jax.device_get(state.gates)  # sliced on the host: slicing on the device compiles per shape
         for b, i in enumerate(chosen):
@@ -340,7 +337,7 @@ def train_ladder(
     ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
     rungs) and continued from what is there. ``program`` is the step to run (:func:`ladder_program`;
     by default one is made for this ladder). ``workers`` is the most threads a stretch's batch of
-    states is split across (:func:`_run_steps`; by default :func:`ladder_workers`: the CPU's cores
+    states is split across (:func:`explainer.steps.run_steps`; by default :func:`ladder_workers`: the CPU's cores
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
 
@@ -390,21 +387,21 @@ def train_ladder(
             rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
             ks = list(values) * len(ways)
             settle_all = lambda logits: _signature(mode, ks, logits)  # noqa: E731
-            states, history = _run_steps(
+            states, history = run_steps(
                 ladder_step,
                 batch,
                 rungs,
                 operands,
                 steps,
-                advance,
-                0,
-                "",
-                folder,
-                every,
-                settle_all,
-                first_patience,
-                workers,
+                checkpoints=folder,
+                every=every,
+                settle=settle_all,
+                patience=first_patience,
+                workers=workers,
+                label="",
+                advance=advance,
             )
+        history = {k: np.asarray(v, np.float64) for k, v in history.items()}
         host = jax.device_get(states.gates)  # sliced on the host: slicing on the device compiles per shape
         by_way = [
             (

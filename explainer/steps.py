@@ -1,12 +1,20 @@
-"""The CPU thread fan-out of a ladder: a batch of training states split into one part per core.
+"""The step loop: every training run and every stretch of a ladder steps through :func:`run_steps`.
 
-XLA on a CPU runs each call of these small programs on one core, so a ladder whose step is work
-enough (:data:`THREAD_ELEMENTS`) steps its parts each in its own thread; below that the
-interpreter's share of a step outweighs a second core and the batch steps as one.
+One loop owns what a run does between its compiled steps: the per-step history and its fault
+checks (:mod:`explainer.faults`), checkpoints and resuming from the newest good one, the time the
+first step took to compile, progress lines, a ladder's settle checks (stop once the explanation
+has sat still) and the CPU thread fan-out of a batch of states. Keeping it in one place keeps a
+training run and a ladder's rung resuming, failing and reporting alike.
+
+The thread fan-out: XLA on a CPU runs each call of these small programs on one core, so a batch of
+states whose step is work enough (:data:`THREAD_ELEMENTS`) is split into one part per core, each
+stepped in its own thread; below that the interpreter's share of a step outweighs a second core
+and the batch steps as one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +27,7 @@ from explainer.checkpoint import latest_checkpoint, save_checkpoint
 from explainer.config import TrainConfig
 from explainer.faults import History
 from explainer.parallel import cpu_workers, thread_map
+from explainer.progress import Timings
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -105,66 +114,103 @@ class _Threads:
         return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get([p.gates.logits for p in self.parts]))
 
 
-def _run_steps(
-    checked,
-    states,
-    targets,
-    operands,
+def _quiet(done: int, text: str) -> None:
+    """Progress reports nobody reads."""
+
+
+def run_steps(
+    checked: tuple[Callable, list[str]],
+    state: Any,
+    targets: Any,
+    operands: Any,
     steps: int,
-    advance,
-    done: int,
-    label: str,
+    *,
     checkpoints=None,
-    every=0,
+    every: int | None = 0,
     settle: Callable[[Any], str] | None = None,
     patience: int = 0,
     workers: int = 1,
-):
-    """``steps`` steps of a batch of states; with ``checkpoints``, saved there every ``every`` steps and
-    at the end, and continued from the newest good checkpoint found there (a finished one: no steps).
-    ``checked`` is ``checked_step(ladder_step)``, made once per ladder so that it compiles once.
+    label: str | None = None,
+    describe: Callable[[dict[str, list[Any]]], str] | None = None,
+    advance: Callable[[int, str], None] | None = None,
+    done: int = 0,
+    place: Callable[[Any], Any] | None = None,
+    timings: Timings | None = None,
+) -> tuple[Any, dict[str, list[Any]]]:
+    """Step ``state`` (one training state, or a batch of them) up to step ``steps``; returns the
+    state after the last step and the history (every step's metrics, resumed ones included).
 
-    With ``settle`` (gate logits of the batch -> a digest of its finished explanations,
-    :func:`_signature`) and ``patience``, the stretch stops early once that digest, read every
-    ``SETTLE_EVERY`` steps, has not changed for ``patience`` steps: every state's explanation has
-    settled. The digest and the step it last changed at are saved with each checkpoint, so a
-    resumed stretch stops where an uninterrupted one would.
+    ``checked`` is ``checked_step(step)`` (:func:`explainer.faults.checked_step`, made once so
+    that it compiles once) of a ``step(state, targets, operands) -> (state, metrics)``:
+    ``targets`` belong to the states of a batch (split with them across threads; ``None`` for one
+    state), ``operands`` (model, prompts, cache) are shared. Metrics stay on the device and are
+    moved and checked for faults in blocks, at every progress report and before every checkpoint,
+    so a step costs no host round trip.
 
-    With ``workers`` above 1 the batch is cut into that many equal parts where it divides
-    (:func:`_parts`), each part stepped in its own thread between the points where the stretch
-    reads its states (every ``SETTLE_EVERY`` steps, each checkpoint, the end); metrics, checks,
-    checkpoints and the result are the whole batch's, as without threads."""
+    - ``checkpoints``: a folder; the state is saved there every ``every`` steps and at the end, and
+      the run continues from the newest good checkpoint found there (a finished one: no steps).
+      ``place`` puts the starting state, fresh or loaded, where the step runs. A fault's error names
+      the last good checkpoint.
+    - ``advance(done + n, text)``: progress every 50 steps, at each checkpoint and at the end, with
+      ``describe(history)`` as text (by default ``label`` and the last step's mean KL). ``label``
+      is also saved in each checkpoint's meta.
+    - ``settle`` (gate logits of the batch, on the host -> a digest of its finished explanations)
+      and ``patience``: the run stops early once that digest, read every ``SETTLE_EVERY`` steps, has
+      not changed for ``patience`` steps. The digest and the step it last changed at are saved with
+      each checkpoint, so a resumed run stops where an uninterrupted one would.
+    - ``workers`` above 1: a batch is cut into that many equal parts where it divides
+      (:func:`_parts`), each part stepped in its own thread between the points where the run reads
+      its states (every ``SETTLE_EVERY`` steps, each checkpoint, the end); metrics, checks,
+      checkpoints and the result are the whole batch's, as without threads.
+    - ``timings`` gains ``compile`` (the first step this process runs, which compiles the step)
+      and ``train`` (the rest).
+    """
     step, names = checked
-    saved = latest_checkpoint(checkpoints, like=states) if checkpoints is not None else None
+    saved = latest_checkpoint(checkpoints, like=state) if checkpoints is not None else None
     if saved is not None:
-        states = saved.state
+        state = saved.state
+    if place is not None:
+        state = place(state)
     history = History(saved.history if saved else {}, names)
     where = ""
+    advance = _quiet if advance is None else advance
+    if describe is None:
+        describe = lambda values: f"{label or ''} kl {float(np.mean(values['kl'][-1])):.4f}"  # noqa: E731
     watch = settle is not None and patience > 0
     meta = saved.meta if saved is not None else {}
     first = saved.step if saved else 0
     last = first if meta.get("settled") else steps
-    n_parts = _parts(int(jax.tree.leaves(states.log_lambda)[0].shape[0]), workers) if last > first else 1
+    n_parts = _parts(int(jax.tree.leaves(state)[0].shape[0]), workers) if workers > 1 and last > first else 1
     threads = None
     if n_parts > 1:
-        threads = _Threads(step, _split(states, n_parts), _split(targets, n_parts), operands)
+        threads = _Threads(step, _split(state, n_parts), _split(targets, n_parts), operands)
         current, logits = threads.states, threads.logits
     else:
-        current, logits = (lambda: states), (lambda: jax.device_get(states.gates.logits))
+        current, logits = (lambda: state), (lambda: jax.device_get(state.gates.logits))
     signature, since = meta.get("signature"), meta.get("since", first)
     if watch and signature is None:
         signature, since = settle(logits()), first
+    if first:
+        advance(done + first, "")
+    clock = time.perf_counter()
     n = first
     while n < last:
-        # the next step the stretch reads its states at: a settle read, a checkpoint, the end
+        # the next step the run reads its states at: a settle read, a checkpoint, the end
         stop = min(last, (n // SETTLE_EVERY + 1) * SETTLE_EVERY, (n // every + 1) * every if every else last)
+        timed = timings is not None and n == first
+        if timed:
+            stop = n + 1  # the first step alone: it compiles the step, and is timed apart
         if threads is not None:
             for metrics in threads.run(stop - n, first=n == first):
                 history.append(metrics)
         else:
             for _ in range(stop - n):
-                states, metrics = step(states, targets, operands)
+                state, metrics = step(state, targets, operands)
                 history.append(metrics)
+        if timed:
+            jax.block_until_ready(state if threads is None else threads.parts)
+            timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - clock
+            clock = time.perf_counter()
         n = stop
         settled = False
         if watch and n % SETTLE_EVERY == 0 and n < steps:
@@ -176,15 +222,15 @@ def _run_steps(
         if n % 50 == 0 or n == steps or due or settled:
             history.flush(where)
             note = f" settled at step {n}" if settled else ""
-            advance(
-                done + (steps if settled else n),
-                f"{label} kl {float(np.mean(history.values['kl'][-1])):.4f}{note}",
-            )
+            advance(done + (steps if settled else n), describe(history.values) + note)
         if due:
             extra = {"signature": signature, "since": since, "settled": settled} if watch else {}
-            path = save_checkpoint(checkpoints, current(), n, history.values, meta={"label": label, **extra})
+            tag = {} if label is None else {"label": label}
+            path = save_checkpoint(checkpoints, current(), n, history.values, meta={**tag, **extra})
             where = f"The last good checkpoint (step {n}) is {path}. "
         if settled:
             break
     history.flush(where)
-    return current(), {k: np.asarray(v, np.float64) for k, v in history.values.items()}
+    if timings is not None:
+        timings["train"] = timings.get("train", 0.0) + time.perf_counter() - clock
+    return current(), history.values
