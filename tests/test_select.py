@@ -23,7 +23,7 @@ def cancelling_variant(heads: int, pair: tuple[int, int], pair_scale: float, see
     ``attn.in: [0]``, ``unembed.in``: the copies and the pair."""
     cfg = planted._config(n_heads=heads, n_ctx=4, attn_only=True)
     w = planted._zeros(cfg)
-    classes = planted._class(np.arange(8))
+    classes = planted.token_class(np.arange(8))
     w["embed.W_E"][:8, 0] = classes
     w["pos_embed.W_pos"][0, 2] = 1.0
     copies = [1 + 2 * h for h in range(heads)]
