@@ -45,9 +45,10 @@ import explainer
 from adversary.discrete import attack
 from explainer.baselines import MAX_SETS, _Evaluator, _unflat
 from explainer.frontier import measure, smallest_size
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 RESULTS = RESULTS_DIR / "optimality.json"
 MODELS = ("planted-distractor", "planted-cancel", "planted-joint", "tracr-frac-prevs")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from explainer.frontier.sweep import sweep
-from explainer.models import planted
 from explainer.models.native import from_state_dict, save_model, write_json
 from explainer.tasks.prompts import prompts_json
+from explainer.zoo import planted
 
 KL_BUDGET = 0.01
 

@@ -254,8 +254,9 @@ def prepare(
     ``patience`` steps (0: never early), on a ladder of sizes without an adversary. ``resume``
     continues an unfinished sweep in ``out`` (:func:`resume_sweep` reads its settings back).
     """
-    from explainer.models import load_model, resolve_model
+    from explainer.models import load_model
     from explainer.tasks import resolve_task
+    from explainer.zoo import resolve_model
 
     started = time.perf_counter()
     if lambdas is not None and sizes is not None:

@@ -21,7 +21,7 @@ Token ids: 0-7 are content tokens, 8 and 9 are the answers ``A`` and ``B``; the 
   ``unembed.in: [3]``.
 
 Ground truth is stated for the default ablation, resample with the prompts' own counterfactuals.
-``python -m explainer.models.planted`` rewrites the shipped folders (deterministically).
+``python -m explainer.zoo.planted`` rewrites the shipped folders (deterministically).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def write_planted(name: str, folder: Path) -> Path:
 
 
 def main() -> None:
-    from explainer.models.zoo import ZOO_DIR
+    from explainer.zoo.catalog import ZOO_DIR
 
     for name in PLANTED:
         print("wrote", write_planted(name, ZOO_DIR / name))
