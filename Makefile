@@ -61,11 +61,11 @@ docs: $(TEST_STAMP)
 
 ## regenerate the planted models shipped in the zoo (deterministic, no training)
 zoo: $(STAMP)
-	$(BIN)/python -m explainer.models.planted
+	$(BIN)/python -m explainer.zoo.planted
 
 ## regenerate the tracr-compiled models shipped in the zoo (needs the tracr extra, part of the test extras)
 zoo-tracr: $(TEST_STAMP)
-	$(BIN)/python -m explainer.models.tracr_import
+	$(BIN)/python -m explainer.zoo.tracr_import
 
 clean:
 	rm -rf $(VENV) $(PEERS) demo-run .pytest_cache

@@ -112,7 +112,8 @@ def attack(
     are the method's settings (see ``OPTIONS``). The same ``key`` gives the same result.
 
     >>> import jax, numpy as np
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.scrub import Scrubber
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-cancel")
@@ -153,7 +154,8 @@ def attack_all(
     per-method result equals :func:`attack` with the same arguments.
 
     >>> import jax, numpy as np
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.scrub import Scrubber
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")

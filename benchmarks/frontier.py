@@ -52,7 +52,8 @@ from explainer.baselines import METHODS, baseline_frontier
 from explainer.frontier import frontier_areas, mib_areas, mib_kl_area, mib_ladder
 from explainer.frontier.ladder import STRATEGIES
 from explainer.frontier.sweep import sweep
-from explainer.models import load_model, load_truth, resolve_model, zoo_names
+from explainer.models import load_model
+from explainer.zoo import load_truth, resolve_model, zoo_names
 
 RESULTS = RESULTS_DIR / "frontier.json"
 PICTURE = RESULTS_DIR / "frontier.png"

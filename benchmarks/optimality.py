@@ -43,12 +43,13 @@ from rich.table import Table
 
 import explainer
 from adversary.discrete import attack
-from explainer.baselines import MAX_SETS, _Evaluator, _unflat
+from explainer.baselines import MAX_SETS, _fit_scorer, _unflat
 from explainer.frontier import smallest_size
-from explainer.models import load_model, resolve_model
-from explainer.score import measure
+from explainer.models import load_model
+from explainer.score import mean_kl, measure
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 RESULTS = RESULTS_DIR / "optimality.json"
 MODELS = ("planted-distractor", "planted-cancel", "planted-joint", "tracr-frac-prevs")
@@ -87,14 +88,14 @@ def optima(name: str, args: argparse.Namespace) -> dict:
     """The smallest faithful set and the smallest faithful and robust set, by exhaustive search."""
     scrubber, train, heldout = _setup(name)
     total = sum(scrubber.n_units.values())
-    kl = _Evaluator(scrubber, train, jax.random.key(args.seed))
+    scorer = _fit_scorer(scrubber, train, jax.random.key(args.seed))
     started = time.perf_counter()
     searched, optimum, robust = [], None, None
     for k in range(total + 1):
         if math.comb(total, k) > args.max_sets:
             break
         rows = _sets(scrubber, k)
-        kls = kl(rows)
+        kls = scorer(rows, mean_kl)
         order = [int(i) for i in np.argsort(kls, kind="stable") if kls[i] <= args.max_kl][: args.candidates]
         masks = [_unflat(scrubber, rows[i]) for i in order] or [_unflat(scrubber, rows[int(np.argmin(kls))])]
         heldout_kl = [s["kl_mean"] for s in measure(scrubber, heldout, masks, args.seed)]

@@ -51,9 +51,10 @@ from rich.table import Table
 
 from explainer.frontier import frontier_areas, mib_areas, mib_ladder, normalized_faithfulness
 from explainer.metrics import logit_diff
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.models.tl import export_tl
 from explainer.tasks import prompts_json, resolve_task
+from explainer.zoo import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = RESULTS_DIR / "peers.json"
@@ -78,8 +79,8 @@ ATTACKS = ("greedy", "gradient")  # as benchmarks/frontier.py; exhaustive (--att
 def export_inputs(name: str, folder: Path) -> dict:
     """The model as TransformerLens files plus its training and held-out prompts, in ``folder``;
     returns our full model's logit difference on both (for the parity check)."""
-    export_tl(name, folder / "model", overwrite=True)
     model_folder = resolve_model(name)
+    export_tl(model_folder, folder / "model", overwrite=True)
     task = resolve_task(None, model_folder)
     net = load_model(model_folder)
     out = {}

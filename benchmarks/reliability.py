@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from explainer.cli import main as cli_main
-from explainer.models import resolve_model
+from explainer.zoo import resolve_model
 
 RESULTS = RESULTS_DIR / "reliability.json"
 MODEL = "planted-distractor"

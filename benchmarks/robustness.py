@@ -44,9 +44,10 @@ from rich.table import Table
 import explainer
 from adversary.discrete import attack_all
 from explainer.metrics import truth_scores
-from explainer.models import load_model, load_truth, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
 
 RESULTS = RESULTS_DIR / "robustness.json"
 PLOT = RESULTS.with_suffix(".png")

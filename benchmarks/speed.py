@@ -71,11 +71,12 @@ from rich.table import Table
 
 from adversary.learned import LearnedAdversary
 from explainer.config import TrainConfig
-from explainer.models import load_model, resolve_model, zoo_names
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
 from explainer.train import init_state, make_step
+from explainer.zoo import resolve_model, zoo_names
 
 RESULTS = RESULTS_DIR / "speed.json"
 FRONTIER_RESULTS = RESULTS_DIR / "time_to_frontier.json"

@@ -36,8 +36,9 @@ from rich.table import Table
 import explainer
 from explainer.api import attack_explanation
 from explainer.metrics import truth_scores
-from explainer.models import load_model, load_truth, resolve_model, zoo_names
+from explainer.models import load_model
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model, zoo_names
 
 RESULTS = RESULTS_DIR / "zoo.json"
 TRAINED = ("paren", "induction", "ioi")

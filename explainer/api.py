@@ -29,9 +29,8 @@ from explainer.explanation import Explanation, check_writable, load
 from explainer.finishing import fit
 from explainer.lock import run_lock
 from explainer.masks import as_mask
-from explainer.models import resolve_model, weights_sha256
+from explainer.models import weights_sha256
 from explainer.models.transformer import Transformer
-from explainer.models.zoo import ZOO_DIR
 from explainer.optimal import for_mask
 from explainer.progress import Timings
 from explainer.score import evaluate_keep
@@ -39,6 +38,7 @@ from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
 from explainer.train import InLoopAdversary
 from explainer.verdicts import check_target_size, train_warnings
+from explainer.zoo import ZOO_DIR, resolve_model
 
 _FOLDERS: dict[int, tuple[weakref.ref, Path]] = {}  # models loaded by load_model -> their folders
 

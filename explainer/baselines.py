@@ -82,7 +82,8 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
     """Scores per unit (higher = more important) of a ranking baseline, ``{site: [units]}``.
 
     >>> import jax
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -160,7 +161,8 @@ def exhaustive(
     """The least-KL keep mask of each size (``None`` for sizes with more than ``max_sets`` sets).
 
     >>> import jax
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -245,8 +247,9 @@ def baseline_frontier(
 
     from explainer.frontier import mib_ladder
     from explainer.frontier.grade import grade_masks
-    from explainer.models import load_model, resolve_model
+    from explainer.models import load_model
     from explainer.tasks import resolve_task
+    from explainer.zoo import resolve_model
 
     _check_method(method)
     started = time.perf_counter()

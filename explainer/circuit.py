@@ -73,7 +73,7 @@ def model_config(expl: Any) -> ModelConfig:
 
     from explainer.models.config import ModelConfig
     from explainer.models.native import CONFIG_FILE, read_json
-    from explainer.models.zoo import resolve_model
+    from explainer.zoo import resolve_model
 
     name, path = expl.model.get("name"), expl.model.get("path")
     folder = resolve_model(name) if name else Path(str(path))

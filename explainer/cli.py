@@ -123,7 +123,7 @@ def evaluate_cmd(
     """Re-measure a saved explanation on held-out prompts."""
     from explainer.api import evaluate, open_run
     from explainer.metrics import truth_scores
-    from explainer.models import load_truth
+    from explainer.zoo import load_truth
 
     result = evaluate(run, task, ablation)
     f = result["faithfulness"]
@@ -210,8 +210,8 @@ def show(
     for a sweep folder, list its rungs and draw its frontier."""
     from explainer.api import open_run
     from explainer.metrics import truth_scores
-    from explainer.models import load_truth
     from explainer.plotting import plot_circuit, plot_explanation
+    from explainer.zoo import load_truth
 
     if (Path(run) / "frontier.json").is_file() and not (Path(run) / "explanation.json").is_file():
         if graph is not None:

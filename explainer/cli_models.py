@@ -15,7 +15,7 @@ def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="
     """List the shipped models, their tasks, accuracy and ground truth."""
     if ctx.invoked_subcommand is not None:
         return
-    from explainer.models.zoo import zoo_entries
+    from explainer.zoo import zoo_entries
 
     entries = zoo_entries()
     result = {"models": [e.to_json() for e in entries]}
@@ -47,8 +47,8 @@ def zoo_train(
 ) -> None:
     """Retrain a trained zoo model from a seed: its weights, prompts.json and card.json."""
     from explainer.errors import ExplainerError, did_you_mean
-    from explainer.models.lm_training import LM_RECIPES, write_lm
-    from explainer.models.training import RECIPES, shipped_accuracy, write_trained
+    from explainer.zoo.lm_training import LM_RECIPES, write_lm
+    from explainer.zoo.training import RECIPES, shipped_accuracy, write_trained
 
     names = sorted({*RECIPES, *LM_RECIPES})
     if name not in names:
@@ -86,7 +86,7 @@ def zoo_import_tracr(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Compile a RASP program with tracr into a model folder with prompts and ground truth."""
-    from explainer.models.tracr_import import import_tracr
+    from explainer.zoo.tracr_import import import_tracr
 
     result = import_tracr(
         program, folder, vocab=vocab, max_seq_len=max_seq_len, bos=bos, seed=seed, overwrite=overwrite
@@ -150,10 +150,11 @@ def export_model_cmd(
 ) -> None:
     """Write a model as TransformerLens files, loadable with HookedTransformer.load_state_dict."""
     from explainer.models.tl import export_tl
+    from explainer.zoo import resolve_model
 
     if fmt != "tl":
         _fail(f"unknown model format {fmt!r}; valid: tl")
-    r = export_tl(model, folder, overwrite=overwrite)
+    r = export_tl(resolve_model(model), folder, overwrite=overwrite)
     _emit(r, as_json, f"wrote {folder}/config.json (HookedTransformerConfig) and {folder}/model.safetensors")
 
 

@@ -20,7 +20,7 @@ from explainer import rewrites
 from explainer.errors import ExplainerError
 from explainer.illusion import check_illusions
 from explainer.masks import as_mask
-from explainer.models import load_model, resolve_model, weights_sha256
+from explainer.models import load_model, weights_sha256
 from explainer.models.transformer import Transformer
 from explainer.optimal import for_mask
 from explainer.score import evaluate_keep
@@ -28,6 +28,7 @@ from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
 from explainer.tasks.base import Batch
 from explainer.verdicts import attack_verdict, faithfulness_warnings
+from explainer.zoo import resolve_model
 
 
 def run_model(expl: Any, check_weights: bool = True) -> tuple[Transformer, Path]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from explainer.errors import ExplainerError
+from explainer.models.folders import swap_into_place
 from explainer.models.native import read_json, write_json
 
 SCHEMA_VERSION = 1
@@ -286,17 +287,6 @@ def check_writable(path: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise ExplainerError(f"run folder {str(path)!r} already exists; pass --overwrite or choose another --out")
-
-
-def swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``path``, replacing an old one only once ``tmp`` is whole."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def load(path: str | os.PathLike) -> Explanation:

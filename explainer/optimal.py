@@ -147,7 +147,8 @@ def fit_constants(
     mask (or ``None``), are other constants to start from where they score better (those learned
     with the mask).
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)

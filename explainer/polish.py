@@ -61,7 +61,8 @@ class KLOracle:
     the first ``screen_prompts`` of them (``None`` when there are no more than that), on which
     :func:`shortlist` ranks candidates.
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -162,7 +163,8 @@ def candidates(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: flo
     most :data:`EXACT_UNITS` units (:func:`exact`), else the :data:`RANK_BOUND` whose change the
     KL's gradient predicts to lower the KL most (:meth:`KLOracle.attribution`), in unit order.
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -213,7 +215,8 @@ def trim(
     prompts and their one replacement each are what the removals are chosen on, and a small
     explanation can fit them alone.
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -305,7 +308,8 @@ def shortlist(oracle: KLOracle, rows: np.ndarray, keep: int = SHORTLIST) -> np.n
     oracle's screen, ``inf`` for the rest (all exact when there are no more than ``keep`` rows or
     the oracle has no screen).
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -328,7 +332,8 @@ def best_subset(oracle: KLOracle, flat: np.ndarray, size: int, max_sets: int) ->
     full: :func:`shortlist`); ``None`` when there are more than ``max_sets`` of them or ``flat``
     keeps no more than ``size`` units.
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)
@@ -451,7 +456,8 @@ def best_of_size(oracle: KLOracle, size: int, max_sets: int, block: int = 1024) 
     """The flat mask of exactly ``size`` units with the least KL, by scoring every such set, or
     ``None`` when there are more than ``max_sets`` of them (or ``size`` is out of range).
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)

@@ -25,7 +25,8 @@ config), or ``mlps=FORM`` for every MLP. How much of the behaviour ``f`` carries
 (``rewrites.safetensors``), so every command rebuilds the same model.
 
 >>> import jax.numpy as jnp
->>> from explainer.models import load_model, resolve_model
+>>> from explainer.models import load_model
+>>> from explainer.zoo import resolve_model
 >>> from explainer.tasks import resolve_task
 >>> folder = resolve_model("planted-joint")
 >>> net = rewrite(load_model(folder), resolve_task(None, folder).train_data(), ["blocks.0.mlp=linear"])

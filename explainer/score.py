@@ -18,8 +18,9 @@ program is reused by every call that asks for the same one. :func:`evaluate_keep
 replacement) for evaluation and the frontier; the searches (``polish``, ``baselines``, the
 discrete adversaries) hold one :class:`Scorer` on a fixed subset of prompts.
 
->>> from explainer.models import load_model, resolve_model
+>>> from explainer.models import load_model
 >>> from explainer.tasks import resolve_task
+>>> from explainer.zoo import resolve_model
 >>> folder = resolve_model("planted-distractor")
 >>> data = resolve_task(None, folder).train_data()
 >>> scrubber = Scrubber.build(load_model(folder), data)

@@ -119,7 +119,8 @@ class Scrubber(eqx.Module):
     """A model, the sites it masks, and where replacements come from.
 
     >>> import jax
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> model, task = load_model(folder), resolve_task(None, folder)

@@ -21,7 +21,8 @@ def getkey():
 
 @pytest.fixture(scope="session")
 def planted_models():
-    from explainer.models import load_model, resolve_model
+    from explainer.models import load_model
+    from explainer.zoo import resolve_model
 
     return {name: load_model(resolve_model(name)) for name in PLANTED}
 

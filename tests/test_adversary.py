@@ -11,10 +11,11 @@ from adversary.learned import LearnedAdversary, make_adversary
 from explainer.api import attack_run
 from explainer.config import TrainConfig
 from explainer.errors import ExplainerError
-from explainer.models import load_model, load_truth, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.train import init_state, make_step
+from explainer.zoo import load_truth, resolve_model
 
 SEEDS = range(5)
 

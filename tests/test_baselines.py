@@ -6,9 +6,10 @@ import pytest
 
 from explainer.baselines import METHODS, RANKINGS, acdc, baseline_frontier, baseline_masks, exhaustive, rank
 from explainer.errors import ExplainerError
-from explainer.models import load_model, load_truth, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
 
 
 def _setup(name):

@@ -10,10 +10,11 @@ from explainer.api import evaluate
 from explainer.bases import file_bases
 from explainer.errors import ExplainerError
 from explainer.illusion import check_illusions
-from explainer.models import load_model, load_truth, resolve_model
+from explainer.models import load_model
 from explainer.models.native import from_state_dict, to_state_dict
-from explainer.models.rotated import write_rotated
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
+from explainer.zoo.rotated import write_rotated
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from explainer.models import resolve_model
+from explainer.zoo import resolve_model
 
 FAST = ["--steps", "400", "--no-progress"]
 

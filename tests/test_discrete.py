@@ -8,10 +8,10 @@ import pytest
 
 from adversary import METHODS, AttackResult, attack, attack_all
 from explainer.errors import ExplainerError
-from explainer.models import load_truth, resolve_model
 from explainer.score import TRACES
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
 
 PLANTED = ("planted-distractor", "planted-cancel", "planted-joint")
 CHEAP = ("greedy", "random", "gradient")

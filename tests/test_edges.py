@@ -11,10 +11,11 @@ import pytest
 
 from explainer import edges
 from explainer.errors import ExplainerError
-from explainer.models import ModelConfig, init_random, load_model, resolve_model
+from explainer.models import ModelConfig, init_random, load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
+from explainer.zoo import resolve_model
 
 CFG = ModelConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8)
 

@@ -23,11 +23,11 @@ from explainer.frontier import (
 )
 from explainer.masks import as_mask
 from explainer.metrics import faithfulness
-from explainer.models import resolve_model
 from explainer.optimal import fit_constants, fit_optimal, for_mask
 from explainer.score import measure
 from explainer.scrub import ABLATIONS, Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 
 def test_mib_ladder():

@@ -27,8 +27,9 @@ from explainer.cli import main
 from explainer.config import flat_names, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import load
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 FAST = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 TRAIN_FAST = ["--steps", "3", "--adversary", "none", "--no-progress", "--checkpoint-every", "2"]

@@ -32,7 +32,8 @@ import jax
 from adversary.learned import make_adversary
 from explainer.config import TrainConfig, from_dict
 from explainer.errors import ExplainerError
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
+from explainer.zoo import resolve_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.train import finish, init_state, make_step, train_gates
@@ -101,9 +102,9 @@ def test_four_devices_split_the_batch(four_devices):
 
 
 def _scrubber(planted_models, remat: bool):
-    from explainer.models import resolve_model
     from explainer.scrub import Scrubber
     from explainer.tasks import resolve_task
+    from explainer.zoo import resolve_model
 
     task = resolve_task(None, resolve_model("planted-joint"))
     scrubber = Scrubber.build(planted_models["planted-joint"], task.train_data())

@@ -6,10 +6,11 @@ import pytest
 import explainer
 from explainer.config import TrainConfig
 from explainer.metrics import truth_scores
-from explainer.models import load_model, load_truth, resolve_model
+from explainer.models import load_model
 from explainer.polish import SHORTLIST, KLOracle, nearest_drop, prune, repair, shortlist, trim, within
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
 
 KL_BUDGET = TrainConfig().penalty.kl_budget
 

@@ -25,7 +25,7 @@ from explainer import api, lock, resume
 from explainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from explainer.config import TrainConfig, from_dict
 from explainer.errors import ExplainerError
-from explainer.models import resolve_model
+from explainer.zoo import resolve_model
 
 TINY = {"model": "planted-distractor", "adversary": "none", "progress": False}
 

@@ -11,13 +11,14 @@ from explainer import rewrites
 from explainer.api import evaluate, open_run
 from explainer.cli import main
 from explainer.errors import ExplainerError
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.models.config import ModelConfig
 from explainer.models.native import expected_shapes, from_state_dict, save_model, write_json
-from explainer.models.planted import first_class_prompts
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.tasks.planted import first_class_prompts
 from explainer.tasks.prompts import prompts_json
+from explainer.zoo import resolve_model
 
 LINEAR_TRUTH = {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1], "blocks.0.mlp.rest": [], "unembed.in": [3]}
 

@@ -13,9 +13,10 @@ from adversary.rotation import directions, excluded_rotation, rotated
 from explainer.api import attack_explanation
 from explainer.errors import ExplainerError
 from explainer.masks import OrthogonalBasis
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 HALF = 2**-0.5
 

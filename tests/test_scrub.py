@@ -5,10 +5,11 @@ import pytest
 
 from explainer.errors import ExplainerError
 from explainer.masks import Gates, OrthogonalBasis
-from explainer.models import ModelConfig, init_random, resolve_model
+from explainer.models import ModelConfig, init_random
 from explainer.scrub import Scrubber, scrubbed_logits
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
+from explainer.zoo import resolve_model
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from explainer.frontier.sweep import sweep
-from explainer.models import planted
 from explainer.models.native import from_state_dict, save_model, write_json
 from explainer.tasks.prompts import prompts_json
+from explainer.zoo import planted
 
 KL_BUDGET = 0.01
 
@@ -23,7 +23,7 @@ def cancelling_variant(heads: int, pair: tuple[int, int], pair_scale: float, see
     ``attn.in: [0]``, ``unembed.in``: the copies and the pair."""
     cfg = planted._config(n_heads=heads, n_ctx=4, attn_only=True)
     w = planted._zeros(cfg)
-    classes = planted._class(np.arange(8))
+    classes = planted.token_class(np.arange(8))
     w["embed.W_E"][:8, 0] = classes
     w["pos_embed.W_pos"][0, 2] = 1.0
     copies = [1 + 2 * h for h in range(heads)]

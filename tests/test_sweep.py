@@ -13,9 +13,10 @@ from explainer.errors import ExplainerError
 from explainer.frontier.grade import grade_masks
 from explainer.frontier.ladder import train_ladder
 from explainer.frontier.sweep import parse_ladder, sweep
-from explainer.models import load_model, resolve_model
+from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.zoo import resolve_model
 
 CONTRACT = ("run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "gap")
 TRUTH = {"blocks.0.attn.in": [0], "unembed.in": [1]}

@@ -83,9 +83,10 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy, pati
     from explainer.checkpoint import list_checkpoints
     from explainer.config import TrainConfig
     from explainer.frontier.ladder import train_ladder
-    from explainer.models import load_model, resolve_model
+    from explainer.models import load_model
     from explainer.scrub import Scrubber
     from explainer.tasks import resolve_task
+    from explainer.zoo import resolve_model
 
     folder = resolve_model("planted-distractor")
     task = resolve_task(None, folder)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from explainer.errors import ExplainerError
-from explainer.models import resolve_model
-from explainer.models.planted import first_class_prompts, xor_class_prompts
 from explainer.tasks import PromptsTask, parse_prompts, prompts_json, resolve_task
+from explainer.tasks.planted import first_class_prompts, xor_class_prompts
+from explainer.zoo import resolve_model
 
 
 def _p(clean=(1, 2), corrupt=(3, 2), answers=(1,), wrong=(3,)):

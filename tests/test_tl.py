@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from explainer.errors import ExplainerError
-from explainer.models import ModelConfig, init_random, load_model, resolve_model, save_model
+from explainer.models import ModelConfig, init_random, load_model, save_model
 from explainer.models.native import to_state_dict
 from explainer.models.tl import export_tl, from_tl_config, import_tl, read_tl, tl_config
+from explainer.zoo import resolve_model
 
 CONFIGS = {
     "zoo-ioi": None,  # LayerNorm, MLP, relu
@@ -60,7 +61,7 @@ def test_round_trip_is_exact(model_folder, tmp_path):
 def test_state_dict_has_the_buffers_hooked_transformer_expects(tmp_path):
     from safetensors.numpy import load_file
 
-    export_tl("ioi", tmp_path / "tl")
+    export_tl(resolve_model("ioi"), tmp_path / "tl")
     tensors = load_file(str(tmp_path / "tl" / "model.safetensors"))
     cfg = load_model(resolve_model("ioi")).config
     mask = tensors["blocks.1.attn.mask"]
@@ -119,7 +120,7 @@ def test_use_attn_scale_false_means_scale_one():
 
 
 def test_tl_folder_problems(tmp_path):
-    export_tl("planted-joint", tmp_path / "tl")
+    export_tl(resolve_model("planted-joint"), tmp_path / "tl")
     (tmp_path / "tl" / "extra.pt").write_bytes(b"")
     with pytest.raises(ExplainerError, match="needs exactly one"):
         import_tl(tmp_path / "tl", tmp_path / "out")

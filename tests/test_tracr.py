@@ -10,12 +10,13 @@ import pytest
 
 import explainer
 from explainer.metrics import truth_scores
-from explainer.models import load_model, load_truth, resolve_model
-from explainer.models.ground_truth import check, reader_units
+from explainer.models import load_model
 from explainer.models.native import to_state_dict
-from explainer.models.tracr_compile import RECIPES, UNSUPPORTED, compile_program, program_names, to_native
-from explainer.models.tracr_import import ZOO
 from explainer.tasks import resolve_task
+from explainer.zoo import load_truth, resolve_model
+from explainer.zoo.ground_truth import check, reader_units
+from explainer.zoo.tracr_compile import RECIPES, UNSUPPORTED, compile_program, program_names, to_native
+from explainer.zoo.tracr_import import ZOO
 
 KL_BUDGET = explainer.TrainConfig().penalty.kl_budget
 

@@ -8,10 +8,10 @@ import pytest
 
 import explainer
 from explainer.errors import ExplainerError
-from explainer.models import resolve_model
 from explainer.tasks import resolve_task
 from explainer.tasks.prompts import prompts_json
 from explainer.verdicts import attack_verdict, faithfulness_warnings, size_warnings
+from explainer.zoo import resolve_model
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from explainer.models import load_model
-from explainer.models.lm_training import LM_RECIPES, SMOKE, stdlib_files, write_lm
 from explainer.tasks import resolve_task
 from explainer.tasks.prompts import PromptsTask
+from explainer.zoo.lm_training import LM_RECIPES, SMOKE, stdlib_files, write_lm
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from explainer.models import load_model, resolve_model, zoo_names
-from explainer.models.training import RECIPES, measure, shipped_prompts, training_pool
+from explainer.models import load_model
 from explainer.tasks import builtin_tasks, resolve_task, task_names
+from explainer.zoo import resolve_model, zoo_names
+from explainer.zoo.training import RECIPES, measure, shipped_prompts, training_pool
 
 TRAINED = ("induction", "direct", "ioi", "paren")
 

@@ -132,7 +132,8 @@ def grade_masks(
     (:func:`explainer.frontier.frontier_areas`).
 
     >>> import numpy as np
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)

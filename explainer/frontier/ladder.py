@@ -341,7 +341,8 @@ def train_ladder(
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-distractor")
     >>> task = resolve_task(None, folder)

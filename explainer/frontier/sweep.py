@@ -32,7 +32,6 @@ import numpy as np
 from explainer import resume as resume_files
 from explainer.config import Dims, KLBudget, TrainConfig, flag, from_dict, load_config
 from explainer.errors import ExplainerError
-from explainer.explanation import swap_into_place
 from explainer.frontier import (
     empty_mask,
     full_mask,
@@ -57,6 +56,7 @@ from explainer.frontier.select import (
     open_restart,
 )
 from explainer.masks import Gates
+from explainer.models.folders import swap_into_place
 from explainer.progress import Timings
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.train import (
@@ -254,8 +254,9 @@ def prepare(
     ``patience`` steps (0: never early), on a ladder of sizes without an adversary. ``resume``
     continues an unfinished sweep in ``out`` (:func:`resume_sweep` reads its settings back).
     """
-    from explainer.models import load_model, resolve_model
+    from explainer.models import load_model
     from explainer.tasks import resolve_task
+    from explainer.zoo import resolve_model
 
     started = time.perf_counter()
     if lambdas is not None and sizes is not None:

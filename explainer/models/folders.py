@@ -28,10 +28,20 @@ def check_out(out: Path, overwrite: bool, what: str = "model folder", marker: st
         raise ExplainerError(f"{what} {str(out)!r} exists; pass --overwrite to replace it")
 
 
+def swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``, replacing an old one only once ``tmp`` is whole
+    (model folders here, run and sweep folders in :mod:`explainer.explanation` and the sweep)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 def write_folder(out: Path, fill: Any) -> Path:
     """Create a sibling temp folder, let ``fill(tmp)`` write into it, then rename it to ``out``."""
-    from explainer.explanation import swap_into_place  # run folders are swapped in the same way
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

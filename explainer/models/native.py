@@ -236,8 +236,10 @@ def init_random(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Transfor
 def load_model(folder: str | os.PathLike) -> Transformer:
     """Load a model folder in the native format.
 
-    >>> from explainer.models.zoo import resolve_model
-    >>> load_model(resolve_model("planted-distractor")).config.n_layers
+    >>> import tempfile, jax
+    >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True)
+    >>> folder = save_model(init_random(cfg, jax.random.key(0)), tempfile.mkdtemp() + "/model")
+    >>> load_model(folder).config.n_layers
     1
     """
     from safetensors import SafetensorError

@@ -188,15 +188,18 @@ def _rotary_tables(model: Transformer) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def export_tl(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Write the model ``model`` (a zoo name or model folder) as TransformerLens files in ``out``.
+    """Write the model in the model folder ``model`` as TransformerLens files in ``out`` (a zoo
+    model: pass ``explainer.zoo.resolve_model(name)``, as ``explainer export-model`` does).
 
-    >>> import tempfile
-    >>> export_tl("planted-distractor", tempfile.mkdtemp() + "/tl")["tensors"]  # 12 weights, 2 buffers
+    >>> import tempfile, jax
+    >>> from explainer.models import ModelConfig, init_random, save_model
+    >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True,
+    ...                   normalization_type=None)
+    >>> folder = save_model(init_random(cfg, jax.random.key(0)), tempfile.mkdtemp() + "/model")
+    >>> export_tl(folder, tempfile.mkdtemp() + "/tl")["tensors"]  # 12 weights, 2 buffers
     14
     """
-    from explainer.models.zoo import resolve_model
-
-    folder = resolve_model(model)
+    folder = Path(model)
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise ExplainerError(f"OUT {str(out)!r} is the model folder itself; pick another OUT")
@@ -266,8 +269,11 @@ def import_tl(
 ) -> dict[str, Any]:
     """Convert TransformerLens files (see the module docstring) into the native model folder ``out``.
 
-    >>> import tempfile
-    >>> tl = export_tl("planted-joint", tempfile.mkdtemp() + "/tl")["out"]
+    >>> import tempfile, jax
+    >>> from explainer.models import ModelConfig, init_random, save_model
+    >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=5, n_ctx=4)
+    >>> folder = save_model(init_random(cfg, jax.random.key(0)), tempfile.mkdtemp() + "/model")
+    >>> tl = export_tl(folder, tempfile.mkdtemp() + "/tl")["out"]
     >>> import_tl(tl, tempfile.mkdtemp() + "/native")["n_layers"]
     1
     """

@@ -19,10 +19,9 @@ def builtin_tasks() -> dict[str, Callable[..., Batch]]:
     >>> len(builtin_tasks()["induction"](8, seed=1))
     8
     """
-    from explainer.models.planted import TASKS
-    from explainer.tasks import direct, induction, ioi, paren
+    from explainer.tasks import direct, induction, ioi, paren, planted
 
-    return {**TASKS, **{m.NAME: m.prompts for m in (direct, induction, ioi, paren)}}
+    return {**planted.TASKS, **{m.NAME: m.prompts for m in (direct, induction, ioi, paren)}}
 
 
 def task_names() -> list[str]:

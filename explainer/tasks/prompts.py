@@ -191,10 +191,13 @@ def split(batch: Batch, heldout_fraction: float, seed: int = 0) -> tuple[Batch, 
 class PromptsTask:
     """A task read from a prompts file (or object), split into training and held-out prompts.
 
-    >>> from explainer.models.zoo import resolve_model
-    >>> task = PromptsTask.from_file(resolve_model("planted-distractor") / "prompts.json")
-    >>> len(task.train_data()) > len(task.heldout_data()) > 0
-    True
+    >>> import json, tempfile
+    >>> from explainer.tasks.planted import first_class_prompts
+    >>> path = Path(tempfile.mkdtemp()) / "prompts.json"
+    >>> _ = path.write_text(json.dumps(prompts_json(first_class_prompts(50))))
+    >>> task = PromptsTask.from_file(path)
+    >>> len(task.train_data()), len(task.heldout_data())
+    (40, 10)
     """
 
     def __init__(self, batch: Batch, name: str = "prompts", heldout_fraction: float = 0.2):

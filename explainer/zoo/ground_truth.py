@@ -33,7 +33,8 @@ TOL = 1e-5  # nats: a unit is idle when scrubbing it moves no prompt's KL beyond
 def reader_units(model: Transformer) -> Truth:
     """Per site, the residual dimensions its reader's weights touch (nonzero rows).
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> reader_units(load_model(resolve_model("planted-distractor")))["unembed.in"]
     [1]
     """
@@ -77,7 +78,8 @@ def prune(model: Transformer, batch: Batch, candidates: Truth | None = None, tol
     """The smallest subset of ``candidates`` (default :func:`reader_units`) backward elimination finds
     that keeps every prompt's KL within ``tol``. Sites are visited from the last to the first.
 
-    >>> from explainer.models import load_model, resolve_model
+    >>> from explainer.models import load_model
+    >>> from explainer.zoo import resolve_model
     >>> from explainer.tasks import resolve_task
     >>> folder = resolve_model("planted-joint")
     >>> prune(load_model(folder), resolve_task(None, folder).batch)

@@ -1,4 +1,5 @@
-"""The zoo: small models shipped inside the package, each a native model folder.
+"""The zoo's catalog: the small models shipped inside the package, each a native model folder in
+``explainer/zoo/models/<name>/``.
 
 ``explainer zoo`` lists them. A zoo folder holds ``config.json``, ``model.safetensors``,
 ``prompts.json`` (its task), ``card.json`` (name, task, accuracy, description) and, where known,
@@ -15,7 +16,7 @@ from typing import Any
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.models.native import CONFIG_FILE, read_json
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).parent / "models"
 
 
 def zoo_names() -> list[str]:

@@ -8,7 +8,7 @@ and minimises cross-entropy of the answer at the last position with optax ``adam
 jitted chunks of ``lax.scan``, traced once; the same seed gives the same weights, bit for bit, on
 the same machine.
 
-``explainer zoo train NAME --seed S --out DIR`` and ``python -m explainer.models.training`` (which
+``explainer zoo train NAME --seed S --out DIR`` and ``python -m explainer.zoo.training`` (which
 rewrites the shipped folders) call :func:`write_trained`.
 """
 
@@ -242,7 +242,7 @@ def shipped_accuracy(name: str) -> float | None:
     """The held-out accuracy on the shipped card of zoo model ``name`` (``None`` if not shipped);
     ``zoo train`` has checked the name."""
     from explainer.models.native import read_json
-    from explainer.models.zoo import ZOO_DIR
+    from explainer.zoo.catalog import ZOO_DIR
 
     path = ZOO_DIR / name / "card.json"
     card = read_json(path) if path.is_file() else {}
@@ -298,7 +298,7 @@ def _check_writable(folder: Path, overwrite: bool) -> None:
 
 def main() -> None:
     """Retrain every trained zoo model from seed 0 into the package's zoo folder."""
-    from explainer.models.zoo import ZOO_DIR
+    from explainer.zoo.catalog import ZOO_DIR
 
     for name in RECIPES:
         card = write_trained(name, ZOO_DIR / name, seed=0, overwrite=True)

@@ -1,7 +1,7 @@
 """Build a RASP program of ``tracr.compiler.lib``, compile it with tracr, and read the result as a
 native :class:`~explainer.models.transformer.Transformer`.
 
-See :mod:`explainer.models.tracr_import` for the conventions (tokens, positions, the readout of
+See :mod:`explainer.zoo.tracr_import` for the conventions (tokens, positions, the readout of
 categorical and numerical outputs). tracr is imported inside the functions only.
 """
 

@@ -1,7 +1,7 @@
 """Prompts for a compiled tracr program: inputs of one length, balanced answers, counterfactuals.
 
 The answer is the RASP program's own output at the last position (``rasp.evaluate``). A numerical
-output becomes a class, above or below a threshold θ (see :mod:`explainer.models.tracr_import`).
+output becomes a class, above or below a threshold θ (see :mod:`explainer.zoo.tracr_import`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from explainer.models.tracr_compile import LOGIT_SCALE, Compiled
 from explainer.tasks.base import Batch
 from explainer.tasks.prompts import parse_prompts
+from explainer.zoo.tracr_compile import LOGIT_SCALE, Compiled
 
 N_PROMPTS = 512
 POOL = 20_000  # random inputs drawn to find prompts and counterfactuals

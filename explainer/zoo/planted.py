@@ -2,7 +2,8 @@
 
 Built by code, no training. Each has no LayerNorm (LayerNorm would couple every dimension), a
 small vocabulary, and prompts whose counterfactual changes exactly the information that matters.
-Token ids: 0-7 are content tokens, 8 and 9 are the answers ``A`` and ``B``.
+Token ids: 0-7 are content tokens, 8 and 9 are the answers ``A`` and ``B``; the tasks are in
+:mod:`explainer.tasks.planted`.
 
 - ``planted-distractor`` (task ``first-class``): the answer is the class of the first token. Head 0
   attends to position 0 and copies the class (dim 0) into dim 1, which the unembedding reads.
@@ -20,7 +21,7 @@ Token ids: 0-7 are content tokens, 8 and 9 are the answers ``A`` and ``B``.
   ``unembed.in: [3]``.
 
 Ground truth is stated for the default ablation, resample with the prompts' own counterfactuals.
-``python -m explainer.models.planted`` rewrites the shipped folders (deterministically).
+``python -m explainer.zoo.planted`` rewrites the shipped folders (deterministically).
 """
 
 from __future__ import annotations
@@ -32,14 +33,12 @@ import numpy as np
 from explainer.models.config import ModelConfig
 from explainer.models.native import expected_shapes, from_state_dict, save_model, write_json
 from explainer.models.transformer import Transformer
-from explainer.tasks.base import Batch
-from explainer.tasks.prompts import parse_prompts, prompts_json
+from explainer.tasks.planted import ANSWER_A, ANSWER_B, TASKS, pair_class, token_class
+from explainer.tasks.prompts import prompts_json
 
 D_MODEL = 10
-ANSWER_A, ANSWER_B = 8, 9
 QUERY = 7.0  # attention score to the attended position is QUERY**2 / sqrt(d_head) ~ 35
 UNEMBED = 4.0  # logit difference between the answers: 2 * UNEMBED = 8 nats
-N_PROMPTS = 512
 
 
 def _config(**fields) -> ModelConfig:
@@ -50,16 +49,6 @@ def _config(**fields) -> ModelConfig:
 
 def _zeros(cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(cfg).items()}
-
-
-def _class(token: np.ndarray | int) -> np.ndarray:
-    """Class of a content token: +1 for tokens 0-3, -1 for tokens 4-7."""
-    return np.where(np.asarray(token) % 8 < 4, 1.0, -1.0)
-
-
-def _pair_class(token: np.ndarray | int) -> np.ndarray:
-    """Class inside a group of four (task ``xor-class``): +1 for ids 0,1 / 4,5; -1 for 2,3 / 6,7."""
-    return np.where(np.asarray(token) % 4 < 2, 1.0, -1.0)
 
 
 def _distractors(w: dict[str, np.ndarray], dims: list[int], seed: int) -> None:
@@ -84,7 +73,7 @@ def _answer_readout(w: dict[str, np.ndarray], dim: int, scale: float = UNEMBED) 
 def build_distractor() -> Transformer:
     cfg = _config(n_heads=2, n_ctx=4, attn_only=True)
     w = _zeros(cfg)
-    w["embed.W_E"][:8, 0] = _class(np.arange(8))
+    w["embed.W_E"][:8, 0] = token_class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
     w["pos_embed.W_pos"][:, 3] = 1.0
     _distractors(w, [4, 5, 6, 7, 8, 9], seed=1)
@@ -97,11 +86,11 @@ def build_distractor() -> Transformer:
 def build_cancel() -> Transformer:
     cfg = _config(n_heads=1, n_ctx=4, attn_only=True)
     w = _zeros(cfg)
-    w["embed.W_E"][:8, 0] = _class(np.arange(8))
+    w["embed.W_E"][:8, 0] = token_class(np.arange(8))
     w["pos_embed.W_pos"][0, 2] = 1.0
     _distractors(w, [4, 5, 8, 9], seed=2)
-    w["embed.W_E"][:8, 6] = 3.0 * _class(np.arange(8))
-    w["embed.W_E"][:8, 7] = -3.0 * _class(np.arange(8))
+    w["embed.W_E"][:8, 6] = 3.0 * token_class(np.arange(8))
+    w["embed.W_E"][:8, 7] = -3.0 * token_class(np.arange(8))
     _copy_head(w, head=0, read=0, write=1, key_dim=2)
     _answer_readout(w, 1)
     _answer_readout(w, 6, scale=2.0)
@@ -112,8 +101,8 @@ def build_cancel() -> Transformer:
 def build_joint() -> Transformer:
     cfg = _config(n_heads=1, d_mlp=4, n_ctx=2, attn_only=False)
     w = _zeros(cfg)
-    w["embed.W_E"][:4, 0] = _pair_class(np.arange(4))  # a-tokens 0-3 write their class to dim 0
-    w["embed.W_E"][4:8, 1] = _pair_class(np.arange(4, 8))  # b-tokens 4-7 write theirs to dim 1
+    w["embed.W_E"][:4, 0] = pair_class(np.arange(4))  # a-tokens 0-3 write their class to dim 0
+    w["embed.W_E"][4:8, 1] = pair_class(np.arange(4, 8))  # b-tokens 4-7 write theirs to dim 1
     w["pos_embed.W_pos"][0, 4] = 1.0
     _distractors(w, [5, 6, 7, 8, 9], seed=3)
     _copy_head(w, head=0, read=0, write=2, key_dim=4)
@@ -126,52 +115,6 @@ def build_joint() -> Transformer:
     w[m + "W_out"][2, 9] = 1.0  # ... and writes where nobody reads
     _answer_readout(w, 3)
     return from_state_dict(cfg, w, source="planted-joint")
-
-
-def _batch(clean, corrupt, answer_is_a) -> Batch:
-    answers = np.where(answer_is_a, ANSWER_A, ANSWER_B)[:, None]
-    wrong = np.where(answer_is_a, ANSWER_B, ANSWER_A)[:, None]
-    rows = [
-        {"clean": c.tolist(), "corrupt": r.tolist(), "answers": a.tolist(), "wrong_answers": b.tolist()}
-        for c, r, a, b in zip(clean, corrupt, answers, wrong, strict=True)
-    ]
-    return parse_prompts({"prompts": rows})
-
-
-def _flip(rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
-    """A random token of the other class in the same group of four."""
-    group = tokens // 4 * 4
-    same = (tokens % 4) // 2  # tokens 0,1 / 2,3 share a class inside a group of four
-    return group + (1 - same) * 2 + rng.integers(0, 2, size=tokens.shape)
-
-
-def first_class_prompts(n: int = N_PROMPTS, seed: int = 0) -> Batch:
-    """Task ``first-class``: 4 content tokens; the answer is ``A`` iff the first is in class +1.
-
-    The counterfactual draws new tokens with the first and the last token's classes flipped.
-    """
-    rng = np.random.default_rng(seed)
-    clean = rng.integers(0, 8, size=(n, 4))
-    corrupt = rng.integers(0, 8, size=(n, 4))
-    corrupt[:, 0] = np.where(_class(clean[:, 0]) > 0, rng.integers(4, 8, n), rng.integers(0, 4, n))
-    corrupt[:, 3] = np.where(_class(clean[:, 3]) > 0, rng.integers(4, 8, n), rng.integers(0, 4, n))
-    return _batch(clean, corrupt, _class(clean[:, 0]) > 0)
-
-
-def xor_class_prompts(n: int = N_PROMPTS, seed: int = 0) -> Batch:
-    """Task ``xor-class``: ``[a, b]`` with a in 0-3, b in 4-7; the answer is ``A`` iff classes agree.
-
-    The counterfactual flips exactly one of the two classes (so the answer flips), drawing new tokens.
-    """
-    rng = np.random.default_rng(seed)
-    clean = np.stack([rng.integers(0, 4, n), rng.integers(4, 8, n)], axis=1)
-    corrupt = np.stack([rng.integers(0, 4, n), rng.integers(4, 8, n)], axis=1)
-    flip_a = rng.integers(0, 2, n).astype(bool)
-    for col, flip in ((0, flip_a), (1, ~flip_a)):
-        want = np.where(flip, -_pair_class(clean[:, col]), _pair_class(clean[:, col]))
-        keep = _pair_class(corrupt[:, col]) == want
-        corrupt[:, col] = np.where(keep, corrupt[:, col], _flip(rng, corrupt[:, col]))
-    return _batch(clean, corrupt, _pair_class(clean[:, 0]) == _pair_class(clean[:, 1]))
 
 
 PLANTED = {
@@ -194,7 +137,6 @@ PLANTED = {
         "two classes that matter only jointly, through a ReLU MLP computing their XNOR",
     ),
 }
-TASKS = {"first-class": first_class_prompts, "xor-class": xor_class_prompts}
 
 
 def write_planted(name: str, folder: Path) -> Path:
@@ -222,7 +164,7 @@ def write_planted(name: str, folder: Path) -> Path:
 
 
 def main() -> None:
-    from explainer.models.zoo import ZOO_DIR
+    from explainer.zoo.catalog import ZOO_DIR
 
     for name in PLANTED:
         print("wrote", write_planted(name, ZOO_DIR / name))

@@ -3,7 +3,7 @@
 ``import_tracr("make_reverse", "models/reverse")`` builds the program from ``tracr.compiler.lib``,
 compiles it with tracr (``tracr-pypi``, the optional extra ``explainer[tracr]``) and writes a model
 folder: ``config.json`` + ``model.safetensors`` (the native format), ``prompts.json``,
-``truth.json`` and ``card.json``. ``python -m explainer.models.tracr_import`` rewrites the tracr
+``truth.json`` and ``card.json``. ``python -m explainer.zoo.tracr_import`` rewrites the tracr
 models shipped in the zoo (deterministically). tracr is imported inside functions only, so the core
 never needs it.
 
@@ -34,13 +34,13 @@ differs, and ``wrong_answers`` is that answer. Answers come from evaluating the 
 
 Ground truth: per site, the dimensions the reader's weights read (tracr's craft blocks read only
 their input spaces, so these are the labelled spaces each attention/MLP reads), pruned by
-:func:`explainer.models.ground_truth.prune` to those that matter for the answer under resample
+:func:`explainer.zoo.ground_truth.prune` to those that matter for the answer under resample
 ablation with the prompts' counterfactuals. Positions and the length are the same in every prompt
 and its counterfactual, so index-derived variables are idle for the task, and so is ``one``.
 
 Programs are the functions of ``tracr.compiler.lib`` (``make_`` may be left out); those that need
 an input SOp get ``rasp.tokens``, other arguments get fixed values
-(:data:`explainer.models.tracr_compile.RECIPES` says which, and gives each program's default vocab).
+(:data:`explainer.zoo.tracr_compile.RECIPES` says which, and gives each program's default vocab).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from typing import Any
 
 from explainer.errors import ExplainerError
 from explainer.models.native import CONFIG_FILE, save_model, write_json
-from explainer.models.tracr_compile import (
+from explainer.tasks.prompts import prompts_json
+from explainer.zoo.tracr_compile import (
     DEFAULT_BOS,
     DEFAULT_MAX_SEQ_LEN,
     LOGIT_SCALE,
@@ -61,8 +62,7 @@ from explainer.models.tracr_compile import (
     parse_vocab,
     to_native,
 )
-from explainer.models.tracr_prompts import N_PROMPTS, make_prompts
-from explainer.tasks.prompts import prompts_json
+from explainer.zoo.tracr_prompts import N_PROMPTS, make_prompts
 
 
 def _versions() -> dict[str, str]:
@@ -116,7 +116,7 @@ def import_tracr(
     ``vocab``) and write it as a model folder ``out`` with its prompts, ground truth and card.
     Returns a summary (what ``explainer zoo import-tracr --json`` prints). ``out`` must not exist,
     or be a model folder and ``overwrite`` set. ``vocab`` and the fixed arguments of each program
-    are in :data:`~explainer.models.tracr_compile.RECIPES`.
+    are in :data:`~explainer.zoo.tracr_compile.RECIPES`.
 
     Example (needs ``explainer[tracr]``; compiling takes a few seconds)::
 
@@ -137,7 +137,7 @@ def import_tracr(
     truth, accuracy = None, None
     if batch is not None:
         from explainer.metrics import accuracy as accuracy_of
-        from explainer.models.ground_truth import prune
+        from explainer.zoo.ground_truth import prune
 
         accuracy = float(accuracy_of(model(batch.clean)[:, -1], batch.answers, batch.wrong_answers))
         truth = prune(model, batch)
@@ -185,7 +185,7 @@ ZOO = {
 
 
 def main() -> None:
-    from explainer.models.zoo import ZOO_DIR
+    from explainer.zoo.catalog import ZOO_DIR
 
     for name, settings in ZOO.items():
         result = import_tracr(out=ZOO_DIR / name, overwrite=True, **settings)

@@ -7,7 +7,8 @@ lives in a dense direction. A planted model rotated this way keeps its ground tr
 site (one direction where the original kept one dimension), while in the standard basis its
 explanation needs many dimensions. Bases (:mod:`explainer.bases`) are tested on it.
 
->>> from explainer.models import load_model, resolve_model
+>>> from explainer.models import load_model
+>>> from explainer.zoo import resolve_model
 >>> import jax.numpy as jnp
 >>> net = load_model(resolve_model("planted-distractor"))
 >>> turned, r = rotate(net, seed=0)
@@ -65,8 +66,9 @@ def write_rotated(name: str, folder, seed: int = 0) -> np.ndarray:
     import shutil
     from pathlib import Path
 
-    from explainer.models import load_model, load_truth, resolve_model
+    from explainer.models import load_model
     from explainer.models.native import save_model, write_json
+    from explainer.zoo import load_truth, resolve_model
 
     source = resolve_model(name)
     turned, r = rotate(load_model(source), seed)

@@ -471,7 +471,7 @@ def write_lm(
     return card
 
 
-def main() -> None:  # pragma: no cover - the full run (python -m explainer.models.lm_training OUT)
+def main() -> None:  # pragma: no cover - the full run (python -m explainer.zoo.lm_training OUT)
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("pylm")
     card = write_lm("pylm", out, overwrite=True, progress=False, log=sys.stdout)
     print({k: card[k] for k in ("accuracy", "top1_accuracy", "tasks", "shipped_tasks")})
