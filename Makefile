@@ -23,9 +23,11 @@ demo: $(STAMP)
 	$(BIN)/explainer train --model planted-joint --seed 0 --out demo-run --overwrite
 	$(BIN)/explainer show demo-run --png demo-run/masks.png
 
-## make test: the whole test suite, notebooks included
+## make test: the whole test suite, notebooks included, on TEST_WORKERS processes (most tests
+## compile and step small programs on one core, so two processes use a two-core machine)
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py
