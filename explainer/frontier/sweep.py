@@ -157,8 +157,7 @@ def sweep(
     ``sizes`` (target sizes) or ``lambdas`` (fixed penalties), as ``"1,2,4"`` or a list; neither
     means MIB's ladder of sizes. ``settings`` override ``config`` as in :func:`explainer.explain`.
     Returns ``{"records": [...], "cpr", "cmd", "ablations", ...}`` (:func:`grade_masks`); with
-    ``out``, also the folder described in the module docstring. The other options are
-    :func:`prepare`'s.
+    ``out``, also the folder of the module docstring. The other options are :func:`prepare`'s.
 
     >>> f = sweep("planted-distractor", sizes=[1, 2], adversary="none", ablations=(), steps=300, progress=False)
     >>> [(r["size"], round(r["normalized_faithfulness"], 2)) for r in f["records"]]
@@ -168,17 +167,17 @@ def sweep(
         model, task, lambdas, sizes, config, adversary, budget, ablations, strategy, continuation_steps,
         out, overwrite, progress, resume, direction, patience, settings,
     )  # fmt: skip
+    return _run(spec, resume, overwrite)
+
+
+def _run(spec: SweepSpec, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """``spec``'s sweep, inside the run lifecycle when it has a folder (lock, resume, finish)."""
     if spec.out is None:
         return _sweep(spec, None)
     run = resume_files.lifecycle(
-        spec.out,
-        spec.record(),
-        resume=resume,
-        overwrite=overwrite,
-        check_same=_check_same_sweep,
-        check_free=_check_out,
-        command="sweep",
-    )
+        spec.out, spec.record(), resume=resume, overwrite=overwrite,
+        check_same=_check_same_sweep, check_free=_check_out, command="sweep",
+    )  # fmt: skip
     with run as checkpoints:
         return _sweep(spec, checkpoints)
 
