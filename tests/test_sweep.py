@@ -141,6 +141,9 @@ def test_sweep_saves_runs_every_command_accepts(tmp_path):
     assert evaluate(middle["run"])["faithfulness"]["kl_mean"] == pytest.approx(middle["kl_mean"], abs=1e-5)
     assert (out / "frontier.png").is_file()
     assert saved["cpr"] == pytest.approx(result["cpr"])
+    timings = saved["timings"]  # the ladder's compile apart from its training steps
+    assert timings["compile"] > 0 and timings["train"] > 0 and "grade" in timings
+    assert timings["compile"] + timings["train"] == pytest.approx(saved["train_seconds"], abs=0.1)
     with pytest.raises(ExplainerError, match="already exists"):
         sweep("planted-distractor", sizes="1", adversary="none", out=out, progress=False)
 

@@ -41,7 +41,7 @@ from explainer.polish import (
     KLOracle,
     no_worse,
 )
-from explainer.progress import progress_bar
+from explainer.progress import Timings, progress_bar
 from explainer.scrub import Scrubber
 from explainer.steps import ladder_workers, run_steps
 from explainer.tasks.base import Batch
@@ -212,6 +212,7 @@ def _continue(
     patience=0,
     first_patience=0,
     workers=1,
+    timings=None,
 ):
     """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
     per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
@@ -253,6 +254,7 @@ def _continue(
             label=f"rung {j + 1}{suffix}",
             advance=advance,
             done=done,
+            timings=timings,
         )
         history = {k: np.asarray(v, np.float64) for k, v in history.items()}
         done += n
@@ -308,6 +310,7 @@ def train_ladder(
     first_patience: int = 0,
     program: LadderProgram | None = None,
     workers: int | None = None,
+    timings: Timings | None = None,
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
@@ -340,6 +343,7 @@ def train_ladder(
     states is split across (:func:`explainer.steps.run_steps`; by default :func:`ladder_workers`: the CPU's cores
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
+    ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps).
 
     >>> from explainer.models import load_model
     >>> from explainer.zoo import resolve_model
@@ -401,6 +405,7 @@ def train_ladder(
                 workers=workers,
                 label="",
                 advance=advance,
+                timings=timings,
             )
         history = {k: np.asarray(v, np.float64) for k, v in history.items()}
         host = jax.device_get(states.gates)  # sliced on the host: slicing on the device compiles per shape
@@ -437,6 +442,7 @@ def train_ladder(
                         patience,
                         first_patience,
                         workers,
+                        timings,
                     ),
                     strict=True,
                 )

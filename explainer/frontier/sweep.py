@@ -315,6 +315,7 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
         spec.strategy, spec.trained_values, spec.trivial, spec.total, spec.out
     )  # fmt: skip
     t0 = time.perf_counter()
+    timings = Timings()  # compile: each stretch's first step; train: the rest of the ladder's time
     rungs = {}
     # one step for the ladder and its open restarts (a pair of restarts reuses its compiled program)
     program = ladder_program(scrubber, train, config, mode, adversary) if trained_values else None
@@ -333,10 +334,11 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
             spec.direction,
             spec.patience,
             program=program,
+            timings=timings,
         ):
             rungs[r.value] = r
     train_seconds = time.perf_counter() - t0
-    timings = Timings(train=train_seconds)
+    timings["train"] = train_seconds - timings.get("compile", 0.0)
     for v in trivial:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
