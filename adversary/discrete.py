@@ -37,13 +37,12 @@ from jaxtyping import PRNGKeyArray
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
-from explainer.metrics import accuracy, divergence, logit_diff
+from explainer.metrics import DIVERGENCES, accuracy, divergence, logit_diff
 from explainer.score import Divergence, Reference, Scorer, scrubbed
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
 METHODS = ("greedy", "random", "gradient", "exhaustive", "learned")
-DIVERGENCES = ("kl", "reverse_kl", "symmetric")
 CHUNK = 32
 OPTIONS: dict[str, dict[str, Any]] = {
     "greedy": {"restarts": 4, "sample": None, "chunk": CHUNK},

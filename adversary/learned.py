@@ -33,10 +33,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from adversary.rotation import check_adversary_basis, random_skews, rotatable, rotated
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import BETA, GAMMA, ZETA, Mask
-from explainer.metrics import divergence
+from explainer.metrics import DIVERGENCES, divergence
 from explainer.scrub import Replacement, Scrubber
 
-DIVERGENCES = ("kl", "reverse_kl", "symmetric")
 Params = dict[str, Float[Array, "restarts units"]]
 State = dict  # Params, or {"gates": Params, "skew": {site: [restarts, units, units]}} in a rotated basis
 

@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 Logits = Float[Array, "batch vocab"]
+DIVERGENCES = ("kl", "reverse_kl", "symmetric")  # the kinds of :func:`divergence`
 
 
 def kl_divergence(ref: Logits, other: Logits) -> Float[Array, " batch"]:
@@ -37,7 +38,7 @@ def divergence(kind: str, ref: Logits, other: Logits) -> Float[Array, " batch"]:
         return kl_divergence(other, ref)
     if kind == "symmetric":
         return 0.5 * (kl_divergence(ref, other) + kl_divergence(other, ref))
-    raise ValueError(f"unknown divergence {kind!r}; valid: kl, reverse_kl, symmetric")
+    raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
 
 
 def logit_diff(
