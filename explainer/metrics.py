@@ -74,11 +74,20 @@ def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_
     return -jax.scipy.special.logsumexp(jnp.take_along_axis(logp, answers, axis=-1), axis=-1)
 
 
-def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, float]:
-    """Every faithfulness number for one explanation, as plain floats (JSON-ready)."""
-    kl = np.asarray(kl_divergence(full, scrubbed), dtype=np.float64)
-    full_ld = float(logit_diff(full, answers, wrong).mean())
-    scrubbed_ld = float(logit_diff(scrubbed, answers, wrong).mean())
+def prompt_stats(full: Logits, logits: Logits, answers, wrong) -> Float[Array, "batch 4"]:
+    """Per prompt: KL(full ‖ logits), logit difference, whether the answer wins (0/1) and the task
+    loss; what :func:`summarise` reads."""
+    wins = correct(logits, answers, wrong).astype(jnp.float32)
+    columns = (kl_divergence(full, logits), logit_diff(logits, answers, wrong), wins)
+    return jnp.stack([*columns, task_loss(logits, answers)], axis=-1).astype(jnp.float32)
+
+
+def summarise(stats, full_stats) -> dict[str, float]:
+    """Every faithfulness number of one explanation, and the task ``loss`` (``loss_full``: the full
+    model's), as plain floats (JSON-ready), from its :func:`prompt_stats` and the full model's."""
+    kl = np.asarray(stats[:, 0], np.float64)
+    scrubbed_ld = float(jnp.asarray(stats[:, 1], jnp.float32).mean())
+    full_ld = float(jnp.asarray(full_stats[:, 1], jnp.float32).mean())
     return {
         "kl_mean": float(kl.mean()),
         "kl_p90": float(np.quantile(kl, 0.9)),
@@ -87,9 +96,17 @@ def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, fl
         "logit_diff": scrubbed_ld,
         "logit_diff_full": full_ld,
         "logit_diff_recovered": scrubbed_ld / full_ld if full_ld != 0 else float("nan"),
-        "accuracy": float(accuracy(scrubbed, answers, wrong)),
-        "accuracy_full": float(accuracy(full, answers, wrong)),
+        "accuracy": float(jnp.asarray(stats[:, 2], jnp.float32).mean()),
+        "accuracy_full": float(jnp.asarray(full_stats[:, 2], jnp.float32).mean()),
+        "loss": float(jnp.asarray(stats[:, 3], jnp.float32).mean()),
+        "loss_full": float(jnp.asarray(full_stats[:, 3], jnp.float32).mean()),
     }
+
+
+def faithfulness(full: Logits, scrubbed: Logits, answers, wrong) -> dict[str, float]:
+    """Every faithfulness number for one explanation, as plain floats (JSON-ready)."""
+    scores = summarise(prompt_stats(full, scrubbed, answers, wrong), prompt_stats(full, full, answers, wrong))
+    return {k: v for k, v in scores.items() if k not in ("loss", "loss_full")}
 
 
 def truth_scores(kept: dict[str, list[int]], truth: dict[str, list[int]]) -> dict[str, float]:

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from explainer import metrics
 from explainer.masks import Layout, Mask
-from explainer.metrics import correct, divergence, kl_divergence, logit_diff, task_loss
+from explainer.metrics import divergence, kl_divergence, logit_diff
 from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
@@ -214,36 +215,8 @@ class Scorer:
 
 
 def prompt_stats(logits, ref: Reference):
-    """Per prompt: KL(full ‖ scrubbed), logit difference, whether the answer wins, task loss
-    (``[prompts, 4]``), everything :func:`summarise` needs."""
-    answers, wrong = ref.answers, ref.wrong_answers
-    columns = (
-        kl_divergence(ref.full, logits),
-        logit_diff(logits, answers, wrong),
-        correct(logits, answers, wrong).astype(jnp.float32),
-    )
-    return jnp.stack([*columns, task_loss(logits, answers)], axis=-1).astype(jnp.float32)
-
-
-def summarise(stats: np.ndarray, full: np.ndarray) -> dict[str, float]:
-    """The numbers of :func:`explainer.metrics.faithfulness` (and the task ``loss`` and
-    ``loss_full``) from one mask's :func:`prompt_stats` and the full model's."""
-    kl = stats[:, 0].astype(np.float64)
-    scrubbed_ld = float(jnp.asarray(stats[:, 1], jnp.float32).mean())
-    full_ld = float(jnp.asarray(full[:, 1], jnp.float32).mean())
-    return {
-        "kl_mean": float(kl.mean()),
-        "kl_p90": float(np.quantile(kl, 0.9)),
-        "kl_p99": float(np.quantile(kl, 0.99)),
-        "kl_max": float(kl.max()),
-        "logit_diff": scrubbed_ld,
-        "logit_diff_full": full_ld,
-        "logit_diff_recovered": scrubbed_ld / full_ld if full_ld != 0 else float("nan"),
-        "accuracy": float(stats[:, 2].mean()),
-        "accuracy_full": float(full[:, 2].mean()),
-        "loss": float(jnp.asarray(stats[:, 3], jnp.float32).mean()),
-        "loss_full": float(jnp.asarray(full[:, 3], jnp.float32).mean()),
-    }
+    """Per prompt, what :func:`explainer.metrics.summarise` reads (``[prompts, 4]``)."""
+    return metrics.prompt_stats(ref.full, logits, ref.answers, ref.wrong_answers)
 
 
 def measure(
@@ -274,7 +247,7 @@ def measure(
         fulls.append(np.asarray(prompt_stats(ref.full, ref)))
         parts.append(Scorer(scrubber, ref, layout)(rows, prompt_stats, constants))
     full, stats = np.concatenate(fulls), np.concatenate(parts, axis=1)
-    return [summarise(row, full) for row in stats]
+    return [metrics.summarise(row, full) for row in stats]
 
 
 def evaluate_keep(
