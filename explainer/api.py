@@ -205,7 +205,7 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
     fitted = fit(scrubber, the_task.train_data(), config, adversary, progress, checkpoints, timings)
     kept, gates, history, constants = fitted.keep, fitted.gates, fitted.history, fitted.constants
     history["seconds"] = [time.perf_counter() - started]
-    scrubber = scrubber.with_bases(gates.bases)  # a learned basis as trained
+    scrubber = fitted.scrubber  # a learned basis as trained (and refit)
     with timings.phase("evaluate"):
         faithfulness = evaluate_keep(
             for_mask(scrubber, the_task.train_data(), kept, config.optimiser.seed, constants),  # optimal: fitted

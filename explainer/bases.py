@@ -157,7 +157,9 @@ def file_bases(path: str | os.PathLike, sites, d_model: int) -> dict[str, Orthog
 
 
 def build_bases(basis: str, model: Transformer, data: Batch, sites) -> dict[str, Basis]:
-    """The fixed bases of a run (``learned`` bases start as the identity and live in the gates).
+    """The bases of a run, for its scrubber (:class:`explainer.scrub.Scrubber`), which owns them:
+    ``learned`` ones are :class:`LearnedBasis` rotations starting at the ``gradient`` basis, and
+    training moves them in the scrubber (:func:`explainer.train.train_gates`).
 
     A rewrite's remainder (``.mlp.rest``) is one unit and has no basis."""
     check_basis(basis)
@@ -166,8 +168,10 @@ def build_bases(basis: str, model: Transformer, data: Batch, sites) -> dict[str,
         return {}
     if basis == "pca":
         return dict(pca_bases(model, data, sites))
-    if basis in ("gradient", "learned"):
+    if basis == "gradient":
         return dict(gradient_bases(model, data, sites))
+    if basis == "learned":
+        return dict(learned_bases(gradient_bases(model, data, sites), sites, model.config.d_model))
     return dict(file_bases(basis, sites, model.config.d_model))
 
 

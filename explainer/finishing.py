@@ -39,19 +39,21 @@ from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair,
 from explainer.progress import Timings
 from explainer.scrub import Scrubber, SiteMeans
 from explainer.tasks.base import Batch
-from explainer.train import OPEN_LOGIT, close_rotated, finish, refit_bases, train_gates
+from explainer.train import OPEN_LOGIT, Trained, close_rotated, finish, refit_bases, train_gates
 
 RECORD = ("repaired", "open_restart", "trimmed", "refits", "closed")  # what passes did, in history order
 
 
 @dataclasses.dataclass
 class Candidate:
-    """An explanation between passes: its keep mask, gates and history, its KL on the training
-    prompts (``inf`` until the repair pass measures it), and the ``optimal`` ablation's constants
-    learned with the gates (``None`` under other ablations)."""
+    """An explanation between passes: its keep mask, gates, the scrubber whose units they mask (a
+    learned basis as trained, or refit), history, its KL on the training prompts (``inf`` until the
+    repair pass measures it), and the ``optimal`` ablation's constants learned with the gates
+    (``None`` under other ablations)."""
 
     keep: dict[str, np.ndarray]
     gates: Gates
+    scrubber: Scrubber
     history: dict[str, list[float]]
     kl: float = float("inf")
     record: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(RECORD, 0.0))
@@ -60,9 +62,24 @@ class Candidate:
     def replace(self, **changes: Any) -> Candidate:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def of(cls, trained: Trained, config: TrainConfig, **fields: Any) -> Candidate:
+        """The candidate that training returned, thresholded (:func:`explainer.train.finish`)."""
+        gates = trained.gates
+        return cls(
+            finish(gates, config), gates, trained.scrubber, trained.history, constants=trained.constants, **fields
+        )
+
+    def scrubbing(self) -> Scrubber:
+        """Its scrubber, replacing excluded units by ``constants`` where given (the ``optimal``
+        ablation's, learned with the gates)."""
+        scrubber = self.scrubber
+        return scrubber if self.constants is None else eqx.tree_at(lambda s: s.means, scrubber, self.constants)
+
 
 class Context(NamedTuple):
-    """What a pass may read: the run's scrubber, training prompts, settings and adversary."""
+    """What a pass may read: the run's scrubber (its learned bases, if any, as they start),
+    training prompts, settings and adversary."""
 
     scrubber: Scrubber
     data: Batch
@@ -71,18 +88,10 @@ class Context(NamedTuple):
     progress: bool
     checkpoints: str | os.PathLike | None
 
-    def scrubbing(self, gates: Gates, constants: SiteMeans | None = None) -> Scrubber:
-        """The scrubber in ``gates``' bases (learned ones, as they stand), replacing excluded units
-        by ``constants`` where given (the ``optimal`` ablation's, learned with the gates)."""
-        scrubber = self.scrubber.with_bases(gates.bases)
-        return scrubber if constants is None else eqx.tree_at(lambda s: s.means, scrubber, constants)
-
-    def oracle(
-        self, gates: Gates, data: Batch | None = None, seed: int | None = None, constants: SiteMeans | None = None
-    ) -> KLOracle:
-        """The KL oracle of :meth:`scrubbing`."""
+    def oracle(self, candidate: Candidate, data: Batch | None = None, seed: int | None = None) -> KLOracle:
+        """The KL oracle of ``candidate``'s scrubber (:meth:`Candidate.scrubbing`)."""
         seed = self.config.optimiser.seed if seed is None else seed
-        return KLOracle(self.scrubbing(gates, constants), self.data if data is None else data, seed)
+        return KLOracle(candidate.scrubbing(), self.data if data is None else data, seed)
 
 
 Pass = Callable[[Candidate, Context], Candidate]
@@ -90,7 +99,7 @@ Pass = Callable[[Candidate, Context], Candidate]
 
 def repaired(candidate: Candidate, ctx: Context) -> Candidate:
     """The candidate with its KL measured, and units added back while it misses the budget."""
-    oracle = ctx.oracle(candidate.gates, constants=candidate.constants)
+    oracle = ctx.oracle(candidate)
     flat, added = oracle.flat(candidate.keep), []
     if ctx.config.finishing.repair:
         flat, added = repair(oracle, flat, ctx.config.penalty.kl_budget)
@@ -106,8 +115,8 @@ def open_restart(candidate: Candidate, ctx: Context) -> Candidate:
         return candidate
     open_config = config.replace(init_logit=OPEN_LOGIT)
     more = None if ctx.checkpoints is None else os.path.join(ctx.checkpoints, "open-restart")
-    gates, history, constants = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
-    other = Candidate(finish(gates, open_config), gates, history, record=candidate.record, constants=constants)
+    trained = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
+    other = Candidate.of(trained, open_config, record=candidate.record)
     other = repaired(other, ctx)
     size, size2 = (sum(int(v.sum()) for v in c.keep.values()) for c in (candidate, other))
     if (other.kl <= budget and (candidate.kl > budget or size2 < size)) or (
@@ -125,31 +134,27 @@ def trimmed(candidate: Candidate, ctx: Context) -> Candidate:
         return candidate
     held = data.take(jnp.arange(MAX_ORACLE_PROMPTS, len(data))) if len(data) > MAX_ORACLE_PROMPTS else data
 
-    def oracles(gates: Gates) -> tuple[KLOracle, KLOracle]:
-        constants = candidate.constants
-        return ctx.oracle(gates, constants=constants), ctx.oracle(
-            gates, held, (config.optimiser.seed + 1) % 2**63, constants
-        )
+    def oracles(c: Candidate) -> tuple[KLOracle, KLOracle]:
+        return ctx.oracle(c), ctx.oracle(c, held, (config.optimiser.seed + 1) % 2**63)
 
-    budget, floor, gates, refits = config.penalty.kl_budget, config.finishing.trim_ld_floor, candidate.gates, 0
-    oracle, check = oracles(gates)
+    budget, floor, current, refits = config.penalty.kl_budget, config.finishing.trim_ld_floor, candidate, 0
+    oracle, check = oracles(current)
     flat, dropped = trim(oracle, oracle.flat(candidate.keep), budget, floor, check)
-    while gates.bases and config.finishing.trim_refit_steps:  # a learned basis: refit it to a smaller set
+    while current.scrubber.learned and config.finishing.trim_refit_steps:  # refit a learned basis to a smaller set
         smaller = nearest_drop(oracle, flat, budget, floor)
         if smaller is None:
             break
-        bases = refit_bases(ctx.scrubber, data, gates, oracle.split(smaller), config)
-        refit = eqx.tree_at(lambda g: g.bases, gates, bases)
+        refit = current.replace(scrubber=refit_bases(current.scrubber, data, oracle.split(smaller), config))
         refitted = oracles(refit)
         if not all(within(o, smaller, budget, floor) for o in refitted):
             break
-        gates, (oracle, check), refits = refit, refitted, refits + 1
+        current, (oracle, check), refits = refit, refitted, refits + 1
         dropped.extend(int(u) for u in np.flatnonzero((flat > 0.5) & (smaller < 0.5)))
         flat, more = trim(oracle, smaller, budget, floor, check)
         dropped.extend(more)
     record = {**candidate.record, "trimmed": float(len(dropped)), "refits": float(refits)}
     kl = float(oracle.kl(flat)[0]) if dropped else candidate.kl
-    return candidate.replace(keep=oracle.split(flat), gates=gates, kl=kl, record=record)
+    return current.replace(keep=oracle.split(flat), kl=kl, record=record)
 
 
 def closed(candidate: Candidate, ctx: Context) -> Candidate:
@@ -158,11 +163,10 @@ def closed(candidate: Candidate, ctx: Context) -> Candidate:
     config, budget = ctx.config, ctx.config.penalty.kl_budget
     if candidate.kl > budget:
         return candidate
-    oracle = ctx.oracle(candidate.gates, constants=candidate.constants)
+    oracle = ctx.oracle(candidate)
     admissible = lambda k: float(oracle.kl(oracle.flat(k))[0]) <= budget  # noqa: E731
     key = jax.random.fold_in(jax.random.key(config.optimiser.seed), 3)
-    scrubber = ctx.scrubbing(candidate.gates, candidate.constants)
-    keep, added = close_rotated(scrubber, ctx.data, candidate.keep, ctx.adversary, budget, key, admissible)
+    keep, added = close_rotated(candidate.scrubbing(), ctx.data, candidate.keep, ctx.adversary, budget, key, admissible)
     keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
     kl = float(oracle.kl(oracle.flat(keep))[0]) if added else candidate.kl
     return candidate.replace(keep=keep, kl=kl, record={**candidate.record, "closed": float(len(added))})
@@ -190,11 +194,11 @@ def fit(
     timings: Timings | None = None,
 ) -> Candidate:
     """Train, threshold, then run the finishing passes (:func:`passes_for`). Returns the finished
-    candidate (binary keep mask, gates, history with the passes' record, learned constants);
+    candidate (binary keep mask, gates, the scrubber that defines its units, history with the
+    passes' record, learned constants);
     ``timings`` gains each phase's seconds."""
     timings = Timings() if timings is None else timings
-    gates, history, constants = train_gates(scrubber, data, config, adversary, progress, checkpoints, timings)
-    candidate = Candidate(finish(gates, config), gates, history, constants=constants)
+    candidate = Candidate.of(train_gates(scrubber, data, config, adversary, progress, checkpoints, timings), config)
     steps = passes_for(config, adversary)
     context = Context(scrubber, data, config, adversary, progress, checkpoints)
     for name, run in steps:

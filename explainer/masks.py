@@ -81,7 +81,8 @@ STANDARD = StandardBasis()
 
 
 class Gates(eqx.Module):
-    """Hard-concrete gates, one log-alpha per unit per site.
+    """Hard-concrete gates, one log-alpha per unit per site. What a unit is belongs to the scrubber
+    (:attr:`explainer.scrub.Scrubber.bases`), a learned basis included.
 
     >>> g = Gates.init({"unembed.in": 4}, logit=3.0)
     >>> round(float(g.expected_size()), 2)
@@ -91,11 +92,10 @@ class Gates(eqx.Module):
     """
 
     logits: dict[str, Float[Array, " units"]]
-    bases: dict[str, LearnedBasis] = eqx.field(default_factory=dict)  # trained with the gates
 
     @classmethod
-    def init(cls, n_units: dict[str, int], logit: float = 3.0, bases: dict[str, LearnedBasis] | None = None) -> Gates:
-        return cls({site: jnp.full((n,), logit, jnp.float32) for site, n in n_units.items()}, dict(bases or {}))
+    def init(cls, n_units: dict[str, int], logit: float = 3.0) -> Gates:
+        return cls({site: jnp.full((n,), logit, jnp.float32) for site, n in n_units.items()})
 
     def sample(self, key: PRNGKeyArray, beta: float = BETA, straight_through: bool = False) -> Mask:
         """A stochastic keep mask in [0, 1] (exact zeros and ones have positive probability).

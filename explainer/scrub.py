@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from explainer import edges
 from explainer.errors import ExplainerError, did_you_mean
-from explainer.masks import STANDARD, Basis, Mask
+from explainer.masks import STANDARD, Basis, LearnedBasis, Mask
 from explainer.models.padding import same_length_permutation
 from explainer.models.transformer import Reads, Transformer
 from explainer.tasks.base import Batch
@@ -174,8 +174,24 @@ class Scrubber(eqx.Module):
         d = self.model.config.d_model  # a rewrite's remainder (``.mlp.rest``) is one unit, broadcast over d
         return {site: (1 if site.endswith(".mlp.rest") else d) * (self.positions or 1) for site in self.sites}
 
+    @property
+    def learned(self) -> dict[str, LearnedBasis]:
+        """The bases training moves (``--basis learned``), by site; empty when every basis is fixed."""
+        return {site: b for site, b in self.bases.items() if isinstance(b, LearnedBasis)}
+
+    def split_learned(self) -> tuple[Scrubber, Scrubber]:
+        """``(learned, rest)``: the scrubber's learned bases and everything else, as two halves of
+        one pytree (``eqx.partition``); ``eqx.combine(learned, rest)`` is the scrubber again.
+        Training differentiates ``learned`` and carries it in its state, so that a basis stays in
+        one place while it trains (:mod:`explainer.train`)."""
+        spec = jax.tree.map(
+            lambda x: jax.tree.map(lambda _: True, x) if _is_learned(x) else False, self, is_leaf=_is_learned
+        )
+        return eqx.partition(self, spec)
+
     def with_bases(self, bases: dict[str, Basis]) -> Scrubber:
-        """The same scrubber with ``bases`` replacing the bases of their sites (e.g. learned ones)."""
+        """The same scrubber with ``bases`` replacing the bases of their sites: another basis, such as
+        a rotated adversary's or a refit one."""
         if not bases:
             return self
         return eqx.tree_at(lambda s: s.bases, self, {**self.bases, **bases})
@@ -215,6 +231,10 @@ class Scrubber(eqx.Module):
                 "use prompts of one length (or masks that are not position-specific)"
             )
         return last(scrubbed_logits(self.model, tokens, keep, replacement, self.bases, self.remat, positional, True))
+
+
+def _is_learned(x) -> bool:
+    return isinstance(x, LearnedBasis)
 
 
 @eqx.filter_jit

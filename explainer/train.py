@@ -74,10 +74,14 @@ class InLoopAdversary(Protocol):
 
 
 class TrainState(eqx.Module):
-    """Everything a step reads and writes. ``constants``: under the ``optimal`` ablation, the
-    replacement constants learned with the gates and their Adam state (``None`` otherwise)."""
+    """Everything a step reads and writes. ``learned``: the scrubber's learned bases as they stand
+    (:meth:`Scrubber.split_learned`; no arrays when every basis is fixed), trained with the gates:
+    the step's scrubber is the one it was made with, these bases in place. ``constants``: under
+    the ``optimal`` ablation, the replacement constants learned with the gates and their Adam state
+    (``None`` otherwise)."""
 
     gates: Gates
+    learned: Scrubber
     opt_state: Any
     log_lambda: Float[Array, ""]
     adversary: Any
@@ -103,6 +107,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     parallel = data_parallel(config.runtime.devices, batch_size)
     if config.runtime.remat:
         scrubber = dataclasses.replace(scrubber, remat=True)
+    _, scrubber = scrubber.split_learned()  # a learned basis trains in the state, not here
     cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
     scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
     counter = {"traces": 0}
@@ -132,7 +137,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         ref, repl = parallel.shard((ref, repl))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
-        current = scrubber.with_bases(state.gates.bases)  # learned bases, if any, as they stand
+        current = eqx.combine(state.learned, scrubber)  # learned bases, if any, as they stand
         values, const_opt = state.constants if state.constants is not None else (None, None)
         if values is not None:  # optimal ablation: the constants as they stand replace excluded units
             repl = broadcast_constants(values, batch.clean.shape[0])
@@ -153,9 +158,9 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
                 adv_params, adv_opt = adversary_ascent(adv_params, adv_opt, jax.grad(objective)(adv_params))
 
         def loss_fn(params):
-            gates, adv, consts = params
+            (gates, learned), adv, consts = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
-            scr = scrubber.with_bases(gates.bases)  # learned bases train with the gates
+            scr = eqx.combine(learned, scrubber)  # learned bases train with the gates
             replacement = repl if consts is None else broadcast_constants(consts, batch.clean.shape[0])
             scrubbed = scr.logits(batch.clean, keep, replacement)
             kl = kl_divergence(ref, scrubbed).mean()
@@ -172,15 +177,15 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             return loss, (kl, size, gap, objective)
 
         (loss, (kl, size, gap, objective)), (grads, adv_grads, const_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
-            (state.gates, adv_params, values)
+            ((state.gates, state.learned), adv_params, values)
         )
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.gates)
+            updates, opt_state = optimizer.update(grads, state.opt_state, (state.gates, state.learned))
             constants = None
             if values is not None:  # the constants descend the same loss as the gates
                 const_updates, const_opt = const_optimizer.update(const_grads, const_opt, values)
                 constants = (optax.apply_updates(values, const_updates), const_opt)
-        gates = eqx.apply_updates(state.gates, updates)
+        gates, learned = eqx.apply_updates((state.gates, state.learned), updates)
         adv_state = None
         if adversary is not None:
             adv_state = adversary_ascent(adv_params, adv_opt, adv_grads)
@@ -193,7 +198,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             det = state.gates.deterministic()
             kl_det = kl_divergence(ref, current.logits(batch.clean, det, repl)).mean()
         log_lambda = dual.update(state.log_lambda, kl_det if config.penalty.mode == "kl_budget" else size)
-        new = TrainState(gates, opt_state, log_lambda, adv_state, state.step + 1, state.key, constants)
+        new = TrainState(gates, learned, opt_state, log_lambda, adv_state, state.step + 1, state.key, constants)
         metrics = {
             "loss": loss,
             "kl": kl,
@@ -237,6 +242,7 @@ def _bind(step, state: TrainState) -> tuple[tuple[Any, ...], TrainState]:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Adam on the gates; with a learned basis, a separate Adam (``basis_lr``) on its rotations.
+    Its parameters are the pair ``(gates, learned)`` of :class:`TrainState`.
 
     A rotation moves every unit of its site at once, so it learns more slowly than the gates.
     """
@@ -258,17 +264,13 @@ def _labels(params):
 def init_state(
     scrubber: Scrubber, config: TrainConfig, optimizer, adversary=None, gates: Gates | None = None
 ) -> TrainState:
-    """The state before the first step: ``gates`` when given, else gates at ``optimiser.init_logit``
-    (with the starting rotations of a learned basis)."""
+    """The state before the first step: ``gates`` when given, else gates at ``optimiser.init_logit``,
+    and ``scrubber``'s learned bases, if any, as they start (:func:`explainer.bases.build_bases`)."""
     opt, penalty = config.optimiser, config.penalty
     key = jax.random.key(opt.seed)
     k_adv, k_run = jax.random.split(key)
-    learned = None
-    if getattr(config.units, "basis", None) == "learned" and gates is None:
-        from explainer.bases import learned_bases
-
-        learned = learned_bases(scrubber.bases, scrubber.sites, scrubber.model.config.d_model)
-    gates = Gates.init(scrubber.n_units, opt.init_logit, learned) if gates is None else gates
+    learned, _ = scrubber.split_learned()
+    gates = Gates.init(scrubber.n_units, opt.init_logit) if gates is None else gates
     fixed = penalty.lam if penalty.mode == "lambda" else None
     log_lambda = dual_ascent_of(config).init(opt.init_lambda if fixed is None else fixed)
     adv = None
@@ -281,7 +283,8 @@ def init_state(
             constants = (dict(scrubber.means), constants_optimizer().init(dict(scrubber.means)))
     return TrainState(
         gates,
-        optimizer.init(eqx.filter(gates, eqx.is_array)),
+        learned,
+        optimizer.init(eqx.filter((gates, learned), eqx.is_array)),
         jnp.asarray(log_lambda, jnp.float32),
         adv,
         jnp.zeros((), jnp.int32),
@@ -307,10 +310,12 @@ def constants_optimizer() -> optax.GradientTransformation:
 
 
 class Trained(NamedTuple):
-    """What training returns: the gates, the per-step history and the learned ``optimal``
-    ablation constants (``None`` under other ablations)."""
+    """What training returns: the gates, the scrubber whose units they mask (its learned bases, if
+    any, as trained), the per-step history and the learned ``optimal`` ablation constants (``None``
+    under other ablations)."""
 
     gates: Gates
+    scrubber: Scrubber
     history: dict[str, list[float]]
     constants: SiteMeans | None = None
 
@@ -324,8 +329,9 @@ def train_gates(
     checkpoints: str | os.PathLike | None = None,
     timings: Timings | None = None,
 ) -> Trained:
-    """Train the gates; returns them with the per-step history (loss, kl, size, lambda, gap) and,
-    under the ``optimal`` ablation, the constants learned with them (:class:`Trained`).
+    """Train the gates, and ``scrubber``'s learned bases with them; returns both (the scrubber as
+    trained) with the per-step history (loss, kl, size, lambda, gap) and, under the ``optimal``
+    ablation, the constants learned with them (:class:`Trained`).
     ``timings`` gains ``compile`` (the first step, which compiles it) and ``train`` (the rest).
 
     With a ``checkpoints`` folder, the state is saved there every ``runtime.checkpoint_every`` steps
@@ -353,7 +359,8 @@ def train_gates(
             timings=Timings() if timings is None else timings,
         )
     history["traces"] = [counter["traces"]]
-    return Trained(state.gates, history, None if state.constants is None else state.constants[0])
+    constants = None if state.constants is None else state.constants[0]
+    return Trained(state.gates, eqx.combine(state.learned, scrubber.split_learned()[1]), history, constants)
 
 
 def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
@@ -369,25 +376,17 @@ OPEN_LOGIT = 3.0
 FIXED_LOGIT = 100.0  # a gate logit whose samples are exactly 1 (-FIXED_LOGIT: exactly 0)
 
 
-def refit_bases(
-    scrubber: Scrubber,
-    data: Batch,
-    gates: Gates,
-    keep: dict[str, np.ndarray],
-    config: TrainConfig,
-) -> dict[str, Any]:
-    """``gates``' learned rotations retrained for the fixed binary explanation ``keep``: the same
-    training step, ``finishing.trim_refit_steps`` of them, with the gates held at ``keep``, no size
-    penalty and no adversary, so that only the rotations learn (``basis_lr``).
+def refit_bases(scrubber: Scrubber, data: Batch, keep: dict[str, np.ndarray], config: TrainConfig) -> Scrubber:
+    """``scrubber`` with its learned rotations retrained for the fixed binary explanation ``keep``:
+    the same training step, ``finishing.trim_refit_steps`` of them, with the gates held at ``keep``,
+    no size penalty and no adversary, so that only the rotations learn (``basis_lr``).
 
     Trained with the gates, a rotation serves every mask the gates sampled; once the explanation is
     one set, the rotation can serve that set alone. :func:`fit` uses it when ``trim`` can go no
     further.
     """
     refit = config.replace(lam=0.0, steps=config.finishing.trim_refit_steps)
-    fixed = Gates(
-        {site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in gates.logits}, gates.bases
-    )
+    fixed = Gates({site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in scrubber.n_units})
     optimizer = optax.multi_transform(
         {"gates": optax.set_to_zero(), "basis": optax.adam(config.optimiser.basis_lr)}, _labels
     )
@@ -396,7 +395,7 @@ def refit_bases(
     operands, state = _bind(step, state)
     for _ in range(refit.optimiser.steps):
         state, _ = step(state, *operands)
-    return state.gates.bases
+    return eqx.combine(state.learned, scrubber.split_learned()[1])
 
 
 def close_rotated(scrubber: Scrubber, data: Batch, keep, adversary, tolerance: float, key, admissible=None):

@@ -47,7 +47,7 @@ for adversary in ("none", "learned"):
     for devices in (4, 1):
         config = TrainConfig.of(steps=steps, devices=devices)
         scrubber = Scrubber.build(model, data, None, config.ablation)
-        gates, history, _ = train_gates(scrubber, data, config, make_adversary(adversary), progress=False)
+        gates, _, history, _ = train_gates(scrubber, data, config, make_adversary(adversary), progress=False)
         out["runs"][f"{adversary}-{devices}"] = {
             "logits": {s: v.tolist() for s, v in gates.logits.items()},
             "kept": {s: [int(u) for u in v.nonzero()[0]] for s, v in finish(gates, config).items()},
