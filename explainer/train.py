@@ -105,9 +105,14 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     """
     n, batch_size = len(data), config.optimiser.batch_size
     parallel = data_parallel(config.runtime.devices, batch_size)
-    if config.runtime.remat:
-        scrubber = dataclasses.replace(scrubber, remat=True)
     _, scrubber = scrubber.split_learned()  # a learned basis trains in the state, not here
+
+    def attach(learned) -> Scrubber:
+        """The scrubber with the learned bases as they stand (and remat, which the state's learned
+        half, split from the scrubber as given, does not carry)."""
+        whole = eqx.combine(learned, scrubber)
+        return dataclasses.replace(whole, remat=True) if config.runtime.remat else whole
+
     cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
     scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
     counter = {"traces": 0}
@@ -137,7 +142,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         ref, repl = parallel.shard((ref, repl))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
-        current = eqx.combine(state.learned, scrubber)  # learned bases, if any, as they stand
+        current = attach(state.learned)  # learned bases, if any, as they stand
         values, const_opt = state.constants if state.constants is not None else (None, None)
         if values is not None:  # optimal ablation: the constants as they stand replace excluded units
             repl = broadcast_constants(values, batch.clean.shape[0])
@@ -160,7 +165,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         def loss_fn(params):
             (gates, learned), adv, consts = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
-            scr = eqx.combine(learned, scrubber)  # learned bases train with the gates
+            scr = attach(learned)  # learned bases train with the gates
             replacement = repl if consts is None else broadcast_constants(consts, batch.clean.shape[0])
             scrubbed = scr.logits(batch.clean, keep, replacement)
             kl = kl_divergence(ref, scrubbed).mean()

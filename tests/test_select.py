@@ -11,6 +11,7 @@ import pytest
 
 from explainer.frontier.sweep import sweep
 from explainer.models.native import from_state_dict, save_model, write_json
+from explainer.tasks import planted as planted_tasks
 from explainer.tasks.prompts import prompts_json
 from explainer.zoo import planted
 
@@ -50,7 +51,7 @@ def test_every_rung_from_the_robust_size_up_is_robust_with_the_adversary(tmp_pat
     model, truth = cancelling_variant(**VARIANTS[name])
     folder = tmp_path / name
     save_model(model, folder)
-    write_json(folder / "prompts.json", prompts_json(planted.first_class_prompts()))
+    write_json(folder / "prompts.json", prompts_json(planted_tasks.first_class_prompts()))
     robust = sum(len(u) for u in truth.values())
     sizes = [robust - 2, robust, robust + 1]
     result = sweep(folder, sizes=sizes, adversary="learned", ablations=(), budget=2, progress=False)
