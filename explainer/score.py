@@ -174,11 +174,6 @@ class Scorer:
         tokens = np.shape(ref.tokens)
         self.chunk = mask_chunk(tokens[0], tokens[1], scrubber.model.config.d_model) if chunk is None else chunk
         self.workers = cpu_workers() if workers is None else workers
-        self.calls = 0  # masks scored (rows asked for, padding not counted)
-
-    @property
-    def n_prompts(self) -> int:
-        return int(np.shape(self.ref.tokens)[0])
 
     def __call__(self, rows: np.ndarray, reduce: Reduction, constants: Sequence[SiteMeans] | None = None) -> np.ndarray:
         """``reduce`` of each row's scrubbed logits, stacked (host float64). With ``constants``
@@ -186,7 +181,6 @@ class Scorer:
         rows = np.atleast_2d(np.asarray(rows, np.float32))
         if not len(rows):
             return np.zeros((0,), np.float64)
-        self.calls += len(rows)
         starts = range(0, len(rows), self.chunk)
 
         def chunk(start: int) -> np.ndarray:
