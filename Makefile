@@ -27,7 +27,7 @@ demo: $(STAMP)
 ## compile and step small programs on one core, so two processes use a two-core machine)
 TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py

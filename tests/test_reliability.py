@@ -362,7 +362,7 @@ def test_pickled_weights_are_never_unpickled(tmp_path):
     assert not marker.exists() and not (tmp_path / "r").exists()
 
 
-def test_damaged_run_records_are_refused(tmp_path):
+def test_damaged_run_records_are_refused(tmp_path, cli_here):
     run = tmp_path / "r"
     explainer.explain(**TINY, steps=20, out=run)
     record = json.loads((run / "explanation.json").read_text())
@@ -378,9 +378,9 @@ def test_damaged_run_records_are_refused(tmp_path):
     for damage in damages:
         (run / "explanation.json").write_text(json.dumps({**record, **damage}))
         for command in ("eval", "show", "attack"):
-            proc = cli(command, run)
+            proc = cli_here(command, run)
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, (damage, proc.stderr)
     (run / "explanation.json").write_text(json.dumps(record))
     (run / "history.json").write_text('{"kl": "flat"}')
-    proc = cli("show", run)
+    proc = cli_here("show", run)
     assert proc.returncode == 2 and "not a training history" in proc.stderr
