@@ -106,8 +106,8 @@ class LearnedAdversary:
 
     @property
     def closes(self) -> bool:
-        """Whether closing the rotated attacks (:func:`explainer.train.close_rotated`) can change an
-        explanation: in a rotated basis only."""
+        """Whether closing the rotated attacks (:func:`explainer.finish.passes.close_rotated`) can
+        change an explanation: in a rotated basis only."""
         return self.basis != "own"
 
     def _parts(self, params: State) -> tuple[Params, dict[str, Array] | None]:

@@ -39,7 +39,7 @@ layers; the second term is the attention scores and their weighted sum (causal m
 discounted).
 
 Compile time: for models of 2, 4, 8 and 12 layers at d_model 128 (``--compile-layers``,
-``--compile-width``), dims and edges, the training step as :func:`explainer.train.train_gates`
+``--compile-width``), dims and edges, the training step as :func:`explainer.train.step.train_gates`
 builds it (default settings, learned adversary in the loop) is timed in a fresh process: its first
 call less one steady call (tracing + XLA compilation), as ``benchmarks/scale.py`` measures it.
 
@@ -381,11 +381,11 @@ def compile_worker(layers: int, width: int, units: str, args: argparse.Namespace
     import jax
 
     from adversary.learned import make_adversary
-    from explainer.config import TrainConfig
     from explainer.models import ModelConfig, init_random
     from explainer.scrub import Scrubber
     from explainer.tasks.prompts import parse_prompts
-    from explainer.train import _bind, init_state, make_optimizer, make_step
+    from explainer.train.config import TrainConfig
+    from explainer.train.step import _bind, init_state, make_optimizer, make_step
 
     cfg = model_config(layers, width, args.vocab)
     model = init_random(ModelConfig(**cfg), jax.random.key(args.seed))

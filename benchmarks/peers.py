@@ -234,7 +234,7 @@ def sweep_takes_edges() -> bool:
     """Whether our training takes edge units yet (``TrainConfig.units``)."""
     import dataclasses
 
-    from explainer.config import TrainConfig
+    from explainer.train.config import TrainConfig
 
     return "units" in {f.name for f in dataclasses.fields(TrainConfig)}  # a group since the settings were typed
 

@@ -190,7 +190,7 @@ TOKENS = [
 
 
 def bad_inputs(tally: Tally, work: Path, n: int, seed: int) -> None:
-    from explainer.config import flat_names
+    from explainer.train.config import flat_names
 
     rng = random.Random(seed)
     model = work / "model"
@@ -268,13 +268,13 @@ def overhead(steps: int, work: Path) -> dict:
     import jax
     import optax
 
-    from explainer.checkpoint import save_checkpoint
-    from explainer.config import TrainConfig
     from explainer.faults import History, checked_step
     from explainer.models import load_model
+    from explainer.runs import save_checkpoint
     from explainer.scrub import Scrubber
     from explainer.tasks import resolve_task
-    from explainer.train import init_state, make_step
+    from explainer.train.config import TrainConfig
+    from explainer.train.step import init_state, make_step
 
     folder = resolve_model("planted-joint")
     data = resolve_task(None, folder).train_data()

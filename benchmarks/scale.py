@@ -8,7 +8,7 @@ For each setting of ``remat`` (``jax.checkpoint`` per block) it measures:
 - **plain**: one jitted forward + backward of the mean cross-entropy of the last-position logits
   with respect to every parameter, plus an adam update of them (``benchmarks/speed.py``'s plain
   step, on the same batch, with the same ``remat``);
-- **min-max**: one step of the explainer's loop as :func:`explainer.train.train_gates` builds it,
+- **min-max**: one step of the explainer's loop as :func:`explainer.train.step.train_gates` builds it,
   default settings (KL budget, resample ablation, every site) with the learned adversary in the
   loop (``n_adv = 1``, two restarts);
 - **compile**: seconds of the first call beyond one steady step (tracing + XLA compilation);
@@ -102,7 +102,7 @@ def minmax_step(model, data, config):
 
     from adversary.learned import LearnedAdversary
     from explainer.scrub import Scrubber, cache_bytes
-    from explainer.train import CACHE_LIMIT_BYTES, init_state, make_step
+    from explainer.train.step import CACHE_LIMIT_BYTES, init_state, make_step
 
     adversary = LearnedAdversary()
     scrubber = Scrubber.build(model, data, config.units.sites, config.ablation)
@@ -140,7 +140,7 @@ def worker(args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process: ``plain``, ``minmax``, or ``timing`` (both, alternating)."""
     from _plain import plain_step
 
-    from explainer.config import TrainConfig
+    from explainer.train.config import TrainConfig
 
     config = TrainConfig.of(batch_size=args.batch_size, remat=bool(args.remat))
     import jax

@@ -3,7 +3,7 @@
 For every shipped zoo model this times, side by side in one run:
 
 - **step**: one step of the explainer's training loop without an adversary, built exactly as
-  :func:`explainer.train.train_gates` builds it (``Scrubber.build(..., "resample")``,
+  :func:`explainer.train.step.train_gates` builds it (``Scrubber.build(..., "resample")``,
   ``optax.adam``, ``init_state``, ``make_step``, the default :class:`~explainer.TrainConfig`);
   it runs the full model on the clean and resample prompts, the scrubbed forward and backward
   pass, an adam update of the gates and the dual update of λ;
@@ -22,8 +22,8 @@ step and at most 3 for the min-max step.
 as :func:`explainer.sweep` trains it (:func:`~explainer.frontier.ladder.train_ladder` with its
 default strategy and patience, then :func:`~explainer.frontier.select.at_most`'s polish, exact searches and
 open restarts of stuck rungs, on the ladder's compiled step), next to one single training run
-(:func:`explainer.train.train_gates`, default settings) and to what ``explainer train`` does
-(:func:`explainer.finishing.fit`: the training run, then repair and the open restart when it misses
+(:func:`explainer.train.step.train_gates`, default settings) and to what ``explainer train`` does
+(:func:`explainer.finish.passes.fit`: the training run, then repair and the open restart when it misses
 its KL budget), all without an adversary, in the same process. Each kind runs
 ``--frontier-repeats`` times (default 3), interleaved, each time with JAX's compiled programs
 cleared first, so compilation is part of every run as in a new process; the row gives the medians
@@ -70,12 +70,12 @@ from rich.console import Console
 from rich.table import Table
 
 from adversary.learned import LearnedAdversary
-from explainer.config import TrainConfig
 from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
-from explainer.train import init_state, make_step
+from explainer.train.config import TrainConfig
+from explainer.train.step import init_state, make_step
 from explainer.zoo import resolve_model, zoo_names
 
 RESULTS = RESULTS_DIR / "speed.json"
@@ -150,10 +150,10 @@ def time_to_frontier(
     ``config``'s. Each of them runs ``repeats`` times, interleaved, every time with JAX's compiled
     programs cleared first (compilation is part of every run, as in a new process); the rows give
     the medians (a ladder's: its median run) and every run's seconds."""
-    from explainer.finishing import fit
+    from explainer.finish.passes import fit
     from explainer.frontier.ladder import PATIENCE, choose_strategy, ladder_program, train_ladder
     from explainer.frontier.select import at_most, exact_sets, open_restart
-    from explainer.train import train_gates
+    from explainer.train.step import train_gates
 
     folder = resolve_model(name)
     model, task = load_model(folder), resolve_task(None, folder)

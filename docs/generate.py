@@ -203,7 +203,7 @@ def _field_help(field: dataclasses.Field, docs: dict[str, str], cli: dict[str, s
 
 def _settings_rows(kind: type, prefix: str, cli: dict[str, str]) -> list[list[Any]]:
     """One row per field of the settings class ``kind``; a group is one row naming its table."""
-    from explainer.config import GROUPS, flag
+    from explainer.train.config import GROUPS, flag
 
     docs = _attribute_docs(kind)
     rows = []
@@ -223,7 +223,7 @@ def _settings_rows(kind: type, prefix: str, cli: dict[str, str]) -> list[list[An
 
 def settings_page() -> str:
     """``docs/settings.md``: the groups of ``TrainConfig``, each field with its type, default and help."""
-    from explainer.config import GROUPS, TrainConfig
+    from explainer.train.config import GROUPS, TrainConfig
 
     cli = _cli_help()
     doc = inspect.cleandoc(sys.modules[TrainConfig.__module__].__doc__ or "").split("\n>>>")[0].strip()
@@ -268,7 +268,7 @@ def settings_page() -> str:
             if group == "units":
                 rows.insert(0, [code("units.kind"), code("str"), code(json.dumps(kind.kind)), "The kind of units."])
             body += [f"## {title}", "", about, "", table(["setting", "type", "default", "help"], rows), ""]
-    return page("Settings reference", "explainer/config.py", body)
+    return page("Settings reference", "explainer/train/config.py", body)
 
 
 # ---------------------------------------------------------------- the results

@@ -13,10 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from explainer import models, rewrites
-from explainer import resume as resume_files
+from explainer import models, rewrites, runs
 from explainer.bases import build_bases, matrices
-from explainer.config import TrainConfig, from_dict, load_config
 from explainer.errors import ExplainerError
 from explainer.evaluation import (  # noqa: F401  (re-exported: the functions behind eval and attack)
     attack_explanation,
@@ -26,8 +24,7 @@ from explainer.evaluation import (  # noqa: F401  (re-exported: the functions be
     run_task,
 )
 from explainer.explanation import Explanation, check_writable, load
-from explainer.finishing import fit
-from explainer.lock import run_lock
+from explainer.finish.passes import fit
 from explainer.masks import as_mask
 from explainer.models import weights_sha256
 from explainer.models.transformer import Transformer
@@ -36,7 +33,9 @@ from explainer.progress import Timings
 from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
-from explainer.train import InLoopAdversary
+from explainer.train.config import TrainConfig
+from explainer.train.config_files import from_dict, load_config
+from explainer.train.step import InLoopAdversary
 from explainer.verdicts import check_target_size, train_warnings
 from explainer.zoo import ZOO_DIR, resolve_model
 
@@ -149,7 +148,7 @@ def explain(
     if out is not None and not resume:
         check_writable(Path(out), overwrite)
         if not overwrite:
-            resume_files.refuse_unfinished(out)
+            runs.refuse_unfinished(out)
     if resume and out is None:
         raise ExplainerError("resume=True needs the run folder to continue (out)")
     if isinstance(adversary, str) or adversary is None:
@@ -189,7 +188,7 @@ def explain(
         "overwrite": overwrite,
     }
     free = lambda path, overwrite: check_writable(Path(path), overwrite)  # noqa: E731
-    run = resume_files.lifecycle(
+    run = runs.lifecycle(
         out, record, resume=resume, overwrite=overwrite, check_same=_check_same_run, check_free=free, command="train"
     )
     with run as checkpoints:
@@ -239,10 +238,10 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
 
 def _check_same_run(out: str | os.PathLike, record: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with anything other than what it was started with."""
-    recorded = resume_files.read_record(out)
+    recorded = runs.read_record(out)
     recorded["config"] = from_dict(recorded["config"], source=f"run {str(out)!r}").to_json()  # older records too
     if not recorded["overwrite"] and (Path(out) / "explanation.json").is_file():
-        resume_files.finish(out)
+        runs.finish(out)
         raise ExplainerError(f"run {str(out)!r} has finished; there is nothing to resume")
     if recorded["model"].get("sha256") != record["model"]["sha256"]:
         raise ExplainerError(
@@ -265,7 +264,7 @@ def resume_run(run: str | os.PathLike, progress: bool = True, **given: Any) -> E
     them; a conflict is an error naming it. The result is the explanation an uninterrupted run
     would have saved (bit for bit on the same machine).
     """
-    record = resume_files.read_record(run)
+    record = runs.read_record(run)
     recorded = from_dict({k: v for k, v in record["config"].items()}, source=f"run {str(run)!r}")
     _refuse_conflicts(run, record, recorded, given)
     adversary: Any = record["adversary"] or "none"
@@ -364,7 +363,7 @@ def attack_run(
     While it runs it holds the run's lock, so it never writes into a run being replaced.
     """
     expl, net, folder = open_run(run)
-    with run_lock(run) if save else contextlib.nullcontext():
+    with runs.run_lock(run) if save else contextlib.nullcontext():
         result = {
             **attack_explanation(
                 expl,

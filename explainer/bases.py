@@ -159,7 +159,7 @@ def file_bases(path: str | os.PathLike, sites, d_model: int) -> dict[str, Orthog
 def build_bases(basis: str, model: Transformer, data: Batch, sites) -> dict[str, Basis]:
     """The bases of a run, for its scrubber (:class:`explainer.scrub.Scrubber`), which owns them:
     ``learned`` ones are :class:`LearnedBasis` rotations starting at the ``gradient`` basis, and
-    training moves them in the scrubber (:func:`explainer.train.train_gates`).
+    training moves them in the scrubber (:func:`explainer.train.step.train_gates`).
 
     A rewrite's remainder (``.mlp.rest``) is one unit and has no basis."""
     check_basis(basis)

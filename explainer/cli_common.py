@@ -57,7 +57,7 @@ def setting_option(name: str, help: str | None = None) -> Any:
     """The typer option of flat setting ``name``: its flag and help (``help`` may say it in the
     command's terms, ``{default}`` filled in) from the settings' metadata. Not given, it is
     ``None``: the library's default (or the ``--config`` file's value) applies."""
-    from explainer.config import DEFAULTS, flag, setting_field, setting_help
+    from explainer.train.config import DEFAULTS, flag, setting_field, setting_help
 
     text = setting_help(name) if help is None else help.format(default=DEFAULTS[name])
     switch = setting_field(name).type == "bool" or isinstance(DEFAULTS[name], bool)
@@ -67,15 +67,16 @@ def setting_option(name: str, help: str | None = None) -> Any:
 
 def given_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The flat settings among a command's options (its ``locals()``) that were given."""
-    from explainer.config import flat_names
+    from explainer.train.config import flat_names
 
     names = flat_names()
     return {k: v for k, v in options.items() if k in names and v is not None and v != []}
 
 
 def config_from_options(config: Path | None, settings: dict[str, Any]):
-    """The :class:`~explainer.config.TrainConfig` of ``--config FILE`` (or the defaults) with the
+    """The :class:`~explainer.train.config.TrainConfig` of ``--config FILE`` (or the defaults) with the
     flat ``settings`` given as flags on top."""
-    from explainer.config import TrainConfig, load_config
+    from explainer.train.config import TrainConfig
+    from explainer.train.config_files import load_config
 
     return (load_config(config) if config is not None else TrainConfig()).replace(**settings)

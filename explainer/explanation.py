@@ -387,7 +387,8 @@ FAITHFULNESS_KEYS = ("kl_mean", "kl_p99", "kl_max", "logit_diff_recovered", "acc
 
 def _check_record(path: Path, data: dict, n_units: dict, kept: dict, logits: dict) -> None:
     """The fields of ``explanation.json`` that commands read, with the types they need."""
-    from explainer.config import flat_names, from_dict
+    from explainer.train.config import flat_names
+    from explainer.train.config_files import from_dict
 
     problem = None
     model, task, config, faith = (data.get(k) for k in ("model", "task", "config", "faithfulness"))

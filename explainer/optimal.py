@@ -16,7 +16,7 @@ constants far worse than the means they started at. So the fitted constants are 
 the means on the prompts they were fitted on.
 
 A mask *trained* with ``ablation="optimal"`` learns its constants jointly with the gates (the
-same Adam, descending the training loss: :func:`explainer.train.make_step`), so the mask is
+same Adam, descending the training loss: :func:`explainer.train.step.make_step`), so the mask is
 chosen against constants fitted to it, not against the means. The run keeps those constants;
 when the finished mask is evaluated or attacked they are a second starting point of the fit
 (:func:`for_mask`): it starts from whichever of the means and the learned constants scores

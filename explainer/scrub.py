@@ -183,7 +183,7 @@ class Scrubber(eqx.Module):
         """``(learned, rest)``: the scrubber's learned bases and everything else, as two halves of
         one pytree (``eqx.partition``); ``eqx.combine(learned, rest)`` is the scrubber again.
         Training differentiates ``learned`` and carries it in its state, so that a basis stays in
-        one place while it trains (:mod:`explainer.train`)."""
+        one place while it trains (:mod:`explainer.train.step`)."""
         spec = jax.tree.map(
             lambda x: jax.tree.map(lambda _: True, x) if _is_learned(x) else False, self, is_leaf=_is_learned
         )

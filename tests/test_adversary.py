@@ -9,12 +9,12 @@ import explainer
 from adversary import attack
 from adversary.learned import LearnedAdversary, make_adversary
 from explainer.api import attack_run
-from explainer.config import TrainConfig
 from explainer.errors import ExplainerError
 from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
-from explainer.train import init_state, make_step
+from explainer.train.config import TrainConfig
+from explainer.train.step import init_state, make_step
 from explainer.zoo import load_truth, resolve_model
 
 SEEDS = range(5)

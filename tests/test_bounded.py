@@ -1,7 +1,7 @@
 """The finishing passes evaluate a number of masks that does not grow with the number of units.
 
 Repair, prune and trim on random one-layer models of 400 and of 4,000 units (two sites of width
-``d_model``), counted by the oracle (:attr:`explainer.polish.KLOracle.evaluations`). On models of up
+``d_model``), counted by the oracle (:attr:`explainer.finish.search.KLOracle.evaluations`). On models of up
 to ``EXACT_UNITS`` units every candidate is scored (the small models keep their exact searches);
 beyond, one backward pass ranks them and the rounds are bounded, so the count has a ceiling set by
 the constants alone, the same for 400 units and for 4,000.
@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from explainer.finish.oracle import EXACT_UNITS, RANK_BOUND, SHORTLIST, KLOracle
+from explainer.finish.search import MAX_ROUNDS, prune, repair, trim
 from explainer.models import ModelConfig, init_random
-from explainer.polish import EXACT_UNITS, MAX_ROUNDS, RANK_BOUND, SHORTLIST, KLOracle, prune, repair, trim
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -44,7 +45,7 @@ def counts():
     """Masks each pass evaluates on both models, both in the bounded regime (``EXACT_UNITS`` set below
     400 for the count; the shipped models, all under the real ``EXACT_UNITS``, keep exact searches)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("explainer.polish.EXACT_UNITS", 100)
+        patch.setattr("explainer.finish.oracle.EXACT_UNITS", 100)
         yield _count()
     assert EXACT_UNITS >= 392  # the largest shipped model (paren) is searched exactly
 

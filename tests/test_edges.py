@@ -119,7 +119,7 @@ def test_clear_errors(tiny):
         Scrubber.build(model, batch, units="edge")
     with pytest.raises(ExplainerError, match="no basis and no positions"):
         Scrubber.build(model, batch, units="edges", positional=True)
-    from explainer.config import TrainConfig
+    from explainer.train.config import TrainConfig
 
     with pytest.raises(ExplainerError, match="--units dims"):
         TrainConfig.of(units="edges", basis="pca")

@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 
 import explainer
 from explainer.cli import main
-from explainer.config import flat_names, load_config
 from explainer.errors import ExplainerError
 from explainer.explanation import load
 from explainer.models import load_model
 from explainer.tasks import resolve_task
+from explainer.train.config import flat_names
+from explainer.train.config_files import load_config
 from explainer.zoo import resolve_model
 
 FAST = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from explainer.config import TrainConfig, from_dict
 from explainer.errors import ExplainerError
 from explainer.parallel import data_parallel, distributed_settings, init_distributed, select_devices
+from explainer.train.config import TrainConfig
+from explainer.train.config_files import from_dict
 
 LOGIT_ATOL = 1e-4
 STEPS = 300
@@ -30,13 +31,14 @@ FOUR_DEVICES = r"""
 import json, sys
 import jax
 from adversary.learned import make_adversary
-from explainer.config import TrainConfig, from_dict
+from explainer.train.config import TrainConfig
+from explainer.train.config_files import from_dict
 from explainer.errors import ExplainerError
 from explainer.models import load_model
 from explainer.zoo import resolve_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
-from explainer.train import finish, init_state, make_step, train_gates
+from explainer.train.step import finish, init_state, make_step, train_gates
 import optax
 
 steps = int(sys.argv[1])

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 import explainer
-from explainer.config import TrainConfig
+from explainer.finish.oracle import SHORTLIST, KLOracle, shortlist, within
+from explainer.finish.search import nearest_drop, prune, repair, trim
 from explainer.metrics import truth_scores
 from explainer.models import load_model
-from explainer.polish import SHORTLIST, KLOracle, nearest_drop, prune, repair, shortlist, trim, within
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.train.config import TrainConfig
 from explainer.zoo import load_truth, resolve_model
 
 KL_BUDGET = TrainConfig().penalty.kl_budget

@@ -21,10 +21,11 @@ import optax
 import pytest
 
 import explainer
-from explainer import api, lock, resume
-from explainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from explainer.config import TrainConfig, from_dict
+from explainer import api, runs
 from explainer.errors import ExplainerError
+from explainer.runs import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from explainer.train.config import TrainConfig
+from explainer.train.config_files import from_dict
 from explainer.zoo import resolve_model
 
 TINY = {"model": "planted-distractor", "adversary": "none", "progress": False}
@@ -133,7 +134,7 @@ def test_a_vmapped_sweep_state_checkpoints_and_is_checked(tmp_path, getkey):
 
 
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    folder = resume.checkpoint_folder(run)
+    folder = runs.checkpoint_folder(run)
     deadline = time.monotonic() + timeout
     while not list_checkpoints(folder):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else "training ended early"
@@ -154,11 +155,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
             proc.send_signal(signal.SIGKILL)
     if killed.exists():  # pragma: no cover - a slow machine finished before the kill
         pytest.skip("training finished before it could be killed")
-    steps = [s for s, _ in list_checkpoints(resume.checkpoint_folder(killed))]
-    assert steps and lock.lock_path(killed).exists()  # the dead process's lock is left behind
+    steps = [s for s, _ in list_checkpoints(runs.checkpoint_folder(killed))]
+    assert steps and runs.lock_path(killed).exists()  # the dead process's lock is left behind
     resumed = cli("train", "--resume", killed, "--no-progress", "--json")
     assert resumed.returncode == 0, resumed.stderr
-    assert not resume.partial_path(killed).exists() and not lock.lock_path(killed).exists()
+    assert not runs.partial_path(killed).exists() and not runs.lock_path(killed).exists()
     assert cli("train", *args, "--out", whole, "--no-progress").returncode == 0
     a, b = files(killed), files(whole)
     assert a["explanation.safetensors"] == b["explanation.safetensors"], f"resumed from step {steps[0]}"
@@ -195,7 +196,7 @@ def test_resume_refuses_conflicts_and_finished_runs(tmp_path):
         "overwrite": False,
     }
     other = tmp_path / "other"
-    resume.start(other, record, overwrite=False)
+    runs.start(other, record, overwrite=False)
     proc = cli("train", "--resume", other, "--steps", "50", "--model", "planted-distractor")
     assert proc.returncode == 2 and "steps 50 (recorded: 30)" in proc.stderr, proc.stderr
     proc = cli("train", "--model", "planted-distractor", "--out", other)
@@ -203,7 +204,7 @@ def test_resume_refuses_conflicts_and_finished_runs(tmp_path):
     assert cli("train", "--resume", other, "--overwrite").returncode == 2
     e = api.resume_run(other, progress=False, steps=30, model="planted-distractor", adversary="none")
     assert e.config["steps"] == 30 and (other / "explanation.json").is_file()
-    assert not resume.partial_path(other).exists()
+    assert not runs.partial_path(other).exists()
 
 
 # --- numerical faults ----------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_resume_refuses_conflicts_and_finished_runs(tmp_path):
 
 def _poisoned(monkeypatch, at: int, what: str):
     """Make training's step go bad from step ``at`` on: a NaN KL or NaN gate gradients."""
-    from explainer import train
+    from explainer.train import step as train
 
     original = train.make_step
 
@@ -240,8 +241,8 @@ def test_a_nan_stops_training_naming_step_and_term(monkeypatch, tmp_path, what, 
     with pytest.raises(ExplainerError, match=message) as err:
         explainer.explain(**TINY, steps=80, checkpoint_every=20, out=run)
     assert "step 37" in str(err.value) and "step-00000020" in str(err.value)
-    assert not run.exists() and not lock.lock_path(run).exists()
-    assert [s for s, _ in list_checkpoints(resume.checkpoint_folder(run))] == [20]  # the last good one, kept
+    assert not run.exists() and not runs.lock_path(run).exists()
+    assert [s for s, _ in list_checkpoints(runs.checkpoint_folder(run))] == [20]  # the last good one, kept
 
 
 def test_a_fault_before_any_checkpoint_leaves_nothing(monkeypatch, tmp_path):
@@ -272,31 +273,31 @@ def test_overflowing_weights_stop_training_with_a_clear_error(tmp_path):
 
 def test_a_second_writer_is_refused(tmp_path):
     run = tmp_path / "r"
-    with lock.run_lock(run):
+    with runs.run_lock(run):
         proc = cli("train", "--model", "planted-distractor", "--out", run, "--steps", "20")
         assert proc.returncode == 2 and f"being written by process {os.getpid()}" in proc.stderr
         with pytest.raises(ExplainerError, match="being written"):
             explainer.explain(**TINY, steps=20, out=run)
-    assert not lock.lock_path(run).exists() and not run.exists()
+    assert not runs.lock_path(run).exists() and not run.exists()
 
 
 def test_a_stale_lock_is_taken_over(tmp_path):
     run = tmp_path / "r"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    lock.lock_path(run).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 0}))
+    runs.lock_path(run).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 0}))
     explainer.explain(**TINY, steps=20, out=run)
-    assert (run / "explanation.json").is_file() and not lock.lock_path(run).exists()
-    lock.lock_path(run).write_text("")  # a crash between creating and writing the lock
+    assert (run / "explanation.json").is_file() and not runs.lock_path(run).exists()
+    runs.lock_path(run).write_text("")  # a crash between creating and writing the lock
     with pytest.raises(ExplainerError, match="being written"):
-        lock.acquire(run)
+        runs.acquire(run)
     old = time.time() - 60
-    os.utime(lock.lock_path(run), (old, old))
-    lock.release(lock.acquire(run))
+    os.utime(runs.lock_path(run), (old, old))
+    runs.release(runs.acquire(run))
     other_host = {"pid": pid, "host": "elsewhere", "started": 0}
-    lock.lock_path(run).write_text(json.dumps(other_host))  # another machine's pid is never guessed at
+    runs.lock_path(run).write_text(json.dumps(other_host))  # another machine's pid is never guessed at
     with pytest.raises(ExplainerError, match="elsewhere"):
-        lock.acquire(run)
+        runs.acquire(run)
 
 
 def test_concurrent_attacks_do_not_collide(tmp_path):

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from explainer.config import (
+from explainer.errors import ExplainerError
+from explainer.train.config import (
     Dims,
     Edges,
     KLBudget,
@@ -15,12 +16,9 @@ from explainer.config import (
     TargetSize,
     TrainConfig,
     flat_names,
-    from_dict,
-    load_config,
     setting_help,
-    to_toml,
 )
-from explainer.errors import ExplainerError
+from explainer.train.config_files import from_dict, load_config, to_toml
 
 
 def test_settings_are_a_few_groups():

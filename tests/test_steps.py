@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from explainer.checkpoint import list_checkpoints
-from explainer.dual import DUAL_BACKOFF, LOG_LAMBDA_RANGE, dual_ascent
 from explainer.errors import ExplainerError
 from explainer.faults import checked_step
 from explainer.progress import Timings
-from explainer.steps import run_steps
+from explainer.runs import list_checkpoints
+from explainer.train.dual import DUAL_BACKOFF, LOG_LAMBDA_RANGE, dual_ascent
+from explainer.train.loop import run_steps
 
 
 def _counting(bad_from: int | None = None):

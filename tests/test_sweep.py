@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from explainer.api import evaluate, open_run
-from explainer.config import TrainConfig
 from explainer.errors import ExplainerError
 from explainer.frontier.grade import grade_masks
 from explainer.frontier.ladder import train_ladder
@@ -16,6 +15,7 @@ from explainer.frontier.sweep import parse_ladder, sweep
 from explainer.models import load_model
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
+from explainer.train.config import TrainConfig
 from explainer.zoo import resolve_model
 
 CONTRACT = ("run", "size", "kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "gap")
@@ -52,7 +52,7 @@ def test_each_rung_keeps_the_better_of_up_and_down(strategy):
     open gates, vmap every rung from the initial gates and from open gates. Each rung is exactly the
     one of the two whose finished explanation has the lower KL, and the rungs that a whole run from
     open gates trained (continuation: the largest; vmap: all) are marked ``opened``."""
-    from explainer.polish import KLOracle
+    from explainer.finish.oracle import KLOracle
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -248,7 +248,7 @@ def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, st
     same curves up to float rounding, and still one compiled step for the whole ladder."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.steps")
+    sweep_module = importlib.import_module("explainer.train.loop")
     scrubber, task = distractor
     calls = []
     original = sweep_module._Threads.run
@@ -277,7 +277,7 @@ def test_ladders_thread_by_default_only_where_a_step_is_work_enough(distractor, 
     least ``THREAD_ELEMENTS`` residual elements; below that, in one vmapped call."""
     import importlib
 
-    sweep_module = importlib.import_module("explainer.steps")
+    sweep_module = importlib.import_module("explainer.train.loop")
     monkeypatch.setattr(sweep_module, "cpu_workers", lambda: 4)
     scrubber, task = distractor
     data = task.train_data()
@@ -294,7 +294,7 @@ def test_a_fault_in_a_threaded_ladder_names_its_step(distractor, monkeypatch):
 
     import jax.numpy as jnp
 
-    from explainer import train
+    from explainer.train import step as train
 
     original = train.make_step
 
@@ -450,9 +450,9 @@ def test_at_most_leaves_an_alternative_that_learned_nothing_unpolished(monkeypat
 
     import jax.numpy as jnp
 
+    from explainer.finish.oracle import KLOracle
     from explainer.frontier.ladder import Rung
     from explainer.masks import Gates
-    from explainer.polish import KLOracle
 
     sw = importlib.import_module("explainer.frontier.select")
     folder = resolve_model("planted-cancel")
@@ -487,10 +487,10 @@ def test_at_most_scores_every_set_of_a_stuck_rung_when_there_are_few():
     cancelling pair ends empty, and only scoring all 190 pairs finds a faithful one."""
     import jax.numpy as jnp
 
+    from explainer.finish.oracle import KLOracle
     from explainer.frontier.ladder import Rung
     from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.polish import KLOracle
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)
@@ -515,10 +515,11 @@ def test_at_most_takes_a_stuck_rungs_best_set_among_the_next_larger_rungs_units(
     larger rung polished down to the smaller one's size is taken whole."""
     import jax.numpy as jnp
 
+    from explainer.finish.oracle import KLOracle
+    from explainer.finish.search import best_of_size
     from explainer.frontier.ladder import Rung
     from explainer.frontier.select import at_most
     from explainer.masks import Gates
-    from explainer.polish import KLOracle, best_of_size
 
     folder = resolve_model("planted-cancel")
     task = resolve_task(None, folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from explainer import lock, resume
+from explainer import runs
 
 ARGS = ["--model", "planted-distractor", "--sizes", "1,2,3", "--seed", "0", "--adversary", "none"]
 ARGS += ["--steps", "600", "--checkpoint-every", "100", "--ablations", "", "--no-progress"]
@@ -24,7 +24,7 @@ def cli(*args):
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    folder = resume.checkpoint_folder(out)
+    folder = runs.checkpoint_folder(out)
     return sorted(folder.rglob("step-*.safetensors")) if folder.is_dir() else []
 
 
@@ -56,15 +56,15 @@ def test_sweep_sigkill_then_resume_is_bit_identical(tmp_path):
             proc.send_signal(signal.SIGKILL)
     if killed.exists():  # pragma: no cover - a fast machine finished before the kill
         pytest.skip("the sweep finished before it could be killed")
-    saved = [str(p.relative_to(resume.checkpoint_folder(killed))) for p in _checkpoints(killed)]
-    assert saved and lock.lock_path(killed).exists()  # the dead process's lock is left behind
+    saved = [str(p.relative_to(runs.checkpoint_folder(killed))) for p in _checkpoints(killed)]
+    assert saved and runs.lock_path(killed).exists()  # the dead process's lock is left behind
     conflict = cli("sweep", "--resume", killed, "--steps", "500", "--no-progress")
     assert conflict.returncode == 2 and "steps 500 (recorded: 600)" in conflict.stderr, conflict.stderr
     way = cli("sweep", "--resume", killed, "--direction", "up", "--no-progress")
     assert way.returncode == 2 and "direction 'up' (recorded: 'both')" in way.stderr, way.stderr
     resumed = cli("sweep", "--resume", killed, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    assert not resume.partial_path(killed).exists() and not lock.lock_path(killed).exists()
+    assert not runs.partial_path(killed).exists() and not runs.lock_path(killed).exists()
     again = cli("sweep", "--resume", killed, "--no-progress")
     assert again.returncode == 2 and "nothing to resume" in again.stderr
     assert cli("sweep", *ARGS, "--out", whole).returncode == 0
@@ -80,12 +80,12 @@ def test_train_ladder_resumes_from_a_checkpoint_exactly(tmp_path, strategy, pati
     the check had seen)."""
     import numpy as np
 
-    from explainer.checkpoint import list_checkpoints
-    from explainer.config import TrainConfig
     from explainer.frontier.ladder import train_ladder
     from explainer.models import load_model
+    from explainer.runs import list_checkpoints
     from explainer.scrub import Scrubber
     from explainer.tasks import resolve_task
+    from explainer.train.config import TrainConfig
     from explainer.zoo import resolve_model
 
     folder = resolve_model("planted-distractor")

@@ -5,11 +5,11 @@ import pytest
 
 import explainer
 from explainer.api import evaluate_keep
-from explainer.config import TrainConfig
 from explainer.masks import as_mask
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
-from explainer.train import init_state, make_step
+from explainer.train.config import TrainConfig
+from explainer.train.step import init_state, make_step
 from explainer.zoo import load_truth, resolve_model
 
 SEEDS = range(5)

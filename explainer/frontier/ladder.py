@@ -2,9 +2,9 @@
 
 A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of target sizes
 (``sizes``, units kept). :func:`train_ladder` trains every rung with the training step of
-:func:`explainer.train.make_step`, either
+:func:`explainer.train.step.make_step`, either
 
-- ``vmap``: one compiled step over a batch of :class:`~explainer.train.TrainState` whose penalties
+- ``vmap``: one compiled step over a batch of :class:`~explainer.train.step.TrainState` whose penalties
   differ, every rung from the initial gates and (for sizes) again from open gates; or
 - ``continuation`` (what ``auto`` picks): one rung after the other, each warm-started from its
   neighbour. Sizes train both ways in lockstep: *up* from the smallest (units earn their place)
@@ -32,20 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from explainer.config import TrainConfig
-from explainer.dual import DUAL_BACKOFF, dual_ascent
 from explainer.errors import ExplainerError
 from explainer.faults import checked_step
+from explainer.finish.oracle import KLOracle
+from explainer.finish.search import no_worse
 from explainer.masks import Gates, Layout
-from explainer.polish import (
-    KLOracle,
-    no_worse,
-)
 from explainer.progress import Timings, progress_bar
 from explainer.scrub import Scrubber
-from explainer.steps import ladder_workers, run_steps
 from explainer.tasks.base import Batch
-from explainer.train import (
+from explainer.train.config import TrainConfig
+from explainer.train.dual import DUAL_BACKOFF, dual_ascent
+from explainer.train.loop import ladder_workers, run_steps
+from explainer.train.step import (
     OPEN_LOGIT,
     InLoopAdversary,
     TrainState,
@@ -95,7 +93,7 @@ def _step_config(config: TrainConfig) -> TrainConfig:
 
 def _ladder_step(step, config: TrainConfig, mode: str):
     """The vmapped step of a batch of rungs. The model, prompts and cache are its ``operands``
-    argument, not constants it closes over (see :class:`explainer.train.TrainStep`): baked into the
+    argument, not constants it closes over (see :class:`explainer.train.step.TrainStep`): baked into the
     program, they made each step of a ladder about 1.6 times slower than a training run's."""
     fn = step.fn if isinstance(step, TrainStep) else (lambda state, _: step(state))
     dual = dual_ascent(config.optimiser.dual_lr, "target_size")
@@ -116,7 +114,7 @@ def _ladder_step(step, config: TrainConfig, mode: str):
 class LadderProgram:
     """The step every stretch of a ladder runs, made once: the training step (model, prompts and
     cache as its ``operands``), vmapped over a batch of states and checked for faults. It compiles
-    once per batch shape (per thread's part of a batch: :func:`explainer.steps.run_steps`), so :func:`at_most`'s
+    once per batch shape (per thread's part of a batch: :func:`explainer.train.loop.run_steps`), so :func:`at_most`'s
     open restarts, given the ladder's program (:func:`open_restart`), reuse the ladder's compiled
     step when they train as many states at once as it did (two: a pair of restarts, a ladder
     trained both ways; on a 2-core CPU one state per thread, as a restart alone). On ioi on a 2-core CPU a
@@ -221,7 +219,7 @@ def _continue(
     rungs and steps, so rung ``j`` of every way is one stretch of the batched step (its states in
     ``workers`` threads): a step of two states costs little more than a step of one. Every rung after the first stops
     early once every way's explanation has stayed the same for ``patience`` steps, the first once
-    it has for ``first_patience`` (0: never; see :func:`explainer.steps.run_steps`). Returns, per way, each rung's
+    it has for ``first_patience`` (0: never; see :func:`explainer.train.loop.run_steps`). Returns, per way, each rung's
     gates and history in the order of ``values``."""
     ascending = sorted(range(len(values)), key=lambda i: values[i])
     orders = [ascending[::-1] if way == "down" else ascending for way in ways]
@@ -340,7 +338,7 @@ def train_ladder(
     ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
     rungs) and continued from what is there. ``program`` is the step to run (:func:`ladder_program`;
     by default one is made for this ladder). ``workers`` is the most threads a stretch's batch of
-    states is split across (:func:`explainer.steps.run_steps`; by default :func:`ladder_workers`: the CPU's cores
+    states is split across (:func:`explainer.train.loop.run_steps`; by default :func:`ladder_workers`: the CPU's cores
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
     ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps).

@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explainer.config import TrainConfig
+from explainer.finish.oracle import KLOracle
+from explainer.finish.search import (
+    best_of_size,
+    best_subset,
+    no_worse,
+    prune,
+    repair,
+    searchable,
+)
 from explainer.frontier.grade import ATTACK_METHODS
 from explainer.frontier.ladder import (
     PATIENCE,
@@ -27,18 +35,10 @@ from explainer.frontier.ladder import (
     train_ladder,
 )
 from explainer.masks import Layout
-from explainer.polish import (
-    KLOracle,
-    best_of_size,
-    best_subset,
-    no_worse,
-    prune,
-    repair,
-    searchable,
-)
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
-from explainer.train import (
+from explainer.train.config import TrainConfig
+from explainer.train.step import (
     InLoopAdversary,
 )
 
@@ -49,7 +49,8 @@ RESTART_TOGETHER = 2  # stuck rungs restarted at a time, as one batch
 
 
 def polish(oracle, flat: np.ndarray, size: int, kl_budget: float) -> np.ndarray:
-    """:func:`prune`, then :func:`explainer.polish.repair` up to ``size`` units, then prune again.
+    """:func:`prune`, then :func:`~explainer.finish.search.repair` up to ``size`` units, then prune
+    again.
 
     Continuation can leave a rung stuck below its size with gates closed for good (their units get
     no gradient back); the exact search of ``explain``'s repair step adds them back.

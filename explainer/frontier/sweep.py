@@ -9,7 +9,7 @@ docs/guide.md describes the options.
 With ``out``, every explanation is saved as a run folder ``OUT/runs/size-K-target-T`` (or
 ``size-K-lambda-X``: the size kept, then the rung's target) and the result as
 ``OUT/frontier.json`` with ``OUT/frontier.png``, all written atomically. Meanwhile the sweep holds
-the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` (:func:`explainer.resume.lifecycle`,
+the lock ``OUT.lock`` and checkpoints into ``OUT.partial/`` (:func:`explainer.runs.lifecycle`,
 as ``explainer train`` does).
 """
 
@@ -29,8 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from explainer import resume as resume_files
-from explainer.config import Dims, KLBudget, TrainConfig, flag, from_dict, load_config
+from explainer import runs
 from explainer.errors import ExplainerError
 from explainer.frontier import (
     empty_mask,
@@ -59,7 +58,9 @@ from explainer.masks import Gates
 from explainer.models.folders import swap_into_place
 from explainer.progress import Timings
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
-from explainer.train import (
+from explainer.train.config import Dims, KLBudget, TrainConfig, flag
+from explainer.train.config_files import from_dict, load_config
+from explainer.train.step import (
     InLoopAdversary,
 )
 from explainer.verdicts import sweep_warnings
@@ -174,7 +175,7 @@ def _run(spec: SweepSpec, resume: bool, overwrite: bool) -> dict[str, Any]:
     """``spec``'s sweep, inside the run lifecycle when it has a folder (lock, resume, finish)."""
     if spec.out is None:
         return _sweep(spec, None)
-    run = resume_files.lifecycle(
+    run = runs.lifecycle(
         spec.out, spec.record(), resume=resume, overwrite=overwrite,
         check_same=_check_same_sweep, check_free=_check_out, command="sweep",
     )  # fmt: skip
@@ -389,17 +390,17 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
 
 
 def _refuse_unfinished(out: Path) -> None:
-    if resume_files.partial_path(out).exists():
+    if runs.partial_path(out).exists():
         raise ExplainerError(
-            f"sweep folder {str(out)!r} has an unfinished sweep in {resume_files.partial_path(out)}; continue "
+            f"sweep folder {str(out)!r} has an unfinished sweep in {runs.partial_path(out)}; continue "
             f"it with `explainer sweep --resume {out}`, or pass --overwrite to start again"
         )
 
 
 def _read_record(out: Path) -> dict[str, Any]:
-    if not (resume_files.partial_path(out) / resume_files.RECORD_FILE).is_file() and (out / FRONTIER_FILE).is_file():
+    if not (runs.partial_path(out) / runs.RECORD_FILE).is_file() and (out / FRONTIER_FILE).is_file():
         raise ExplainerError(f"sweep {str(out)!r} has finished; there is nothing to resume")
-    record = resume_files.read_record(out)
+    record = runs.read_record(out)
     if record.get("kind") != "sweep":
         raise ExplainerError(f"{str(out)!r} is an unfinished `explainer train` run; resume it with `explainer train`")
     return record

@@ -6,19 +6,20 @@ the :class:`Context` of the run, and returns a candidate. :func:`fit` is "train,
 passes the settings ask for" (:func:`passes_for`):
 
 - ``repair``: units whose gates closed for good although the budget needs them come back, by exact
-  search on the finished mask (:func:`explainer.polish.repair`); it also measures the KL the next
-  passes read;
+  search on the finished mask (:func:`explainer.finish.search.repair`); it also measures the KL the
+  next passes read;
 - ``open_restart``: when the explanation still misses the budget, training runs once more from open
   gates and the better of the two is kept (every sampled mask of a mostly closed start can break
   the model, leaving the KL no slope to follow);
-- ``trim``: units the budget can lose go, one at a time (:func:`explainer.polish.trim`), each
+- ``trim``: units the budget can lose go, one at a time (:func:`explainer.finish.search.trim`), each
   removal checked also on the training prompts the oracle does not score; with a learned basis the
-  rotation is refit to a smaller set where trim stops (:func:`explainer.train.refit_bases`);
+  rotation is refit to a smaller set where trim stops (:func:`explainer.train.step.refit_bases`);
 - ``close``: with a rotated in-loop adversary, units come back while the rotated attack still moves
-  the explanation by more than the budget (:func:`explainer.train.close_rotated`).
+  the explanation by more than the budget (:func:`close_rotated`).
 
-Each pass's cost is bounded by :mod:`explainer.polish`'s searches. The history gains
-``kl_finished``, ``repaired``, ``open_restart``, ``trimmed``, ``refits`` and ``closed``.
+Each pass's cost is bounded by :mod:`explainer.finish.search`'s searches (a number of masks that
+does not grow with the number of units). The history gains ``kl_finished``, ``repaired``,
+``open_restart``, ``trimmed``, ``refits`` and ``closed``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explainer.config import TrainConfig
+from explainer.finish.oracle import MAX_ORACLE_PROMPTS, KLOracle, within
+from explainer.finish.search import nearest_drop, repair, trim
 from explainer.masks import Gates
-from explainer.polish import MAX_ORACLE_PROMPTS, KLOracle, nearest_drop, repair, trim, within
 from explainer.progress import Timings
 from explainer.scrub import Scrubber, SiteMeans
 from explainer.tasks.base import Batch
-from explainer.train import OPEN_LOGIT, Trained, close_rotated, finish, refit_bases, train_gates
+from explainer.train.config import TrainConfig
+from explainer.train.step import OPEN_LOGIT, Trained, finish, refit_bases, train_gates
 
 RECORD = ("repaired", "open_restart", "trimmed", "refits", "closed")  # what passes did, in history order
 
@@ -64,7 +66,7 @@ class Candidate:
 
     @classmethod
     def of(cls, trained: Trained, config: TrainConfig, **fields: Any) -> Candidate:
-        """The candidate that training returned, thresholded (:func:`explainer.train.finish`)."""
+        """The candidate that training returned, thresholded (:func:`explainer.train.step.finish`)."""
         gates = trained.gates
         return cls(
             finish(gates, config), gates, trained.scrubber, trained.history, constants=trained.constants, **fields
@@ -170,6 +172,19 @@ def closed(candidate: Candidate, ctx: Context) -> Candidate:
     keep = {s: np.asarray(v) > 0.5 for s, v in keep.items()}
     kl = float(oracle.kl(oracle.flat(keep))[0]) if added else candidate.kl
     return candidate.replace(keep=keep, kl=kl, record={**candidate.record, "closed": float(len(added))})
+
+
+def close_rotated(scrubber: Scrubber, data: Batch, keep, adversary, tolerance: float, key, admissible=None):
+    """The finished explanation with units added back until the rotated attack at the adversary's
+    budget (1 with a penalty) moves it by at most ``tolerance``
+    (:func:`adversary.rotated.close_attacks`), and the units added."""
+    from adversary.rotated import close_attacks
+
+    budget = adversary.budget if adversary.budget is not None else 1
+    closed, added, _ = close_attacks(
+        scrubber, data, keep, adversary.basis, budget, tolerance, key, adversary.divergence, admissible
+    )
+    return closed, added
 
 
 def passes_for(config: TrainConfig, adversary: Any = None) -> list[tuple[str, Pass]]:

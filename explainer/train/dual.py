@@ -2,7 +2,7 @@
 
 Under a KL budget λ rises while the explanation's KL is within the budget (it can afford to lose
 units) and falls once it is over; under a target size λ rises while the expected size is above the
-target and falls below it. Training (:func:`explainer.train.make_step`) and the ladders of sizes
+target and falls below it. Training (:func:`explainer.train.step.make_step`) and the ladders of sizes
 (:mod:`explainer.frontier.ladder`) both learn λ this way, one state or a batch of them at once.
 
 λ is learned on a log scale so that a step moves it by a fraction of itself, from 1e-6 to 1e4. The

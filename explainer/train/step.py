@@ -1,11 +1,12 @@
-"""Training: hard-concrete gates trained by optax, one jitted step (stepped by :mod:`explainer.steps`).
+"""Training: hard-concrete gates trained by optax, one jitted step (stepped by
+:mod:`explainer.train.loop`).
 
 Loss per step (DESIGN.md, data flow)::
 
     D(ref ‖ S_m) + λ·size(m) + μ·D(S_m ‖ S_{m∨a})
 
 ``λ`` is fixed (``lam``) or learned by dual ascent (``kl_budget``, ``target_size``;
-:mod:`explainer.dual`); the last term is present only when an adversary is passed in. The
+:mod:`explainer.train.dual`); the last term is present only when an adversary is passed in. The
 adversary is any object with the :class:`InLoopAdversary` methods; the ``adversary`` package
 provides them.
 """
@@ -25,16 +26,16 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from explainer import optimal
-from explainer.config import TrainConfig
-from explainer.dual import DualAscent, dual_ascent
 from explainer.faults import checked_step
 from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants, build_cache, cache_bytes
-from explainer.steps import run_steps
 from explainer.tasks.base import Batch
+from explainer.train.config import TrainConfig
+from explainer.train.dual import DualAscent, dual_ascent
+from explainer.train.loop import run_steps
 
 
 @runtime_checkable
@@ -47,7 +48,8 @@ class InLoopAdversary(Protocol):
     mean ``D(S_m ‖ S_{m∨a})`` per restart and must be differentiable in both ``params`` and ``keep``.
     With ``warm_start`` false the state is re-initialised at every explainer step. An adversary
     may also say it ``closes`` (a rotated basis, with its ``basis``, ``budget`` and ``divergence``):
-    :func:`fit` then closes the rotated attacks left open on the finished explanation (see there).
+    :func:`explainer.finish.passes.fit` then closes the rotated attacks left open on the finished
+    explanation (see there).
     """
 
     name: str
@@ -387,8 +389,8 @@ def refit_bases(scrubber: Scrubber, data: Batch, keep: dict[str, np.ndarray], co
     no size penalty and no adversary, so that only the rotations learn (``basis_lr``).
 
     Trained with the gates, a rotation serves every mask the gates sampled; once the explanation is
-    one set, the rotation can serve that set alone. :func:`fit` uses it when ``trim`` can go no
-    further.
+    one set, the rotation can serve that set alone. :func:`explainer.finish.passes.fit` uses it when
+    ``trim`` can go no further.
     """
     refit = config.replace(lam=0.0, steps=config.finishing.trim_refit_steps)
     fixed = Gates({site: jnp.where(jnp.asarray(keep[site]), FIXED_LOGIT, -FIXED_LOGIT) for site in scrubber.n_units})
@@ -401,16 +403,3 @@ def refit_bases(scrubber: Scrubber, data: Batch, keep: dict[str, np.ndarray], co
     for _ in range(refit.optimiser.steps):
         state, _ = step(state, *operands)
     return eqx.combine(state.learned, scrubber.split_learned()[1])
-
-
-def close_rotated(scrubber: Scrubber, data: Batch, keep, adversary, tolerance: float, key, admissible=None):
-    """The finished explanation with units added back until the rotated attack at the adversary's
-    budget (1 with a penalty) moves it by at most ``tolerance``
-    (:func:`adversary.rotated.close_attacks`), and the units added."""
-    from adversary.rotated import close_attacks
-
-    budget = adversary.budget if adversary.budget is not None else 1
-    closed, added, _ = close_attacks(
-        scrubber, data, keep, adversary.basis, budget, tolerance, key, adversary.divergence, admissible
-    )
-    return closed, added

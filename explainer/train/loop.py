@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explainer.checkpoint import latest_checkpoint, save_checkpoint
-from explainer.config import TrainConfig
 from explainer.faults import History
 from explainer.parallel import cpu_workers, thread_map
 from explainer.progress import Timings
+from explainer.runs import latest_checkpoint, save_checkpoint
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
+from explainer.train.config import TrainConfig
 
 # one state's step must read at least this many residual elements (prompts × positions ×
 # d_model × sites) for its parts to step in threads
