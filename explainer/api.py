@@ -29,6 +29,7 @@ from explainer.masks import as_mask
 from explainer.models import weights_sha256
 from explainer.models.transformer import Transformer
 from explainer.optimal import for_mask
+from explainer.parallel import data_parallel
 from explainer.progress import Timings
 from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
@@ -167,6 +168,8 @@ def explain(
     the_task.check(net.config)
     units = config.units
     net = rewrites.rewrite(net, the_task.train_data(), getattr(units, "rewrites", None))  # MLP = f + rest (one unit)
+    runtime = config.runtime  # --shard-weights: the weights live split from here on (explainer.parallel)
+    net = data_parallel(runtime.devices, config.optimiser.batch_size, runtime.shard_weights).shard_model(net)
     scrubber = Scrubber.build(
         net,
         the_task.train_data(),

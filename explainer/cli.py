@@ -51,6 +51,7 @@ def train(
     checkpoint_every: int | None = setting_option("checkpoint_every"),
     devices: int | None = setting_option("devices"),
     remat: bool | None = setting_option("remat"),
+    shard_weights: bool | None = setting_option("shard_weights"),
     distributed: bool = typer.Option(
         False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see docs/guide.md)."
     ),
@@ -329,6 +330,7 @@ def sweep(
     checkpoint_every: int | None = setting_option("checkpoint_every"),
     devices: int | None = setting_option("devices"),
     remat: bool | None = setting_option("remat"),
+    shard_weights: bool | None = setting_option("shard_weights"),
     units: str | None = setting_option("units"),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),

@@ -1,4 +1,4 @@
-"""Data parallelism: each training step's batch split across devices, everything else replicated.
+"""Data parallelism, and optionally the model's weights sharded too (FSDP-style), over a device mesh.
 
 One :class:`DataParallel` describes where a training step runs. With one device (an ordinary CPU
 machine, or ``devices = 1``) it does nothing at all, so that code path and its results are exactly
@@ -8,12 +8,34 @@ first ``n`` of them with one axis, ``batch``:
 - the prompts drawn for a step, the full model's reference logits and the replacement activations
   are split along ``batch`` (``with_sharding_constraint`` inside the jitted step);
 - the gates, the optimiser state, ``log λ``, the adversary and the training prompts themselves are
-  replicated.
+  replicated;
+- the model's weights are replicated too, unless ``runtime.shard_weights`` (``--shard-weights``)
+  asks for them to be sharded over the same axis (below).
 
 The loss is a mean over the batch, so XLA inserts the all-reduce of the gradients itself; there is
 no ``pmap`` and no hand-written collective. Every device draws the same batch indices (one PRNG key,
 replicated), so an ``n``-device run computes what the one-device run computes, up to the order of
 floating-point reductions.
+
+**Sharded weights** (``shard_weights``, FSDP-style, for models whose training step does not fit on
+one device). Before the step runs, every weight matrix of the model (every array with two or more
+axes) is placed with a :class:`~jax.sharding.NamedSharding` split along its largest axis that the
+device count divides (:func:`weight_spec`): the embedding and unembedding along the vocabulary or
+``d_model``, the MLP along ``d_mlp``, the attention along ``d_model`` or the heads. A weight none
+of whose axes divides stays replicated, as do the vectors (biases, norms) and everything that is
+not the model: the gates and the optimiser state are a few numbers per residual dimension, so they
+stay whole on every device. The batch is still split along the same axis. Nothing else changes in
+the step: GSPMD inserts the collectives each use of a weight needs (gathering it, or reducing the
+partial products of its shards), so a device stores ``1/n`` of each split weight. A device count
+that divides no weight's axis is refused (:meth:`DataParallel.put_weights`), as is
+``shard_weights`` on one device.
+
+:func:`explainer.explain` and the sweep shard the model this way as soon as it is loaded
+(:meth:`DataParallel.shard_model`), so the weights stay split for everything after: the means and
+bases built from them, training, the finishing passes and the scorer (:mod:`explainer.score`,
+whose CPU threads then each run a program over every device of the mesh). Loading itself still
+reads the whole model onto the default device once, before it is split. A model passed to
+:func:`~explainer.train.step.make_step` unsharded is left where it is and the step shards a copy.
 
 On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX starts) makes four
 host devices. Several hosts join through :func:`init_distributed` (``jax.distributed``).
@@ -99,7 +121,8 @@ def select_devices(n: int | None = None) -> list[jax.Device]:
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """Where a training step runs: ``mesh`` is ``None`` on one device (then every method is the identity).
+    """Where a training step runs: ``mesh`` is ``None`` on one device (then every method is the identity);
+    ``shard_weights``: the model's weight matrices are split over the mesh (:meth:`put_weights`).
 
     >>> dp = data_parallel(1, batch_size=64)
     >>> dp.n_devices, dp.mesh is None
@@ -107,6 +130,7 @@ class DataParallel:
     """
 
     mesh: Mesh | None
+    shard_weights: bool = False
 
     @property
     def n_devices(self) -> int:
@@ -136,15 +160,90 @@ class DataParallel:
         arrays, rest = eqx.partition(tree, lambda x: eqx.is_array(x) and not isinstance(x, jax.core.Tracer))
         return eqx.combine(jax.device_put(arrays, sharding), rest)
 
+    def put_weights(self, scrubber: Any) -> Any:
+        """Outside ``jit``: every array of ``scrubber`` on every device of the mesh, except that with
+        ``shard_weights`` its ``model``'s weight matrices are split by :func:`weight_spec`
+        (:meth:`shard_model`)."""
+        if self.mesh is None or not self.shard_weights:
+            return self.put_replicated(scrubber)
+        return self._place(scrubber, lambda path: bool(path) and getattr(path[0], "name", None) == "model")
 
-def data_parallel(devices: int | None, batch_size: int) -> DataParallel:
-    """The layout of a training step over ``devices`` devices (``None``: all) at ``batch_size``.
+    def shard_model(self, model: Any) -> Any:
+        """Outside ``jit``: ``model``'s weight matrices split over the mesh by :func:`weight_spec`,
+        its other arrays replicated (``model`` itself when weights are not sharded).
+
+        Raises :class:`ExplainerError` when no weight has an axis the device count divides."""
+        if self.mesh is None or not self.shard_weights:
+            return model
+        return self._place(model, lambda path: True)
+
+    def _place(self, tree: Any, in_model: Callable[[tuple], bool]) -> Any:
+        n = self.n_devices
+        arrays, rest = eqx.partition(tree, lambda x: eqx.is_array(x) and not isinstance(x, jax.core.Tracer))
+        specs = jax.tree_util.tree_map_with_path(
+            lambda path, x: weight_spec(x.shape, n) if in_model(path) else PartitionSpec(), arrays
+        )
+        if all(s == PartitionSpec() for s in jax.tree.leaves(specs, is_leaf=_is_spec)):
+            weights = [x for p, x in jax.tree_util.tree_leaves_with_path(arrays) if in_model(p) and x.ndim >= 2]
+            shapes = sorted({d for x in weights for d in x.shape})
+            fits = [k for k in range(2, len(jax.devices()) + 1) if any(d % k == 0 for d in shapes)]
+            hint = f"use --devices {fits[-1]}, which divides one, or " if fits else ""
+            raise ExplainerError(
+                f"--shard-weights over {n} devices: no weight of the model has an axis that {n} divides "
+                f"(axis sizes {shapes}); {hint}drop --shard-weights to replicate the weights"
+            )
+        placed = jax.tree.map(
+            lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), arrays, specs, is_leaf=_is_spec
+        )
+        return eqx.combine(placed, rest)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def weight_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    """How a weight of ``shape`` is split over ``n`` devices: along its largest axis that ``n``
+    divides (the first of equal ones); replicated when it has fewer than two axes or none divides.
+
+    >>> tuple(weight_spec((50304, 768), 4))  # an embedding: along the vocabulary
+    ('batch', None)
+    >>> tuple(weight_spec((50257, 768), 4))  # GPT-2's odd vocabulary: along d_model
+    (None, 'batch')
+    >>> tuple(weight_spec((12, 768, 64), 4))  # an attention matrix: along d_model
+    (None, 'batch', None)
+    >>> weight_spec((10, 10), 4) == weight_spec((768,), 4) == PartitionSpec()  # replicated
+    True
+    """
+    if len(shape) < 2:
+        return PartitionSpec()
+    fits = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
+    if not fits:
+        return PartitionSpec()
+    axis = max(fits, key=lambda i: (shape[i], -i))
+    return PartitionSpec(*(AXIS if i == axis else None for i in range(len(shape))))
+
+
+def data_parallel(devices: int | None, batch_size: int, shard_weights: bool = False) -> DataParallel:
+    """The layout of a training step over ``devices`` devices (``None``: all) at ``batch_size``,
+    with the model's weights sharded over them when ``shard_weights`` is set.
 
     The batch is split evenly, so ``batch_size`` must be a multiple of the device count.
     """
     chosen = select_devices(devices)
     n = len(chosen)
     if n == 1:
+        if shard_weights:
+            platform = chosen[0].platform
+            hint = (
+                "; on CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count=4 to split the host"
+                if platform == "cpu"
+                else ""
+            )
+            raise ExplainerError(
+                f"--shard-weights splits the weights across devices, but the step runs on one {platform} device; "
+                f"use --devices N with N > 1 or drop --shard-weights{hint}"
+            )
         return DataParallel(None)
     if batch_size % n:
         multiple = -(-batch_size // n) * n
@@ -152,7 +251,7 @@ def data_parallel(devices: int | None, batch_size: int) -> DataParallel:
             f"batch_size {batch_size} does not split evenly across {n} devices; "
             f"use batch_size {multiple} (a multiple of {n}) or a device count that divides {batch_size} (--devices)"
         )
-    return DataParallel(Mesh(np.array(chosen), (AXIS,)))
+    return DataParallel(Mesh(np.array(chosen), (AXIS,)), shard_weights)
 
 
 def distributed_settings(environ: Mapping[str, str] | None = None, requested: bool = False) -> dict[str, Any] | None:

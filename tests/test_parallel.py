@@ -1,4 +1,5 @@
-"""Data parallelism and rematerialisation: the same explanation on 4 devices as on 1, with and without remat.
+"""Data parallelism, sharded weights and rematerialisation: the same explanation on 4 devices as on 1,
+with and without sharded weights, with and without remat.
 
 The 4-device runs happen in a subprocess started with ``--xla_force_host_platform_device_count=4``,
 since JAX fixes its device count when it starts. Both runs of a pair (``devices = 4`` and
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from explainer.errors import ExplainerError
-from explainer.parallel import data_parallel, distributed_settings, init_distributed, select_devices
+from explainer.parallel import data_parallel, distributed_settings, init_distributed, select_devices, weight_spec
 from explainer.train.config import TrainConfig
 from explainer.train.config_files import from_dict
 
@@ -95,6 +96,115 @@ def test_four_devices_give_the_one_device_explanation(four_devices, adversary):
         np.testing.assert_allclose(four["logits"][site], one["logits"][site], rtol=0, atol=LOGIT_ATOL)
     assert one["traces"] == four["traces"] == 1
     assert "SingleDeviceSharding" in one["sharding"] and "'batch': 4" in four["sharding"]
+
+
+SHARDED_WEIGHTS = r"""
+import json, sys
+import jax
+from adversary.learned import make_adversary
+import explainer
+from explainer.errors import ExplainerError
+from explainer.models import load_model
+from explainer.scrub import Scrubber
+from explainer.tasks import resolve_task
+from explainer.train.config import TrainConfig
+from explainer.train.step import finish, make_step, make_optimizer, train_gates
+from explainer.zoo import resolve_model
+
+steps = int(sys.argv[1])
+folder = resolve_model("direct")  # d_model 32, d_mlp 64: 4 divides an axis of every weight matrix
+model, data = load_model(folder), resolve_task(None, folder).train_data()
+out = {"devices": len(jax.devices()), "runs": {}}
+for devices, shard in ((4, True), (1, False)):
+    config = TrainConfig.of(steps=steps, devices=devices, shard_weights=shard)
+    scrubber = Scrubber.build(model, data, None, config.ablation)
+    gates, _, history, _ = train_gates(scrubber, data, config, make_adversary("learned"), progress=False)
+    out["runs"][str(devices)] = {
+        "logits": {s: v.tolist() for s, v in gates.logits.items()},
+        "kept": {s: [int(u) for u in v.nonzero()[0]] for s, v in finish(gates, config).items()},
+        "traces": history["traces"][0],
+    }
+config = TrainConfig.of(devices=4, shard_weights=True)
+step, _ = make_step(scrubber, data, config, make_optimizer(config))
+placed = step.operands[0].model
+weights = {"W_E": placed.W_E, "W_U": placed.W_U, "W_Q": placed.blocks[0].attn.W_Q, "W_in": placed.blocks[0].mlp.W_in}
+out["shards"] = {k: [list(a.shape), list(a.sharding.shard_shape(a.shape))] for k, a in weights.items()}
+out["bias"] = list(placed.b_U.sharding.shard_shape(placed.b_U.shape))
+out["caller_model"] = str(model.W_E.sharding)
+# training, finishing and scoring end to end: the explanation planted in the model
+done = explainer.explain("planted-joint", steps=300, devices=4, shard_weights=True, progress=False)
+out["explain"] = {"kept": done.kept, "kl_mean": done.faithfulness["kl_mean"]}
+try:  # planted-joint's axes are 10, 2 and 4: 3 divides none of them
+    explainer.explain("planted-joint", steps=5, devices=3, batch_size=48, shard_weights=True, progress=False)
+except ExplainerError as e:
+    out["divides_nothing"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_weights():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_WEIGHTS, "100"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_sharded_weights_give_the_one_device_explanation(sharded_weights):
+    assert sharded_weights["devices"] == 4
+    one, four = sharded_weights["runs"]["1"], sharded_weights["runs"]["4"]
+    assert four["kept"] == one["kept"] and any(one["kept"].values())
+    for site in one["logits"]:
+        np.testing.assert_allclose(four["logits"][site], one["logits"][site], rtol=0, atol=LOGIT_ATOL)
+    assert one["traces"] == four["traces"] == 1
+
+
+@pytest.mark.slow
+def test_sharded_weights_are_split_across_the_devices(sharded_weights):
+    assert sharded_weights["shards"] == {
+        "W_E": [[30, 32], [30, 8]],  # along d_model: 4 does not divide the 30-token vocabulary
+        "W_U": [[32, 30], [8, 30]],
+        "W_Q": [[2, 32, 16], [2, 8, 16]],
+        "W_in": [[32, 64], [32, 16]],  # along d_mlp
+    }
+    assert sharded_weights["bias"] == [30]  # vectors stay whole
+    assert "SingleDeviceSharding" in sharded_weights["caller_model"]  # the caller's model is not moved
+
+
+@pytest.mark.slow
+def test_sharded_weights_finish_and_score(sharded_weights):
+    explained = sharded_weights["explain"]
+    assert explained["kept"] == {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1, 2], "unembed.in": [3]}
+    assert explained["kl_mean"] < 1e-6  # scored on the model as loaded
+    message = sharded_weights["divides_nothing"]
+    assert "no weight of the model has an axis that 3 divides" in message and "use --devices 4" in message
+
+
+@pytest.mark.parametrize(
+    "shape, n, spec",
+    [
+        ((50304, 768), 4, ("batch", None)),
+        ((768, 50257), 4, ("batch", None)),  # an unembedding whose vocabulary 4 does not divide: along d_model
+        ((768, 3072), 8, (None, "batch")),
+        ((12, 768, 64), 4, (None, "batch", None)),
+        ((12, 64, 64), 4, (None, "batch", None)),  # equal largest axes: the first
+        ((10, 10), 4, ()),
+        ((3072,), 4, ()),
+    ],
+)
+def test_weight_spec_splits_the_largest_axis_that_divides(shape, n, spec):
+    assert tuple(weight_spec(shape, n)) == spec
+
+
+def test_sharded_weights_on_one_device_name_the_fix():
+    with pytest.raises(ExplainerError, match="--shard-weights .* one cpu device; use --devices N with N > 1"):
+        data_parallel(1, batch_size=64, shard_weights=True)
+    assert TrainConfig.of(shard_weights=True).to_json()["shard_weights"] is True
+    with pytest.raises(ExplainerError, match="shard_weights"):
+        from_dict({"shard_weights": "yes"})
 
 
 @pytest.mark.slow
@@ -206,6 +316,17 @@ def test_distributed_settings_from_the_environment():
 def test_distributed_settings_errors_name_the_fix(env, message):
     with pytest.raises(ExplainerError, match=message):
         distributed_settings(env)
+
+
+def test_cli_shard_weights_on_one_device_exits_2_naming_the_fix(tmp_path, capsys):
+    from explainer.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", "planted-joint", "--devices", "1", "--shard-weights", "--steps", "5",
+              "--out", str(tmp_path / "r")])  # fmt: skip
+    assert done.value.code == 2
+    assert "use --devices N with N > 1 or drop --shard-weights" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_devices_beyond_the_machine_exit_2_naming_the_fix(tmp_path, capsys):

@@ -56,6 +56,7 @@ from explainer.frontier.select import (
 )
 from explainer.masks import Gates
 from explainer.models.folders import swap_into_place
+from explainer.parallel import data_parallel
 from explainer.progress import Timings
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
 from explainer.train.config import Dims, KLBudget, TrainConfig, flag
@@ -287,7 +288,10 @@ def prepare(
         if not overwrite:
             _refuse_unfinished(out_path)
     folder = resolve_model(model)
-    net = load_model(folder)
+    runtime = config.runtime  # --shard-weights: the weights live split from here on (explainer.parallel)
+    net = data_parallel(runtime.devices, config.optimiser.batch_size, runtime.shard_weights).shard_model(
+        load_model(folder)
+    )
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     train = the_task.train_data()

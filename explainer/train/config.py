@@ -11,7 +11,7 @@ The groups follow what a setting changes, so that an illegal combination cannot 
 - ``units``: :class:`Dims` (sites, basis, positional gates, rewrites) or :class:`Edges` (sites
   only), so an edge run with a basis cannot be written.
 - ``finishing`` (:class:`Finishing`): the passes after training (:mod:`explainer.finish`).
-- ``runtime`` (:class:`Runtime`): checkpoints, devices, rematerialisation; never the result.
+- ``runtime`` (:class:`Runtime`): checkpoints, devices, sharded weights, rematerialisation; never the result.
 - ``ablation`` and ``adversary_weight`` stay at the top: they shape the objective whatever the
   penalty and the units are.
 
@@ -233,6 +233,9 @@ class Runtime:
     checkpoint_every: int = setting(250, "Checkpoint into OUT.partial/ every N steps (default {default}; 0: never).")
     devices: int | None = setting(None, "Split each step's batch across N devices (default: all JAX sees).")
     remat: bool = setting(False, "Recompute each block in the backward pass: less memory (default {default}).")
+    shard_weights: bool = setting(
+        False, "Also split the model's weights across the --devices (FSDP), for models too big for one device."
+    )
 
     def __post_init__(self) -> None:
         if not _integer(self.checkpoint_every) or self.checkpoint_every < 0:
@@ -384,8 +387,8 @@ PLACE: dict[str, str | None] = {
 FLAT_NAMES = (  # the order of the saved records' keys
     *("steps", "batch_size", "lr", "ablation", "kl_budget", "lam", "target_size", "init_lambda", "dual_lr"),
     *("init_logit", "sites", "adversary_weight", "repair", "trim", "trim_ld_floor", "trim_refit_steps"),
-    *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat", "basis", "basis_lr"),
-    *("positional", "units", "rewrites"),
+    *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat"),
+    *("shard_weights", "basis", "basis_lr", "positional", "units", "rewrites"),
 )
 assert set(FLAT_NAMES) == set(PLACE), "every flat setting has one place"
 

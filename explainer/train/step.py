@@ -102,11 +102,12 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     outputs on the training prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here,
     instead of in every step.
 
-    With ``runtime.devices`` above one the batch is split across devices and the rest replicated
-    (:mod:`explainer.parallel`); with ``runtime.remat`` each block is recomputed in the backward pass.
+    With ``runtime.devices`` above one the batch is split across devices and the rest replicated,
+    or with ``runtime.shard_weights`` the model's weights split too (:mod:`explainer.parallel`);
+    with ``runtime.remat`` each block is recomputed in the backward pass.
     """
     n, batch_size = len(data), config.optimiser.batch_size
-    parallel = data_parallel(config.runtime.devices, batch_size)
+    parallel = data_parallel(config.runtime.devices, batch_size, config.runtime.shard_weights)
     _, scrubber = scrubber.split_learned()  # a learned basis trains in the state, not here
 
     def attach(learned) -> Scrubber:
@@ -116,7 +117,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         return dataclasses.replace(whole, remat=True) if config.runtime.remat else whole
 
     cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
-    scrubber, data, cache = parallel.put_replicated((scrubber, data, cache))
+    scrubber, (data, cache) = parallel.put_weights(scrubber), parallel.put_replicated((data, cache))
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
     const_optimizer = constants_optimizer()
