@@ -15,7 +15,11 @@ the run folder, as ``units.json`` or ``mib.json``):
   Interpretability Benchmark; EAP-IG's ``Graph.to_json``/``from_json``): ``{"cfg": {n_layers,
   n_heads, parallel_attn_mlp, d_model}, "nodes": {name: {"in_graph"}}, "edges": {name: {"score",
   "in_graph"}}}`` over MIB's graph: nodes ``input``, ``a{l}.h{h}``, ``m{l}``, ``logits``; edges
-  ``src->a{l}.h{h}<q|k|v>``, ``src->m{l}``, ``src->logits`` from every earlier node.
+  ``src->a{l}.h{h}<q|k|v>``, ``src->m{l}``, ``src->logits`` from every earlier node. In a model
+  with parallel blocks (GPT-NeoX's ``use_parallel_residual``, GPT-J: ``parallel_attn_mlp`` is true
+  in ``cfg``) the MLP reads the block's input, as its attention does, so ``m{l}``'s sources are the
+  nodes before layer ``l``: there is no edge ``a{l}.h{h}->m{l}`` (MIB's graph for such a model;
+  our edge units count the same writers, :func:`explainer.edges.n_writers`).
 
 How our units map onto MIB's edges, and what is approximate: a unit is one residual dimension read
 by one reader (site ``blocks.{l}.attn.in``: every head of layer ``l``, its q, k and v inputs;
@@ -161,8 +165,16 @@ def mib_json(expl: Explanation, cfg: ModelConfig) -> dict[str, Any]:
         for d in destinations:
             score[d], kept[d] = s, bool(expl.kept.get(site))
     nodes, edges = _mib_graph(cfg, score, kept, per_edge)
+    stray = sorted(set(per_edge or ()) - set(edges))
+    if stray:  # every edge of the run is one of MIB's (a parallel MLP has no edge from its own layer's heads)
+        raise ExplainerError(f"edge(s) {stray[:3]} of this run have no counterpart in MIB's graph; use --format json")
     return {
-        "cfg": {"n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "parallel_attn_mlp": False, "d_model": cfg.d_model},
+        "cfg": {
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "parallel_attn_mlp": cfg.parallel_attn_mlp,
+            "d_model": cfg.d_model,
+        },
         "nodes": nodes,
         "edges": edges,
     }
@@ -203,11 +215,14 @@ def _mib_graph(
             for head in heads:
                 for x in "qkv":
                     add(src, f"{head}<{x}>")
+            if cfg.parallel_attn_mlp:  # the MLP reads the block's input, as the heads do
+                add(src, f"m{layer}")
         for head in heads:
             live[head] = any(kept.get(f"{head}<{x}>", False) for x in "qkv")
         upstream += heads
-        for src in upstream:
-            add(src, f"m{layer}")
+        if not cfg.parallel_attn_mlp:
+            for src in upstream:
+                add(src, f"m{layer}")
         live[f"m{layer}"] = has_mlp and kept.get(f"m{layer}", False)
         upstream.append(f"m{layer}")
     for src in upstream:

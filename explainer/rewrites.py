@@ -9,9 +9,12 @@ computed on the resample input (or its mean, or zero, following the run's ablati
 dropped. The adversary may re-include it. With the remainder kept the rewritten block computes
 exactly the MLP (bit for bit), so a rewrite changes nothing until an explanation excludes it.
 
-``f`` is affine, ``f(y) = y W + b`` on the MLP's input ``y`` (after the block's LayerNorm), fitted
-by least squares to the MLP's outputs on the task's training prompts (clean and corrupt, every
-position). Forms:
+``f`` is affine, ``f(y) = y W + b`` on the MLP's input ``y`` (after the block's norm), fitted by
+least squares to the MLP's outputs on the task's training prompts (clean and corrupt, every
+position). Only what the MLP computes from ``y`` matters, so every kind of MLP is rewritten alike:
+plain (GPT-2, NeoX) or gated (Llama's SiLU gate, Gemma's tanh-GELU gate: ``f`` stands in for the
+whole ``act(y W_gate) ⊙ (y W_in)`` path; the gate is no unit of its own). Gemma-2's post-norm
+normalises ``f(y)`` plus the remainder, as it normalises the MLP's output. Forms:
 
 - ``linear`` (default): the least-squares affine fit;
 - ``rank-R``: the best rank-``R`` fit (reduced-rank regression: the linear fit projected onto the
@@ -39,6 +42,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +55,7 @@ from jaxtyping import Array, Float
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.models.config import ModelConfig
-from explainer.models.transformer import MLP, Resid, Transformer, _norm
+from explainer.models.transformer import MLP, GatedMLP, Resid, Transformer, _norm
 from explainer.tasks.base import Batch
 
 FORMS = ("linear", "rank-R", "mean")
@@ -80,6 +84,21 @@ class Rewrite(MLP):
     def fitted(self, y: Resid) -> Resid:
         """``f(y)``: what the rewrite says the MLP computes."""
         return y @ self.W_f + self.b_f
+
+
+class GatedRewrite(GatedMLP):
+    """A gated MLP that also carries its fitted affine stand-in (as :class:`Rewrite`)."""
+
+    W_f: Float[Array, "d_model d_model"]
+    b_f: Float[Array, " d_model"]
+    form: str = eqx.field(static=True)
+
+    def fitted(self, y: Resid) -> Resid:
+        """``f(y)``: what the rewrite says the gated MLP computes."""
+        return y @ self.W_f + self.b_f
+
+
+_REWRITE_OF = {MLP: Rewrite, GatedMLP: GatedRewrite}  # each kind of MLP and its rewritten kind
 
 
 def is_rest(site: str) -> bool:
@@ -164,7 +183,7 @@ def _mlp_io(
         for i in layers:
             block = model.blocks[i]
             y = _norm(block.ln2, cache[f"blocks.{i}.mlp.in"])
-            out[i] = (y, MLP.__call__(block.mlp, y))
+            out[i] = (y, block.mlp(y))
         return out
 
     parts = [io(model, tokens[start : start + chunk]) for start in range(0, tokens.shape[0], chunk)]
@@ -183,9 +202,11 @@ def _fit_tokens(data: Batch) -> jax.Array:
 
 
 def _swap(model: Transformer, layer: int, w, b, form: str) -> Transformer:
+    """``model`` with the MLP of block ``layer`` (of any kind) carrying ``f(y) = y w + b``."""
     mlp = model.blocks[layer].mlp
-    assert mlp is not None
-    new = Rewrite(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, mlp.act_fn, jnp.asarray(w), jnp.asarray(b), form)
+    kind = next(k for k in _REWRITE_OF if isinstance(mlp, k))  # an MLP or a gated MLP, rewritten or not
+    own = {f.name: getattr(mlp, f.name) for f in dataclasses.fields(kind)}
+    new = _REWRITE_OF[kind](**own, W_f=jnp.asarray(w), b_f=jnp.asarray(b), form=form)
     return eqx.tree_at(lambda m: m.blocks[layer].mlp, model, new)
 
 
@@ -204,9 +225,10 @@ def rewrite(model: Transformer, data: Batch, specs: Sequence[str] | None) -> Tra
     return model
 
 
-def rewrites_of(model: Transformer) -> dict[str, Rewrite]:
+def rewrites_of(model: Transformer) -> dict[str, Rewrite | GatedRewrite]:
     """The rewritten MLPs of ``model``, by name (``blocks.L.mlp``)."""
-    return {f"blocks.{i}.mlp": b.mlp for i, b in enumerate(model.blocks) if isinstance(b.mlp, Rewrite)}
+    kinds = tuple(_REWRITE_OF.values())
+    return {f"blocks.{i}.mlp": b.mlp for i, b in enumerate(model.blocks) if isinstance(b.mlp, kinds)}
 
 
 def tensors(model: Transformer) -> dict[str, np.ndarray]:

@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from explainer import metrics
 from explainer.masks import Layout, Mask
 from explainer.metrics import divergence, kl_divergence, logit_diff
+from explainer.models.padding import leading_padding, length_groups, lengths, same_length_permutation
 from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
@@ -222,26 +223,75 @@ def measure(
     chunk: int = PROMPT_CHUNK,
 ) -> list[dict[str, float]]:
     """Faithfulness of each binary keep mask (``{site: vector}``) on every prompt of ``batch``:
-    the keys of :func:`explainer.metrics.faithfulness`, plus the task ``loss`` and ``loss_full``.
-
-    Prompts are scored ``chunk`` at a time, each chunk against its own replacement (key
-    ``fold_in(seed, start)``); ``constants`` gives each mask its own ``optimal`` ablation constants
-    (from :func:`explainer.optimal.fit_constants`).
-    """
+    the keys of :func:`explainer.metrics.faithfulness`, plus the task ``loss`` and ``loss_full``
+    (from :func:`prompt_scores`)."""
     masks = list(masks)
     if not masks:
         return []
+    full, stats = prompt_scores(scrubber, batch, masks, seed, constants, chunk)
+    return [metrics.summarise(row, full) for row in stats]
+
+
+def prompt_scores(
+    scrubber: Scrubber,
+    batch: Batch,
+    masks: Sequence[dict[str, Any]],
+    seed: int = 0,
+    constants: Sequence[SiteMeans] | None = None,
+    chunk: int = PROMPT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt :func:`prompt_stats` of the full model (``[prompts, 4]``) and of each mask
+    (``[masks, prompts, 4]``), in the order of ``batch``'s prompts.
+
+    Prompts are scored ``chunk`` at a time, each chunk against its own replacement (key
+    ``fold_in(seed, start)``); ``constants`` gives each mask its own ``optimal`` ablation constants
+    (from :func:`explainer.optimal.fit_constants`). Within a chunk, prompts of similar length are
+    scored together, each group padded only to its own longest prompt
+    (:func:`~explainer.models.padding.length_groups`): the same numbers, to float rounding, as the
+    chunk scored at once (a resampled prompt reads the prompt the chunk's permutation gives it).
+    """
     layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
     rows = np.stack([layout.flat(m, np.float32) for m in masks])
     key = jax.random.key(seed)
     fulls, parts = [], []
     for start in range(0, len(batch), chunk):
         part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
-        ref = Reference.of(scrubber, part, jax.random.fold_in(key, start))
-        fulls.append(np.asarray(prompt_stats(ref.full, ref)))
-        parts.append(Scorer(scrubber, ref, layout)(rows, prompt_stats, constants))
-    full, stats = np.concatenate(fulls), np.concatenate(parts, axis=1)
-    return [metrics.summarise(row, full) for row in stats]
+        part_key = jax.random.fold_in(key, start)
+        by_length = scrubber.positions is None  # position-specific masks take prompts of one length
+        groups = length_groups(np.asarray(lengths(part.clean))) if by_length else [np.arange(len(part))]
+        if len(groups) > 1 and scrubber.ablation == "resample" and part.corrupt is None:  # fix the pairs first
+            part = dataclasses.replace(part, corrupt=part.clean[same_length_permutation(part_key, part.clean)])
+        scored = []
+        for group in groups:
+            ref = Reference.of(scrubber, _narrow(part.take(jnp.asarray(group))) if by_length else part, part_key)
+            width = ref.tokens.shape[1]
+            ref = ref._replace(replacement=_last_columns(ref.replacement, width))
+            consts = None if constants is None else [_last_columns(c, width, axis=0) for c in constants]
+            scored.append((prompt_stats(ref.full, ref), Scorer(scrubber, ref, layout)(rows, prompt_stats, consts)))
+        back = np.argsort(np.concatenate(groups))  # the prompts' own order
+        fulls.append(np.concatenate([np.asarray(f) for f, _ in scored])[back])
+        parts.append(np.concatenate([p for _, p in scored], axis=1)[:, back])
+    return np.concatenate(fulls), np.concatenate(parts, axis=1)
+
+
+def _narrow(batch: Batch) -> Batch:
+    """``batch`` without the leading columns that are padding in every prompt."""
+    cut = leading_padding(batch.clean)
+    if not cut:
+        return batch
+    corrupt = None if batch.corrupt is None else batch.corrupt[:, cut:]
+    return dataclasses.replace(batch, clean=batch.clean[:, cut:], corrupt=corrupt)
+
+
+def _last_columns(tree, width: int, axis: int = 1):
+    """Per-position arrays (replacements, constants) cut to their last ``width`` positions, as a
+    narrowed batch reads them (left padding: a prompt's positions are counted from the right)."""
+
+    def cut(x):
+        extra = x.shape[axis] - width
+        return x if extra <= 0 else jax.lax.slice_in_dim(x, extra, x.shape[axis], axis=axis)
+
+    return jax.tree.map(cut, tree)
 
 
 def evaluate_keep(

@@ -19,7 +19,7 @@ import pytest
 from explainer import edges
 from explainer.errors import ExplainerError
 from explainer.models import ModelConfig, init_random
-from explainer.models.padding import PAD, lengths, pad_left, same_length_permutation
+from explainer.models.padding import PAD, length_groups, lengths, pad_left, same_length_permutation
 from explainer.scrub import Scrubber, site_means
 from explainer.tasks import Batch, PromptsTask, parse_prompts, prompts_json, resolve_task
 
@@ -85,6 +85,44 @@ def test_scrubber_ends_with_mixed_lengths(units):
     np.testing.assert_allclose(scrubber.logits(batch.clean, ones, repl), full, atol=1e-5, rtol=0)
     on_corrupt = model(batch.corrupt)[:, -1]
     np.testing.assert_allclose(scrubber.logits(batch.clean, zeros, repl), on_corrupt, atol=1e-4, rtol=0)
+
+
+SKEWED = [2] * 10 + [3] * 6 + [4] * 4 + [12] * 3 + [14]  # many short prompts and a few long ones
+
+
+@pytest.mark.parametrize(
+    ("units", "ablation", "corrupt"),
+    [("dims", "resample", False), ("dims", "mean", True), ("edges", "resample", True), ("edges", "optimal", True)],
+)
+def test_length_groups_score_as_padding_everything_together(units, ablation, corrupt):
+    """Scoring prompts in length groups gives each prompt what scoring the whole batch at once gives
+    it (to float rounding), in the order the prompts were given; resampled prompts keep their pairs."""
+    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
+
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(SKEWED))  # lengths mixed up in the file
+    rows = [rng.integers(0, 20, SKEWED[i]).tolist() for i in order]
+    prompts = [{"clean": r, "answers": [1], "wrong_answers": [2]} for r in rows]
+    if corrupt:
+        prompts = [p | {"corrupt": rng.integers(0, 20, len(p["clean"])).tolist()} for p in prompts]
+    batch = parse_prompts({"prompts": prompts})
+    assert len(length_groups(np.asarray(lengths(batch.clean)))) > 1
+    model = init_random(CONFIGS["llama-gqa"], jax.random.key(2), std=0.3)
+    scrubber = Scrubber.build(model, batch, ablation=ablation, units=units)
+    masks = [{s: rng.random(n) < 0.5 for s, n in scrubber.n_units.items()} for _ in range(3)]
+    masks.append({s: np.ones(n, bool) for s, n in scrubber.n_units.items()})  # nothing replaced: the full model
+    constants = [scrubber.means] * len(masks) if ablation == "optimal" else None
+    full, stats = prompt_scores(scrubber, batch, masks, seed=3, constants=constants)
+    # the batch at once, padded to its longest prompt (the single-group path of prompt_scores)
+    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+    flat = np.stack([layout.flat(m, np.float32) for m in masks])
+    ref = Reference.of(scrubber, batch, jax.random.fold_in(jax.random.key(3), 0))
+    np.testing.assert_allclose(full, np.asarray(prompt_stats(ref.full, ref)), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(
+        stats, Scorer(scrubber, ref, layout)(flat, prompt_stats, constants), atol=1e-4, rtol=1e-5
+    )
+    assert stats[:3, :, 0].max() > 1e-2  # the masks change the logits: the comparison sees the replacements
+    np.testing.assert_allclose(stats[3], full, atol=1e-4, rtol=1e-5)
 
 
 def test_mixed_length_prompts_parse_and_round_trip():

@@ -13,7 +13,8 @@ from explainer.cli import main
 from explainer.errors import ExplainerError
 from explainer.models import load_model
 from explainer.models.config import ModelConfig
-from explainer.models.native import expected_shapes, from_state_dict, save_model, write_json
+from explainer.models.native import expected_shapes, from_state_dict, init_random, save_model, write_json
+from explainer.models.transformer import _norm as rms
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.planted import first_class_prompts
@@ -170,3 +171,59 @@ def test_position_specific_masks_give_the_remainder_one_unit_per_position():
     full, repl = scrubber.reference(batch, jax.random.key(0))
     ones = {s: jnp.ones(n) for s, n in scrubber.n_units.items()}
     assert bool((scrubber.logits(batch.clean, ones, repl) == full).all())
+
+
+GATED = {  # tiny Llama (SiLU gate, RMSNorm, rotary, grouped-query attention) and Gemma (tanh-GELU gate)
+    "llama": dict(act_fn="silu", n_key_value_heads=2),
+    "gemma": dict(act_fn="gelu_pytorch_tanh", n_key_value_heads=1),
+}
+GATED_SPECS = {"llama": ("mlps=rank-2", [0, 1]), "gemma": ("blocks.1.mlp=rank-2", [1])}
+
+
+def _gated_model(tmp_path, family: str):
+    cfg = ModelConfig(
+        n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=50, n_ctx=16, normalization_type="RMS",
+        positional_embedding_type="rotary", gated_mlp=True, **GATED[family],
+    )  # fmt: skip
+    folder = tmp_path / family
+    save_model(init_random(cfg, jax.random.key(0), std=0.3), folder)
+    rng = np.random.default_rng(1)
+    rows = [
+        {"clean": rng.integers(0, 50, 6).tolist(), "corrupt": rng.integers(0, 50, 6).tolist(),
+         "answers": [1], "wrong_answers": [2]}
+        for _ in range(32)
+    ]  # fmt: skip
+    write_json(folder / "prompts.json", {"prompts": rows})
+    return folder
+
+
+@pytest.mark.parametrize("family", list(GATED))
+def test_gated_mlps_are_rewritten_as_what_they_compute(tmp_path, family):
+    """A gated MLP's f is fitted to its gated output; with the remainder kept the model is bit for bit the model."""
+    (folder, run), (spec, layers) = (_gated_model(tmp_path, family), tmp_path / "run"), GATED_SPECS[family]
+    with pytest.raises(SystemExit) as exit_:  # a fixed penalty: no finishing passes, a short test
+        main(["train", "-m", str(folder), "--rewrite", spec, "--steps", "20", "--lambda", "0.01", "--adversary",
+              "none", "--out", str(run), "--no-progress"])  # fmt: skip
+    assert exit_.value.code in (0, None)
+    expl, net, _ = open_run(run)
+    base = load_model(folder)
+    rests = [f"blocks.{i}.mlp.rest" for i in layers]
+    assert [s for s in net.sites if rewrites.is_rest(s)] == rests and set(expl.n_units) == set(net.sites)
+    tokens = resolve_task(None, folder).heldout_data().clean
+    assert bool((net(tokens) == base(tokens)).all())  # the remainder unedited: exactly the model
+    act = {"llama": jax.nn.silu, "gemma": lambda x: jax.nn.gelu(x, approximate=True)}[family]
+    for layer in layers:
+        mlp, g, site = net.blocks[layer].mlp, base.blocks[layer].mlp, f"blocks.{layer}.mlp.rest"
+        assert isinstance(mlp, rewrites.GatedRewrite) and np.linalg.matrix_rank(np.asarray(mlp.W_f)) == 2
+        # f stands in for the whole gated MLP, act(y W_gate) * (y W_in) + b_in, then W_out: refit it by hand
+        train = resolve_task(None, folder).train_data()
+        io = [base.run(t, capture=(f"blocks.{layer}.mlp.in",))[1] for t in (train.clean, train.corrupt)]
+        y = np.concatenate([np.asarray(rms(base.blocks[layer].ln2, c[f"blocks.{layer}.mlp.in"])) for c in io])
+        y = y.reshape(-1, 16)
+        out = (act(y @ g.W_gate) * (y @ g.W_in) + g.b_in) @ g.W_out + g.b_out
+        w, b = rewrites.fit_affine(y, np.asarray(out), "rank-2")
+        np.testing.assert_allclose(np.asarray(mlp.W_f), w, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(mlp.b_f), b, atol=1e-4)
+        zeroed = net(tokens, edit=lambda s, h, site=site: jnp.zeros_like(h) if s == site else h)
+        assert float(jnp.abs(zeroed - base(tokens)).max()) > 1e-3  # a rank-2 f leaves a remainder that matters
+    assert {r["form"] for r in expl.rewrite_report.values() if "form" in r} == {"rank-2"}

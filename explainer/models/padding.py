@@ -8,6 +8,10 @@ attend to padding, and positions (learned or rotary) count from each prompt's fi
 prompt's logits are the same alone or padded among longer ones. A batch without padding computes
 exactly what it did before padding existed.
 
+Where every prompt of a batch is scored (held-out evaluation, grading: :func:`explainer.score.measure`)
+prompts of similar length are scored together (:func:`length_groups`): each group is padded only to
+its own longest prompt (:func:`trim`), so short prompts do not pay for the longest.
+
 >>> pad_left([[5, 6, 7], [8]]).tolist()
 [[5, 6, 7], [-1, -1, 8]]
 >>> pad_counts(jnp.asarray(pad_left([[5, 6, 7], [8]]))).tolist()
@@ -65,3 +69,49 @@ def same_length_permutation(key: PRNGKeyArray, tokens: Int[Array, "batch seq"]) 
     shuffled = jax.random.permutation(key, tokens.shape[0])
     by_length = shuffled[jnp.argsort(n[shuffled], stable=True)]  # grouped by length, shuffled within
     return jnp.zeros_like(shuffled).at[jnp.argsort(n, stable=True)].set(by_length)
+
+
+MAX_GROUPS = 4  # length groups of one scored batch, at most: each group's shape compiles once
+MIN_SAVING = 0.1  # each group beyond the first must save this share of the batch's padded tokens
+
+
+def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = MAX_GROUPS) -> list[np.ndarray]:
+    """Prompts cut into at most ``max_groups`` groups of similar length, as index arrays: the
+    partition of the prompts sorted by length that needs the fewest padded tokens (group size ×
+    its longest prompt, summed), with a group added only where it saves at least
+    :data:`MIN_SAVING` of the tokens of padding everything together (a group is one more compiled
+    shape). One group is every prompt in the given order.
+
+    >>> [g.tolist() for g in length_groups([9, 2, 3, 9, 2, 3, 2, 2])]
+    [[1, 4, 6, 7, 2, 5], [0, 3]]
+    >>> [g.tolist() for g in length_groups([5, 4, 5, 4])]  # a group of 4s would save 10%: not worth it
+    [[0, 1, 2, 3]]
+    """
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(lengths, kind="stable")
+    longest = lengths[order]  # the longest prompt of a group is its last once sorted
+    cuts = [0, *(np.flatnonzero(np.diff(longest)) + 1).tolist(), len(order)]  # one length, one group
+    end = len(cuts) - 1
+
+    def tokens(a: int, b: int) -> int:  # the group of sorted prompts cuts[a]:cuts[b], padded
+        return (cuts[b] - cuts[a]) * int(longest[cuts[b] - 1])
+
+    best = {(1, b): (tokens(0, b), (0, b)) for b in range(1, end + 1)}  # (groups, end) -> (tokens, bounds)
+    for g in range(2, min(max_groups, end) + 1):
+        for b in range(g, end + 1):
+            best[g, b] = min((best[g - 1, a][0] + tokens(a, b), (*best[g - 1, a][1], b)) for a in range(g - 1, b))
+    extra = MIN_SAVING * tokens(0, end)  # what a group beyond the first must save
+    groups = min(range(1, min(max_groups, end) + 1), key=lambda g: best[g, end][0] + (g - 1) * extra)
+    if groups == 1:
+        return [np.arange(len(order))]
+    bounds = best[groups, end][1]
+    return [order[cuts[a] : cuts[b]] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def leading_padding(tokens: np.ndarray | jax.Array) -> int:
+    """How many leading columns of ``tokens`` are padding in every prompt (and can be cut off).
+
+    >>> leading_padding(pad_left([[1, 2], [3]], width=4))
+    2
+    """
+    return int(np.asarray(tokens).shape[-1] - np.asarray(lengths(jnp.asarray(tokens))).max())
