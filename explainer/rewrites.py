@@ -185,7 +185,8 @@ def _fit_tokens(data: Batch) -> jax.Array:
 def _swap(model: Transformer, layer: int, w, b, form: str) -> Transformer:
     mlp = model.blocks[layer].mlp
     assert mlp is not None
-    new = Rewrite(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, mlp.act_fn, jnp.asarray(w), jnp.asarray(b), form)
+    w, b = jnp.asarray(w, mlp.W_in.dtype), jnp.asarray(b, mlp.W_in.dtype)  # f in the model's dtype (--dtype)
+    new = Rewrite(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, mlp.act_fn, w, b, form)
     return eqx.tree_at(lambda m: m.blocks[layer].mlp, model, new)
 
 

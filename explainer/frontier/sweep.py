@@ -287,7 +287,7 @@ def prepare(
         if not overwrite:
             _refuse_unfinished(out_path)
     folder = resolve_model(model)
-    net = load_model(folder)
+    net = load_model(folder, config.dtype)
     the_task = resolve_task(task, folder)
     the_task.check(net.config)
     train = the_task.train_data()
