@@ -1,9 +1,11 @@
-"""Scale: the explainer's min-max step on a GPT-2-small-sized model, with and without remat.
+"""Scale: the explainer's min-max step on a GPT-2-small-sized model, with and without remat, in
+float32 and bfloat16.
 
 A random GPT-2-small-sized model (12 layers, d_model 768, 12 heads, d_mlp 3072, vocab 50257,
 n_ctx 1024; 163M parameters, built in memory, never saved) on random prompts (``--prompts``
 prompts of ``--seq`` tokens, random counterfactuals and answers) at batch ``--batch-size``.
-For each setting of ``remat`` (``jax.checkpoint`` per block) it measures:
+For each ``--dtypes`` entry (the model's weights and activations, ``--dtype``; gates and losses stay
+float32) and each setting of ``remat`` (``jax.checkpoint`` per block) it measures:
 
 - **plain**: one jitted forward + backward of the mean cross-entropy of the last-position logits
   with respect to every parameter, plus an adam update of them (``benchmarks/speed.py``'s plain
@@ -15,8 +17,8 @@ For each setting of ``remat`` (``jax.checkpoint`` per block) it measures:
 - **peak RSS**: ``ru_maxrss`` of a fresh process that builds the model and runs only that step,
   and the peak while training alone (``VmHWM`` reset after the model is built).
 
-Each (step, remat) pair runs in its own subprocess for the memory figures; the step times come
-from one more subprocess per ``remat`` that alternates plain and min-max repeats, so both see the
+Each (step, remat, dtype) runs in its own subprocess for the memory figures; the step times come
+from one more subprocess per ``remat`` and dtype that alternates plain and min-max repeats, so both see the
 same machine load. The ratio is min-max / plain; the targets are ratio ≤ 2.5 and peak RSS ≤ 6 GB
 with remat. On a GPU the same script also reports the peak accelerator memory (``memory_stats``) and
 writes ``scale-gpu.json`` instead (its ``device`` says which card); the targets are for the CPU.
@@ -24,6 +26,9 @@ writes ``scale-gpu.json`` instead (its ``device`` says which card); the targets 
 Run it with ``make bench``; it prints a table and writes ``benchmarks/results/scale.json``::
 
     python benchmarks/scale.py --prompts 64 --repeats 3 --steps 1
+
+On a CPU without native bfloat16 matrix units, bfloat16 saves memory but its steps can be slower
+than float32's; the table shows both side by side.
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ def build(args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
 
-    from explainer.models import ModelConfig, init_random
+    from explainer.models import ModelConfig, cast_model, init_random
     from explainer.tasks.base import Batch
 
-    model = init_random(ModelConfig(**GPT2_SMALL), jax.random.key(0))
+    model = cast_model(init_random(ModelConfig(**GPT2_SMALL), jax.random.key(0)), args.dtype)
     k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
     shape = (args.prompts, args.seq)
     vocab = GPT2_SMALL["d_vocab"]
@@ -142,7 +147,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     from explainer.train.config import TrainConfig
 
-    config = TrainConfig.of(batch_size=args.batch_size, remat=bool(args.remat))
+    config = TrainConfig.of(batch_size=args.batch_size, remat=bool(args.remat), dtype=args.dtype)
     import jax
 
     model, data, index = build(args)
@@ -174,9 +179,9 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def spawn(args: argparse.Namespace, kind: str, remat: bool) -> dict:
+def spawn(args: argparse.Namespace, kind: str, remat: bool, dtype: str) -> dict:
     """Run one configuration in a fresh interpreter; its JSON is the last line of its stdout."""
-    command = [sys.executable, __file__, "--worker", kind, "--remat", str(int(remat))]
+    command = [sys.executable, __file__, "--worker", kind, "--remat", str(int(remat)), "--dtype", dtype]
     for name in ("prompts", "seq", "batch_size", "repeats", "steps"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -185,12 +190,13 @@ def spawn(args: argparse.Namespace, kind: str, remat: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(args: argparse.Namespace, remat: bool) -> dict:
-    timing = spawn(args, "timing", remat)
-    plain = spawn(args, "plain", remat)
-    minmax = spawn(args, "minmax", remat)
+def measure(args: argparse.Namespace, remat: bool, dtype: str = "float32") -> dict:
+    timing = spawn(args, "timing", remat, dtype)
+    plain = spawn(args, "plain", remat, dtype)
+    minmax = spawn(args, "minmax", remat, dtype)
     return {
         "remat": remat,
+        "dtype": dtype,
         "device": timing["device"],
         "plain_compile_s": plain["plain_compile_s"],
         "minmax_compile_s": minmax["minmax_compile_s"],
@@ -222,6 +228,7 @@ def show(rows: list[dict], args: argparse.Namespace) -> None:
     )
     table = Table(title=title)
     columns = (
+        "dtype",
         "remat",
         "compile s (plain / min-max)",
         "plain s",
@@ -236,6 +243,7 @@ def show(rows: list[dict], args: argparse.Namespace) -> None:
         over = r["remat"] and (r["ratio"] > TARGET_RATIO)
         big = r["remat"] and (r["minmax_peak_rss_gb"] > TARGET_RSS_GB)
         table.add_row(
+            r["dtype"],
             "on" if r["remat"] else "off",
             f"{r['plain_compile_s']:.1f} / {r['minmax_compile_s']:.1f}",
             f"{r['plain_s']:.3f}",
@@ -248,15 +256,15 @@ def show(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         if r.get("minmax_device_peak_gb") is not None:
             print(
-                f"remat {'on' if r['remat'] else 'off'}: peak accelerator memory "
+                f"{r['dtype']}, remat {'on' if r['remat'] else 'off'}: peak accelerator memory "
                 f"{r['plain_device_peak_gb']:.2f} GB plain / {r['minmax_device_peak_gb']:.2f} GB min-max"
             )
-    r = rows[0]
-    print(
-        f"{r['units']} units; reference cache {r['cache_bytes'] / 2**20:.0f} MiB "
-        f"({'used' if r['cache_used'] else 'too big, recomputed every step'}); "
-        f"RSS after building the model and prompts: {r['build_rss_gb']:.2f} GB; device: {r['device']}"
-    )
+    for r in rows[::2]:  # one per dtype: remat changes neither
+        print(
+            f"{r['dtype']}: {r['units']} units; reference cache {r['cache_bytes'] / 2**20:.0f} MiB "
+            f"({'used' if r['cache_used'] else 'too big, recomputed every step'}); "
+            f"RSS after building the model and prompts: {r['build_rss_gb']:.2f} GB; device: {r['device']}"
+        )
 
 
 def versions() -> dict:
@@ -283,10 +291,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="the model's dtypes to compare, comma-separated (--dtype)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="results JSON (default: results/scale.json, or scale-gpu.json on a GPU)"
     )
     parser.add_argument("--worker", choices=("plain", "minmax", "timing"), help=argparse.SUPPRESS)
     parser.add_argument("--remat", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -297,13 +309,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     from _results import RESULTS_DIR, write_record
 
-    rows = [measure(args, remat) for remat in (False, True)]
+    from explainer.train.config import check_dtype
+
+    dtypes = [check_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
+    rows = [measure(args, remat, dtype) for dtype in dtypes for remat in (False, True)]
     show(rows, args)
     import jax
 
     platform_name = jax.devices()[0].platform
     path = args.out or RESULTS_DIR / (RESULTS_NAME if platform_name == "cpu" else f"scale-{platform_name}.json")
-    skip = ("worker", "remat", "out")
+    skip = ("worker", "remat", "dtype", "out")
     settings = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in skip})
     write_record(
         path,

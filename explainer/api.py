@@ -34,7 +34,7 @@ from explainer.progress import Timings
 from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
-from explainer.train.config import TrainConfig
+from explainer.train.config import TrainConfig, check_dtype
 from explainer.train.config_files import from_dict, load_config
 from explainer.train.step import InLoopAdversary
 from explainer.verdicts import check_target_size, train_warnings
@@ -43,8 +43,9 @@ from explainer.zoo import ZOO_DIR, resolve_model
 _FOLDERS: dict[int, tuple[weakref.ref, Path]] = {}  # models loaded by load_model -> their folders
 
 
-def load_model(model: str | os.PathLike) -> Transformer:
-    """The model of a zoo name or a model folder, as an equinox module.
+def load_model(model: str | os.PathLike, dtype: str = "float32") -> Transformer:
+    """The model of a zoo name or a model folder, as an equinox module, its weights in ``dtype``
+    (``float32``, ``bfloat16`` or ``float16``).
 
     :func:`explain` given this object knows its folder (for the run record and the folder's own
     prompts), as if it had been given the name.
@@ -54,21 +55,22 @@ def load_model(model: str | os.PathLike) -> Transformer:
     1
     """
     folder = resolve_model(model)
-    net = models.load_model(folder)
+    net = models.load_model(folder, check_dtype(dtype))
     _FOLDERS[id(net)] = (weakref.ref(net, lambda _, k=id(net): _FOLDERS.pop(k, None)), folder.resolve())
     return net
 
 
-def _model_and_folder(model: Any) -> tuple[Transformer, Path | None]:
+def _model_and_folder(model: Any, dtype: str = "float32") -> tuple[Transformer, Path | None]:
+    """The model (its weights in ``dtype``) and its folder, if known."""
     if isinstance(model, Transformer):
         entry = _FOLDERS.get(id(model))
-        return model, (entry[1] if entry is not None and entry[0]() is model else None)
+        return models.cast_model(model, dtype), (entry[1] if entry is not None and entry[0]() is model else None)
     if not isinstance(model, (str, os.PathLike)):
         raise ExplainerError(
             f"model must be a zoo name, a model folder or a model from explainer.load_model, not {type(model).__name__}"
         )
     folder = resolve_model(model)
-    return models.load_model(folder), folder
+    return models.load_model(folder, dtype), folder
 
 
 def _model_record(folder: Path | None, net: Transformer | None = None) -> dict[str, Any]:
@@ -158,7 +160,7 @@ def explain(
         adversary = make_adversary(adversary)
     if adversary is not None and config.adversary_weight == 0:
         raise ExplainerError("adversary_weight is 0, so the adversary would learn nothing; use adversary 'none'")
-    net, folder = _model_and_folder(model)
+    net, folder = _model_and_folder(model, config.dtype)
     if out is not None and folder is None:
         raise ExplainerError(
             "a run saved with out= must name its model's folder: load the model with explainer.load_model(NAME or "
@@ -323,10 +325,13 @@ def _refuse_conflicts(run, record: dict[str, Any], recorded: TrainConfig, given:
         )
 
 
-def open_run(run: str | os.PathLike, check_weights: bool = True) -> tuple[Explanation, Transformer, Path]:
-    """Load a run with the model it explains, refusing if the model's weights changed since."""
+def open_run(
+    run: str | os.PathLike, check_weights: bool = True, dtype: str | None = None
+) -> tuple[Explanation, Transformer, Path]:
+    """Load a run with the model it explains, refusing if the model's weights changed since; the
+    model in ``dtype`` (default: the dtype the run was trained in)."""
     expl = load(run)
-    net, folder = run_model(expl, check_weights)
+    net, folder = run_model(expl, check_weights, dtype)
     return expl, net, folder
 
 
@@ -343,11 +348,20 @@ def check_run_units(run: str | os.PathLike, units: str) -> None:
 
 
 def evaluate(
-    run: str | os.PathLike, task: str | os.PathLike | None = None, ablation: str | None = None
+    run: str | os.PathLike,
+    task: str | os.PathLike | None = None,
+    ablation: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Re-measure a saved explanation on held-out prompts (optionally another task or ablation)."""
-    expl, net, folder = open_run(run)
-    return {"run": str(run), **evaluate_explanation(expl, net, run_task(expl, folder, task), ablation)}
+    """Re-measure a saved explanation on held-out prompts (optionally another task, ablation or
+    ``dtype`` of the model; by default the run's own)."""
+    expl, net, folder = open_run(run, dtype=dtype)
+    result = evaluate_explanation(expl, net, run_task(expl, folder, task), ablation)
+    return {"run": str(run), **result, "dtype": _dtype_of(net)}
+
+
+def _dtype_of(net: Transformer) -> str:
+    return str(net.W_E.dtype)
 
 
 def attack_run(
@@ -360,12 +374,14 @@ def attack_run(
     save: bool = True,
     adversary_basis: str = "own",
     progress: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """:func:`attack_explanation` on a run folder; writes ``attack.json`` into it (atomically).
+    The model runs in ``dtype`` (default: the dtype the run was trained in).
 
     While it runs it holds the run's lock, so it never writes into a run being replaced.
     """
-    expl, net, folder = open_run(run)
+    expl, net, folder = open_run(run, dtype=dtype)
     with runs.run_lock(run) if save else contextlib.nullcontext():
         result = {
             **attack_explanation(
@@ -380,6 +396,7 @@ def attack_run(
                 progress=progress,
             ),
             "run": str(run),
+            "dtype": _dtype_of(net),
         }
         if save:
             from explainer.models.native import write_json

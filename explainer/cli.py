@@ -52,6 +52,7 @@ def train(
     devices: int | None = setting_option("devices"),
     remat: bool | None = setting_option("remat"),
     shard_weights: bool | None = setting_option("shard_weights"),
+    dtype: str | None = setting_option("dtype"),
     distributed: bool = typer.Option(
         False, "--distributed", help="Join a multi-host JAX cluster first (jax.distributed; see docs/guide.md)."
     ),
@@ -113,12 +114,16 @@ def _in_loop_adversary(name: str | None, basis: str | None) -> Any:
     return make_adversary("learned", basis=basis)
 
 
+RUN_DTYPE = "The model's weights and activations: float32, bfloat16 or float16 (default: the run's own dtype)."
+
+
 @app.command("eval")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run folder."),
     task: str | None = typer.Option(None, "--task", "-t", help="Evaluate on another prompts file or task."),
     ablation: str | None = typer.Option(None, "--ablation", help="Evaluate under another ablation."),
     truth: bool = typer.Option(False, "--truth", help="Score kept units against the model's ground truth."),
+    dtype: str | None = typer.Option(None, "--dtype", help=RUN_DTYPE),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Re-measure a saved explanation on held-out prompts."""
@@ -126,7 +131,7 @@ def evaluate_cmd(
     from explainer.metrics import truth_scores
     from explainer.zoo import load_truth
 
-    result = evaluate(run, task, ablation)
+    result = evaluate(run, task, ablation, dtype)
     f = result["faithfulness"]
     text = (
         f"{run}: size {result['size']}, ablation {result['ablation']}, task {result['task']}\n"
@@ -169,6 +174,7 @@ def attack(
         None, "--units", help="dims or edges: the run's units (checked; a run is attacked in the units it has)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Say each method as it starts (stderr)."),
+    dtype: str | None = typer.Option(None, "--dtype", help=RUN_DTYPE),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
     """Attack an explanation: re-include up to K excluded units (dimensions or edges) to move its predictions;
@@ -178,7 +184,9 @@ def attack(
     if units is not None:
         check_run_units(run, units)
 
-    result = attack_run(run, budget, method, seed, divergence, adversary_basis=adversary_basis, progress=progress)
+    result = attack_run(
+        run, budget, method, seed, divergence, adversary_basis=adversary_basis, progress=progress, dtype=dtype
+    )
     gap = result["gap"]
     lines = [
         result["verdict_text"],
@@ -331,6 +339,7 @@ def sweep(
     devices: int | None = setting_option("devices"),
     remat: bool | None = setting_option("remat"),
     shard_weights: bool | None = setting_option("shard_weights"),
+    dtype: str | None = setting_option("dtype"),
     units: str | None = setting_option("units"),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder to write (required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder."),

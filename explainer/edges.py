@@ -204,7 +204,7 @@ def run(
         if m is None:
             x = _plus(own.sum(-2), bias)
             return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], shape[0], x.shape[-1])) if shape else x
-        repl = replacement[WRITERS][..., : len(writes), :]
+        m, repl = m.astype(own.dtype), replacement[WRITERS][..., : len(writes), :].astype(own.dtype)  # --dtype
         if shape:
             m = m.reshape(shape)
             return _plus(jnp.einsum("bpwd,hw->bphd", own, m) + jnp.einsum("bpwd,hw->bphd", repl, 1.0 - m), bias)

@@ -27,13 +27,15 @@ from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
 from explainer.tasks.base import Batch
+from explainer.train.config import check_dtype
 from explainer.verdicts import attack_verdict, faithfulness_warnings
 from explainer.zoo import resolve_model
 
 
-def run_model(expl: Any, check_weights: bool = True) -> tuple[Transformer, Path]:
+def run_model(expl: Any, check_weights: bool = True, dtype: str | None = None) -> tuple[Transformer, Path]:
     """The model a saved explanation explains (with its rewrites), and the model's folder; refuses
-    when the model is gone or its weights changed since the run was trained."""
+    when the model is gone or its weights changed since the run was trained. Its weights are in
+    ``dtype``, by default the one the run was trained in (float32 for runs that record none)."""
     run = expl.path
     name, path = expl.model.get("name"), expl.model.get("path")
     if not name and not path:
@@ -51,7 +53,8 @@ def run_model(expl: Any, check_weights: bool = True) -> tuple[Transformer, Path]
             f"the weights in {str(folder)!r} changed since run {str(run)!r} was trained (sha256 differs); "
             "retrain the explanation on the current weights"
         )
-    net = rewrites.from_tensors(load_model(folder), expl.config.get("rewrites"), expl.rewrites or {}, str(run))
+    dtype = check_dtype(dtype or expl.config.get("dtype", "float32"))
+    net = rewrites.from_tensors(load_model(folder, dtype), expl.config.get("rewrites"), expl.rewrites or {}, str(run))
     if expl.config.get("units", "dims") == "edges":
         _check_edge_run(expl, net, run, folder)
         return net, folder

@@ -28,15 +28,22 @@ Mask = dict[str, Float[Array, " units"]]
 class Basis(eqx.Module):
     """How a site's residual is cut into units."""
 
-    def mix(self, h: Float[Array, "*b d"], r: Float[Array, "*b d"], keep: Float[Array, " d"]):
-        """``B (keep ⊙ Bᵀh + (1 − keep) ⊙ Bᵀr)``: kept units from ``h``, the rest from ``r``."""
+    def mix(self, h: Float[Array, "*b d"], r: Float[Array, "*b d"], keep: Float[Array, "..."]):
+        """``B (keep ⊙ Bᵀh + (1 − keep) ⊙ Bᵀr)``: kept units from ``h``, the rest from ``r``
+        (``keep``: one per unit, per position and unit, or one broadcast over ``d``).
+
+        Computed in float32, the mask's and the basis's precision, and returned in ``h``'s dtype
+        (a bfloat16 model's activations: ``--dtype``); keep=1 still returns ``h`` exactly."""
+        return self._mix(h.astype(jnp.float32), r.astype(jnp.float32), keep).astype(h.dtype)
+
+    def _mix(self, h, r, keep):
         raise NotImplementedError
 
 
 class StandardBasis(Basis):
     """Units are residual dimensions. Exact at both ends: keep=1 gives ``h``, keep=0 gives ``r``."""
 
-    def mix(self, h, r, keep):
+    def _mix(self, h, r, keep):
         return keep * h + (1.0 - keep) * r
 
 
@@ -48,7 +55,7 @@ class OrthogonalBasis(Basis):
 
     matrix: Float[Array, "d d"]
 
-    def mix(self, h, r, keep):
+    def _mix(self, h, r, keep):
         return h + ((1.0 - keep) * ((r - h) @ self.matrix)) @ self.matrix.T
 
 
@@ -72,7 +79,7 @@ class LearnedBasis(Basis):
         rotation = jax.scipy.linalg.expm(self.skew - self.skew.T)
         return jax.lax.stop_gradient(self.start) @ rotation
 
-    def mix(self, h, r, keep):
+    def _mix(self, h, r, keep):
         b = self.matrix
         return h + ((1.0 - keep) * ((r - h) @ b)) @ b.T
 

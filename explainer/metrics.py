@@ -1,4 +1,5 @@
-"""Divergences and task metrics. Everything reads the logits at the last position.
+"""Divergences and task metrics. Everything reads the logits at the last position, in float32
+(a bfloat16 model's logits are cast first).
 
 - ``kl``: KL(full ‖ scrubbed) per example, in nats; reported as mean, p90, p99 and max, since a
   mean can hide a few prompts where the explanation fails badly.
@@ -25,8 +26,8 @@ def kl_divergence(ref: Logits, other: Logits) -> Float[Array, " batch"]:
     >>> float(kl_divergence(x, x)[0])
     0.0
     """
-    ref_logp = jax.nn.log_softmax(ref, axis=-1)
-    logp = jax.nn.log_softmax(other, axis=-1)
+    ref_logp = jax.nn.log_softmax(ref.astype(jnp.float32), axis=-1)  # float32 whatever the model's dtype
+    logp = jax.nn.log_softmax(other.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
 
 
@@ -45,6 +46,7 @@ def logit_diff(
     logits: Logits, answers: Int[Array, "batch n_answers"], wrong: Int[Array, "batch n_wrong"]
 ) -> Float[Array, " batch"]:
     """Mean answer logit minus mean wrong-answer logit, per example."""
+    logits = logits.astype(jnp.float32)
     right = jnp.take_along_axis(logits, answers, axis=-1).mean(-1)
     return right - jnp.take_along_axis(logits, wrong, axis=-1).mean(-1)
 
@@ -70,7 +72,7 @@ def task_loss(logits: Float[Array, "batch vocab"], answers: Int[Array, "batch n_
     >>> round(float(task_loss(jnp.array([[0.0, 0.0]]), jnp.array([[0]]))[0]), 4)
     0.6931
     """
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jax.scipy.special.logsumexp(jnp.take_along_axis(logp, answers, axis=-1), axis=-1)
 
 

@@ -206,7 +206,8 @@ def _swap(model: Transformer, layer: int, w, b, form: str) -> Transformer:
     mlp = model.blocks[layer].mlp
     kind = next(k for k in _REWRITE_OF if isinstance(mlp, k))  # an MLP or a gated MLP, rewritten or not
     own = {f.name: getattr(mlp, f.name) for f in dataclasses.fields(kind)}
-    new = _REWRITE_OF[kind](**own, W_f=jnp.asarray(w), b_f=jnp.asarray(b), form=form)
+    w, b = jnp.asarray(w, mlp.W_in.dtype), jnp.asarray(b, mlp.W_in.dtype)  # f in the model's dtype (--dtype)
+    new = _REWRITE_OF[kind](**own, W_f=w, b_f=b, form=form)
     return eqx.tree_at(lambda m: m.blocks[layer].mlp, model, new)
 
 

@@ -85,7 +85,8 @@ def broadcast_constants(constants: SiteMeans, n: int) -> Replacement:
 
 
 def last(logits: Float[Array, "batch seq vocab"]) -> Float[Array, "batch vocab"]:
-    return logits[:, -1, :]
+    """The last position's logits, in float32 (what every loss and score reads, whatever the model's dtype)."""
+    return logits[:, -1, :].astype(jnp.float32)
 
 
 def scrubbed_logits(
@@ -272,7 +273,8 @@ def cache_bytes(scrubber: Scrubber, data: Batch) -> int:
     n, seq = data.clean.shape
     cfg = scrubber.model.config
     per_position = len(edges.writer_names(cfg)) if scrubber.units == "edges" else len(scrubber.sites)
-    return 4 * n * (seq * cfg.d_model * per_position + cfg.vocab_out)
+    itemsize = scrubber.model.W_E.dtype.itemsize  # the residuals': the model's dtype; logits: float32
+    return n * (itemsize * seq * cfg.d_model * per_position + 4 * cfg.vocab_out)
 
 
 def build_cache(scrubber: Scrubber, data: Batch, chunk: int = 256) -> ReferenceCache:
@@ -309,7 +311,7 @@ def site_means(
             if padded:  # zero the padding positions: [batch, seq] -> broadcast over the trailing axes
                 real = (part >= 0).reshape(*part.shape, *(1,) * (h.ndim - 2))
                 h = jnp.where(real, h, 0.0)
-            totals[site] = totals.get(site, 0.0) + h.sum(0)
+            totals[site] = totals.get(site, 0.0) + h.sum(0, dtype=jnp.float32)  # float32 means, whatever the model's
     if not padded:
         return {site: total / tokens.shape[0] for site, total in totals.items()}
     counts = (tokens >= 0).sum(0).astype(jnp.float32)

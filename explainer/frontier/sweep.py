@@ -290,7 +290,7 @@ def prepare(
     folder = resolve_model(model)
     runtime = config.runtime  # --shard-weights: the weights live split from here on (explainer.parallel)
     net = data_parallel(runtime.devices, config.optimiser.batch_size, runtime.shard_weights).shard_model(
-        load_model(folder)
+        load_model(folder, config.dtype)
     )
     the_task = resolve_task(task, folder)
     the_task.check(net.config)

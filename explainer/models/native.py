@@ -40,6 +40,7 @@ import os
 import threading
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,8 +96,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def from_state_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str = "weights") -> Transformer:
-    """Build a :class:`Transformer` from TransformerLens-named tensors, validating every one."""
+def from_state_dict(
+    cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str = "weights", dtype: str = "float32"
+) -> Transformer:
+    """Build a :class:`Transformer` from TransformerLens-named tensors, validating every one;
+    its weights in ``dtype`` (``float32``, ``bfloat16`` or ``float16``)."""
     shapes = expected_shapes(cfg)
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
@@ -128,6 +132,9 @@ def from_state_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: st
         value = value.astype(np.float32)
         if not np.isfinite(value).all():
             raise ExplainerError(f"{source}: tensor {name!r} holds NaN or inf values; the weights are corrupt")
+        value = value.astype(jnp.dtype(dtype))
+        if dtype != "float32" and not np.isfinite(value.astype(np.float32)).all():
+            raise ExplainerError(f"{source}: tensor {name!r} overflows {dtype}; load the model as bfloat16 or float32")
         arrays[name] = jnp.asarray(value)
     return _assemble(cfg, arrays)
 
@@ -233,8 +240,24 @@ def init_random(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Transfor
     return from_state_dict(cfg, tensors, source="random init")
 
 
-def load_model(folder: str | os.PathLike) -> Transformer:
-    """Load a model folder in the native format.
+def cast_model(model: Transformer, dtype: str = "float32") -> Transformer:
+    """``model`` with its weights in ``dtype``; its activations follow them (``--dtype``).
+
+    >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True)
+    >>> net = cast_model(init_random(cfg, jax.random.key(0)), "bfloat16")
+    >>> str(net.W_E.dtype), str(net(jnp.zeros((1, 2), int)).dtype)
+    ('bfloat16', 'bfloat16')
+    """
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+        return x.astype(target) if eqx.is_inexact_array(x) and x.dtype != target else x
+
+    return jax.tree.map(cast, model)
+
+
+def load_model(folder: str | os.PathLike, dtype: str = "float32") -> Transformer:
+    """Load a model folder in the native format, its weights in ``dtype`` (:func:`cast_model`).
 
     >>> import tempfile, jax
     >>> cfg = ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=4, attn_only=True)
@@ -265,7 +288,7 @@ def load_model(folder: str | os.PathLike) -> Transformer:
             f"{weights_path} is not a readable safetensors file ({err}); the file is truncated or "
             "corrupt: write it again"
         ) from None
-    return from_state_dict(cfg, tensors, source=str(weights_path))
+    return from_state_dict(cfg, tensors, source=str(weights_path), dtype=dtype)
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -70,6 +70,7 @@ class Rotary(eqx.Module):
             theta = jnp.asarray(inverse_frequencies(self.dim, self.base, self.ntk))
             freqs = positions.astype(jnp.float32)[..., None, None] * theta  # [batch, seq, 1, planes]
             cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)  # a bfloat16 model's (--dtype)
         turn, rest = x[..., : self.dim], x[..., self.dim :]
         if self.adjacent_pairs:
             a, b = turn[..., 0::2], turn[..., 1::2]

@@ -12,8 +12,10 @@ The groups follow what a setting changes, so that an illegal combination cannot 
   only), so an edge run with a basis cannot be written.
 - ``finishing`` (:class:`Finishing`): the passes after training (:mod:`explainer.finish`).
 - ``runtime`` (:class:`Runtime`): checkpoints, devices, sharded weights, rematerialisation; never the result.
-- ``ablation`` and ``adversary_weight`` stay at the top: they shape the objective whatever the
-  penalty and the units are.
+- ``ablation``, ``adversary_weight`` and ``dtype`` stay at the top: they shape the objective (or,
+  ``dtype``, the precision of the model it is computed on) whatever the penalty and the units are.
+  ``dtype`` is not a :class:`Runtime` setting because it changes the numbers, so it may change the
+  explanation; ``eval`` and ``attack`` of a saved run use the dtype it records.
 
 Each group checks itself when built. Flat names (``steps``, ``lam``, ``basis``...) remain the
 keywords of :func:`explainer.explain`, the keys of saved run records and the CLI's flags:
@@ -35,6 +37,8 @@ from typing import Any, ClassVar
 
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.scrub import check_ablation, check_units
+
+DTYPES = ("float32", "bfloat16", "float16")  # the model's weights and activations; masks and losses: float32
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory: Any = None) -> Any:
@@ -291,6 +295,11 @@ class TrainConfig:
     )
     finishing: Finishing = setting(help="The passes after training (KL-budget mode).", factory=Finishing)
     runtime: Runtime = setting(help="Checkpoints, devices and memory; never the result.", factory=Runtime)
+    dtype: str = setting(
+        "float32",
+        "The model's weights and activations: float32 (default), bfloat16 or float16 (half the memory; "
+        "gates, masks and losses stay float32).",
+    )
 
     def __post_init__(self) -> None:
         for name, kinds in GROUPS.items():
@@ -305,6 +314,7 @@ class TrainConfig:
         check_ablation(self.ablation)
         if not _number(self.adversary_weight) or self.adversary_weight < 0:
             _fail("adversary_weight", "a finite number >= 0", self.adversary_weight)
+        check_dtype(self.dtype)
 
     @classmethod
     def of(cls, **settings: Any) -> TrainConfig:
@@ -348,6 +358,7 @@ class TrainConfig:
     def settings(self) -> dict[str, Any]:
         """The flat settings this config holds (its penalty's one number, its kind of units' own)."""
         out: dict[str, Any] = {"ablation": self.ablation, "adversary_weight": self.adversary_weight}
+        out["dtype"] = self.dtype
         for group in GROUPS:
             out |= dataclasses.asdict(getattr(self, group))
         out["units"] = self.units.kind
@@ -365,6 +376,7 @@ class TrainConfig:
     def to_tables(self) -> dict[str, Any]:
         """The TOML form: one table per group, unset (``None``) settings left out."""
         tables: dict[str, Any] = {"ablation": self.ablation, "adversary_weight": self.adversary_weight}
+        tables["dtype"] = self.dtype
         for group in GROUPS:
             values = dataclasses.asdict(getattr(self, group))
             if group == "units":
@@ -383,12 +395,13 @@ PLACE: dict[str, str | None] = {
     "units": "units",
     "ablation": None,
     "adversary_weight": None,
+    "dtype": None,
 }
 FLAT_NAMES = (  # the order of the saved records' keys
     *("steps", "batch_size", "lr", "ablation", "kl_budget", "lam", "target_size", "init_lambda", "dual_lr"),
     *("init_logit", "sites", "adversary_weight", "repair", "trim", "trim_ld_floor", "trim_refit_steps"),
-    *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat"),
-    *("shard_weights", "basis", "basis_lr", "positional", "units", "rewrites"),
+    *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat", "basis", "basis_lr"),
+    *("positional", "units", "rewrites", "dtype", "shard_weights"),
 )
 assert set(FLAT_NAMES) == set(PLACE), "every flat setting has one place"
 
@@ -407,6 +420,19 @@ def _check_names(settings: dict[str, Any]) -> None:
 def flag(name: str) -> str:
     """The CLI flag of flat setting ``name`` (``lam``: ``--lambda``)."""
     return setting_field(name).metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def check_dtype(dtype: Any) -> str:
+    """``dtype`` if it is one of :data:`DTYPES`, else an error naming them.
+
+    >>> check_dtype("float8")
+    Traceback (most recent call last):
+    ...
+    explainer.errors.ExplainerError: setting 'dtype' must be one of float32, bfloat16, float16, got 'float8'
+    """
+    if dtype not in DTYPES:
+        _fail("dtype", "one of " + ", ".join(DTYPES), dtype)
+    return dtype
 
 
 def _penalty(given: dict[str, Any]) -> Penalty:

@@ -70,7 +70,7 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Tables as flat settings, each key checked against its own table."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("ablation", "adversary_weight"):
+        if PLACE.get(key, "") is None:  # ablation, adversary_weight, dtype: no table of their own
             flat[key] = value
             continue
         if key not in GROUPS:
