@@ -71,14 +71,19 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def four_devices():
+def _on_four_devices(script: str, *args) -> dict:
+    """Run ``script`` in a fresh interpreter that sees 4 CPU devices; return the JSON it prints last."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-c", FOUR_DEVICES, str(STEPS)], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    return _on_four_devices(FOUR_DEVICES, STEPS)
 
 
 @pytest.mark.slow
@@ -144,12 +149,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded_weights():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED_WEIGHTS, "100"], capture_output=True, text=True, env=env, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _on_four_devices(SHARDED_WEIGHTS, 100)
 
 
 @pytest.mark.slow
