@@ -8,6 +8,7 @@ resampled activation is the one the counterfactual has alone, unpadded.
 from __future__ import annotations
 
 import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,8 @@ def longer_corrupt_prompts(n: int, seed: int = 0) -> dict:
 
 def test_lengths_that_differ_need_positions_end():
     pair = {"clean": [1, 2, 3], "corrupt": [4, 5, 6, 7], "answers": [1], "wrong_answers": [2]}
-    with pytest.raises(ExplainerError, match=r"prompt 0: 'corrupt' has 4 tokens but 'clean' has 3; .*\"positions\": \"end\""):
+    refused = r"prompt 0: 'corrupt' has 4 tokens but 'clean' has 3; .*\"positions\": \"end\" at the top"
+    with pytest.raises(ExplainerError, match=refused):
         parse_prompts({"prompts": [pair]})
     with pytest.raises(ExplainerError, match="'positions' is 'ends'; did you mean 'end'"):
         parse_prompts({"prompts": [pair], "positions": "ends"})

@@ -45,13 +45,13 @@ from explainer.tasks.text import NO_TOKENIZER, TextEncoder, has_text, tokenizer_
 
 _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
 SAME_LENGTH = (
-    "with \"positions\": \"start\" (the default) position i of one corresponds to position i of the other, so a "
+    'with "positions": "start" (the default) position i of one corresponds to position i of the other, so a '
     "counterfactual must have its clean prompt's length; if positions correspond counted from the end (the last "
-    "token to the last), say so with \"positions\": \"end\" at the top of the file, and a counterfactual may then "
+    'token to the last), say so with "positions": "end" at the top of the file, and a counterfactual may then '
     "be longer than its clean prompt"
 )
 NOT_SHORTER = (
-    "with \"positions\": \"end\" positions correspond counted from the end, so a counterfactual may be longer "
+    'with "positions": "end" positions correspond counted from the end, so a counterfactual may be longer '
     "than its clean prompt but not shorter: the clean prompt's first {missing} position(s) would have nothing to be "
     "resampled from; give a counterfactual at least as long (e.g. with more leading context)"
 )
@@ -75,7 +75,7 @@ def _positions(data: dict, source: str) -> str:
     if positions not in POSITIONS:
         raise ExplainerError(
             f"{source}: 'positions' is {positions!r}; {did_you_mean(str(positions), POSITIONS)} (\"start\": "
-            "position i of a counterfactual stands for position i of its clean prompt; \"end\": counted from the end)"
+            'position i of a counterfactual stands for position i of its clean prompt; "end": counted from the end)'
         )
     return positions
 
