@@ -275,8 +275,11 @@ def prompt_scores(
 
 
 def _narrow(batch: Batch) -> Batch:
-    """``batch`` without the leading columns that are padding in every prompt."""
+    """``batch`` without the leading columns that are padding in every prompt and counterfactual (one
+    longer than its clean prompt, under ``"positions": "end"``, keeps its own first tokens)."""
     cut = leading_padding(batch.clean)
+    if batch.corrupt is not None:
+        cut = min(cut, leading_padding(batch.corrupt))
     if not cut:
         return batch
     corrupt = None if batch.corrupt is None else batch.corrupt[:, cut:]

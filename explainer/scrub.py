@@ -17,7 +17,10 @@ With every mask all ones the scrubbed model is the full model, bit for bit; with
 mask all zeros it is the full model on the resample input.
 
 Prompts of different lengths are left-padded (:mod:`explainer.models.padding`): every prompt ends
-at the last position, the one the metrics read, and a counterfactual has its clean prompt's length.
+at the last position, the one the metrics read. A counterfactual has its clean prompt's length, or
+(``"positions": "end"``, :mod:`explainer.tasks.prompts`) is longer: its run is its own (its own
+padding, positions counted from its own first token), and a clean position reads the counterfactual's
+activation at the same place counted from the end, which left padding puts in the same column.
 
 With ``units="edges"`` a unit is a writer into a reader instead of a residual dimension
 (:mod:`explainer.edges`): the replacement then holds every writer's output, ``{"writers": ...}``.

@@ -115,3 +115,46 @@ def test_every_lib_function_has_a_recipe():
 
     functions = {n for n, f in vars(lib).items() if inspect.isfunction(f) and f.__module__ == lib.__name__}
     assert functions == set(RECIPES) | set(UNSUPPORTED)
+
+
+def test_a_length_program_gets_prompts_of_several_lengths(tmp_path):
+    """make_length answers the same for every input of one length: it is imported with prompts of
+    every length, left-padded, each counterfactual at least as long ("positions": "end"), and a
+    ground truth as sound as the shipped programs'."""
+    from tracr.compiler import lib
+    from tracr.rasp import rasp
+
+    from explainer.metrics import accuracy
+    from explainer.models.padding import PAD, lengths
+
+    out = tmp_path / "length"
+    proc = cli("zoo", "import-tracr", "length", out, "--max-seq-len", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["accuracy"] == 1.0 and result["prompts"] == 512 and result["note"] is None
+    assert result["truth_labels"] == {
+        "blocks.0.attn.in": ["tokens:BOS", "tokens:a", "tokens:b", "tokens:c"],  # the BOS is where the length is read
+        "blocks.0.mlp.in": ["length_1_selector_width_attn_output"],
+        "unembed.in": ["length_1:1", "length_1:2", "length_1:3", "length_1:4"],
+    }
+    card = json.loads((out / "card.json").read_text())
+    assert card["tracr"]["prompt_lengths"] == [1, 2, 3, 4] and card["tracr"]["positions"] == "end"
+    assert card["accuracy"] == 1.0 and card["tracr"]["truth_labels"] == result["truth_labels"]
+    assert json.loads((out / "prompts.json").read_text())["positions"] == "end"
+
+    model, batch = load_model(out), resolve_task(None, out).batch
+    assert batch.positions == "end"
+    clean, corrupt = np.asarray(lengths(batch.clean)), np.asarray(lengths(batch.corrupt))
+    assert set(clean.tolist()) == {2, 3, 4} and (corrupt > clean).all()  # BOS and 1-3 tokens, longer counterfactuals
+    logits = model(batch.clean)
+    assert float(accuracy(logits[:, -1], batch.answers, batch.wrong_answers)) == 1.0
+    # every real position after BOS decodes to the program's own output there, padded as the prompt is
+    tokens = card["tracr"]["tokens"]
+    for row, decoded in zip(np.asarray(batch.clean)[:40], np.asarray(logits.argmax(-1))[:40], strict=True):
+        word = [tokens[t] for t in row if t != PAD][1:]
+        expected = rasp.evaluate(lib.make_length(), word)
+        assert [card["tracr"]["outputs"][k] for k in decoded[-len(word) :]] == [str(v) for v in expected]
+
+    result = check(model, batch, load_truth(out))
+    assert result["kl_max"] < 1e-6 and result["add_max"] < 1e-6
+    assert result["drop_min"] > 5 * KL_BUDGET, result["drop"]

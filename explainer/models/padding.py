@@ -2,7 +2,8 @@
 
 A batch of prompts is one ``[batch, seq]`` array of token ids; a prompt shorter than ``seq`` is
 *left-padded* with :data:`PAD` (``-1``, never a token id). So every prompt ends at the last position,
-which every metric reads, and a prompt and its counterfactual of equal length stay aligned.
+which every metric reads, and a prompt and its counterfactual stay aligned counted from the end (of
+equal length, or a longer counterfactual under ``"positions": "end"``, :mod:`explainer.tasks.prompts`).
 The forward pass finds the padding in the tokens themselves (:func:`pad_counts`): real queries never
 attend to padding, and positions (learned or rotary) count from each prompt's first real token, so a
 prompt's logits are the same alone or padded among longer ones. A batch without padding computes

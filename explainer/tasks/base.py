@@ -4,7 +4,12 @@ A task hands out prompts as a :class:`Batch`: ``clean`` tokens, ``corrupt`` toke
 counterfactual inputs, or ``None`` when the task has none and a permutation of the batch stands in),
 and the ``answers`` / ``wrong_answers`` whose logits the metrics compare at the last position.
 Prompts of different lengths are left-padded with ``-1`` (:mod:`explainer.models.padding`), so the
-last position is every prompt's own last token.
+last position is every prompt's own last token. ``positions`` says which positions of a prompt and
+its counterfactual correspond: ``"start"`` (the default: position ``i`` of one is position ``i`` of
+the other, so the two have one length) or ``"end"`` (counted from the end: the last is the last, and
+a counterfactual may be longer than its clean prompt, never shorter). Left padding aligns the ends,
+so both are the same arrays: ``clean`` and ``corrupt`` share one width and each prompt's activation
+at a padded position is its own at that place counted from its end.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ from jaxtyping import Array, Int
 
 from explainer.models.config import ModelConfig
 
+POSITIONS = ("start", "end")  # which positions of a prompt and its counterfactual correspond
+
 
 class Batch(eqx.Module):
-    """Prompts as arrays (left-padded with ``-1``). Metrics read the logits at the last position."""
+    """Prompts as arrays (left-padded with ``-1``). Metrics read the logits at the last position.
+    ``positions``: which positions of ``clean`` and ``corrupt`` correspond (see the module docstring)."""
 
     clean: Int[Array, "batch seq"]
     corrupt: Int[Array, "batch seq"] | None
     answers: Int[Array, "batch n_answers"]
     wrong_answers: Int[Array, "batch n_wrong"]
+    positions: str = eqx.field(static=True, default="start")
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])

@@ -2,13 +2,25 @@
 
 Format (the one auto-circuit reads, so the same file can feed a peer tool)::
 
-    {"prompts": [{"clean": [ints], "corrupt": [ints], "answers": [int], "wrong_answers": [int]}]}
+    {"prompts": [{"clean": [ints], "corrupt": [ints], "answers": [int], "wrong_answers": [int]}],
+     "positions": "start"}
 
 - prompts may have different lengths: they are left-padded (:mod:`explainer.models.padding`), so
-  each ends at the last position, which the metrics read; a ``corrupt`` prompt has its ``clean``
-  prompt's length (position ``i`` of one corresponds to position ``i`` of the other);
-  ``corrupt`` may be left out of every prompt, and then the batch's prompts of the same length
-  are the resample source;
+  each ends at the last position, which the metrics read; ``corrupt`` may be left out of every
+  prompt, and then the batch's prompts of the same length are the resample source;
+- ``positions`` (optional, at the top) says which positions of a ``clean`` prompt and its
+  ``corrupt`` counterfactual correspond, and so where resampling reads:
+
+  - ``"start"`` (the default): position ``i`` of one is position ``i`` of the other, so the two
+    must have one length (a mismatch is refused, naming the prompt);
+  - ``"end"``: positions correspond counted from the end (the last is the last, the one before it
+    the one before it, ...), so a ``corrupt`` may be *longer* than its ``clean`` prompt: its extra
+    leading tokens are context of its own run, which no clean position reads. It may not be
+    shorter: the clean prompt's first positions would have no counterpart, and every resampled
+    value must be one the model computes on a real token of the counterfactual (padding's
+    activations are an artefact of the implementation; keeping the clean value there would hide
+    those units from the explanation, zeroing them would leave the model's inputs). A shorter one
+    is refused, naming the prompt;
 - every prompt has the same number of ``answers`` and the same number of ``wrong_answers``
   (at least one each); the metrics compare their mean logits at the last position;
 - with a model folder that holds a ``tokenizer.json``, ``clean`` and ``corrupt`` may be strings
@@ -25,13 +37,47 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from explainer.errors import ExplainerError
+from explainer.errors import ExplainerError, did_you_mean
 from explainer.models.config import ModelConfig
-from explainer.models.padding import PAD, pad_left
-from explainer.tasks.base import Batch
+from explainer.models.padding import PAD, lengths, pad_left
+from explainer.tasks.base import POSITIONS, Batch
 from explainer.tasks.text import NO_TOKENIZER, TextEncoder, has_text, tokenizer_of
 
 _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
+SAME_LENGTH = (
+    'with "positions": "start" (the default) position i of one corresponds to position i of the other, so a '
+    "counterfactual must have its clean prompt's length; if positions correspond counted from the end (the last "
+    'token to the last), say so with "positions": "end" at the top of the file, and a counterfactual may then '
+    "be longer than its clean prompt"
+)
+NOT_SHORTER = (
+    'with "positions": "end" positions correspond counted from the end, so a counterfactual may be longer '
+    "than its clean prompt but not shorter: the clean prompt's first {missing} position(s) would have nothing to be "
+    "resampled from; give a counterfactual at least as long (e.g. with more leading context)"
+)
+
+
+def corrupt_length_error(clean: int, corrupt: int, positions: str) -> str | None:
+    """Why a counterfactual of ``corrupt`` tokens cannot stand for a clean prompt of ``clean`` tokens
+    under ``positions``, or ``None`` when it can.
+
+    >>> corrupt_length_error(3, 4, "end") is None, corrupt_length_error(3, 4, "start") is None
+    (True, False)
+    """
+    if corrupt == clean or (positions == "end" and corrupt > clean):
+        return None
+    why = SAME_LENGTH if positions == "start" else NOT_SHORTER.format(missing=clean - corrupt)
+    return f"'corrupt' has {corrupt} tokens but 'clean' has {clean}; {why}"
+
+
+def _positions(data: dict, source: str) -> str:
+    positions = data.get("positions", "start")
+    if positions not in POSITIONS:
+        raise ExplainerError(
+            f"{source}: 'positions' is {positions!r}; {did_you_mean(str(positions), POSITIONS)} (\"start\": "
+            'position i of a counterfactual stands for position i of its clean prompt; "end": counted from the end)'
+        )
+    return positions
 
 
 def _int_list(value: Any, where: str, key: str) -> list[int]:
@@ -81,6 +127,10 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
     >>> parse_prompts({"prompts": [{"clean": [1, 2], "answers": [1], "wrong_answers": [3]},
     ...                            {"clean": [4], "answers": [1], "wrong_answers": [3]}]}).clean.tolist()
     [[1, 2], [-1, 4]]
+    >>> b = parse_prompts({"positions": "end", "prompts": [{"clean": [4], "corrupt": [1, 2], "answers": [1],
+    ...                                                     "wrong_answers": [3]}]})
+    >>> b.clean.tolist(), b.corrupt.tolist(), b.positions
+    ([[-1, 4]], [[1, 2]], 'end')
     """
     if not isinstance(data, dict) or "prompts" not in data:
         raise ExplainerError(
@@ -90,6 +140,7 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
     prompts = data["prompts"]
     if not isinstance(prompts, list) or not prompts:
         raise ExplainerError(f"{source} has no prompts; add at least two to 'prompts'")
+    positions = _positions(data, source)
     text = _encoder(prompts, tokenizer)
     why = "there is no tokenizer (the model folder has no tokenizer.json)"
     rows: dict[str, list[list[int]]] = {k: [] for k in _KEYS}
@@ -113,12 +164,9 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
             raise ExplainerError(f"{where}: 'clean' is empty")
         if not rows["answers"][-1] or not rows["wrong_answers"][-1]:
             raise ExplainerError(f"{where}: 'answers' and 'wrong_answers' need at least one token each")
-        if with_corrupt and len(rows["corrupt"][-1]) != len(rows["clean"][-1]):
-            raise ExplainerError(
-                f"{where}: 'corrupt' has {len(rows['corrupt'][-1])} tokens but 'clean' has {len(rows['clean'][-1])}; "
-                "a counterfactual must have the clean prompt's length (position i of one corresponds to "
-                "position i of the other)"
-            )
+        mismatch = with_corrupt and corrupt_length_error(len(rows["clean"][-1]), len(rows["corrupt"][-1]), positions)
+        if mismatch:
+            raise ExplainerError(f"{where}: {mismatch}")
     for key in ("answers", "wrong_answers"):
         lengths = sorted({len(r) for r in rows[key]})
         if len(lengths) > 1:
@@ -128,11 +176,13 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
                 f"from prompt 0); every prompt must give the same number of {key}"
             )
 
+    width = max(len(r) for r in rows["clean"] + rows["corrupt"])  # clean and corrupt share one width
+
     def arr(key: str, padded: bool = False):
-        return jnp.asarray(pad_left(rows[key]) if padded else np.asarray(rows[key], dtype=np.int32))
+        return jnp.asarray(pad_left(rows[key], width) if padded else np.asarray(rows[key], dtype=np.int32))
 
     corrupt = arr("corrupt", padded=True) if with_corrupt else None
-    return Batch(arr("clean", padded=True), corrupt, arr("answers"), arr("wrong_answers"))
+    return Batch(arr("clean", padded=True), corrupt, arr("answers"), arr("wrong_answers"), positions)
 
 
 def _check_padding(tokens: np.ndarray, key: str, source: str) -> np.ndarray:
@@ -157,6 +207,7 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
             f"{source}: the longest prompt has {seq} tokens but the model's context is n_ctx={config.n_ctx}; "
             "shorten the prompts"
         )
+    _check_corrupt_lengths(batch, source)
     checks = [
         ("clean", batch.clean, config.d_vocab),
         ("corrupt", batch.corrupt, config.d_vocab),
@@ -176,6 +227,23 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
                 f"{source}: prompt {i} has {key} token {int(tokens[i, j])}, out of the model's vocabulary "
                 f"(0..{vocab - 1}); the prompts were made for another model or tokenizer"
             )
+
+
+def _check_corrupt_lengths(batch: Batch, source: str) -> None:
+    """Raise unless every counterfactual's length fits its clean prompt's under ``batch.positions``
+    (a batch built in code, not read from a file, is held to the same rule)."""
+    if batch.corrupt is None:
+        return
+    if batch.corrupt.shape != batch.clean.shape:
+        raise ExplainerError(
+            f"{source}: 'clean' is {tuple(batch.clean.shape)} but 'corrupt' is {tuple(batch.corrupt.shape)}; "
+            "left-pad both to one width (explainer.models.padding.pad_left)"
+        )
+    clean, corrupt = np.asarray(lengths(batch.clean)), np.asarray(lengths(batch.corrupt))
+    for i in np.flatnonzero(clean != corrupt):
+        mismatch = corrupt_length_error(int(clean[i]), int(corrupt[i]), batch.positions)
+        if mismatch:
+            raise ExplainerError(f"{source}: prompt {i}: {mismatch}")
 
 
 def split(batch: Batch, heldout_fraction: float, seed: int = 0) -> tuple[Batch, Batch]:
@@ -246,4 +314,6 @@ def prompts_json(batch: Batch) -> dict[str, Any]:
         p["answers"] = np.asarray(batch.answers[i]).tolist()
         p["wrong_answers"] = np.asarray(batch.wrong_answers[i]).tolist()
         out.append(p)
+    if batch.positions != "start":  # the default is left out: files of equal-length pairs stay as they were
+        return {"prompts": out, "positions": batch.positions}
     return {"prompts": out}

@@ -31,12 +31,22 @@ Prompts: random inputs of one length (the longest up to ``max_seq_len`` at which
 each class of answer equally often; the counterfactual is another random input whose answer
 differs, and ``wrong_answers`` is that answer. Answers come from evaluating the RASP program itself
 (``rasp.evaluate``), so the card's accuracy measures the compiled model against the program.
+A program whose answer only varies with the input's length (``make_length``) gets inputs of every
+length up to ``max_seq_len`` instead, left-padded, each with a counterfactual of another answer at
+least as long, positions corresponding counted from the end (``"positions": "end"`` in
+``prompts.json``; ``tracr.prompt_lengths`` and ``tracr.positions`` on the card). Padding does not
+change the model's answers: positions count from each prompt's first real token, BOS, which so
+keeps position 0 and tracr's ``indices`` as in an unpadded input, and no real query attends to
+padding.
 
 Ground truth: per site, the dimensions the reader's weights read (tracr's craft blocks read only
 their input spaces, so these are the labelled spaces each attention/MLP reads), pruned by
 :func:`explainer.zoo.ground_truth.prune` to those that matter for the answer under resample
-ablation with the prompts' counterfactuals. Positions and the length are the same in every prompt
-and its counterfactual, so index-derived variables are idle for the task, and so is ``one``.
+ablation with the prompts' counterfactuals. For prompts of one length, positions and the length are
+the same in every prompt and its counterfactual, so index-derived variables are idle for the task,
+and so is ``one``. With counterfactuals of other lengths a clean position reads the counterfactual's
+residual at the same place counted from the end (for a longer one, not its BOS at the clean BOS),
+and the truth is what the answer needs under exactly that resampling.
 
 Programs are the functions of ``tracr.compiler.lib`` (``make_`` may be left out); those that need
 an input SOp get ``rasp.tokens``, other arguments get fixed values
@@ -89,14 +99,22 @@ def _card(name: str, compiled: Compiled, info: dict[str, Any] | None, truth, acc
         "versions": _versions(),
     }
     if info is not None:
-        tracr["prompt_length"] = info["length"]
+        if "length" in info:
+            tracr["prompt_length"] = info["length"]
+        else:  # several lengths, counterfactuals aligned at the end
+            tracr["prompt_lengths"], tracr["positions"] = info["lengths"], info["positions"]
         if info["readout"] is not None:
             tracr |= info["readout"]
     if truth is not None:
         tracr["truth_labels"] = {site: [labels[u] for u in units] for site, units in truth.items() if units}
     what = f"tracr-compiled RASP program {compiled.name} ({compiled.recipe.arguments}), vocab {list(compiled.vocab)}"
     if info is None:
-        what += "; no prompts: its answer at the last position is the same for every input of one length"
+        what += "; no prompts: its answer at the last position is the same for every input"
+    elif "lengths" in info:
+        what += (
+            f"; its answer only varies with the input's length: prompts of {min(info['lengths'])} to "
+            f"{max(info['lengths'])} tokens (and BOS), each counterfactual at least as long, aligned at the end"
+        )
     elif not compiled.categorical:
         what += f"; answer: is the value at the last position above {info['readout']['threshold']:.4g}"
     return {"name": name, "task": short, "kind": "tracr", "accuracy": accuracy, "description": what, "tracr": tracr}

@@ -2,6 +2,11 @@
 
 The answer is the RASP program's own output at the last position (``rasp.evaluate``). A numerical
 output becomes a class, above or below a threshold θ (see :mod:`explainer.zoo.tracr_import`).
+
+A program whose answer is the same for every input of one length (``make_length``) gets prompts of
+every length up to ``max_seq_len`` instead, left-padded: each counterfactual is an input of another
+answer *at least as long* as its clean prompt, and positions correspond counted from the end
+(``"positions": "end"``, :mod:`explainer.tasks.prompts`), so the last position is the last.
 """
 
 from __future__ import annotations
@@ -55,18 +60,29 @@ def _classes(compiled: Compiled, answers: list, readout: dict[str, float] | None
 
 
 def make_prompts(compiled: Compiled, n: int = N_PROMPTS, seed: int = 0) -> tuple[Batch, dict[str, Any]] | None:
-    """Prompts for the compiled program and how they were made, or ``None`` when no prompt length
-    gives two different answers at the last position (e.g. ``make_length``)."""
+    """Prompts for the compiled program and how they were made: inputs of the longest length at
+    which the answer at the last position varies (``{"length", "readout"}``), else, when only the
+    length changes it (e.g. ``make_length``), inputs of every length with counterfactuals at least
+    as long (``{"lengths", "positions": "end", "readout"}``); ``None`` when no input changes it."""
     rng = np.random.default_rng(seed)
+    pools = []
     for length in range(compiled.max_seq_len, 0, -1):
         inputs, answers = _pool(compiled, length, rng)
+        pools.append((inputs, answers))
         if len(set(answers)) < 2:
             continue
         readout = None if compiled.categorical else _threshold(answers)
         classes = _classes(compiled, answers, readout)
         batch = _sample(compiled, inputs, classes, n, rng)
         return batch, {"length": length, "readout": readout}
-    return None
+    inputs = [x for pool, _ in pools for x in pool]
+    answers = [a for _, pool in pools for a in pool]
+    if len(set(answers)) < 2:
+        return None
+    readout = None if compiled.categorical else _threshold(answers)
+    batch = _sample_lengths(compiled, inputs, _classes(compiled, answers, readout), n, rng)
+    lengths = sorted({len(x) for x in inputs})
+    return batch, {"lengths": lengths, "positions": "end", "readout": readout}
 
 
 def _sample(compiled: Compiled, inputs: list[tuple], classes: np.ndarray, n: int, rng) -> Batch:
@@ -87,3 +103,35 @@ def _sample(compiled: Compiled, inputs: list[tuple], classes: np.ndarray, n: int
         for i, j in zip(clean, corrupt, strict=True)
     ]
     return parse_prompts({"prompts": rows}, source=f"tracr {compiled.name} prompts")
+
+
+def _sample_lengths(compiled: Compiled, inputs: list[tuple], classes: np.ndarray, n: int, rng) -> Batch:
+    """``n`` prompts of several lengths: each clean answer class equally often, each with a
+    counterfactual of another class and at least the clean input's length (its class drawn evenly
+    from those that have one, so that long inputs, the most numerous, do not crowd out the rest).
+    A clean input with no input of another class at least as long (in ``make_length``, those of
+    ``max_seq_len`` tokens) is only a counterfactual."""
+    ids = compiled.token_ids
+    tokens = [[ids[compiled.bos]] + [ids[t] for t in x] for x in inputs]
+    size = np.asarray([len(x) for x in inputs])
+    reach = {k: set(classes[size >= k].tolist()) for k in set(size.tolist())}  # classes of inputs >= k long
+
+    def other_classes(i: int) -> list:
+        return sorted(reach[int(size[i])] - {int(classes[i])})
+
+    usable = np.asarray([bool(other_classes(i)) for i in range(len(inputs))])
+    by_class = {c: np.flatnonzero(usable & (classes == c)) for c in np.unique(classes[usable])}
+    rows = []
+    for c in rng.choice(sorted(by_class), size=n):
+        i = int(rng.choice(by_class[c]))
+        other = rng.choice(other_classes(i))
+        j = int(rng.choice(np.flatnonzero((classes == other) & (size >= size[i]))))
+        rows.append(
+            {
+                "clean": tokens[i],
+                "corrupt": tokens[j],
+                "answers": [int(classes[i])],
+                "wrong_answers": [int(classes[j])],
+            }
+        )
+    return parse_prompts({"prompts": rows, "positions": "end"}, source=f"tracr {compiled.name} prompts")

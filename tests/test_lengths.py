@@ -1,0 +1,131 @@
+"""Counterfactuals of another length (``"positions": "end"``) and tracr programs whose answer is a length.
+
+A clean prompt and its counterfactual correspond counted from the end: left padding puts both ends
+in the last column, and the counterfactual's run is its own (its padding, its positions), so every
+resampled activation is the one the counterfactual has alone, unpadded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from explainer import edges
+from explainer.errors import ExplainerError
+from explainer.models import ModelConfig, init_random
+from explainer.models.native import save_model
+from explainer.models.padding import length_groups, lengths
+from explainer.scrub import Scrubber, capture, scrubbed_logits
+from explainer.tasks import Batch, PromptsTask, parse_prompts, prompts_json
+
+ATOL = 1e-5
+SMALL = dict(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=20, n_ctx=16)
+LLAMA = dict(normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, act_fn="silu")
+CONFIGS = {"gpt2": ModelConfig(**SMALL), "llama-gqa": ModelConfig(**SMALL, **LLAMA, n_key_value_heads=2)}
+
+
+def longer_corrupt_prompts(n: int, seed: int = 0) -> dict:
+    """Clean prompts of 2-6 tokens, each with a counterfactual 0-3 tokens longer."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = 2 + i % 5
+        out.append(
+            {
+                "clean": rng.integers(0, 20, length).tolist(),
+                "corrupt": rng.integers(0, 20, length + i % 4).tolist(),
+                "answers": [1],
+                "wrong_answers": [2],
+            }
+        )
+    return {"prompts": out, "positions": "end"}
+
+
+def test_lengths_that_differ_need_positions_end():
+    pair = {"clean": [1, 2, 3], "corrupt": [4, 5, 6, 7], "answers": [1], "wrong_answers": [2]}
+    refused = r"prompt 0: 'corrupt' has 4 tokens but 'clean' has 3; .*\"positions\": \"end\" at the top"
+    with pytest.raises(ExplainerError, match=refused):
+        parse_prompts({"prompts": [pair]})
+    with pytest.raises(ExplainerError, match="'positions' is 'ends'; did you mean 'end'"):
+        parse_prompts({"prompts": [pair], "positions": "ends"})
+    shorter = {**pair, "clean": [1, 2, 3, 4, 5], "corrupt": [6, 7]}
+    with pytest.raises(ExplainerError, match=r"'corrupt' has 2 tokens but 'clean' has 5; .* first 3 position\(s\)"):
+        parse_prompts({"prompts": [pair, shorter], "positions": "end"})
+    data = {"prompts": [pair, {**pair, "clean": [8], "corrupt": [9]}], "positions": "end"}
+    batch = parse_prompts(data)
+    assert batch.positions == "end" and batch.clean.shape == batch.corrupt.shape == (2, 4)
+    assert batch.clean.tolist() == [[-1, 1, 2, 3], [-1, -1, -1, 8]] and batch.corrupt[1].tolist() == [-1, -1, -1, 9]
+    assert prompts_json(batch) == data  # the field round-trips; files without it are written without it
+    PromptsTask(batch).check(CONFIGS["gpt2"])
+    same = Batch(batch.clean, batch.corrupt, batch.answers, batch.wrong_answers)  # built in code: "start"
+    with pytest.raises(ExplainerError, match="prompt 0: 'corrupt' has 4 tokens but 'clean' has 3"):
+        PromptsTask(same).check(CONFIGS["gpt2"])
+
+
+@pytest.mark.parametrize(("name", "units"), [("llama-gqa", "dims"), ("gpt2", "edges")])
+def test_resampling_reads_the_counterfactual_alone(name, units):
+    """The replacement at a clean prompt's positions is the counterfactual's own activation there,
+    counted from the end, as the counterfactual computes it alone and unpadded; the scrubbed logits
+    of each prompt are those of scrubbing it alone against its counterfactual alone."""
+    model = init_random(CONFIGS[name], jax.random.key(1), std=0.3)
+    data = longer_corrupt_prompts(8)
+    batch = parse_prompts(data)
+    scrubber = Scrubber.build(model, batch, units=units)
+    full, repl = scrubber.reference(batch, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    keep = {s: jnp.asarray(rng.random(n) < 0.5, jnp.float32) for s, n in scrubber.n_units.items()}
+    scrubbed = np.asarray(eqx.filter_jit(scrubber.logits)(batch.clean, keep, repl))
+    run_alone = eqx.filter_jit(lambda tokens: capture(model, tokens, scrubber.sites, units)[1])  # jitted: faster
+    scrub_alone = eqx.filter_jit(edges.run if units == "edges" else scrubbed_logits)
+    for i in (1, 3, 6):  # counterfactuals 1, 3 and 2 tokens longer (the rest of the batch pads around them)
+        p, n = data["prompts"][i], len(data["prompts"][i]["clean"])
+        alone = run_alone(jnp.asarray([p["corrupt"]]))
+        for site, value in alone.items():  # the clean prompt's columns: its last n positions
+            np.testing.assert_allclose(repl[site][i, -n:], value[0, -n:], atol=ATOL, rtol=0, err_msg=site)
+        cut = {s: v[:, -n:] for s, v in alone.items()}
+        one = scrub_alone(model, jnp.asarray([p["clean"]]), keep, cut)
+        np.testing.assert_allclose(scrubbed[i], (one[0] if units == "edges" else one)[0, -1], atol=1e-4, rtol=0)
+    assert not np.allclose(scrubbed, np.asarray(full), atol=1e-3)  # the mask does replace something
+
+
+def test_length_groups_keep_a_longer_counterfactuals_first_tokens():
+    """Scoring in length groups narrows a group to its longest prompt *or counterfactual*, so a
+    counterfactual longer than every clean prompt of its group is not cut."""
+    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
+
+    data = longer_corrupt_prompts(24)
+    for i, p in enumerate(data["prompts"][:16]):  # many short pairs and a few long: several groups
+        p["clean"] = p["clean"][:2]
+        p["corrupt"] = p["corrupt"][:2] + [3] * (i % 4)
+    batch = parse_prompts(data)
+    assert len(length_groups(np.asarray(lengths(batch.clean)))) > 1
+    model = init_random(CONFIGS["llama-gqa"], jax.random.key(2), std=0.3)
+    scrubber = Scrubber.build(model, batch)
+    rng = np.random.default_rng(1)
+    masks = [{s: rng.random(n) < 0.5 for s, n in scrubber.n_units.items()} for _ in range(2)]
+    full, stats = prompt_scores(scrubber, batch, masks, seed=3)
+    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+    ref = Reference.of(scrubber, batch, jax.random.fold_in(jax.random.key(3), 0))
+    flat = np.stack([layout.flat(m, np.float32) for m in masks])
+    np.testing.assert_allclose(full, np.asarray(prompt_stats(ref.full, ref)), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(stats, Scorer(scrubber, ref, layout)(flat, prompt_stats, None), atol=1e-4, rtol=1e-5)
+
+
+def test_a_prompts_file_with_longer_counterfactuals_trains_and_evaluates(tmp_path):
+    import explainer
+
+    save_model(init_random(CONFIGS["gpt2"], jax.random.key(0), std=0.3), tmp_path / "model")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(longer_corrupt_prompts(20)))
+    e = explainer.explain(
+        tmp_path / "model", prompts, out=tmp_path / "run", steps=10, adversary="none", repair=False,
+        open_restart=False, progress=False,
+    )  # fmt: skip
+    again = explainer.load(tmp_path / "run").evaluate()
+    assert np.isfinite(e.faithfulness["kl_mean"])
+    assert again["faithfulness"]["kl_mean"] == pytest.approx(e.faithfulness["kl_mean"], abs=1e-5)
