@@ -38,7 +38,7 @@ from jaxtyping import PRNGKeyArray
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
 from explainer.metrics import DIVERGENCES, accuracy, divergence, logit_diff
-from explainer.score import Divergence, Reference, Scorer, scrubbed
+from explainer.score import Divergence, Scorer, in_order, length_references, scrubbed
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -281,24 +281,27 @@ def _check_count(n: int, budget: int, max_sets: int) -> None:
 class _Oracle:
     """Exact mean gaps of candidate sets (sorted tuples of indices into ``excluded``), cached.
 
-    Holds the one replacement every candidate shares and ``S_m``, the reference of every gap."""
+    Holds the one replacement every candidate shares and ``S_m``, the reference of every gap. The
+    prompts are scored in length groups (:func:`explainer.score.length_references`), each padded
+    only to its own longest prompt, with the resample partners of the whole batch: the same gaps,
+    to float rounding, as scoring the batch at once; a batch of one length is scored at once."""
 
     def __init__(self, scrubber, batch, keep, kind, key, chunk):
         self.scrubber, self.batch, self.kind = scrubber, batch, kind
         self.layout = Layout.of({site: len(v) for site, v in keep.items()})
         self.base = np.concatenate(list(keep.values())).astype(np.float32)
         self.excluded = np.flatnonzero(self.base == 0)
-        reference = Reference.of(scrubber, batch, _keys(key)[0])
-        self.replacement = reference.replacement
-        self.ref = jnp.asarray(
-            Scorer(scrubber, reference, self.layout, chunk)(self.base[None], scrubbed)[0], jnp.float32
-        )
-        self.scorer = Scorer(scrubber, reference.against(self.ref), self.layout, chunk)
+        self.groups, references = length_references(scrubber, batch, _keys(key)[0])
+        self.scorers = []  # one per length group, against that group's S_m
+        for reference in references:
+            ref = Scorer(scrubber, reference, self.layout, chunk)(self.base[None], scrubbed)[0]
+            self.scorers.append(Scorer(scrubber, reference.against(jnp.asarray(ref, jnp.float32)), self.layout, chunk))
+        self.ref = in_order(self.groups, [s.ref.full for s in self.scorers])  # S_m, in the batch's order
         self.cache: dict[UnitSet, float] = {}
 
     @property
     def chunk(self) -> int:
-        return self.scorer.chunk
+        return self.scorers[0].chunk
 
     @property
     def n_excluded(self) -> int:
@@ -313,23 +316,41 @@ class _Oracle:
             row[self.excluded[list(units)]] = 1.0
         return rows
 
+    def prompts(self) -> tuple[Any, Any, Any]:
+        """Tokens, replacement and ``S_m`` of the prompts: arrays when they are scored at once, tuples
+        with one entry per length group otherwise (as :func:`adversary.learned.train_adversary` takes them)."""
+        refs = [s.ref for s in self.scorers]
+        if len(refs) == 1:
+            return refs[0].tokens, refs[0].replacement, refs[0].full
+        return tuple(r.tokens for r in refs), tuple(r.replacement for r in refs), tuple(r.full for r in refs)
+
+    def _per_prompt(self, rows: np.ndarray, reduce) -> np.ndarray:
+        """``reduce`` (per prompt, prompts on axis 1) of each row, in the batch's order of prompts."""
+        return in_order(self.groups, [scorer(rows, reduce) for scorer in self.scorers], axis=1)
+
     def gaps(self, sets: Iterable[UnitSet]) -> np.ndarray:
-        """Mean gap of each set; new sets are evaluated by the scorer."""
+        """Mean gap of each set; new sets are evaluated by the scorers."""
         sets = [tuple(sorted(s)) for s in sets]
         new = list(dict.fromkeys(s for s in sets if s not in self.cache))
         if new:
-            means = self.scorer(self.masks(new), Divergence(self.kind)).mean(axis=1)
+            means = self._per_prompt(self.masks(new), Divergence(self.kind)).mean(axis=1)
             self.cache.update(zip(new, means.tolist(), strict=True))
         return np.array([self.cache[s] for s in sets])
 
     def gradients(self, points: np.ndarray) -> np.ndarray:
         """Gradient of the mean gap at each relaxed point (rows over excluded units): with
-        ``keep = m + (1 − m)·a``, ``∂/∂a = (1 − m)·∂/∂keep``."""
+        ``keep = m + (1 − m)·a``, ``∂/∂a = (1 − m)·∂/∂keep``; over length groups, the mean of the
+        groups' gradients weighted by their prompts."""
         full = np.zeros((len(points), len(self.base)), np.float32)
         full[:, self.excluded] = points
         keep = self.base + (1.0 - self.base) * full
-        grads = self.scorer.gradients(keep, Divergence(self.kind, mean=True)) * (1.0 - self.base)
-        return grads[:, self.excluded]
+        mean = Divergence(self.kind, mean=True)
+        if len(self.scorers) == 1:
+            grads = self.scorers[0].gradients(keep, mean)
+        else:
+            n = len(self.batch)
+            grads = sum(s.gradients(keep, mean) * (len(g) / n) for s, g in zip(self.scorers, self.groups, strict=True))
+        return (grads * (1.0 - self.base))[:, self.excluded]
 
     def best(self) -> UnitSet:
         """The evaluated set with the largest mean gap (on ties the smallest, then the earliest).
@@ -350,7 +371,7 @@ class _Oracle:
     def effect(self, units: UnitSet) -> dict[str, Any]:
         """Gap quantiles, accuracy and logit-diff changes of re-including ``units``."""
         before = self.ref
-        after = jnp.asarray(self.scorer(self.masks([units]), scrubbed)[0], jnp.float32)
+        after = jnp.asarray(self._per_prompt(self.masks([units]), scrubbed)[0], jnp.float32)
         gap = np.asarray(divergence(self.kind, before, after), np.float64)
         b = self.batch
         summary = {"kl_mean": float(gap.mean()), "kl_max": float(gap.max())}
@@ -463,9 +484,8 @@ def _learned(oracle: _Oracle, budget: int, rng: np.random.Generator, steps: int,
     keep = {site: jnp.asarray(part, jnp.float32) for site, part in oracle.layout.split(oracle.base).items()}
     adversary = LearnedAdversary(budget=budget, restarts=restarts, divergence=oracle.kind)
     key = jax.random.key(int(rng.integers(0, np.iinfo(np.int32).max)))
-    found = learn_reinclusions(
-        adversary, oracle.scrubber, oracle.batch.clean, keep, oracle.replacement, oracle.ref, steps, key
-    )
+    tokens, replacement, scrubbed_m = oracle.prompts()
+    found = learn_reinclusions(adversary, oracle.scrubber, tokens, keep, replacement, scrubbed_m, steps, key)
     position = {int(flat): i for i, flat in enumerate(oracle.excluded)}
     index = oracle.layout.starts
     oracle.gaps([tuple(position[index[s] + u] for s, units in sets.items() for u in units) for sets in found])

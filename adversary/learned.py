@@ -217,8 +217,8 @@ def learn_reinclusions(
     scrubber: Scrubber,
     tokens,
     keep: Mask,
-    replacement: Replacement,
-    scrubbed: Float[Array, "batch vocab"],
+    replacement: Replacement | tuple[dict[str, Array], ...],
+    scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
 ) -> list[dict[str, list[int]]]:
@@ -226,6 +226,8 @@ def learn_reinclusions(
 
     This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
+    ``tokens``, ``replacement`` and ``scrubbed`` may be tuples, one entry per length group of the
+    prompts (:func:`train_adversary`).
     """
     params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key)
     return [adversary.best(params, keep, r) for r in range(adversary.rows)]
@@ -236,12 +238,17 @@ def train_adversary(
     scrubber: Scrubber,
     tokens,
     keep: Mask,
-    replacement: Replacement,
-    scrubbed: Float[Array, "batch vocab"],
+    replacement: Replacement | tuple[dict[str, Array], ...],
+    scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
 ):
-    """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation."""
+    """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation.
+
+    ``tokens``, ``replacement`` and ``scrubbed`` are the prompts, their replacement and ``S_m`` on
+    them; or tuples of these, one entry per length group (:func:`explainer.score.length_references`),
+    whose mean gaps are weighted by their prompts: the gaps of the prompts padded together, to
+    float rounding, at the cost of each group's own width."""
     k_init, k_run = jax.random.split(key)
     n_units = {s: int(v.shape[-1]) for s, v in keep.items()}
     params = adversary.init(k_init, n_units)
@@ -258,13 +265,23 @@ def _ascent_step(adversary, scrubber, tokens, keep, replacement, scrubbed, param
     """One adam ascent step of a stand-alone adversary (module level, so compiled once per shape)."""
 
     def objective(p):
-        gaps = adversary.gaps(p, scrubber, tokens, keep, scrubbed, replacement, key)
+        gaps = grouped_gaps(adversary, p, scrubber, tokens, keep, scrubbed, replacement, key)
         return adversary.combine(gaps) - adversary.cost(p, keep)
 
     grads = jax.tree.map(jnp.negative, jax.grad(objective)(params))
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optax.adam(adversary.lr).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
+
+def grouped_gaps(adversary, params, scrubber, tokens, keep, scrubbed, replacement, key) -> Float[Array, " restarts"]:
+    """:meth:`LearnedAdversary.gaps` on prompts given whole, or as tuples of length groups: then the
+    groups' mean gaps weighted by their prompts (every group sees the same sampled re-inclusion)."""
+    if not isinstance(tokens, tuple):
+        return adversary.gaps(params, scrubber, tokens, keep, scrubbed, replacement, key)
+    n = sum(t.shape[0] for t in tokens)
+    parts = zip(tokens, scrubbed, replacement, strict=True)
+    return sum(adversary.gaps(params, scrubber, t, keep, s, r, key) * (t.shape[0] / n) for t, s, r in parts)
 
 
 ADVERSARIES = ("learned", "none")

@@ -27,6 +27,7 @@ from adversary.rotation import (
 )
 from explainer.masks import OrthogonalBasis
 from explainer.metrics import divergence as measure
+from explainer.score import in_order, length_references
 from explainer.scrub import Scrubber
 
 LEARN_STEPS = 200
@@ -49,7 +50,8 @@ def adversary_bases(
     ``random``: a Haar-random rotation of each site's excluded columns. ``learned``: the rotation
     of the in-loop adversary (basis ``learned``, ``restarts`` restarts, ``steps`` adam steps)
     trained against this explanation on ``batch``; of its restarts, the one whose own hard
-    re-inclusion moves the scrubbed model most. ``own``: no change (empty).
+    re-inclusion moves the scrubbed model most. ``own``: no change (empty). The prompts are scored
+    in length groups, as the discrete attack scores them (:func:`explainer.score.length_references`).
     """
     check_adversary_basis(basis)
     if basis == "own":
@@ -58,11 +60,14 @@ def adversary_bases(
     if basis == "random":
         return haar_bases(scrubber, keep, jax.random.fold_in(key, 1))
     mask = {s: jnp.asarray(v, jnp.float32) for s, v in keep.items()}
-    _, replacement = scrubber.reference(batch, replacement_key)
-    scrubbed = scrubber.logits(batch.clean, mask, replacement)
+    groups, refs = length_references(scrubber, batch, replacement_key)  # the prompts in length groups
+    tokens = tuple(r.tokens for r in refs)
+    replacement = tuple(r.replacement for r in refs)
+    scrubbed = tuple(scrubber.logits(r.tokens, mask, r.replacement) for r in refs)
     adversary = LearnedAdversary(budget=budget, restarts=restarts, basis="learned", divergence=divergence)
+    whole = (lambda x: x[0]) if len(refs) == 1 else (lambda x: x)  # one group: the arrays themselves
     params = train_adversary(
-        adversary, scrubber, batch.clean, mask, replacement, scrubbed, steps, jax.random.fold_in(key, 2)
+        adversary, scrubber, whole(tokens), mask, whole(replacement), whole(scrubbed), steps, jax.random.fold_in(key, 2)
     )
     sites = [s for s in rotatable(scrubber) if s in mask]
     best, best_gap = {}, -np.inf
@@ -73,8 +78,12 @@ def adversary_bases(
         }
         chosen = adversary.best(params, mask, r)
         widened = {s: mask[s].at[jnp.asarray(chosen.get(s, []), int)].set(1.0) for s in mask}
-        after = scrubber.with_bases(bases).logits(batch.clean, widened, replacement)
-        gap = float(measure(divergence, scrubbed, after).mean())
+        rotated_scrubber = scrubber.with_bases(bases)
+        per_group = [
+            measure(divergence, s, rotated_scrubber.logits(t, widened, r))
+            for t, s, r in zip(tokens, scrubbed, replacement, strict=True)
+        ]
+        gap = float(in_order(groups, per_group).mean())
         if gap > best_gap:
             best, best_gap = bases, gap
     return best

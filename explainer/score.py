@@ -256,22 +256,67 @@ def prompt_scores(
     fulls, parts = [], []
     for start in range(0, len(batch), chunk):
         part = batch.take(jnp.arange(start, min(start + chunk, len(batch))))
-        part_key = jax.random.fold_in(key, start)
-        by_length = scrubber.positions is None  # position-specific masks take prompts of one length
-        groups = length_groups(np.asarray(lengths(part.clean))) if by_length else [np.arange(len(part))]
-        if len(groups) > 1 and scrubber.ablation == "resample" and part.corrupt is None:  # fix the pairs first
-            part = dataclasses.replace(part, corrupt=part.clean[same_length_permutation(part_key, part.clean)])
+        groups, refs = length_references(scrubber, part, jax.random.fold_in(key, start))
         scored = []
-        for group in groups:
-            ref = Reference.of(scrubber, _narrow(part.take(jnp.asarray(group))) if by_length else part, part_key)
+        for ref in refs:
             width = ref.tokens.shape[1]
-            ref = ref._replace(replacement=_last_columns(ref.replacement, width))
             consts = None if constants is None else [_last_columns(c, width, axis=0) for c in constants]
             scored.append((prompt_stats(ref.full, ref), Scorer(scrubber, ref, layout)(rows, prompt_stats, consts)))
-        back = np.argsort(np.concatenate(groups))  # the prompts' own order
-        fulls.append(np.concatenate([np.asarray(f) for f, _ in scored])[back])
-        parts.append(np.concatenate([p for _, p in scored], axis=1)[:, back])
+        fulls.append(in_order(groups, [np.asarray(f) for f, _ in scored]))
+        parts.append(in_order(groups, [p for _, p in scored], axis=1))
     return np.concatenate(fulls), np.concatenate(parts, axis=1)
+
+
+def length_references(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> tuple[list[np.ndarray], list[Reference]]:
+    """``batch``'s prompts in length groups (:func:`~explainer.models.padding.length_groups`, as
+    index arrays) and a :class:`Reference` for each, narrowed to the group's longest prompt: what
+    scoring every prompt of a batch costs less with, where a few long prompts would pad many short
+    ones. Each prompt's numbers are those of ``Reference.of(scrubber, batch, key)``, to float
+    rounding: resample partners are drawn on the whole batch before it is cut (the same
+    permutation), and per-position replacements and constants are cut to each group's last
+    columns. One group (one length, or groups not worth their compile) is
+    ``Reference.of(scrubber, batch, key)`` itself, less any columns that are padding in every prompt;
+    position-specific masks keep one group. Per-group results go back in order with :func:`in_order`.
+
+    >>> from explainer.models import load_model
+    >>> from explainer.models.padding import pad_left
+    >>> from explainer.tasks import Batch, resolve_task
+    >>> from explainer.zoo import resolve_model
+    >>> folder = resolve_model("planted-distractor")
+    >>> scrubber = Scrubber.build(load_model(folder), resolve_task(None, folder).train_data())
+    >>> tokens = jnp.asarray(pad_left([[1, 2, 3, 4]] * 2 + [[5]] * 8))
+    >>> batch = Batch(tokens, None, jnp.zeros((10, 1), jnp.int32), jnp.ones((10, 1), jnp.int32))
+    >>> groups, refs = length_references(scrubber, batch, jax.random.key(0))
+    >>> [g.tolist() for g in groups], [r.tokens.shape for r in refs]
+    ([[2, 3, 4, 5, 6, 7, 8, 9], [0, 1]], [(8, 1), (2, 4)])
+    """
+    by_length = scrubber.positions is None  # position-specific masks take prompts of one length
+    groups = length_groups(np.asarray(lengths(batch.clean))) if by_length else [np.arange(len(batch))]
+    if len(groups) == 1:
+        return groups, [_narrowed(scrubber, _narrow(batch) if by_length else batch, key)]
+    if scrubber.ablation == "resample" and batch.corrupt is None:  # fix the pairs first
+        batch = dataclasses.replace(batch, corrupt=batch.clean[same_length_permutation(key, batch.clean)])
+    return groups, [_narrowed(scrubber, _narrow(batch.take(jnp.asarray(g))), key) for g in groups]
+
+
+def _narrowed(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Reference:
+    """The reference of a (narrowed) batch, its per-position replacement cut to the batch's width."""
+    ref = Reference.of(scrubber, batch, key)
+    return ref._replace(replacement=_last_columns(ref.replacement, ref.tokens.shape[1]))
+
+
+def in_order(groups: Sequence[np.ndarray], values: Sequence[Any], axis: int = 0):
+    """Per-group values (prompts along ``axis``, groups as :func:`length_references` gives them)
+    joined back into the prompts' own order; one group's values are returned as they are.
+
+    >>> in_order([np.array([1, 2]), np.array([0])], [np.array([10, 20]), np.array([0])]).tolist()
+    [0, 10, 20]
+    """
+    if len(groups) == 1:
+        return values[0]
+    back = np.argsort(np.concatenate(groups))
+    joined = jnp.concatenate(values, axis=axis) if isinstance(values[0], jax.Array) else np.concatenate(values, axis)
+    return joined.take(back, axis=axis)
 
 
 def _narrow(batch: Batch) -> Batch:
