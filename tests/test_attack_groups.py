@@ -56,7 +56,8 @@ def test_the_oracle_scores_groups_as_the_batch_at_once(setup, together):
     assert sum(s.ref.tokens.size for s in grouped.scorers) < 0.6 * whole.scorers[0].ref.tokens.size
     np.testing.assert_allclose(grouped.ref, whole.ref, atol=ATOL, rtol=0)  # S_m, in the batch's order
     rng = np.random.default_rng(1)
-    sets = [(0,), (1, 5), (2, 3, 7)] + [tuple(rng.choice(grouped.n_excluded, 3, replace=False).tolist()) for _ in range(6)]
+    drawn = [tuple(rng.choice(grouped.n_excluded, 3, replace=False).tolist()) for _ in range(6)]
+    sets = [(0,), (1, 5), (2, 3, 7), *drawn]
     gaps = grouped.gaps(sets)
     assert gaps.max() > 1e-2  # the sets move the scrubbed model: the comparison sees the replacements
     np.testing.assert_allclose(gaps, whole.gaps(sets), atol=ATOL, rtol=0)
@@ -114,4 +115,3 @@ def test_a_batch_of_one_length_is_scored_at_once(setup):
     scorer = Scorer(scrubber, reference.against(jnp.asarray(before, jnp.float32)), exact.layout, 8)
     np.testing.assert_array_equal(exact.gaps(sets), scorer(exact.masks(sets), Divergence("kl")).mean(axis=1))
     np.testing.assert_array_equal(oracle.gaps(sets), exact.gaps(sets))
-
