@@ -201,14 +201,17 @@ def llama_folder(tmp_path_factory):
     return root
 
 
-def test_a_llama_folder_trains_from_text_prompts_of_mixed_lengths(llama_folder):
+def test_a_llama_folder_trains_from_text_prompts_of_mixed_lengths(llama_folder, cli_here):
     prompts = llama_folder / "prompts.json"
     prompts.write_text(json.dumps(text_prompts()))
     run = llama_folder / "run"
     model = llama_folder / "model"
     explainer_cli("train", "--model", model, "--task", prompts, "--steps", "30", "--out", run, "--no-progress")
-    assert json.loads(explainer_cli("eval", run, "--json").stdout.strip().splitlines()[-1])
-    explainer_cli("attack", run, "-k", "2", "--method", "greedy", "--no-progress")
+    evaluated = cli_here("eval", run, "--json")  # the run's own commands, in this process
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["faithfulness"]
+    attacked = cli_here("attack", run, "-k", "2", "--method", "greedy", "--no-progress")
+    assert attacked.returncode == 0, attacked.stderr[-3000:]
     task = resolve_task(prompts, model)
     assert len(set(np.asarray(lengths(task.batch.clean)).tolist())) == 5
 
