@@ -10,14 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# --no-compile: Python writes the bytecode of what it imports on first import, instead of pip compiling
-# every file of every dependency up front (two thirds of the install time)
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --no-compile -e .
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(TEST_STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --no-compile -e ".[test,dev]"
+	$(BIN)/pip install --quiet -e ".[test,dev]"
 	touch $@ $(STAMP)
 
 ## make demo: learn an explanation of a shipped model, print it and write a PNG
