@@ -30,7 +30,7 @@ def test_corrupt_may_be_left_out():
     [
         ({"prompts": []}, "no prompts"),
         ({"items": []}, "'prompts' list"),
-        ({"prompts": [_p(corrupt=(1,))]}, "counterfactual must have the clean prompt's length"),
+        ({"prompts": [_p(corrupt=(1,))]}, "a counterfactual must have its clean prompt's length"),
         ({"prompts": [_p(clean=(-1, 2))]}, "negative token id"),
         ({"prompts": [{**_p(), "clean": "a b", "corrupt": "b a"}]}, "gives text, but there is no tokenizer"),
         ({"prompts": [_p(), {"clean": [1, 2], "answers": [1], "wrong_answers": [2]}]}, "for every prompt or for none"),
