@@ -38,7 +38,7 @@ from jaxtyping import PRNGKeyArray
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
 from explainer.metrics import DIVERGENCES, accuracy, divergence, logit_diff
-from explainer.score import Divergence, Scorer, in_order, length_references, scrubbed
+from explainer.score import Divergence, GroupedScorer, Scorer, in_order, length_references, scrubbed
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -282,7 +282,7 @@ class _Oracle:
     """Exact mean gaps of candidate sets (sorted tuples of indices into ``excluded``), cached.
 
     Holds the one replacement every candidate shares and ``S_m``, the reference of every gap. The
-    prompts are scored in length groups (:func:`explainer.score.length_references`), each padded
+    prompts are scored in length groups (:class:`explainer.score.GroupedScorer`), each padded
     only to its own longest prompt, with the resample partners of the whole batch: the same gaps,
     to float rounding, as scoring the batch at once; a batch of one length is scored at once."""
 
@@ -291,17 +291,19 @@ class _Oracle:
         self.layout = Layout.of({site: len(v) for site, v in keep.items()})
         self.base = np.concatenate(list(keep.values())).astype(np.float32)
         self.excluded = np.flatnonzero(self.base == 0)
-        self.groups, references = length_references(scrubber, batch, _keys(key)[0])
-        self.scorers = []  # one per length group, against that group's S_m
+        groups, references = length_references(scrubber, batch, _keys(key)[0])
+        against = []  # each length group's reference, against that group's S_m
         for reference in references:
             ref = Scorer(scrubber, reference, self.layout, chunk)(self.base[None], scrubbed)[0]
-            self.scorers.append(Scorer(scrubber, reference.against(jnp.asarray(ref, jnp.float32)), self.layout, chunk))
-        self.ref = in_order(self.groups, [s.ref.full for s in self.scorers])  # S_m, in the batch's order
+            against.append(reference.against(jnp.asarray(ref, jnp.float32)))
+        self.scorer = GroupedScorer(scrubber, groups, against, self.layout, chunk)
+        self.groups = self.scorer.groups
+        self.ref = in_order(self.groups, [r.full for r in against])  # S_m, in the batch's order
         self.cache: dict[UnitSet, float] = {}
 
     @property
     def chunk(self) -> int:
-        return self.scorers[0].chunk
+        return self.scorer.chunk
 
     @property
     def n_excluded(self) -> int:
@@ -319,21 +321,17 @@ class _Oracle:
     def prompts(self) -> tuple[Any, Any, Any]:
         """Tokens, replacement and ``S_m`` of the prompts: arrays when they are scored at once, tuples
         with one entry per length group otherwise (as :func:`adversary.learned.train_adversary` takes them)."""
-        refs = [s.ref for s in self.scorers]
+        refs = self.scorer.refs
         if len(refs) == 1:
             return refs[0].tokens, refs[0].replacement, refs[0].full
         return tuple(r.tokens for r in refs), tuple(r.replacement for r in refs), tuple(r.full for r in refs)
-
-    def _per_prompt(self, rows: np.ndarray, reduce) -> np.ndarray:
-        """``reduce`` (per prompt, prompts on axis 1) of each row, in the batch's order of prompts."""
-        return in_order(self.groups, [scorer(rows, reduce) for scorer in self.scorers], axis=1)
 
     def gaps(self, sets: Iterable[UnitSet]) -> np.ndarray:
         """Mean gap of each set; new sets are evaluated by the scorers."""
         sets = [tuple(sorted(s)) for s in sets]
         new = list(dict.fromkeys(s for s in sets if s not in self.cache))
         if new:
-            means = self._per_prompt(self.masks(new), Divergence(self.kind)).mean(axis=1)
+            means = self.scorer.per_prompt(self.masks(new), Divergence(self.kind)).mean(axis=1)
             self.cache.update(zip(new, means.tolist(), strict=True))
         return np.array([self.cache[s] for s in sets])
 
@@ -344,12 +342,7 @@ class _Oracle:
         full = np.zeros((len(points), len(self.base)), np.float32)
         full[:, self.excluded] = points
         keep = self.base + (1.0 - self.base) * full
-        mean = Divergence(self.kind, mean=True)
-        if len(self.scorers) == 1:
-            grads = self.scorers[0].gradients(keep, mean)
-        else:
-            n = len(self.batch)
-            grads = sum(s.gradients(keep, mean) * (len(g) / n) for s, g in zip(self.scorers, self.groups, strict=True))
+        grads = self.scorer.gradients(keep, Divergence(self.kind, mean=True))
         return (grads * (1.0 - self.base))[:, self.excluded]
 
     def best(self) -> UnitSet:
@@ -371,7 +364,7 @@ class _Oracle:
     def effect(self, units: UnitSet) -> dict[str, Any]:
         """Gap quantiles, accuracy and logit-diff changes of re-including ``units``."""
         before = self.ref
-        after = jnp.asarray(self._per_prompt(self.masks([units]), scrubbed)[0], jnp.float32)
+        after = jnp.asarray(self.scorer.per_prompt(self.masks([units]), scrubbed)[0], jnp.float32)
         gap = np.asarray(divergence(self.kind, before, after), np.float64)
         b = self.batch
         summary = {"kl_mean": float(gap.mean()), "kl_max": float(gap.max())}

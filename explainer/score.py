@@ -16,7 +16,8 @@ themselves. Reductions are module-level functions or frozen dataclasses, so that
 program is reused by every call that asks for the same one. :func:`evaluate_keep` and
 :func:`measure` score masks on every prompt of a batch (in chunks of prompts, each with its own
 replacement) for evaluation and the frontier; the searches (``polish``, ``baselines``, the
-discrete adversaries) hold one :class:`Scorer` on a fixed subset of prompts.
+discrete adversaries) hold one :class:`Scorer` on a fixed subset of prompts, or a
+:class:`GroupedScorer` (one per length group) where those prompts have mixed lengths.
 
 >>> from explainer.models import load_model
 >>> from explainer.tasks import resolve_task
@@ -206,6 +207,97 @@ class Scorer:
         return np.asarray(out, np.float64)
 
 
+class GroupedScorer:
+    """A :class:`Scorer` per length group of a batch's prompts (``groups``, index arrays, and
+    ``refs`` as :func:`length_references` gives them): what scoring the batch at once gives, to
+    float rounding, with each group padded only to its own longest prompt. Per-prompt values come
+    back in the batch's order; a mean over prompts, and its gradient, is the groups' weighted by
+    their prompts. One group is its :class:`Scorer`'s results as they are, bit for bit.
+
+    >>> from explainer.models import load_model
+    >>> from explainer.models.padding import pad_left
+    >>> from explainer.tasks import Batch, resolve_task
+    >>> from explainer.zoo import resolve_model
+    >>> folder = resolve_model("planted-distractor")
+    >>> scrubber = Scrubber.build(load_model(folder), resolve_task(None, folder).train_data())
+    >>> tokens = jnp.asarray(pad_left([[1, 2, 3, 4]] * 2 + [[5]] * 8))
+    >>> batch = Batch(tokens, None, jnp.zeros((10, 1), jnp.int32), jnp.ones((10, 1), jnp.int32))
+    >>> grouped = GroupedScorer.of(scrubber, batch, jax.random.key(0))
+    >>> rows = np.ones((1, grouped.layout.n_units))
+    >>> len(grouped.groups), grouped.per_prompt(rows, Divergence("kl")).shape, grouped.mean(rows, mean_kl).tolist()
+    (2, (1, 10), [0.0])
+    """
+
+    def __init__(self, scrubber: Scrubber, groups, refs, layout=None, chunk=None, workers=None):
+        self.groups = [np.asarray(g) for g in groups]
+        self.scorers = [Scorer(scrubber, ref, layout, chunk, workers) for ref in refs]
+        self.scrubber, self.layout = scrubber, self.scorers[0].layout
+        self.n_prompts = sum(len(g) for g in self.groups)
+
+    @classmethod
+    def of(cls, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, layout=None, chunk=None) -> GroupedScorer:
+        """``batch``'s prompts in :func:`length_references`' groups, replacements drawn with ``key``."""
+        return cls(scrubber, *length_references(scrubber, batch, key), layout, chunk)
+
+    @property
+    def refs(self) -> list[Reference]:
+        return [s.ref for s in self.scorers]
+
+    @property
+    def chunk(self) -> int:
+        """Masks per vmapped call (the largest of the groups'); setting it sets every group's."""
+        return max(s.chunk for s in self.scorers)
+
+    @chunk.setter
+    def chunk(self, n: int) -> None:
+        for s in self.scorers:
+            s.chunk = n
+
+    @property
+    def workers(self) -> int:
+        return self.scorers[0].workers
+
+    @workers.setter
+    def workers(self, n: int) -> None:
+        for s in self.scorers:
+            s.workers = n
+
+    def per_prompt(self, rows: np.ndarray, reduce: Reduction) -> np.ndarray:
+        """``reduce`` (per prompt: prompts on axis 1) of each row, in the batch's order of prompts."""
+        return in_order(self.groups, [s(rows, reduce) for s in self.scorers], axis=1)
+
+    def mean(self, rows: np.ndarray, reduce: Reduction) -> np.ndarray:
+        """``reduce`` (a mean over prompts, such as :func:`mean_kl`) of each row, over all prompts."""
+        return self.weighted([s(rows, reduce) for s in self.scorers])
+
+    def gradients(self, points: np.ndarray, reduce: Reduction) -> np.ndarray:
+        """:meth:`Scorer.gradients` of ``reduce`` (a scalar mean over prompts) over all prompts."""
+        return self.weighted([s.gradients(points, reduce) for s in self.scorers])
+
+    def weighted(self, values: Sequence[Any]):
+        """Per-group means (one per group) as the mean over all prompts; one group's as it is."""
+        if len(values) == 1:
+            return values[0]
+        return sum(v * (len(g) / self.n_prompts) for v, g in zip(values, self.groups, strict=True))
+
+    def head(self, n: int, chunk: int | None = None) -> GroupedScorer:
+        """The first ``n`` prompts, scored as here: each group's rows among them, the same references."""
+        groups, refs = [], []
+        for group, ref in zip(self.groups, self.refs, strict=True):
+            rows = np.flatnonzero(group < n)
+            rows = rows[np.argsort(group[rows], kind="stable")]  # the batch's order within a group
+            if rows.size:
+                groups.append(group[rows])
+                refs.append(_rows(ref, jnp.asarray(rows)))
+        return GroupedScorer(self.scrubber, groups, refs, self.layout, chunk, self.workers)
+
+
+@eqx.filter_jit
+def _rows(ref: Reference, rows) -> Reference:
+    """Rows ``rows`` of every array of ``ref`` (one compiled program, not one per array)."""
+    return jax.tree.map(lambda x: x[rows], ref)
+
+
 # --- every prompt of a batch ----------------------------------------------------------------------
 
 
@@ -290,13 +382,22 @@ def length_references(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> tu
     >>> [g.tolist() for g in groups], [r.tokens.shape for r in refs]
     ([[2, 3, 4, 5, 6, 7, 8, 9], [0, 1]], [(8, 1), (2, 4)])
     """
-    by_length = scrubber.positions is None  # position-specific masks take prompts of one length
-    groups = length_groups(np.asarray(lengths(batch.clean))) if by_length else [np.arange(len(batch))]
+    groups = scoring_groups(scrubber, batch.clean)
     if len(groups) == 1:
+        by_length = scrubber.positions is None
         return groups, [_narrowed(scrubber, _narrow(batch) if by_length else batch, key)]
     if scrubber.ablation == "resample" and batch.corrupt is None:  # fix the pairs first
         batch = dataclasses.replace(batch, corrupt=batch.clean[same_length_permutation(key, batch.clean)])
     return groups, [_narrowed(scrubber, _narrow(batch.take(jnp.asarray(g))), key) for g in groups]
+
+
+def scoring_groups(scrubber: Scrubber, tokens: Int[Array, "batch seq"]) -> list[np.ndarray]:
+    """The length groups (:func:`~explainer.models.padding.length_groups`) in which
+    :func:`length_references` scores prompts ``tokens``: one group under position-specific masks,
+    which take prompts of one length."""
+    if scrubber.positions is not None:
+        return [np.arange(len(tokens))]
+    return length_groups(np.asarray(lengths(jnp.asarray(tokens))))
 
 
 def _narrowed(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Reference:

@@ -53,7 +53,7 @@ def test_the_oracle_scores_groups_as_the_batch_at_once(setup, together):
     together()
     whole = _Oracle(scrubber, batch, keep, "kl", key, 8)
     assert len(grouped.groups) > 1 and len(whole.groups) == 1
-    assert sum(s.ref.tokens.size for s in grouped.scorers) < 0.6 * whole.scorers[0].ref.tokens.size
+    assert sum(r.tokens.size for r in grouped.scorer.refs) < 0.6 * whole.scorer.refs[0].tokens.size
     np.testing.assert_allclose(grouped.ref, whole.ref, atol=ATOL, rtol=0)  # S_m, in the batch's order
     rng = np.random.default_rng(1)
     drawn = [tuple(rng.choice(grouped.n_excluded, 3, replace=False).tolist()) for _ in range(6)]
@@ -105,10 +105,10 @@ def test_a_batch_of_one_length_is_scored_at_once(setup):
     scrubber, batch, keep = setup
     short = batch.take(jnp.flatnonzero((batch.clean >= 0).sum(1) == 2))  # ten prompts, padded to 14
     oracle = _Oracle(scrubber, short, keep, "kl", jax.random.key(1), 8)
-    assert len(oracle.scorers) == 1 and oracle.scorers[0].ref.tokens.shape == (10, 2)
+    assert len(oracle.scorer.refs) == 1 and oracle.scorer.refs[0].tokens.shape == (10, 2)
     narrow = type(short)(short.clean[:, -2:], None, short.answers, short.wrong_answers)
     exact = _Oracle(scrubber, narrow, keep, "kl", jax.random.key(1), 8)
-    assert exact.scorers[0].ref.tokens is narrow.clean and not isinstance(exact.prompts()[0], tuple)
+    assert exact.scorer.refs[0].tokens is narrow.clean and not isinstance(exact.prompts()[0], tuple)
     sets = [(0,), (1, 2)]
     reference = Reference.of(scrubber, narrow, _keys(jax.random.key(1))[0])  # the oracle before groups
     before = Scorer(scrubber, reference, exact.layout, 8)(exact.base[None], scrubbed)[0]

@@ -3,7 +3,8 @@
 The KL is that of a finished (binary) explanation on a fixed subset of the training prompts with one
 fixed replacement, so a search's result is deterministic. Candidates are scored by
 :class:`explainer.score.Scorer` (vmapped chunks sized to the work of one mask, on every CPU core),
-with the scores one thread would give.
+with the scores one thread would give; prompts of mixed lengths in length groups
+(:class:`explainer.score.GroupedScorer`), each padded only to its own longest prompt.
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from explainer.score import Reference, Scorer, kl_and_logit_diff, mean_kl, mean_logit_diff
+from explainer.score import GroupedScorer, Reference, kl_and_logit_diff, mean_kl, mean_logit_diff, scoring_groups
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
@@ -45,9 +47,14 @@ def _references(scrubber: Scrubber, data: Batch, key, n: int, screen: int) -> tu
 class KLOracle:
     """Exact mean KL (and logit difference recovered) of binary keep masks on a fixed set of
     prompts (flat masks over all units): the first ``max_prompts`` of ``data``, with one fixed
-    replacement, scored by a :class:`explainer.score.Scorer`. Its ``screen`` is the same oracle on
+    replacement, scored by a :class:`explainer.score.GroupedScorer`. Prompts of one length (every
+    shipped model), or lengths not worth a group's compile, are one group, padded together as one
+    :class:`~explainer.score.Reference`; prompts of mixed lengths are scored in length groups,
+    each padded only to its own longest prompt, with the resample partners of all of them (the
+    same scores, to float rounding, as padding all together). Its ``screen`` is the same oracle on
     the first ``screen_prompts`` of them (``None`` when there are no more than that), on which
-    :func:`shortlist` ranks candidates.
+    :func:`shortlist` ranks candidates: the same prompts and replacement, fewer of them (over
+    length groups, each group's rows among those prompts).
 
     >>> from explainer.models import load_model
     >>> from explainer.zoo import resolve_model
@@ -70,18 +77,24 @@ class KLOracle:
     ):
         n = min(len(data), max_prompts)
         screen = screen_prompts if 0 < screen_prompts < n else 0  # a screen only when it has fewer prompts
-        whole, head = _references(scrubber, data, jax.random.key(seed), n, screen)
-        self._set(Scorer(scrubber, whole, chunk=chunk))
+        key = jax.random.key(seed)
+        if len(scoring_groups(scrubber, data.clean[:n])) == 1:  # one length: one padded reference
+            whole, head = _references(scrubber, data, key, n, screen)
+            self._set(GroupedScorer(scrubber, [np.arange(n)], [whole], chunk=chunk))
+            heads = None if head is None else GroupedScorer(scrubber, [np.arange(screen)], [head], chunk=chunk)
+        else:
+            self._set(GroupedScorer.of(scrubber, data.take(jnp.arange(n)), key, chunk=chunk))
+            heads = self.scorer.head(screen, chunk) if screen else None
         self.screen: KLOracle | None = None  # the first screen_prompts prompts, when there are more
-        if head is not None:
+        if heads is not None:
             self.screen = KLOracle.__new__(KLOracle)
-            self.screen._set(Scorer(scrubber, head, chunk=chunk))
+            self.screen._set(heads)
             self.screen.screen = None
 
-    def _set(self, scorer: Scorer) -> None:
+    def _set(self, scorer: GroupedScorer) -> None:
         self.scorer, self.scrubber, self.layout = scorer, scorer.scrubber, scorer.layout
         self.n_units = self.layout.n_units
-        self.full_logit_diff = float(mean_logit_diff(scorer.ref.full, scorer.ref))
+        self.full_logit_diff = float(scorer.weighted([float(mean_logit_diff(r.full, r)) for r in scorer.refs]))
         self._memory: dict[bytes, tuple[float, float]] = {}
         self._evaluated = 0  # distinct masks scored (forward passes of one mask)
         self.gradients = 0  # attributions computed (backward passes of one mask)
@@ -105,7 +118,7 @@ class KLOracle:
 
     def attribution(self, flat: np.ndarray) -> np.ndarray:
         """Each unit's first-order effect on the KL at ``flat``: ``∂KL/∂m``, on the screen's prompts
-        when there is a screen (one backward pass)."""
+        when there is a screen (one backward pass per length group)."""
         source = self.screen if getattr(self, "screen", None) is not None else self
         self.gradients += 1
         row = (np.asarray(flat, np.float32) > 0.5).astype(np.float32)
@@ -134,7 +147,7 @@ class KLOracle:
         todo = list(first.values())  # one evaluation per distinct new row
         self._evaluated += len(todo)
         if todo:
-            scores = self.scorer(masks[todo].astype(np.float32), kl_and_logit_diff)
+            scores = self.scorer.mean(masks[todo].astype(np.float32), kl_and_logit_diff)
             for i, (a, b) in zip(todo, scores, strict=True):
                 self._memory[keys[i]] = (float(a), float(b))
         return np.array([self._memory[key] for key in keys], np.float64).reshape(len(keys), 2)
