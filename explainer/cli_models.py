@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import no_type_check
 
 import typer
 from rich.table import Table
@@ -11,6 +12,7 @@ from explainer.cli_common import _emit, _fail, app, import_app, out, zoo_app
 
 
 @zoo_app.callback()
+@no_type_check  # typer hands a group's callback its vendored click Context, a base of typer.Context
 def zoo(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the shipped models, their tasks, accuracy and ground truth."""
     if ctx.invoked_subcommand is not None:

@@ -49,7 +49,7 @@ def _release_compiled_programs():
     gc.collect()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli_here():
     """``explainer ARGS`` run in this process as the console script runs it, for tests about what a
     command answers rather than about the process (a subprocess costs a fresh interpreter and a cold

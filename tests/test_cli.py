@@ -1,4 +1,6 @@
-"""The command line, run as a user runs it: a subprocess, its stdout, stderr and exit code."""
+"""The command line as a user runs it: its stdout, stderr and exit code. The first run and the usage
+errors go through a subprocess; the other commands run the console script's ``main`` in this
+process (``cli_here``), which answers the same and skips a fresh interpreter per call."""
 
 import hashlib
 import json
@@ -60,52 +62,54 @@ def test_train_json_contract(run):
     assert len(saved["model"]["sha256"]) == 64
 
 
-def test_eval_and_show(run, tmp_path):
+def test_eval_and_show(run, tmp_path, cli_here):
     out, _ = run
-    result = last_json(cli("eval", out, "--json", "--truth"))
+    result = last_json(cli_here("eval", out, "--json", "--truth"))
     assert result["faithfulness"]["kl_mean"] <= 0.01
     assert result["truth"]["f1"] == 1.0
-    mean = last_json(cli("eval", out, "--json", "--ablation", "mean"))
+    mean = last_json(cli_here("eval", out, "--json", "--ablation", "mean"))
     assert mean["ablation"] == "mean"
-    shown = last_json(cli("show", out, "--json", "--png", tmp_path / "m.png"))
+    shown = last_json(cli_here("show", out, "--json", "--png", tmp_path / "m.png"))
     assert Path(shown["png"]).stat().st_size > 1000
-    text = cli("show", out, "--png", tmp_path / "m2.png")
+    text = cli_here("show", out, "--png", tmp_path / "m2.png")
     assert "blocks.0.mlp.in" in text.stdout and text.returncode == 0
 
 
-def test_existing_run_is_not_replaced_without_overwrite(run):
+def test_existing_run_is_not_replaced_without_overwrite(run, cli_here):
     out, _ = run
     before = folder_digest(out)
-    proc = cli("train", "--model", "planted-joint", "--out", out, *FAST)
+    proc = cli_here("train", "--model", "planted-joint", "--out", out, *FAST)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert folder_digest(out) == before
 
 
-def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path):
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, cli_here):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
-    proc = cli("train", "--model", "planted-joint", "--out", tmp_path / "notes", "--overwrite", *FAST)
+    proc = cli_here("train", "--model", "planted-joint", "--out", tmp_path / "notes", "--overwrite", *FAST)
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
-def test_overwrite_replaces_a_run(tmp_path):
+def test_overwrite_replaces_a_run(tmp_path, cli_here):
     out = tmp_path / "r"
-    last_json(cli("train", "--model", "planted-distractor", "--out", out, "--json", *ANY_RUN))
+    last_json(cli_here("train", "--model", "planted-distractor", "--out", out, "--json", *ANY_RUN))
     again = last_json(
-        cli("train", "--model", "planted-distractor", "--out", out, "--overwrite", "--seed", "1", "--json", *ANY_RUN)
+        cli_here(
+            "train", "--model", "planted-distractor", "--out", out, "--overwrite", "--seed", "1", "--json", *ANY_RUN
+        )
     )
     assert json.loads((out / "explanation.json").read_text())["seed"] == 1 == again["config"]["seed"]
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folders left behind
 
 
-def test_prompts_file_and_config_file(tmp_path):
+def test_prompts_file_and_config_file(tmp_path, cli_here):
     prompts = tmp_path / "p.json"
     shutil.copy(resolve_model("planted-distractor") / "prompts.json", prompts)
     config = tmp_path / "c.toml"
     config.write_text('steps = 400\nablation = "resample"\n')
     result = last_json(
-        cli(
+        cli_here(
             "train",
             "--model",
             "planted-distractor",
@@ -120,7 +124,7 @@ def test_prompts_file_and_config_file(tmp_path):
         )
     )
     assert result["config"]["steps"] == 400 and result["task"]["source"] == "file"
-    assert last_json(cli("eval", tmp_path / "r", "--json"))["task"] == str(prompts)
+    assert last_json(cli_here("eval", tmp_path / "r", "--json"))["task"] == str(prompts)
 
 
 @pytest.mark.parametrize(
@@ -134,22 +138,22 @@ def test_prompts_file_and_config_file(tmp_path):
         (["show", "."], "not a run folder"),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path):
-    proc = cli(*args, "--out", tmp_path / "r") if args[0] == "train" else cli(*args, cwd=tmp_path)
+def test_bad_input_exits_2_with_a_clear_message(args, message, tmp_path, cli_here):
+    proc = cli_here(*args, "--out", tmp_path / "r") if args[0] == "train" else cli_here(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
 
 
-def test_bad_config_file(tmp_path):
+def test_bad_config_file(tmp_path, cli_here):
     config = tmp_path / "c.toml"
     config.write_text("stpes = 10\n")
-    proc = cli("train", "--model", "planted-joint", "--config", config, "--out", tmp_path / "r")
+    proc = cli_here("train", "--model", "planted-joint", "--config", config, "--out", tmp_path / "r")
     assert proc.returncode == 2 and "unknown setting 'stpes'; did you mean 'steps'" in proc.stderr
 
 
-def test_bad_prompts_leave_nothing_behind(tmp_path):
+def test_bad_prompts_leave_nothing_behind(tmp_path, cli_here):
     prompts = tmp_path / "p.json"
     prompts.write_text(
         json.dumps(
@@ -161,54 +165,54 @@ def test_bad_prompts_leave_nothing_behind(tmp_path):
             }
         )
     )
-    proc = cli("train", "--model", "planted-joint", "--task", prompts, "--out", tmp_path / "r", *FAST)
+    proc = cli_here("train", "--model", "planted-joint", "--task", prompts, "--out", tmp_path / "r", *FAST)
     assert proc.returncode == 2 and "unequal 'answers' lengths" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
 
 
-def test_changed_weights_are_detected(tmp_path):
+def test_changed_weights_are_detected(tmp_path, cli_here):
     model = tmp_path / "model"
     shutil.copytree(resolve_model("planted-distractor"), model)
-    last_json(cli("train", "--model", model, "--out", tmp_path / "r", "--json", *ANY_RUN))
+    last_json(cli_here("train", "--model", model, "--out", tmp_path / "r", "--json", *ANY_RUN))
     data = bytearray((model / "model.safetensors").read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 of the last tensor becomes 1.0
     (model / "model.safetensors").write_bytes(bytes(data))
     for command in ("eval", "attack"):
-        proc = cli(command, tmp_path / "r")
+        proc = cli_here(command, tmp_path / "r")
         assert proc.returncode == 2 and "changed since" in proc.stderr
 
 
-def test_attack_json_contract(run):
+def test_attack_json_contract(run, cli_here):
     out, _ = run
-    result = last_json(cli("attack", out, "--budget", "1", "--method", "all", "--json"))
+    result = last_json(cli_here("attack", out, "--budget", "1", "--method", "all", "--json"))
     assert {"budget", "method", "reincluded", "gap", "accuracy_change", "logit_diff_change"} <= set(result)
     assert {"kl_mean", "kl_max"} <= set(result["gap"])
     assert result["gap"]["kl_mean"] < 1e-4  # the planted truth leaves nothing to find
     assert {m["method"] for m in result["methods"]} >= {"greedy", "random", "gradient", "exhaustive"}
     assert json.loads((out / "attack.json").read_text())["budget"] == 1
-    assert "attack" in cli("show", out, "--png", out / "m.png").stdout
-    single = last_json(cli("attack", out, "--budget", "2", "--method", "greedy", "--json"))
+    assert "attack" in cli_here("show", out, "--png", out / "m.png").stdout
+    single = last_json(cli_here("attack", out, "--budget", "2", "--method", "greedy", "--json"))
     assert single["method"] == "greedy" and single["budget"] == 2
 
 
-def test_attack_bad_input(run, tmp_path):
+def test_attack_bad_input(run, tmp_path, cli_here):
     out, _ = run
-    too_big = cli("attack", out, "--budget", "99")
+    too_big = cli_here("attack", out, "--budget", "99")
     assert too_big.returncode == 2 and "excludes only 26 units" in too_big.stderr
-    bad_method = cli("attack", out, "--method", "greedyy")
+    bad_method = cli_here("attack", out, "--method", "greedyy")
     assert bad_method.returncode == 2 and "did you mean 'greedy'" in bad_method.stderr
     other = tmp_path / "other"
     shutil.copytree(out, other)
     record = json.loads((other / "explanation.json").read_text())
     record["model"]["name"] = "planted-distractor"  # a run folder that claims another model
     (other / "explanation.json").write_text(json.dumps(record))
-    proc = cli("attack", other)
+    proc = cli_here("attack", other)
     assert proc.returncode == 2 and "changed since" in proc.stderr
 
 
-def test_train_without_adversary_flag(tmp_path):
+def test_train_without_adversary_flag(tmp_path, cli_here):
     result = last_json(
-        cli(
+        cli_here(
             "train",
             "--model",
             "planted-cancel",
@@ -222,16 +226,16 @@ def test_train_without_adversary_flag(tmp_path):
     )
     assert result["config"]["adversary"] is None
     assert result["kept"]["unembed.in"] == [1]
-    bad = cli("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")
+    bad = cli_here("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")
     assert bad.returncode == 2 and "did you mean 'learned'" in bad.stderr
 
 
-def test_truth_needs_a_model_with_ground_truth(tmp_path):
+def test_truth_needs_a_model_with_ground_truth(tmp_path, cli_here):
     model = tmp_path / "model"
     shutil.copytree(resolve_model("planted-distractor"), model)
     (model / "truth.json").unlink()
-    last_json(cli("train", "--model", model, "--out", tmp_path / "r", "--json", *ANY_RUN))
-    proc = cli("eval", tmp_path / "r", "--truth")
+    last_json(cli_here("train", "--model", model, "--out", tmp_path / "r", "--json", *ANY_RUN))
+    proc = cli_here("eval", tmp_path / "r", "--truth")
     assert proc.returncode == 2 and "has no truth.json" in proc.stderr
 
 

@@ -1,8 +1,6 @@
 """Edge units: writers into readers (``--units edges``), the graph of Edge Pruning and auto-circuit."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -139,48 +137,44 @@ def test_baselines_rank_edges():
     assert f["records"][-1]["logit_diff_recovered"] == pytest.approx(1.0, abs=1e-4)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
-def induction_run(tmp_path_factory):
+def induction_run(tmp_path_factory, cli_here):
     out = tmp_path_factory.mktemp("edges") / "induction"
-    proc = cli("train", "--model", "induction", "--units", "edges", "--out", out, "--json", "--no-progress")
+    proc = cli_here("train", "--model", "induction", "--units", "edges", "--out", out, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_induction_keeps_k_composition(induction_run):
+def test_induction_keeps_k_composition(induction_run, cli_here):
     """The induction head finds its previous-token head through its *key*: an edge from a layer-0
     head into a layer-1 head's k input must be kept, and the explanation must be faithful."""
     out, result = induction_run
     assert result["config"]["units"] == "edges"
     assert result["faithfulness"]["logit_diff_recovered"] >= 0.9
-    show = json.loads(cli("show", out, "--json").stdout.strip().splitlines()[-1])
+    show = json.loads(cli_here("show", out, "--json").stdout.strip().splitlines()[-1])
     assert any(e.startswith("a0.") and e.endswith(".k") and "->a1." in e for e in show["edges"]), show["edges"]
     assert len(show["edges"]) == result["size"] < 29
 
 
-def test_edge_run_in_every_command(induction_run, tmp_path):
+def test_edge_run_in_every_command(induction_run, tmp_path, cli_here):
     out, result = induction_run
-    evaluated = json.loads(cli("eval", out, "--json").stdout.strip().splitlines()[-1])
+    evaluated = json.loads(cli_here("eval", out, "--json").stdout.strip().splitlines()[-1])
     assert evaluated["units"] == "edges" and evaluated["size"] == result["size"]
-    attacked = cli("attack", out, "--budget", "2", "--units", "edges", "--json")
+    attacked = cli_here("attack", out, "--budget", "2", "--units", "edges", "--json")
     assert attacked.returncode == 0, attacked.stderr
     assert json.loads(attacked.stdout.strip().splitlines()[-1])["gap"]["kl_mean"] >= 0.0
-    wrong = cli("attack", out, "--units", "dims")
+    wrong = cli_here("attack", out, "--units", "dims")
     assert wrong.returncode != 0 and "has edges units, not dims" in wrong.stderr
     mib = json.loads(
-        cli("export", out, "--format", "mib", "--out", tmp_path / "m.json", "--json").stdout.splitlines()[-1]
+        cli_here("export", out, "--format", "mib", "--out", tmp_path / "m.json", "--json").stdout.splitlines()[-1]
     )
     assert mib["edges_in_graph"] == result["size"]
     graph = json.loads((tmp_path / "m.json").read_text())
     assert "a0.h0->a1.h1<k>" in graph["edges"] and "input->logits" in graph["edges"]
 
 
-def test_sweep_over_edges(tmp_path):
-    proc = cli(
+def test_sweep_over_edges(tmp_path, cli_here):
+    proc = cli_here(
         "sweep", "--model", "induction", "--units", "edges", "--sizes", "2,6", "--steps", "200",
         "--ablations", "", "--adversary", "none", "--out", tmp_path / "sw", "--json", "--no-progress",
     )  # fmt: skip
@@ -188,7 +182,7 @@ def test_sweep_over_edges(tmp_path):
     frontier = json.loads(proc.stdout.strip().splitlines()[-1])
     sizes = [r["size"] for r in frontier["records"]]
     assert len(sizes) == 2 and sizes[0] <= 2 and sizes[1] <= 6, sizes
-    rung = json.loads(cli("eval", frontier["records"][1]["run"], "--json").stdout.strip().splitlines()[-1])
+    rung = json.loads(cli_here("eval", frontier["records"][1]["run"], "--json").stdout.strip().splitlines()[-1])
     assert rung["units"] == "edges" and rung["size"] == sizes[1]
 
 

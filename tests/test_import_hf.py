@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -55,10 +53,6 @@ def max_diff(model, native_folder: Path, tokens: np.ndarray) -> float:
     ref = torch_logits(model, tokens)
     assert ours.shape == ref.shape
     return float(np.abs(ours - ref).max())
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -189,22 +183,22 @@ def test_missing_files_and_pickles(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_import_refuses_to_replace(tiny, tmp_path):
+def test_cli_import_refuses_to_replace(tiny, tmp_path, cli_here):
     out = tmp_path / "native"
-    proc = cli("import", "hf", tiny[1], out, "--json")
+    proc = cli_here("import", "hf", tiny[1], out, "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["out"] == str(out) and result["parameters"] > 0
-    again = cli("import", "hf", tiny[1], out)
+    again = cli_here("import", "hf", tiny[1], out)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
     import_hf(tiny[1], out, overwrite=True)
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    refused = cli("import", "hf", tiny[1], other, "--overwrite")
+    refused = cli_here("import", "hf", tiny[1], other, "--overwrite")
     assert refused.returncode == 2 and "is not a model folder" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
-    bad = cli("import", "hf", tmp_path / "nowhere", tmp_path / "x")
+    bad = cli_here("import", "hf", tmp_path / "nowhere", tmp_path / "x")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
 
 
@@ -227,33 +221,33 @@ def ioi_like_prompts(vocab: int, n: int = 24, seed: int = 0) -> dict:
 
 
 @pytest.mark.slow
-def test_gpt2_small_sized_import_parity(tmp_path):
+def test_gpt2_small_sized_import_parity(tmp_path, cli_here):
     """A random GPT-2-small-sized checkpoint (12 layers, d 768, 12 heads, 50257 tokens, 1024
     positions), imported through the CLI, gives the same logits as torch."""
     model = build_gpt2(seed=0, scale=None)  # GPT2Config() defaults are GPT-2 small
     assert sum(p.numel() for p in model.parameters()) > 120e6
     native = tmp_path / "models" / "gpt2"
-    proc = cli("import", "hf", save(model, tmp_path / "gpt2"), native, "--json")
+    proc = cli_here("import", "hf", save(model, tmp_path / "gpt2"), native, "--json")
     assert proc.returncode == 0, proc.stderr
     diff = max_diff(model, native, np.random.default_rng(0).integers(0, 50257, (2, 7)))
     assert diff < PARITY_ATOL, diff
 
 
-def test_training_runs_at_gpt2_small_widths(tmp_path):
+def test_training_runs_at_gpt2_small_widths(tmp_path, cli_here):
     """``explainer train`` on an imported checkpoint of GPT-2 small's widths (d 768, 12 heads, 50257
     tokens, 1024 positions) and 2 of its 12 layers: every one of the 5 × 768 residual units is a unit.
     The depth is cut because compiling the 12-layer training step takes minutes of CPU (the scale
     benchmark, ``benchmarks/scale.py``, runs the full depth); 20 steps without the adversary."""
     model = build_gpt2(seed=0, scale=None, n_layer=2)
     native = tmp_path / "models" / "gpt2-2l"
-    proc = cli("import", "hf", save(model, tmp_path / "gpt2-2l"), native, "--json")
+    proc = cli_here("import", "hf", save(model, tmp_path / "gpt2-2l"), native, "--json")
     assert proc.returncode == 0, proc.stderr
     del model
     prompts = tmp_path / "ioi.json"
     prompts.write_text(json.dumps(ioi_like_prompts(50257)))
     settings = tmp_path / "fast.toml"
     settings.write_text("steps = 20\nbatch_size = 8\ncheckpoint_every = 0\n")
-    train = cli(
+    train = cli_here(
         "train", "--model", native, "--task", prompts, "--config", settings, "--lambda", "0.01",
         "--adversary", "none", "--out", tmp_path / "run", "--no-progress", "--json",
     )  # fmt: skip

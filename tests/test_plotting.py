@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,21 +12,17 @@ from explainer.export import example_circuit as example
 from explainer.plotting import frontier_figure, masks_figure, unit_kind
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
-
-
 def last_json(proc):
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def edge_run(tmp_path_factory):
+def edge_run(tmp_path_factory, cli_here):
     """A short edge run of the shipped induction model (300 steps, seed 0)."""
     out = tmp_path_factory.mktemp("plots") / "induction-edges"
     args = ["--model", "induction", "--units", "edges", "--steps", "300", "--seed", "0", "--no-progress"]
-    last_json(cli("train", *args, "--out", out, "--json"))
+    last_json(cli_here("train", *args, "--out", out, "--json"))
     return out
 
 
@@ -36,9 +30,9 @@ def drawn_edges(fig) -> set[str]:
     return {p.get_gid().removeprefix("edge:") for p in fig.axes[0].patches if (p.get_gid() or "").startswith("edge:")}
 
 
-def test_show_graph_draws_the_induction_key_edge(edge_run, tmp_path):
+def test_show_graph_draws_the_induction_key_edge(edge_run, tmp_path, cli_here):
     picture = tmp_path / "circuit.png"
-    result = last_json(cli("show", edge_run, "--graph", picture, "--json"))
+    result = last_json(cli_here("show", edge_run, "--graph", picture, "--json"))
     assert result["graph"] == str(picture) and picture.stat().st_size > 10_000
     expl = load(edge_run)
     fig, edges = circuit_figure(expl)
@@ -122,30 +116,30 @@ def test_frontier_draws_size_zero_at_zero():
     assert ax.get_xlim()[0] < 0.0 < 1.0 < 8.0 < ax.get_xlim()[1]
 
 
-def test_compare_json(edge_run, tmp_path):
+def test_compare_json(edge_run, tmp_path, cli_here):
     other = load(edge_run)
     key = next(e for e in circuit_edges(other) if e.site == "blocks.1.attn.k.in")
     other.kept[key.site] = [u for u in other.kept[key.site] if u != key.unit]
     other.path = None
     b = other.save(tmp_path / "b")
-    result = last_json(cli("compare", edge_run, b, "--json"))
+    result = last_json(cli_here("compare", edge_run, b, "--json"))
     assert result["comparable"] is True and result["reason"] is None
     assert result["only_a"] == 1 and result["only_b"] == 0
     assert result["sites"][key.site]["only_a"] == [key.name]
     assert result["shared"] == result["a"]["size"] - 1 == result["b"]["size"]
     for side in ("a", "b"):
         assert {"size", "kl_mean", "logit_diff_recovered", "accuracy", "gap"} <= set(result[side])
-    text = cli("compare", edge_run, b)
+    text = cli_here("compare", edge_run, b)
     assert text.returncode == 0 and key.name in text.stdout and "only_a" in text.stdout
 
 
-def test_compare_refuses_folders_that_are_not_runs(edge_run, tmp_path):
-    proc = cli("compare", edge_run, tmp_path)
+def test_compare_refuses_folders_that_are_not_runs(edge_run, tmp_path, cli_here):
+    proc = cli_here("compare", edge_run, tmp_path)
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
     sweep = tmp_path / "sweep"
     (sweep / "runs").mkdir(parents=True)
     (sweep / "frontier.json").write_text("{}")
-    proc = cli("compare", sweep, edge_run)
+    proc = cli_here("compare", sweep, edge_run)
     assert proc.returncode == 2 and "is a sweep folder" in proc.stderr
 
 

@@ -1,8 +1,6 @@
 """The trained zoo models: shipped weights load, cards tell the truth, and training reproduces them."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,10 +11,6 @@ from explainer.zoo import resolve_model, zoo_names
 from explainer.zoo.training import RECIPES, measure, shipped_prompts, training_pool
 
 TRAINED = ("induction", "direct", "ioi", "paren")
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def last_json(proc):
@@ -71,9 +65,9 @@ def test_counterfactuals_have_the_wrong_answer_as_their_answer(name):
     assert float(np.mean(np.argmax(logits, -1) == np.asarray(batch.wrong_answers[:, 0]))) >= 0.99
 
 
-def test_retraining_induction_from_its_seed_reproduces_its_accuracy(tmp_path):
+def test_retraining_induction_from_its_seed_reproduces_its_accuracy(tmp_path, cli_here):
     out = tmp_path / "induction"
-    result = last_json(cli("zoo", "train", "induction", "--seed", "0", "--out", out, "--json", "--no-progress"))
+    result = last_json(cli_here("zoo", "train", "induction", "--seed", "0", "--out", out, "--json", "--no-progress"))
     assert result["out"] == str(out) and result["task"] == "induction"
     assert abs(result["accuracy"] - card("induction")["accuracy"]) <= 0.01
     assert result["shipped_accuracy"] == card("induction")["accuracy"]
@@ -81,12 +75,12 @@ def test_retraining_induction_from_its_seed_reproduces_its_accuracy(tmp_path):
     assert retrained["training"]["traces"] == 1  # the jitted update is traced once
     assert (out / "prompts.json").read_text() == (resolve_model("induction") / "prompts.json").read_text()
     load_model(out)
-    refused = cli("zoo", "train", "induction", "--out", out, "--no-progress")  # exists: needs --overwrite
+    refused = cli_here("zoo", "train", "induction", "--out", out, "--no-progress")  # exists: needs --overwrite
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
 
 
-def test_zoo_json_lists_the_trained_models():
-    models = {m["name"]: m for m in last_json(cli("zoo", "--json"))["models"]}
+def test_zoo_json_lists_the_trained_models(cli_here):
+    models = {m["name"]: m for m in last_json(cli_here("zoo", "--json"))["models"]}
     for name in TRAINED:
         assert models[name]["task"] == name
         assert models[name]["accuracy"] >= 0.99
@@ -99,15 +93,15 @@ def test_zoo_json_lists_the_trained_models():
         (["planted-joint"], "valid: direct, induction, ioi, paren"),
     ],
 )
-def test_zoo_train_errors_clearly_on_an_unknown_name(args, message, tmp_path):
-    proc = cli("zoo", "train", *args, "--out", tmp_path / "m")
+def test_zoo_train_errors_clearly_on_an_unknown_name(args, message, tmp_path, cli_here):
+    proc = cli_here("zoo", "train", *args, "--out", tmp_path / "m")
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
 
 
-def test_zoo_train_never_touches_a_folder_that_is_not_a_model(tmp_path):
+def test_zoo_train_never_touches_a_folder_that_is_not_a_model(tmp_path, cli_here):
     (tmp_path / "notes.txt").write_text("keep me")
-    proc = cli("zoo", "train", "direct", "--out", tmp_path, "--overwrite")
+    proc = cli_here("zoo", "train", "direct", "--out", tmp_path, "--overwrite")
     assert proc.returncode == 2 and "not a model folder" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
