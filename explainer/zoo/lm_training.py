@@ -8,7 +8,9 @@ digest of the text.
 
 The recipe trains its own byte-level BPE tokenizer with ``tokenizers`` on the training files, then
 a causal transformer with RMSNorm, rotary positions, a gated SiLU MLP and grouped-query attention
-by next-token cross-entropy (optax ``adamw``, jitted chunks of ``lax.scan``, traced once).
+by next-token cross-entropy (optax ``adamw``, jitted chunks of ``lax.scan``, traced once). A
+``repeat_share`` of each batch's windows repeat their first half in their second: the text is the
+corpus's own, and the repeats are where copying from context pays (induction heads).
 
 Tasks are text prompts (strings, tokenized by the folder's ``tokenizer.json``) cut from the
 held-out files, all of one token length:
@@ -17,6 +19,10 @@ held-out files, all of one token length:
   tokens long; the answer is the identifier's next token as it was spelled earlier in the prompt.
   The counterfactual respells the earlier occurrence with another token that often follows the same
   prefix, which becomes the wrong answer; only a model that copies from context tells them apart.
+- ``repeat``: a span of held-out code followed by its first tokens again; the answer is the span's
+  next token. The counterfactual respells that token in the first copy with another token that
+  often follows the one before it (the wrong answer), as ``induction`` does; the token before the
+  answer occurs once in the span, so the copy is unambiguous.
 - ``brackets``: the next token closes a bracket; the wrong answer is the same token with another
   bracket kind (``)`` against ``]``).
 
@@ -54,7 +60,7 @@ from explainer.progress import progress_bar
 EOT = "<|endoftext|>"
 HELDOUT_EVERY = 10  # files 9, 19, 29, ... of the sorted list are held out
 SHIP_ACCURACY = 0.8
-TASKS = ("induction", "brackets")
+TASKS = ("induction", "repeat", "brackets")
 _IDENT_START = re.compile(r"^ ?[A-Za-z_][A-Za-z0-9_]*$")
 _IDENT_PART = re.compile(r"^[A-Za-z0-9_]+$")
 _SWAP = {")": "]", "]": ")", "}": ")"}
@@ -77,9 +83,12 @@ class LMRecipe:
     max_files: int | None = None  # use only the first files of the sorted list (the smoke recipe)
     max_chars: int | None = None  # cut each file to this many characters (the smoke recipe)
     prompt_len: int = 64
+    repeat_span: int = 24  # tokens of the span a ``repeat`` prompt repeats
+    repeat_prefix: int = 12  # tokens of the span repeated before the answer
     n_prompts: int = 400
     ship_accuracy: float = SHIP_ACCURACY  # a task is shipped when the model reaches this accuracy
     eval_every: int = 200  # steps between scores of the tasks during training (the card's curve)
+    repeat_share: float = 0.0  # share of each batch's windows whose second half repeats their first
 
     def __post_init__(self) -> None:
         assert self.steps % self.chunk == 0, f"steps must be a multiple of {self.chunk}"
@@ -107,7 +116,9 @@ LM_RECIPES: dict[str, LMRecipe] = {
     "pylm": LMRecipe(
         config=_llama(4, 128, 4, 2, 384, 2048, 128),
         description="4-layer Llama-architecture language model (RMSNorm, rotary, gated SiLU MLP, grouped-query "
-        "attention) with its own BPE tokenizer, trained on the Python standard library's source",
+        "attention) with its own BPE tokenizer, trained on the Python standard library's source (a quarter of "
+        "each batch's windows repeat their first half)",
+        repeat_share=0.25,
     ),
 }
 
@@ -214,6 +225,8 @@ def train_lm(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     data = jnp.asarray(stream)
     offsets = jnp.arange(r.seq + 1)
+    half, repeats = (r.seq + 1) // 2, round(r.batch_size * r.repeat_share)
+    repeated = jnp.concatenate([offsets[:half], offsets[: r.seq + 1 - half]])  # a b c ... a b c ...
     counter = {"traces": 0}
 
     @eqx.filter_jit
@@ -223,7 +236,8 @@ def train_lm(
         def one_step(carry, key):
             model, opt_state = carry
             starts = jax.random.randint(key, (r.batch_size,), 0, data.shape[0] - r.seq - 1)
-            loss, grads = eqx.filter_value_and_grad(lm_loss)(model, data[starts[:, None] + offsets])
+            rows = jnp.where(jnp.arange(r.batch_size)[:, None] < repeats, repeated, offsets)
+            loss, grads = eqx.filter_value_and_grad(lm_loss)(model, data[starts[:, None] + rows])
             with jax.numpy_dtype_promotion("standard"):
                 updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
             return (eqx.apply_updates(model, updates), opt_state), loss
@@ -257,6 +271,7 @@ def train_lm(
         "seq": r.seq,
         "lr": r.lr,
         "weight_decay": r.weight_decay,
+        "repeat_share": r.repeat_share,
         "tokens_seen": r.steps * r.batch_size * r.seq,
         "first_loss": float(losses[: r.chunk].mean()),
         "final_loss": float(losses[-r.chunk :].mean()),
@@ -317,6 +332,36 @@ def induction_prompts(tok: Any, held: list[np.ndarray], bigrams: np.ndarray, r: 
                 if None in (clean_text, corrupt_text, answer, wrong) or (f, a, b) in seen:
                     continue
                 seen.add((f, a, b))
+                out.append(
+                    {"clean": clean_text, "corrupt": corrupt_text, "answers": [answer], "wrong_answers": [wrong]}
+                )
+                break
+    return out
+
+
+def repeat_prompts(tok: Any, held: list[np.ndarray], bigrams: np.ndarray, r: LMRecipe) -> list[dict[str, Any]]:
+    """Prompts of a span of held-out code and its first ``repeat_prefix`` tokens again; answer: the
+    span's next token, wrong answer: a frequent follower of the token before it, respelled into the
+    first copy by the counterfactual."""
+    span, j = r.repeat_span, r.repeat_prefix
+    out: list[dict[str, Any]] = []
+    for ids in held:
+        for p in range(0, len(ids) - span, span):  # disjoint spans
+            window = ids[p : p + span]
+            a, b = int(window[j - 1]), int(window[j])
+            if np.count_nonzero(window == a) != 1:
+                continue
+            alternatives = [int(c) for c in np.argsort(-bigrams[a], kind="stable")[:8] if c != b and bigrams[a, c] > 0]
+            for c in alternatives:
+                if np.any(window == c):
+                    continue
+                corrupt = window.copy()
+                corrupt[j] = c
+                clean_text = _roundtrips(tok, [*window.tolist(), *window[:j].tolist()])
+                corrupt_text = _roundtrips(tok, [*corrupt.tolist(), *window[:j].tolist()])
+                answer, wrong = _one_token(tok, b), _one_token(tok, c)
+                if None in (clean_text, corrupt_text, answer, wrong):
+                    continue
                 out.append(
                     {"clean": clean_text, "corrupt": corrupt_text, "answers": [answer], "wrong_answers": [wrong]}
                 )
@@ -415,6 +460,7 @@ def write_lm(
     held = [np.asarray(e.ids, np.int32) for e in tok.encode_batch(held_texts)]
     made = {
         "induction": _pick(induction_prompts(tok, held, bigrams, r), r.n_prompts),
+        "repeat": _pick(repeat_prompts(tok, held, bigrams, r), r.n_prompts),
         "brackets": _pick(bracket_prompts(tok, held, r), r.n_prompts),
     }
     made = {task: prompts for task, prompts in made.items() if len(prompts) >= 2}
