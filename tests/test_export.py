@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -108,12 +106,10 @@ def test_export_run_files_and_errors(tmp_path):
         export_run(run, "mib", tmp_path / "no" / "mib.json")
 
 
-def test_cli_export(tmp_path):
+def test_cli_export(tmp_path, cli_here):
     run = ioi_explanation({"blocks.0.mlp.in": [1], "unembed.in": [0]}).save(tmp_path / "run")
     target = tmp_path / "ioi_explainer.json"
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
+    cli = cli_here
 
     proc = cli("export", run, "--format", "mib", "--out", target, "--json")
     assert proc.returncode == 0, proc.stderr

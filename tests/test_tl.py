@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -134,9 +132,9 @@ def test_tl_folder_problems(tmp_path):
         export_tl(tmp_path / "out", tmp_path / "out")
 
 
-def test_cli_round_trip(tmp_path):
+def test_cli_round_trip(tmp_path, cli_here):
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "explainer.cli", *map(str, args)], capture_output=True, text=True)
+        proc = cli_here(*args)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -20,19 +20,19 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
 
 
-def test_a_target_size_at_or_above_the_units_exits_2_before_training(tmp_path):
-    proc = cli("train", "--model", "planted-joint", "--target-size", "1000", "--out", str(tmp_path / "run"))
+def test_a_target_size_at_or_above_the_units_exits_2_before_training(tmp_path, cli_here):
+    proc = cli_here("train", "--model", "planted-joint", "--target-size", "1000", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2
     assert "target size 1000 is not below" in proc.stderr and "below 30" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_over_its_kl_budget_warns_in_its_json(tmp_path):
+def test_a_run_over_its_kl_budget_warns_in_its_json(tmp_path, cli_here):
     """One step from mostly closed gates, with nothing after training to add units back: the
     explanation keeps nothing and misses its budget, which the result says."""
     config = tmp_path / "short.toml"
     config.write_text("steps = 1\nrepair = false\nopen_restart = false\n")
-    proc = cli(
+    proc = cli_here(
         "train", "--model", "planted-distractor", "--config", str(config), "--out", str(tmp_path / "run"), "--json"
     )
     assert proc.returncode == 0, proc.stderr
@@ -42,7 +42,7 @@ def test_a_run_over_its_kl_budget_warns_in_its_json(tmp_path):
     assert "warning: held-out KL mean" in proc.stderr
     saved = json.loads((tmp_path / "run" / "explanation.json").read_text())
     assert saved["warnings"] == result["warnings"]
-    evaluated = json.loads(cli("eval", str(tmp_path / "run"), "--json").stdout.strip().splitlines()[-1])
+    evaluated = json.loads(cli_here("eval", str(tmp_path / "run"), "--json").stdout.strip().splitlines()[-1])
     assert any("over the KL budget" in w for w in evaluated["warnings"])
 
 
