@@ -38,6 +38,7 @@ def test_smoke_recipe_writes_a_loadable_folder_with_text_tasks(folder):
     card = json.loads((folder / "card.json").read_text())
     assert card["training"]["final_loss"] < card["training"]["first_loss"]
     assert card["training"]["traces"] == 1
+    assert card["training"]["repeat_share"] == 0.25 and card["training"]["repeat_periods"] == [8, 16]
     assert card["corpus"]["heldout_files"] and not set(card["corpus"]["heldout_files"]) & set(
         card["corpus"]["train_files"]
     )

@@ -89,6 +89,7 @@ class LMRecipe:
     ship_accuracy: float = SHIP_ACCURACY  # a task is shipped when the model reaches this accuracy
     eval_every: int = 200  # steps between scores of the tasks during training (the card's curve)
     repeat_share: float = 0.0  # share of each batch's windows whose second half repeats their first
+    repeat_periods: tuple[int, ...] = ()  # else such a window repeats its first P tokens, P drawn from these
 
     def __post_init__(self) -> None:
         assert self.steps % self.chunk == 0, f"steps must be a multiple of {self.chunk}"
@@ -139,6 +140,8 @@ SMOKE = LMRecipe(
     n_prompts=40,
     eval_every=20,
     ship_accuracy=0.0,  # ship every task, to exercise the folder
+    repeat_share=0.25,
+    repeat_periods=(8, 16),
 )
 
 
@@ -227,6 +230,7 @@ def train_lm(
     offsets = jnp.arange(r.seq + 1)
     half, repeats = (r.seq + 1) // 2, round(r.batch_size * r.repeat_share)
     repeated = jnp.concatenate([offsets[:half], offsets[: r.seq + 1 - half]])  # a b c ... a b c ...
+    periods = jnp.asarray(r.repeat_periods or (half,), jnp.int32)  # (only read with repeat_periods)
     counter = {"traces": 0}
 
     @eqx.filter_jit
@@ -236,7 +240,11 @@ def train_lm(
         def one_step(carry, key):
             model, opt_state = carry
             starts = jax.random.randint(key, (r.batch_size,), 0, data.shape[0] - r.seq - 1)
-            rows = jnp.where(jnp.arange(r.batch_size)[:, None] < repeats, repeated, offsets)
+            again = repeated
+            if r.repeat_periods:  # a b c a b c a b c ...: every window of its own period
+                period = periods[jax.random.randint(jax.random.fold_in(key, 1), (r.batch_size, 1), 0, len(periods))]
+                again = offsets[None, :] % period
+            rows = jnp.where(jnp.arange(r.batch_size)[:, None] < repeats, again, offsets)
             loss, grads = eqx.filter_value_and_grad(lm_loss)(model, data[starts[:, None] + rows])
             with jax.numpy_dtype_promotion("standard"):
                 updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
@@ -272,6 +280,7 @@ def train_lm(
         "lr": r.lr,
         "weight_decay": r.weight_decay,
         "repeat_share": r.repeat_share,
+        "repeat_periods": list(r.repeat_periods),
         "tokens_seen": r.steps * r.batch_size * r.seq,
         "first_loss": float(losses[: r.chunk].mean()),
         "final_loss": float(losses[-r.chunk :].mean()),
