@@ -180,9 +180,9 @@ def test_trim_with_a_check_holds_on_both_oracles(sort_oracle):
     folder = resolve_model("tracr-sort")
     data = resolve_task(None, folder).train_data()
     check = KLOracle(Scrubber.build(load_model(folder), data, ablation="zero"), data)
-    everything = np.ones_like(truth)  # within both budgets (the truth alone is not, on the check)
-    unchecked, _ = trim(oracle, everything, KL_BUDGET)
+    unchecked, _ = trim(oracle, with_spares(truth, 64), KL_BUDGET)
     assert not within(check, unchecked, KL_BUDGET)  # the resample-only trim fails the check
+    everything = np.ones_like(truth)  # within both budgets (the truth alone is not, on the check)
     trimmed, dropped = trim(oracle, everything, KL_BUDGET, check=check)
     assert dropped and within(oracle, trimmed, KL_BUDGET) and within(check, trimmed, KL_BUDGET)
     for unit in np.flatnonzero(trimmed):
