@@ -175,11 +175,13 @@ def test_trim_keeps_the_logit_difference_floor(sort_oracle):
 def test_trim_with_a_check_holds_on_both_oracles(sort_oracle):
     """With ``check``, a unit goes only if the explanation also stays within the budget on the
     check's oracle (here the same prompts under zero ablation, which the truth alone does not
-    satisfy): what is left holds on both, and no single unit can go on both terms."""
-    oracle, truth = sort_oracle
+    satisfy): what is left holds on both, and no single unit can go on both terms. Both oracles
+    score the first 64 prompts: trim from every unit takes a round per unit dropped."""
+    _, truth = sort_oracle
     folder = resolve_model("tracr-sort")
     data = resolve_task(None, folder).train_data()
-    check = KLOracle(Scrubber.build(load_model(folder), data, ablation="zero"), data)
+    oracle = KLOracle(Scrubber.build(load_model(folder), data), data, max_prompts=64)
+    check = KLOracle(Scrubber.build(load_model(folder), data, ablation="zero"), data, max_prompts=64)
     unchecked, _ = trim(oracle, with_spares(truth, 64), KL_BUDGET)
     assert not within(check, unchecked, KL_BUDGET)  # the resample-only trim fails the check
     everything = np.ones_like(truth)  # within both budgets (the truth alone is not, on the check)
