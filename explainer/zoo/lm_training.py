@@ -9,8 +9,9 @@ digest of the text.
 The recipe trains its own byte-level BPE tokenizer with ``tokenizers`` on the training files, then
 a causal transformer with RMSNorm, rotary positions, a gated SiLU MLP and grouped-query attention
 by next-token cross-entropy (optax ``adamw``, jitted chunks of ``lax.scan``, traced once). A
-``repeat_share`` of each batch's windows repeat their first half in their second: the text is the
-corpus's own, and the repeats are where copying from context pays (induction heads).
+``repeat_share`` of each batch's windows repeat a span of their own text throughout (its length drawn
+per window from ``repeat_periods``, else half the window): the text is the corpus's own, and the
+repeats are where copying from context pays (induction heads).
 
 Tasks are text prompts (strings, tokenized by the folder's ``tokenizer.json``) cut from the
 held-out files, all of one token length:
@@ -118,8 +119,9 @@ LM_RECIPES: dict[str, LMRecipe] = {
         config=_llama(4, 128, 4, 2, 384, 2048, 128),
         description="4-layer Llama-architecture language model (RMSNorm, rotary, gated SiLU MLP, grouped-query "
         "attention) with its own BPE tokenizer, trained on the Python standard library's source (a quarter of "
-        "each batch's windows repeat their first half)",
+        "each batch's windows repeat their first 8, 16, 32 or 64 tokens throughout)",
         repeat_share=0.25,
+        repeat_periods=(8, 16, 32, 64),
     ),
 }
 
