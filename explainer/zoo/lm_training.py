@@ -89,8 +89,8 @@ class LMRecipe:
     n_prompts: int = 400
     ship_accuracy: float = SHIP_ACCURACY  # a task is shipped when the model reaches this accuracy
     eval_every: int = 200  # steps between scores of the tasks during training (the card's curve)
-    repeat_share: float = 0.0  # share of each batch's windows whose second half repeats their first
-    repeat_periods: tuple[int, ...] = ()  # else such a window repeats its first P tokens, P drawn from these
+    repeat_share: float = 0.0  # share of each batch's windows that repeat their first P tokens throughout
+    repeat_periods: tuple[int, ...] = ()  # P, drawn per window from these (none: half the window)
 
     def __post_init__(self) -> None:
         assert self.steps % self.chunk == 0, f"steps must be a multiple of {self.chunk}"
@@ -230,9 +230,8 @@ def train_lm(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     data = jnp.asarray(stream)
     offsets = jnp.arange(r.seq + 1)
-    half, repeats = (r.seq + 1) // 2, round(r.batch_size * r.repeat_share)
-    repeated = jnp.concatenate([offsets[:half], offsets[: r.seq + 1 - half]])  # a b c ... a b c ...
-    periods = jnp.asarray(r.repeat_periods or (half,), jnp.int32)  # (only read with repeat_periods)
+    repeats = round(r.batch_size * r.repeat_share)
+    periods = jnp.asarray(r.repeat_periods or ((r.seq + 1) // 2,), jnp.int32)
     counter = {"traces": 0}
 
     @eqx.filter_jit
@@ -242,11 +241,9 @@ def train_lm(
         def one_step(carry, key):
             model, opt_state = carry
             starts = jax.random.randint(key, (r.batch_size,), 0, data.shape[0] - r.seq - 1)
-            again = repeated
-            if r.repeat_periods:  # a b c a b c a b c ...: every window of its own period
-                period = periods[jax.random.randint(jax.random.fold_in(key, 1), (r.batch_size, 1), 0, len(periods))]
-                again = offsets[None, :] % period
-            rows = jnp.where(jnp.arange(r.batch_size)[:, None] < repeats, again, offsets)
+            # a b c a b c a b c ...: each repeated window of its own period
+            period = periods[jax.random.randint(jax.random.fold_in(key, 1), (r.batch_size, 1), 0, len(periods))]
+            rows = jnp.where(jnp.arange(r.batch_size)[:, None] < repeats, offsets[None, :] % period, offsets)
             loss, grads = eqx.filter_value_and_grad(lm_loss)(model, data[starts[:, None] + rows])
             with jax.numpy_dtype_promotion("standard"):
                 updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
