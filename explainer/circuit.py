@@ -176,8 +176,11 @@ def circuit_figure(expl: Any, config: ModelConfig | None = None) -> tuple[Figure
     columns = 1 + max(x for x, _ in pos.values())
     fig = Figure(figsize=(max(6.5, 1.9 * columns + 1.5), max(3.6, 0.9 * config.n_heads + 2.2)))
     ax = fig.subplots()
-    used = {e.writer for e in edges} | {e.reader for e in edges}
-    used |= {f"a{e.reader[1:]}.h{h}" for e in edges if e.port == "attn" for h in range(config.n_heads)}
+    used = (
+        {e.writer for e in edges}
+        | {e.reader for e in edges}
+        | {h for e in edges for h in _heads_of(e.reader, e.port, config)}
+    )
     for layer, x in attn_x.items():  # the layer's attention, behind its heads
         whole = f"a{layer}" in used
         ax.add_patch(
@@ -215,7 +218,7 @@ def circuit_figure(expl: Any, config: ModelConfig | None = None) -> tuple[Figure
         if e.port == "attn":  # a mask shared by the layer's heads: into the layer's box
             x1, y1 = attn_x[int(e.reader[1:])] - 0.1, (config.n_heads - 1) / 2
         else:
-            x1, y1 = pos[e.reader]
+            x1, y1 = _entry(e.reader, config, pos)
         start = (x0 + BOX_W / 2, y0)
         end = (x1 - BOX_W / 2, y1 + _PORT_DY.get(e.port, 0.0))
         rad = _bend(x0, y0, x1, y1, (config.n_heads - 1) / 2)
@@ -237,7 +240,7 @@ def circuit_figure(expl: Any, config: ModelConfig | None = None) -> tuple[Figure
             )
         )
     for reader, port in dict.fromkeys((e.reader, e.port) for e in edges if e.port in _PORT_DY):
-        x, y = pos[reader]  # the port's letter where an edge enters a head
+        x, y = _entry(reader, config, pos)  # the port's letter where an edge enters a head
         ax.text(x - BOX_W / 2 + 0.05, y + _PORT_DY[port], port, fontsize=6, va="center", zorder=5)
     ax.set_xlim(-0.5, columns - 0.5)
     ax.set_ylim(-0.7, config.n_heads + 0.1)
@@ -257,6 +260,27 @@ def circuit_figure(expl: Any, config: ModelConfig | None = None) -> tuple[Figure
     )
     fig.tight_layout()
     return fig, edges
+
+
+def _heads_of(reader: str, port: str, config: ModelConfig) -> list[str]:
+    """The nodes an edge into ``reader`` feeds: the reader, or every query head that reads it (a
+    whole attention layer's heads; under grouped-query attention, those sharing ``a{l}.kv{g}``)."""
+    layer, _, rest = reader[1:].partition(".")
+    if port == "attn":
+        return [f"a{layer}.h{h}" for h in range(config.n_heads)]
+    if rest.startswith("kv"):
+        group = config.n_heads // config.n_kv_heads
+        return [f"a{layer}.h{h}" for h in range(int(rest[2:]) * group, (int(rest[2:]) + 1) * group)]
+    return [reader]
+
+
+def _entry(reader: str, config: ModelConfig, pos: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Where an edge into ``reader`` ends: its node, or the middle of the query heads that share
+    key-value head ``a{l}.kv{g}``."""
+    if reader in pos:
+        return pos[reader]
+    heads = _heads_of(reader, "k", config)
+    return pos[heads[0]][0], float(np.mean([pos[h][1] for h in heads]))
 
 
 def _bend(x0: float, y0: float, x1: float, y1: float, centre: float) -> float:

@@ -201,10 +201,19 @@ class Scorer:
 
     def gradients(self, points: np.ndarray, reduce: Reduction) -> np.ndarray:
         """The gradient of ``reduce`` (a scalar one) with respect to the relaxed flat mask, at each
-        row of ``points`` (one backward pass per row)."""
+        row of ``points`` (one backward pass per row), ``chunk`` rows per call as scoring does, so
+        that many rows (integrated gradients' steps) on a large batch fit in memory."""
         points = np.atleast_2d(np.asarray(points, np.float32))
-        out = _gradients(self.scrubber, self.ref, jnp.asarray(points), self.layout, reduce)
-        return np.asarray(out, np.float64)
+        if len(points) <= self.chunk:
+            return np.asarray(_gradients(self.scrubber, self.ref, jnp.asarray(points), self.layout, reduce), np.float64)
+
+        def chunk(start: int) -> np.ndarray:
+            part = points[start : start + self.chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], self.chunk - len(part), axis=0)])
+            out = _gradients(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce)
+            return np.asarray(out, np.float64)[: len(part)]
+
+        return np.concatenate(thread_map(chunk, range(0, len(points), self.chunk), self.workers))
 
 
 class GroupedScorer:

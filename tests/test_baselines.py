@@ -58,6 +58,19 @@ def test_attribution_ranks_the_true_units_first(distractor, method):
     assert set(np.argsort(-flat)[: len(true_units)].tolist()) == true_units
 
 
+def test_gradients_at_many_points_run_in_chunks(distractor):
+    """Integrated gradients' points in chunks of the scorer's size: what one call over all of them gives."""
+    from explainer.score import Reference, Scorer, mean_logit_diff
+
+    scrubber, task, _ = distractor
+    ref = Reference.of(scrubber, task.train_data(), jax.random.key(0))
+    points = np.random.default_rng(0).uniform(size=(5, sum(scrubber.n_units.values())))
+    whole = Scorer(scrubber, ref, chunk=8).gradients(points, mean_logit_diff)
+    chunked = Scorer(scrubber, ref, chunk=2).gradients(points, mean_logit_diff)
+    assert chunked.shape == whole.shape == points.shape and np.abs(whole).max() > 1e-3
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+
+
 def test_rankings_are_seeded_and_searches_are_not_rankings(distractor):
     scrubber, task, _ = distractor
     a = rank("random", scrubber, task.train_data(), jax.random.key(1))

@@ -45,7 +45,8 @@ def test_zoo_json_contract():
     assert {"planted-distractor", "planted-cancel", "planted-joint"} <= names
     for m in result["models"]:
         assert {"name", "task", "accuracy", "ground_truth"} <= set(m)
-        assert m["accuracy"] == 1.0
+        card = json.loads((Path(m["path"]) / "card.json").read_text())
+        assert m["accuracy"] >= card.get("ship_threshold", 1.0)  # the language model ships tasks above 0.8
     assert "planted-joint" in cli("zoo").stdout
 
 

@@ -58,6 +58,32 @@ def test_circuit_edges_weights_and_repair_marks():
     assert style["edge:a1.h1->logits"] == "--" and style["edge:embed->a0.h0.v"] == "-"
 
 
+def test_grouped_query_edges_enter_the_heads_that_share_them():
+    """Under grouped-query attention a key/value edge feeds a key-value head (``a1.kv1.k``): it is
+    drawn into the middle of the query heads that share it (a1.h2 and a1.h3)."""
+    from explainer.circuit import _entry, _layout
+    from explainer.edges import edge_names, edge_sites, edge_units
+    from explainer.models.config import ModelConfig
+
+    config = ModelConfig(
+        n_layers=2, d_model=8, n_heads=4, d_head=2, n_key_value_heads=2, d_vocab=5, n_ctx=4, attn_only=True
+    )
+    n_units, names = edge_units(config, edge_sites(config)), edge_names(config)
+    wanted = {
+        "blocks.1.attn.k.in": "a0.h0->a1.kv1.k",
+        "blocks.1.attn.v.in": "embed->a1.kv1.v",
+        "unembed.in": "a1.h3->logits",
+    }
+    kept = {site: [names[site].index(name)] for site, name in wanted.items()}
+    logits = {s: np.where(np.isin(np.arange(n), kept.get(s, [])), 2.0, -3.0) for s, n in n_units.items()}
+    expl = dataclasses.replace(example(), kept=kept, n_units=n_units, gate_logits=logits)
+    fig, edges = circuit_figure(expl, config)
+    assert drawn_edges(fig) == set(wanted.values())
+    assert {e.reader for e in edges} == {"a1.kv1", "logits"}
+    pos, _ = _layout(config)
+    assert _entry("a1.kv1", config, pos) == (pos["a1.h2"][0], (pos["a1.h2"][1] + pos["a1.h3"][1]) / 2)
+
+
 def test_dimension_runs_get_a_roll_up_not_edges():
     expl = dataclasses.replace(example(), config={"units": "dims"})
     with pytest.raises(Exception, match="keeps residual dimensions"):

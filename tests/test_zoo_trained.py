@@ -7,6 +7,7 @@ import pytest
 
 from explainer.models import load_model
 from explainer.tasks import builtin_tasks, resolve_task, task_names
+from explainer.tasks.prompts import PromptsTask
 from explainer.zoo import resolve_model, zoo_names
 from explainer.zoo.training import RECIPES, measure, shipped_prompts, training_pool
 
@@ -105,3 +106,20 @@ def test_zoo_train_never_touches_a_folder_that_is_not_a_model(tmp_path, cli_here
     proc = cli_here("zoo", "train", "direct", "--out", tmp_path, "--overwrite")
     assert proc.returncode == 2 and "not a model folder" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_the_language_model_ships_only_tasks_it_performs_and_its_card_is_right():
+    """pylm's card: every shipped task at the ship threshold or above, recomputed on its prompts."""
+    folder = resolve_model("pylm")
+    recorded, model = card("pylm"), load_model(folder)
+    assert (folder / "model.safetensors").stat().st_size <= 10_000_000
+    assert recorded["shipped_tasks"]["induction"] == "prompts.json" and recorded["task"] == "induction"
+    for task, file in recorded["shipped_tasks"].items():
+        batch = PromptsTask.from_file(folder / file, model_folder=folder).batch
+        assert len(batch) == recorded["tasks"][task]["prompts"]
+        measured = measure(model, batch)
+        assert recorded["tasks"][task]["accuracy"] >= recorded["ship_threshold"] >= 0.8
+        for key in ("accuracy", "top1_accuracy"):
+            assert abs(measured[key] - recorded["tasks"][task][key]) <= 1 / len(batch) + 1e-6
+    unshipped = set(recorded["tasks"]) - set(recorded["shipped_tasks"])
+    assert all(recorded["tasks"][t]["accuracy"] < recorded["ship_threshold"] for t in unshipped)
