@@ -39,6 +39,7 @@ def train(
     ablation: str | None = setting_option("ablation"),
     steps: int | None = setting_option("steps"),
     seed: int | None = setting_option("seed"),
+    init_logit: float | None = setting_option("init_logit"),
     adversary: str | None = typer.Option(
         None, "--adversary", help="learned (default): train against an adversary in the loop; none."
     ),

@@ -231,6 +231,14 @@ def test_train_without_adversary_flag(tmp_path, cli_here):
     assert bad.returncode == 2 and "did you mean 'learned'" in bad.stderr
 
 
+def test_train_from_open_gates_finds_the_planted_truth(tmp_path, cli_here):
+    """``--init-logit 2`` starts every gate open; training closes what the budget can lose."""
+    args = ["--model", "planted-joint", "--init-logit", "2", "--adversary", "none", "--steps", "400"]
+    result = last_json(cli_here("train", *args, "--out", tmp_path / "r", "--json", "--no-progress"))
+    assert result["config"]["init_logit"] == 2.0
+    assert result["kept"] == {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1, 2], "unembed.in": [3]}
+
+
 def test_truth_needs_a_model_with_ground_truth(tmp_path, cli_here):
     model = tmp_path / "model"
     shutil.copytree(resolve_model("planted-distractor"), model)

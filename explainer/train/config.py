@@ -93,7 +93,9 @@ class Optimiser:
     batch_size: int = setting(64, "Prompts per training step (default {default}); a multiple of --devices.")
     lr: float = setting(0.05, "Adam learning rate of the gate logits (default {default}).")
     init_logit: float = setting(
-        -1.0, "Starting gate logit (default {default}: mostly closed, so every unit has to earn its place)."
+        -1.0,
+        "Starting gate logit (default {default}: mostly closed, so every unit has to earn its place; 2.0 starts "
+        "open, for circuits of several units in series that no single unit opens alone).",
     )
     basis_lr: float = setting(0.001, "Adam learning rate of a learned basis's rotations (default {default}).")
     init_lambda: float = setting(
