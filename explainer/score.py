@@ -183,37 +183,40 @@ class Scorer:
         rows = np.atleast_2d(np.asarray(rows, np.float32))
         if not len(rows):
             return np.zeros((0,), np.float64)
-        starts = range(0, len(rows), self.chunk)
 
-        def chunk(start: int) -> np.ndarray:
-            part = rows[start : start + self.chunk]
-            pad = self.chunk - len(part)
-            padded = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+        def run(padded: np.ndarray, start: int, n: int):
             consts = None
             if constants is not None:
-                group = list(constants[start : start + len(part)])
-                group += [group[-1]] * pad
+                group = list(constants[start : start + n])
+                group += [group[-1]] * (self.chunk - n)
                 consts = {s: jnp.stack([c[s] for c in group]) for s in group[0]}
-            out = _evaluate(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce, consts)
-            return np.asarray(out, np.float64)[: len(part)]
+            return _evaluate(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce, consts)
 
-        return np.concatenate(thread_map(chunk, starts, self.workers))
+        return self._chunked(rows, run)
 
     def gradients(self, points: np.ndarray, reduce: Reduction) -> np.ndarray:
         """The gradient of ``reduce`` (a scalar one) with respect to the relaxed flat mask, at each
         row of ``points`` (one backward pass per row), ``chunk`` rows per call as scoring does, so
         that many rows (integrated gradients' steps) on a large batch fit in memory."""
         points = np.atleast_2d(np.asarray(points, np.float32))
-        if len(points) <= self.chunk:
+        if len(points) <= self.chunk:  # one call of the rows as they are
             return np.asarray(_gradients(self.scrubber, self.ref, jnp.asarray(points), self.layout, reduce), np.float64)
+        return self._chunked(
+            points,
+            lambda padded, start, n: _gradients(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce),
+        )
+
+    def _chunked(self, rows: np.ndarray, run: Callable[[np.ndarray, int, int], Any]) -> np.ndarray:
+        """``run(padded, start, n)`` on each chunk of ``rows`` (its first row ``start``, ``n`` rows,
+        padded to ``chunk`` by repeating the last, so that every call has one shape), chunks on CPU
+        threads; the first ``n`` results of each, concatenated (host float64)."""
 
         def chunk(start: int) -> np.ndarray:
-            part = points[start : start + self.chunk]
+            part = rows[start : start + self.chunk]
             padded = np.concatenate([part, np.repeat(part[-1:], self.chunk - len(part), axis=0)])
-            out = _gradients(self.scrubber, self.ref, jnp.asarray(padded), self.layout, reduce)
-            return np.asarray(out, np.float64)[: len(part)]
+            return np.asarray(run(padded, start, len(part)), np.float64)[: len(part)]
 
-        return np.concatenate(thread_map(chunk, range(0, len(points), self.chunk), self.workers))
+        return np.concatenate(thread_map(chunk, range(0, len(rows), self.chunk), self.workers))
 
 
 class GroupedScorer:
