@@ -93,6 +93,8 @@ def gradient_bases(
     other = data.corrupt[:n] if data.corrupt is not None else jnp.roll(clean, 1, axis=0)
     _, h = model.run(clean, capture=tuple(sites))
     _, r = model.run(other, capture=tuple(sites))
+    if data.corrupt is not None:  # the counterfactual's values at the positions that stand for clean's
+        r = data.take(jnp.arange(n)).at_clean_positions(r)
 
     def differences(site: str) -> np.ndarray:
         return np.asarray(h[site] - r[site], np.float64).reshape(-1, d)

@@ -441,7 +441,8 @@ def _narrow(batch: Batch) -> Batch:
     if not cut:
         return batch
     corrupt = None if batch.corrupt is None else batch.corrupt[:, cut:]
-    return dataclasses.replace(batch, clean=batch.clean[:, cut:], corrupt=corrupt)
+    mapped = None if batch.position_map is None else batch.position_map[:, cut:] - cut  # columns counted anew
+    return dataclasses.replace(batch, clean=batch.clean[:, cut:], corrupt=corrupt, position_map=mapped)
 
 
 def _last_columns(tree, width: int, axis: int = 1):

@@ -207,6 +207,7 @@ class Scrubber(eqx.Module):
             if source is None:
                 source = batch.clean[same_length_permutation(key, batch.clean)]
             _, cache = capture(self.model, source, self.sites, self.units)
+            cache = batch.at_clean_positions(cache)  # a permutation has no map: its columns correspond
         elif self.ablation in ("mean", "optimal"):  # optimal: the learned constants
             assert self.means is not None
             cache = broadcast_constants(self.means, batch.clean.shape[0])
@@ -287,12 +288,12 @@ def build_cache(scrubber: Scrubber, data: Batch, chunk: int = 256) -> ReferenceC
     permute = scrubber.ablation == "resample" and data.corrupt is None
     fulls, sources = [], {}
     for start in range(0, len(data), chunk):
-        logits, _ = run(data.clean[start : start + chunk])
+        part = data.take(jnp.arange(start, min(start + chunk, len(data))))
+        logits, _ = run(part.clean)
         fulls.append(last(logits))
         if scrubber.ablation == "resample":
-            source = data.clean if permute else data.corrupt
-            _, cache = run(source[start : start + chunk])
-            for site, value in cache.items():
+            _, cache = run(part.clean) if permute else run(part.corrupt)
+            for site, value in part.at_clean_positions(cache).items():
                 sources.setdefault(site, []).append(value)
     joined = {s: jnp.concatenate(v) for s, v in sources.items()} if scrubber.ablation == "resample" else None
     return ReferenceCache(jnp.concatenate(fulls), joined, permute)

@@ -7,6 +7,7 @@ resampled activation is the one the counterfactual has alone, unpadded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import equinox as eqx
@@ -122,6 +123,86 @@ def test_a_prompts_file_with_longer_counterfactuals_trains_and_evaluates(tmp_pat
     save_model(init_random(CONFIGS["gpt2"], jax.random.key(0), std=0.3), tmp_path / "model")
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(longer_corrupt_prompts(20)))
+    e = explainer.explain(
+        tmp_path / "model", prompts, out=tmp_path / "run", steps=10, adversary="none", repair=False,
+        open_restart=False, progress=False,
+    )  # fmt: skip
+    again = explainer.load(tmp_path / "run").evaluate()
+    assert np.isfinite(e.faithfulness["kl_mean"])
+    assert again["faithfulness"]["kl_mean"] == pytest.approx(e.faithfulness["kl_mean"], abs=1e-5)
+
+
+def mapped_prompts(n: int, seed: int = 0) -> dict:
+    """Clean prompts of 2-6 tokens, each with a counterfactual of 2-7 tokens (shorter or longer) and
+    a map from every clean position to a random counterfactual position (any order, repeats allowed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        clean, corrupt = rng.integers(0, 20, 2 + i % 5).tolist(), rng.integers(0, 20, 2 + (i * 3) % 6).tolist()
+        mapped = rng.integers(0, len(corrupt), len(clean)).tolist()
+        out.append({"clean": clean, "corrupt": corrupt, "positions": mapped, "answers": [1], "wrong_answers": [2]})
+    return {"prompts": out}
+
+
+def test_a_prompt_may_map_its_positions_one_by_one():
+    pair = {"clean": [1, 2, 3], "corrupt": [4, 5], "positions": [1, 0, 1], "answers": [1], "wrong_answers": [2]}
+    plain = {"clean": [6, 7], "corrupt": [8, 9], "answers": [1], "wrong_answers": [2]}
+    batch = parse_prompts({"prompts": [pair, plain]})
+    # columns: clean [1, 2, 3] fills columns 0-2, corrupt [4, 5] columns 1-2; the plain pair keeps its own
+    assert batch.position_map.tolist() == [[2, 1, 2], [0, 1, 2]]
+    assert prompts_json(batch) == {"prompts": [pair, plain]}  # the map round-trips; none is written for the plain pair
+    PromptsTask(batch).check(CONFIGS["gpt2"])
+    refusals = [
+        ({**pair, "positions": [0, 1]}, "'positions' has 2 entries but 'clean' has 3 tokens"),
+        ({**pair, "positions": [0, 2, 1]}, r"names corrupt position 2, but 'corrupt' has 2 tokens \(positions 0..1\)"),
+        ({**pair, "positions": "end"}, "inside a prompt it is a list of corrupt positions"),
+        ({**pair, "positions": [0, -1, 1]}, "negative token id"),
+    ]
+    for prompt, message in refusals:
+        with pytest.raises(ExplainerError, match=message):
+            parse_prompts({"prompts": [prompt]})
+    alone = {k: v for k, v in pair.items() if k != "corrupt"}
+    with pytest.raises(ExplainerError, match="the prompt has no 'corrupt'"):
+        parse_prompts({"prompts": [alone]})
+    onto_padding = dataclasses.replace(batch, position_map=batch.position_map.at[0, 0].set(0))
+    with pytest.raises(ExplainerError, match="prompt 0: its position map sends a clean position to .* padding"):
+        PromptsTask(onto_padding).check(CONFIGS["gpt2"])
+
+
+@pytest.mark.parametrize(("name", "units"), [("llama-gqa", "dims"), ("gpt2", "edges")])
+def test_resampling_reads_the_mapped_counterfactual_positions(name, units):
+    """Under a position map, the replacement at each clean position is the counterfactual's own
+    activation (computed alone, unpadded) at the position the map names; scoring in length groups,
+    which narrows each group's columns, gives what one reference over the whole batch gives."""
+    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
+
+    model = init_random(CONFIGS[name], jax.random.key(1), std=0.3)
+    data = mapped_prompts(24)
+    batch = parse_prompts(data)
+    scrubber = Scrubber.build(model, batch, units=units)
+    _, repl = scrubber.reference(batch, jax.random.key(0))
+    run_alone = eqx.filter_jit(lambda tokens: capture(model, tokens, scrubber.sites, units)[1])
+    for i in (1, 4, 8):  # corrupt shorter, longer, and of the clean prompt's length
+        p, n = data["prompts"][i], len(data["prompts"][i]["clean"])
+        alone = run_alone(jnp.asarray([p["corrupt"]]))
+        for site, value in alone.items():
+            np.testing.assert_allclose(repl[site][i, -n:], value[0, np.asarray(p["positions"])], atol=ATOL, rtol=0)
+    assert len(length_groups(np.asarray(lengths(batch.clean)))) > 1
+    rng = np.random.default_rng(1)
+    masks = [{s: rng.random(k) < 0.5 for s, k in scrubber.n_units.items()} for _ in range(2)]
+    _, stats = prompt_scores(scrubber, batch, masks, seed=3)
+    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+    ref = Reference.of(scrubber, batch, jax.random.fold_in(jax.random.key(3), 0))
+    flat = np.stack([layout.flat(m, np.float32) for m in masks])
+    np.testing.assert_allclose(stats, Scorer(scrubber, ref, layout)(flat, prompt_stats, None), atol=1e-4, rtol=1e-5)
+
+
+def test_a_prompts_file_with_position_maps_trains_and_evaluates(tmp_path):
+    import explainer
+
+    save_model(init_random(CONFIGS["llama-gqa"], jax.random.key(0), std=0.3), tmp_path / "model")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(mapped_prompts(20)))
     e = explainer.explain(
         tmp_path / "model", prompts, out=tmp_path / "run", steps=10, adversary="none", repair=False,
         open_restart=False, progress=False,

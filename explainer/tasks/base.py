@@ -9,7 +9,10 @@ its counterfactual correspond: ``"start"`` (the default: position ``i`` of one i
 the other, so the two have one length) or ``"end"`` (counted from the end: the last is the last, and
 a counterfactual may be longer than its clean prompt, never shorter). Left padding aligns the ends,
 so both are the same arrays: ``clean`` and ``corrupt`` share one width and each prompt's activation
-at a padded position is its own at that place counted from its end.
+at a padded position is its own at that place counted from its end. Any other correspondence is a
+``position_map``: for each column of ``clean``, the column of ``corrupt`` whose activations stand for
+it (prompts of any two lengths, positions in any order); :meth:`Batch.at_clean_positions` reads the
+counterfactual's activations through it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Int, PyTree
 
 from explainer.models.config import ModelConfig
 
@@ -28,13 +31,16 @@ POSITIONS = ("start", "end")  # which positions of a prompt and its counterfactu
 
 class Batch(eqx.Module):
     """Prompts as arrays (left-padded with ``-1``). Metrics read the logits at the last position.
-    ``positions``: which positions of ``clean`` and ``corrupt`` correspond (see the module docstring)."""
+    ``positions``: which positions of ``clean`` and ``corrupt`` correspond (see the module docstring);
+    ``position_map`` (optional, ``[batch, seq]``): for each column of ``clean``, the column of
+    ``corrupt`` read in its place, where prompts map positions one by one."""
 
     clean: Int[Array, "batch seq"]
     corrupt: Int[Array, "batch seq"] | None
     answers: Int[Array, "batch n_answers"]
     wrong_answers: Int[Array, "batch n_wrong"]
     positions: str = eqx.field(static=True, default="start")
+    position_map: Int[Array, "batch seq"] | None = None
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -42,6 +48,25 @@ class Batch(eqx.Module):
     def take(self, index: Int[Array, " n"]) -> Batch:
         """The prompts at ``index`` (works under ``jit``)."""
         return jax.tree.map(lambda x: jnp.take(x, index, axis=0), self)
+
+    def at_clean_positions(self, values: PyTree[Array]) -> PyTree[Array]:
+        """Per-position values computed on ``corrupt`` (``[batch, seq, ...]`` leaves), read at the
+        columns that stand for each column of ``clean``: through ``position_map`` where there is one,
+        else as they are (the columns correspond already).
+
+        >>> b = Batch(jnp.asarray([[1, 2, 3]]), jnp.asarray([[4, 5, 6]]), jnp.zeros((1, 1), jnp.int32),
+        ...           jnp.ones((1, 1), jnp.int32), position_map=jnp.asarray([[0, 0, 2]]))
+        >>> b.at_clean_positions(jnp.asarray([[[10.0], [20.0], [30.0]]]))[0, :, 0].tolist()
+        [10.0, 10.0, 30.0]
+        """
+        if self.position_map is None:
+            return values
+
+        def read(x):
+            index = self.position_map.reshape(self.position_map.shape + (1,) * (x.ndim - 2))
+            return jnp.take_along_axis(x, index, axis=1)
+
+        return jax.tree.map(read, values)
 
 
 @runtime_checkable

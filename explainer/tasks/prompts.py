@@ -21,6 +21,11 @@ Format (the one auto-circuit reads, so the same file can feed a peer tool)::
     activations are an artefact of the implementation; keeping the clean value there would hide
     those units from the explanation, zeroing them would leave the model's inputs). A shorter one
     is refused, naming the prompt;
+  - a prompt may instead map its positions one by one: ``"positions": [j0, j1, ...]`` *in the
+    prompt*, one entry per ``clean`` token, entry ``i`` the index (from 0) of the ``corrupt`` token
+    whose activations stand for clean position ``i``. The two may then have any lengths, and
+    positions any order (a template whose name comes earlier in the counterfactual, say); the file's
+    rule holds for the prompts that give no map;
 - every prompt has the same number of ``answers`` and the same number of ``wrong_answers``
   (at least one each); the metrics compare their mean logits at the last position;
 - with a model folder that holds a ``tokenizer.json``, ``clean`` and ``corrupt`` may be strings
@@ -44,6 +49,7 @@ from explainer.tasks.base import POSITIONS, Batch
 from explainer.tasks.text import NO_TOKENIZER, TextEncoder, has_text, tokenizer_of
 
 _KEYS = ("clean", "corrupt", "answers", "wrong_answers")
+_OPTIONAL = ("positions",)  # a prompt's own position map
 SAME_LENGTH = (
     'with "positions": "start" (the default) position i of one corresponds to position i of the other, so a '
     "counterfactual must have its clean prompt's length; if positions correspond counted from the end (the last "
@@ -78,6 +84,46 @@ def _positions(data: dict, source: str) -> str:
             'position i of a counterfactual stands for position i of its clean prompt; "end": counted from the end)'
         )
     return positions
+
+
+def _position_map(value: Any, clean: list[int], corrupt: list[int] | None, where: str) -> list[int]:
+    """A prompt's own ``positions``: for each clean token, the index of the corrupt token read for it."""
+    if corrupt is None:
+        raise ExplainerError(
+            f"{where}: 'positions' maps each clean position to a 'corrupt' one, but the prompt has no 'corrupt'; "
+            "give the counterfactual, or leave 'positions' out"
+        )
+    if isinstance(value, str):
+        raise ExplainerError(
+            f"{where}: 'positions' is {value!r}; inside a prompt it is a list of corrupt positions, one per clean "
+            'token; "start" or "end" go at the top of the file, for every prompt'
+        )
+    mapped = _int_list(value, where, "positions")
+    if len(mapped) != len(clean):
+        raise ExplainerError(
+            f"{where}: 'positions' has {len(mapped)} entries but 'clean' has {len(clean)} tokens; give one corrupt "
+            "position per clean token"
+        )
+    beyond = [j for j in mapped if j >= len(corrupt)]
+    if beyond:
+        raise ExplainerError(
+            f"{where}: 'positions' names corrupt position {beyond[0]}, but 'corrupt' has {len(corrupt)} tokens "
+            f"(positions 0..{len(corrupt) - 1})"
+        )
+    return mapped
+
+
+def _columns(maps: list[list[int] | None], clean: list[list[int]], corrupt: list[list[int]], width: int):
+    """Per-prompt position maps as one ``[prompts, width]`` array of left-padded columns (the
+    identity for prompts that give none), or ``None`` when no prompt gives one."""
+    if all(m is None for m in maps):
+        return None
+    out = np.tile(np.arange(width, dtype=np.int32), (len(maps), 1))
+    for b, mapped in enumerate(maps):
+        if mapped is not None:
+            first_clean, first_corrupt = width - len(clean[b]), width - len(corrupt[b])
+            out[b, first_clean:] = first_corrupt + np.asarray(mapped, dtype=np.int32)
+    return jnp.asarray(out)
 
 
 def _int_list(value: Any, where: str, key: str) -> list[int]:
@@ -131,6 +177,9 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
     ...                                                     "wrong_answers": [3]}]})
     >>> b.clean.tolist(), b.corrupt.tolist(), b.positions
     ([[-1, 4]], [[1, 2]], 'end')
+    >>> parse_prompts({"prompts": [{"clean": [4, 5], "corrupt": [1, 2, 3], "positions": [2, 0], "answers": [1],
+    ...                             "wrong_answers": [3]}]}).position_map.tolist()
+    [[0, 2, 0]]
     """
     if not isinstance(data, dict) or "prompts" not in data:
         raise ExplainerError(
@@ -144,14 +193,15 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
     text = _encoder(prompts, tokenizer)
     why = "there is no tokenizer (the model folder has no tokenizer.json)"
     rows: dict[str, list[list[int]]] = {k: [] for k in _KEYS}
+    maps: list[list[int] | None] = []
     with_corrupt = isinstance(prompts[0], dict) and "corrupt" in prompts[0]
     for i, p in enumerate(prompts):
         where = f"{source}: prompt {i}"
         if not isinstance(p, dict):
             raise ExplainerError(f"{where} must be an object with keys {list(_KEYS)}")
-        unknown = sorted(set(p) - set(_KEYS))
+        unknown = sorted(set(p) - set(_KEYS) - set(_OPTIONAL))
         if unknown:
-            raise ExplainerError(f"{where} has unknown key(s) {unknown}; valid: {list(_KEYS)}")
+            raise ExplainerError(f"{where} has unknown key(s) {unknown}; valid: {list(_KEYS + _OPTIONAL)}")
         for key in ("clean", "answers", "wrong_answers"):
             if key not in p:
                 raise ExplainerError(f"{where} has no {key!r}; every prompt needs clean, answers, wrong_answers")
@@ -164,7 +214,10 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
             raise ExplainerError(f"{where}: 'clean' is empty")
         if not rows["answers"][-1] or not rows["wrong_answers"][-1]:
             raise ExplainerError(f"{where}: 'answers' and 'wrong_answers' need at least one token each")
-        mismatch = with_corrupt and corrupt_length_error(len(rows["clean"][-1]), len(rows["corrupt"][-1]), positions)
+        corrupt = rows["corrupt"][-1] if with_corrupt else None
+        maps.append(None if "positions" not in p else _position_map(p["positions"], rows["clean"][-1], corrupt, where))
+        lengths_rule = maps[-1] is None and with_corrupt  # a prompt's own map replaces the file's rule
+        mismatch = lengths_rule and corrupt_length_error(len(rows["clean"][-1]), len(corrupt), positions)
         if mismatch:
             raise ExplainerError(f"{where}: {mismatch}")
     for key in ("answers", "wrong_answers"):
@@ -182,7 +235,8 @@ def parse_prompts(data: Any, source: str = "prompts", tokenizer: Any = None) -> 
         return jnp.asarray(pad_left(rows[key], width) if padded else np.asarray(rows[key], dtype=np.int32))
 
     corrupt = arr("corrupt", padded=True) if with_corrupt else None
-    return Batch(arr("clean", padded=True), corrupt, arr("answers"), arr("wrong_answers"), positions)
+    mapped = _columns(maps, rows["clean"], rows["corrupt"], width)
+    return Batch(arr("clean", padded=True), corrupt, arr("answers"), arr("wrong_answers"), positions, mapped)
 
 
 def _check_padding(tokens: np.ndarray, key: str, source: str) -> np.ndarray:
@@ -231,8 +285,11 @@ def check_prompts(batch: Batch, config: ModelConfig, source: str = "prompts") ->
 
 def _check_corrupt_lengths(batch: Batch, source: str) -> None:
     """Raise unless every counterfactual's length fits its clean prompt's under ``batch.positions``
-    (a batch built in code, not read from a file, is held to the same rule)."""
+    (a batch built in code, not read from a file, is held to the same rule), or, for a prompt that maps
+    its positions one by one, unless each clean position reads a real token of its counterfactual."""
     if batch.corrupt is None:
+        if batch.position_map is not None:
+            raise ExplainerError(f"{source}: a position map needs counterfactuals ('corrupt'); the batch has none")
         return
     if batch.corrupt.shape != batch.clean.shape:
         raise ExplainerError(
@@ -240,10 +297,37 @@ def _check_corrupt_lengths(batch: Batch, source: str) -> None:
             "left-pad both to one width (explainer.models.padding.pad_left)"
         )
     clean, corrupt = np.asarray(lengths(batch.clean)), np.asarray(lengths(batch.corrupt))
-    for i in np.flatnonzero(clean != corrupt):
+    mapped = _mapped_rows(batch, source)
+    for i in np.flatnonzero((clean != corrupt) & ~mapped):
         mismatch = corrupt_length_error(int(clean[i]), int(corrupt[i]), batch.positions)
         if mismatch:
             raise ExplainerError(f"{source}: prompt {i}: {mismatch}")
+
+
+def _mapped_rows(batch: Batch, source: str) -> np.ndarray:
+    """Which prompts map their positions one by one (``[batch]`` bools); raises unless every real clean
+    position of those maps to a real token of the counterfactual."""
+    width = batch.clean.shape[1]
+    if batch.position_map is None:
+        return np.zeros(len(batch), bool)
+    columns = np.asarray(batch.position_map)
+    if columns.shape != tuple(batch.clean.shape):
+        raise ExplainerError(
+            f"{source}: 'position_map' is {columns.shape} but 'clean' is {tuple(batch.clean.shape)}; give one corrupt "
+            "column per clean column"
+        )
+    real = np.asarray(batch.clean) != PAD
+    inside = (columns >= 0) & (columns < width)
+    corrupt = np.asarray(batch.corrupt)
+    onto_real = inside & (np.take_along_axis(corrupt, np.clip(columns, 0, width - 1), 1) != PAD)
+    bad = (real & ~onto_real).any(1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ExplainerError(
+            f"{source}: prompt {i}: its position map sends a clean position to column(s) of 'corrupt' that are "
+            "padding or outside the prompt; every clean position must read a real token of its counterfactual"
+        )
+    return (columns != np.arange(width)).any(1)
 
 
 def split(batch: Batch, heldout_fraction: float, seed: int = 0) -> tuple[Batch, Batch]:
@@ -307,10 +391,14 @@ def prompts_json(batch: Batch) -> dict[str, Any]:
         return [t for t in np.asarray(row).tolist() if t != PAD]
 
     out = []
+    width = batch.clean.shape[1]
     for i in range(len(batch)):
         p = {"clean": ids(batch.clean[i])}
         if batch.corrupt is not None:
             p["corrupt"] = ids(batch.corrupt[i])
+        if batch.position_map is not None and (np.asarray(batch.position_map[i]) != np.arange(width)).any():
+            first_clean, first_corrupt = width - len(p["clean"]), width - len(p["corrupt"])
+            p["positions"] = (np.asarray(batch.position_map[i])[first_clean:] - first_corrupt).tolist()
         p["answers"] = np.asarray(batch.answers[i]).tolist()
         p["wrong_answers"] = np.asarray(batch.wrong_answers[i]).tolist()
         out.append(p)
