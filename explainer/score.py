@@ -47,7 +47,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from explainer import metrics
 from explainer.masks import Layout, Mask
 from explainer.metrics import divergence, kl_divergence, logit_diff
-from explainer.models.padding import leading_padding, length_groups, lengths, same_length_permutation
+from explainer.models.padding import last_columns, length_groups, lengths, same_length_permutation
 from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
@@ -364,7 +364,7 @@ def prompt_scores(
         scored = []
         for ref in refs:
             width = ref.tokens.shape[1]
-            consts = None if constants is None else [_last_columns(c, width, axis=0) for c in constants]
+            consts = None if constants is None else [last_columns(c, width, axis=0) for c in constants]
             scored.append((prompt_stats(ref.full, ref), Scorer(scrubber, ref, layout)(rows, prompt_stats, consts)))
         fulls.append(in_order(groups, [np.asarray(f) for f, _ in scored]))
         parts.append(in_order(groups, [p for _, p in scored], axis=1))
@@ -397,10 +397,10 @@ def length_references(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> tu
     groups = scoring_groups(scrubber, batch.clean)
     if len(groups) == 1:
         by_length = scrubber.positions is None
-        return groups, [_narrowed(scrubber, _narrow(batch) if by_length else batch, key)]
+        return groups, [_narrowed(scrubber, batch.narrowed() if by_length else batch, key)]
     if scrubber.ablation == "resample" and batch.corrupt is None:  # fix the pairs first
         batch = dataclasses.replace(batch, corrupt=batch.clean[same_length_permutation(key, batch.clean)])
-    return groups, [_narrowed(scrubber, _narrow(batch.take(jnp.asarray(g))), key) for g in groups]
+    return groups, [_narrowed(scrubber, batch.take(jnp.asarray(g)).narrowed(), key) for g in groups]
 
 
 def scoring_groups(scrubber: Scrubber, tokens: Int[Array, "batch seq"]) -> list[np.ndarray]:
@@ -415,7 +415,7 @@ def scoring_groups(scrubber: Scrubber, tokens: Int[Array, "batch seq"]) -> list[
 def _narrowed(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Reference:
     """The reference of a (narrowed) batch, its per-position replacement cut to the batch's width."""
     ref = Reference.of(scrubber, batch, key)
-    return ref._replace(replacement=_last_columns(ref.replacement, ref.tokens.shape[1]))
+    return ref._replace(replacement=last_columns(ref.replacement, ref.tokens.shape[1]))
 
 
 def in_order(groups: Sequence[np.ndarray], values: Sequence[Any], axis: int = 0):
@@ -430,30 +430,6 @@ def in_order(groups: Sequence[np.ndarray], values: Sequence[Any], axis: int = 0)
     back = np.argsort(np.concatenate(groups))
     joined = jnp.concatenate(values, axis=axis) if isinstance(values[0], jax.Array) else np.concatenate(values, axis)
     return joined.take(back, axis=axis)
-
-
-def _narrow(batch: Batch) -> Batch:
-    """``batch`` without the leading columns that are padding in every prompt and counterfactual (one
-    longer than its clean prompt, under ``"positions": "end"``, keeps its own first tokens)."""
-    cut = leading_padding(batch.clean)
-    if batch.corrupt is not None:
-        cut = min(cut, leading_padding(batch.corrupt))
-    if not cut:
-        return batch
-    corrupt = None if batch.corrupt is None else batch.corrupt[:, cut:]
-    mapped = None if batch.position_map is None else batch.position_map[:, cut:] - cut  # columns counted anew
-    return dataclasses.replace(batch, clean=batch.clean[:, cut:], corrupt=corrupt, position_map=mapped)
-
-
-def _last_columns(tree, width: int, axis: int = 1):
-    """Per-position arrays (replacements, constants) cut to their last ``width`` positions, as a
-    narrowed batch reads them (left padding: a prompt's positions are counted from the right)."""
-
-    def cut(x):
-        extra = x.shape[axis] - width
-        return x if extra <= 0 else jax.lax.slice_in_dim(x, extra, x.shape[axis], axis=axis)
-
-    return jax.tree.map(cut, tree)
 
 
 def evaluate_keep(

@@ -210,3 +210,42 @@ def test_a_prompts_file_with_position_maps_trains_and_evaluates(tmp_path):
     again = explainer.load(tmp_path / "run").evaluate()
     assert np.isfinite(e.faithfulness["kl_mean"])
     assert again["faithfulness"]["kl_mean"] == pytest.approx(e.faithfulness["kl_mean"], abs=1e-5)
+
+
+@pytest.mark.parametrize(("ablation", "units"), [("resample", "dims"), ("optimal", "dims")])
+def test_training_batches_come_from_one_length_group(ablation, units):
+    """Prompts of 3 and of 12 tokens train in two length groups, each padded to its own longest
+    prompt; a step on a group computes what the same step computes with the group's prompts padded
+    to the longest of all (padding changes no logit), and each group compiles the step once."""
+    from explainer.train import TrainConfig, init_state, make_optimizer, make_step
+    from explainer.train.loop import LengthGroups
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 20, 3 if i % 2 else 12).tolist() for i in range(16)]
+    data = parse_prompts(
+        {"prompts": [{"clean": r, "corrupt": rng.integers(0, 20, len(r)).tolist(), "answers": [1],
+                      "wrong_answers": [2]} for r in rows]}
+    )  # fmt: skip
+    model = init_random(CONFIGS["llama-gqa"], jax.random.key(0), std=0.3)
+    scrubber = Scrubber.build(model, data, ablation=ablation, units=units)
+    config = TrainConfig.of(batch_size=4, steps=8, init_logit=0.0)
+    optimizer = make_optimizer(config)
+    grouped, counter = make_step(scrubber, data, config, optimizer)
+    assert isinstance(grouped.operands, LengthGroups) and grouped.operands.sizes == (8, 8)
+    widths = sorted(part[1].clean.shape[1] for part in grouped.operands.parts)
+    assert widths == [3, 12]
+    state = init_state(scrubber, config, optimizer)
+    for n in range(6):
+        part = grouped.operands.at(n)
+        short = part[1].clean.shape[1] == 3
+        padded_data = data.take(jnp.asarray(np.flatnonzero(np.asarray(lengths(data.clean)) == (3 if short else 12))))
+        padded, _ = make_step(scrubber, padded_data, config, optimizer)  # one length: one group, not narrowed
+        assert padded_data.clean.shape[1] == 12 and not isinstance(padded.operands, LengthGroups)
+        after, metrics = grouped(state, part)
+        same, expected = padded(state)
+        for name in ("loss", "kl", "size"):
+            np.testing.assert_allclose(metrics[name], expected[name], atol=1e-5, rtol=1e-5, err_msg=f"step {n} {name}")
+        for site in after.gates.logits:
+            np.testing.assert_allclose(after.gates.logits[site], same.gates.logits[site], atol=1e-5, rtol=1e-4)
+        state = after
+    assert counter["traces"] == 2

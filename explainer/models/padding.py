@@ -116,3 +116,18 @@ def leading_padding(tokens: np.ndarray | jax.Array) -> int:
     2
     """
     return int(np.asarray(tokens).shape[-1] - np.asarray(lengths(jnp.asarray(tokens))).max())
+
+
+def last_columns(tree, width: int, axis: int = 1):
+    """Per-position arrays (replacements, constants) cut to their last ``width`` positions, as a
+    batch narrowed to ``width`` columns reads them (left padding: positions count from the right).
+
+    >>> last_columns(jnp.arange(6).reshape(1, 6), 4).tolist()
+    [[2, 3, 4, 5]]
+    """
+
+    def cut(x):
+        extra = x.shape[axis] - width
+        return x if extra <= 0 else jax.lax.slice_in_dim(x, extra, x.shape[axis], axis=axis)
+
+    return jax.tree.map(cut, tree)

@@ -17,6 +17,7 @@ counterfactual's activations through it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, runtime_checkable
 
 import equinox as eqx
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
 from explainer.models.config import ModelConfig
+from explainer.models.padding import leading_padding
 
 POSITIONS = ("start", "end")  # which positions of a prompt and its counterfactual correspond
 
@@ -48,6 +50,24 @@ class Batch(eqx.Module):
     def take(self, index: Int[Array, " n"]) -> Batch:
         """The prompts at ``index`` (works under ``jit``)."""
         return jax.tree.map(lambda x: jnp.take(x, index, axis=0), self)
+
+    def narrowed(self) -> Batch:
+        """The batch without the leading columns that are padding in every prompt and counterfactual
+        (one longer than its clean prompt, under ``"positions": "end"``, keeps its own first tokens).
+
+        >>> b = Batch(jnp.asarray([[-1, -1, 1, 2], [-1, -1, -1, 3]]), None, jnp.zeros((2, 1), jnp.int32),
+        ...           jnp.ones((2, 1), jnp.int32))
+        >>> b.narrowed().clean.tolist()
+        [[1, 2], [-1, 3]]
+        """
+        cut = leading_padding(self.clean)
+        if self.corrupt is not None:
+            cut = min(cut, leading_padding(self.corrupt))
+        if not cut:
+            return self
+        corrupt = None if self.corrupt is None else self.corrupt[:, cut:]
+        mapped = None if self.position_map is None else self.position_map[:, cut:] - cut  # columns counted anew
+        return dataclasses.replace(self, clean=self.clean[:, cut:], corrupt=corrupt, position_map=mapped)
 
     def at_clean_positions(self, values: PyTree[Array]) -> PyTree[Array]:
         """Per-position values computed on ``corrupt`` (``[batch, seq, ...]`` leaves), read at the

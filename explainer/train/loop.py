@@ -14,6 +14,7 @@ and the batch steps as one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,40 @@ from explainer.train.config import TrainConfig
 # d_model × sites) for its parts to step in threads
 THREAD_ELEMENTS = 2**16
 SETTLE_EVERY = 25  # steps between reads of a continuation rung's explanation
+
+
+GOLDEN = (5**0.5 - 1) / 2  # step n reads length group at (n + 1) * GOLDEN mod 1: spread evenly, fixed by n
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthGroups:
+    """A step's operands (model, prompts, cache) once per length group of the training prompts,
+    each group's prompts padded only to its own longest (:func:`explainer.score.scoring_groups`).
+    Step ``n`` reads group :meth:`at` ``(n)``: a fixed, evenly spread sequence in which each group
+    comes up in proportion to its prompts, so every prompt is as likely in a step's batch as without
+    groups, and a resumed run reads the groups an uninterrupted one would. Each group's shape
+    compiles the step once.
+
+    >>> groups = LengthGroups(("short", "long"), (3, 1))
+    >>> "".join(groups.at(n)[0] for n in range(8))
+    'sslssssl'
+    """
+
+    parts: tuple[Any, ...]
+    sizes: tuple[int, ...]
+
+    def at(self, n: int) -> Any:
+        share = np.cumsum(self.sizes) / sum(self.sizes)
+        return self.parts[min(int(np.searchsorted(share, ((n + 1) * GOLDEN) % 1.0, side="right")), len(self.parts) - 1)]
+
+
+def operands_at(operands: Any, n: int) -> Any:
+    """``operands`` as step ``n`` reads them: each :class:`LengthGroups` in it replaced by its group at ``n``."""
+    if isinstance(operands, LengthGroups):
+        return operands.at(n)
+    if isinstance(operands, tuple):
+        return tuple(operands_at(x, n) for x in operands)
+    return operands
 
 
 def ladder_workers(scrubber: Scrubber, data: Batch, config: TrainConfig) -> int:
@@ -89,22 +124,22 @@ class _Threads:
     def __init__(self, step, parts, targets, operands):
         self.step, self.parts, self.targets, self.operands = step, list(parts), targets, operands
 
-    def _one(self, p: int, k: int) -> list[dict[str, Any]]:
+    def _one(self, p: int, n: int, k: int) -> list[dict[str, Any]]:
         state, out = self.parts[p], []
-        for _ in range(k):
-            state, metrics = self.step(state, self.targets[p], self.operands)
+        for i in range(n, n + k):
+            state, metrics = self.step(state, self.targets[p], operands_at(self.operands, i))
             out.append(metrics)
         self.parts[p] = state
         return jax.device_get(out)
 
-    def run(self, k: int, first: bool) -> list[dict[str, np.ndarray]]:
-        """Every part's next ``k`` steps as one batch's metrics per step. On a stretch's ``first``
-        call each part's first step runs here, one after the other, so that a program not compiled
-        yet compiles once and not in every thread."""
+    def run(self, n: int, k: int, first: bool) -> list[dict[str, np.ndarray]]:
+        """Every part's steps ``n .. n + k - 1`` as one batch's metrics per step. On a stretch's
+        ``first`` call each part's first step runs here, one after the other, so that a program not
+        compiled yet compiles once and not in every thread."""
         parts = range(len(self.parts))
-        head = [self._one(p, 1) if first else [] for p in parts]
+        head = [self._one(p, n, 1) if first else [] for p in parts]
         rest = k - 1 if first else k
-        tails = thread_map(lambda p: self._one(p, rest), parts, len(parts))
+        tails = thread_map(lambda p: self._one(p, n + k - rest, rest), parts, len(parts))
         return _merged([h + t for h, t in zip(head, tails, strict=True)])
 
     def states(self):
@@ -139,6 +174,7 @@ def run_steps(
 ) -> tuple[Any, dict[str, list[Any]]]:
     """Step ``state`` (one training state, or a batch of them) up to step ``steps``; returns the
     state after the last step and the history (every step's metrics, resumed ones included).
+    Step ``n`` reads ``operands_at(operands, n)`` (one group of :class:`LengthGroups`, if any).
 
     ``checked`` is ``checked_step(step)`` (:func:`explainer.faults.checked_step`, made once so
     that it compiles once) of a ``step(state, targets, operands) -> (state, metrics)``:
@@ -201,11 +237,11 @@ def run_steps(
         if timed:
             stop = n + 1  # the first step alone: it compiles the step, and is timed apart
         if threads is not None:
-            for metrics in threads.run(stop - n, first=n == first):
+            for metrics in threads.run(n, stop - n, first=n == first):
                 history.append(metrics)
         else:
-            for _ in range(stop - n):
-                state, metrics = step(state, targets, operands)
+            for i in range(n, stop):
+                state, metrics = step(state, targets, operands_at(operands, i))
                 history.append(metrics)
         if timed:
             jax.block_until_ready(state if threads is None else threads.parts)

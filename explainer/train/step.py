@@ -29,13 +29,15 @@ from explainer import optimal
 from explainer.faults import checked_step
 from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
+from explainer.models.padding import last_columns
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
+from explainer.score import scoring_groups
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
 from explainer.train.dual import DualAscent, dual_ascent
-from explainer.train.loop import run_steps
+from explainer.train.loop import LengthGroups, run_steps
 
 
 @runtime_checkable
@@ -98,15 +100,17 @@ CACHE_LIMIT_BYTES = 256 * 2**20
 def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, adversary=None):
     """The jitted training step ``state -> (state, metrics)``, and a dict counting its traces.
 
-    The step is traced once per run: shapes never change between steps. When the full model's
-    outputs on the training prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here,
-    instead of in every step.
+    The step is traced once per run, or once per length group: prompts of different lengths are
+    grouped as scoring groups them (:func:`explainer.score.scoring_groups`), each group padded only
+    to its own longest prompt, and each step samples its batch from one group
+    (:class:`~explainer.train.loop.LengthGroups`). When the full model's outputs on the training
+    prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here, instead of in every step.
 
     With ``runtime.devices`` above one the batch is split across devices and the rest replicated,
     or with ``runtime.shard_weights`` the model's weights split too (:mod:`explainer.parallel`);
     with ``runtime.remat`` each block is recomputed in the backward pass.
     """
-    n, batch_size = len(data), config.optimiser.batch_size
+    batch_size = config.optimiser.batch_size
     parallel = data_parallel(config.runtime.devices, batch_size, config.runtime.shard_weights)
     _, scrubber = scrubber.split_learned()  # a learned basis trains in the state, not here
 
@@ -116,8 +120,12 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         whole = eqx.combine(learned, scrubber)
         return dataclasses.replace(whole, remat=True) if config.runtime.remat else whole
 
-    cache = build_cache(scrubber, data) if cache_bytes(scrubber, data) <= CACHE_LIMIT_BYTES else None
-    scrubber, (data, cache) = parallel.put_weights(scrubber), parallel.put_replicated((data, cache))
+    groups = scoring_groups(scrubber, data.clean)
+    parts = [data] if len(groups) == 1 else [data.take(jnp.asarray(g)).narrowed() for g in groups]
+    cached = sum(cache_bytes(scrubber, part) for part in parts) <= CACHE_LIMIT_BYTES
+    caches = [build_cache(scrubber, part) if cached else None for part in parts]
+    scrubber = parallel.put_weights(scrubber)
+    operands = [(scrubber, *parallel.put_replicated(pair)) for pair in zip(parts, caches, strict=True)]
     counter = {"traces": 0}
     adv_optimizer = optax.adam(adversary.lr) if adversary is not None else None
     const_optimizer = constants_optimizer()
@@ -136,19 +144,20 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         state = parallel.replicate(state)
         key = jax.random.fold_in(state.key, state.step)
         k_batch, k_repl, k_gate, k_adv = jax.random.split(key, 4)
-        index = jax.random.randint(k_batch, (batch_size,), 0, n)
+        index = jax.random.randint(k_batch, (batch_size,), 0, len(data))
         batch = parallel.shard(data.take(index))
         if cache is not None:
             ref, repl = cache.take(scrubber, batch, index, k_repl)
         else:
             ref, repl = scrubber.reference(batch, k_repl)
-        ref, repl = parallel.shard((ref, repl))
+        width = batch.clean.shape[1]  # a length group's: per-position constants are cut to it
+        ref, repl = parallel.shard((ref, last_columns(repl, width)))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
         current = attach(state.learned)  # learned bases, if any, as they stand
         values, const_opt = state.constants if state.constants is not None else (None, None)
         if values is not None:  # optimal ablation: the constants as they stand replace excluded units
-            repl = broadcast_constants(values, batch.clean.shape[0])
+            repl = last_columns(broadcast_constants(values, batch.clean.shape[0]), width)
 
         if adversary is not None:
             if not adversary.warm_start:
@@ -169,7 +178,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
             (gates, learned), adv, consts = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
             scr = attach(learned)  # learned bases train with the gates
-            replacement = repl if consts is None else broadcast_constants(consts, batch.clean.shape[0])
+            replacement = repl if consts is None else last_columns(broadcast_constants(consts, len(batch)), width)
             scrubbed = scr.logits(batch.clean, keep, replacement)
             kl = kl_divergence(ref, scrubbed).mean()
             size = gates.expected_size()
@@ -218,7 +227,8 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         }
         return parallel.replicate((new, metrics))
 
-    return TrainStep(step, (scrubber, data, cache), parallel), counter
+    sizes = tuple(len(g) for g in groups)
+    return TrainStep(step, operands[0] if len(parts) == 1 else LengthGroups(tuple(operands), sizes), parallel), counter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +247,11 @@ class TrainStep:
     parallel: DataParallel
 
     def __call__(self, state: TrainState, operands: Any = None) -> tuple[TrainState, dict[str, Array]]:
+        operands = self.operands if operands is None else operands
+        if isinstance(operands, LengthGroups):  # a caller without the loop's step count: the state's
+            operands = operands.at(int(state.step))
         state = self.parallel.put_replicated(state)
-        return self.fn(state, self.operands if operands is None else operands)
+        return self.fn(state, operands)
 
 
 def _bind(step, state: TrainState) -> tuple[tuple[Any, ...], TrainState]:
