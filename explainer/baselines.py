@@ -40,15 +40,13 @@ from jaxtyping import PRNGKeyArray
 from explainer.edges import WRITERS, n_writers
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
-from explainer.score import Reference, Scorer, mean_kl, mean_logit_diff
+from explainer.score import IG_STEPS, attribution, fit_scorer, mean_kl
 from explainer.scrub import Scrubber, capture
 from explainer.tasks.base import Batch
 
 RANKINGS = ("random", "variance", "attribution", "integrated_gradients")
 SEARCHES = ("acdc", "exhaustive")
 METHODS = RANKINGS + SEARCHES
-FIT_PROMPTS = 256
-IG_STEPS = 16
 ACDC_THRESHOLDS = tuple(float(t) for t in np.logspace(-5, 0, 11))
 MAX_SETS = 50_000
 SETS_PER_PASS = 4096  # candidate sets an exhaustive search holds at once
@@ -58,12 +56,6 @@ Mask = dict[str, np.ndarray]
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ExplainerError(f"unknown baseline {method!r}; {did_you_mean(method, METHODS)}")
-
-
-def _fit_scorer(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Scorer:
-    """The scorer of the fitting prompts: the first ``FIT_PROMPTS`` of ``batch``, one replacement."""
-    fit = batch.take(jnp.arange(min(len(batch), FIT_PROMPTS)))
-    return Scorer(scrubber, Reference.of(scrubber, fit, key))
 
 
 def _layout(scrubber: Scrubber) -> Layout:
@@ -96,7 +88,7 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
     if method not in RANKINGS:
         raise ExplainerError(f"{method!r} is a search, not a ranking; use baseline_masks (rankings: {RANKINGS})")
     k_repl, k_rand = jax.random.split(key)
-    scorer = _fit_scorer(scrubber, batch, k_repl)
+    scorer = fit_scorer(scrubber, batch, k_repl)
     if method == "random":
         flat = np.asarray(jax.random.uniform(k_rand, (sum(scrubber.n_units.values()),)), np.float64)
         return _unflat(scrubber, flat)
@@ -113,10 +105,7 @@ def rank(method: str, scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, **opt
             }
         return {s: np.asarray(jnp.var(cache[s], axis=0).mean(axis=0), np.float64) for s in scrubber.sites}
     steps = int(options.get("steps", IG_STEPS)) if method == "integrated_gradients" else 1
-    alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps if steps > 1 else np.ones(1, np.float32)
-    # the gradient of the mean logit difference w.r.t. the keep mask at keep = α·1, per α
-    grads = scorer.gradients(alphas[:, None] * np.ones((1, scorer.layout.n_units), np.float32), mean_logit_diff)
-    return _unflat(scrubber, np.abs(grads.mean(axis=0)))
+    return _unflat(scrubber, attribution(scorer, steps))
 
 
 def top_k(scrubber: Scrubber, scores: dict[str, Any], k: int) -> Mask:
@@ -134,7 +123,7 @@ def acdc(
     scrubber: Scrubber, batch: Batch, key: PRNGKeyArray, thresholds: Sequence[float | int] = ACDC_THRESHOLDS
 ) -> list[Mask]:
     """ACDC on units, one keep mask per threshold (see the module docstring)."""
-    score = _fit_scorer(scrubber, batch, key)
+    score = fit_scorer(scrubber, batch, key)
     n = sum(scrubber.n_units.values())
     taus = np.asarray(thresholds, np.float64)
     masks = np.ones((len(taus), n), np.float32)
@@ -171,7 +160,7 @@ def exhaustive(
     >>> {s: v.nonzero()[0].tolist() for s, v in best.items() if v.any()}
     {'blocks.0.attn.in': [0], 'unembed.in': [1]}
     """
-    score = _fit_scorer(scrubber, batch, key)
+    score = fit_scorer(scrubber, batch, key)
     n = sum(scrubber.n_units.values())
     out: list[Mask | None] = []
     for k in sizes:

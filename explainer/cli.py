@@ -40,6 +40,7 @@ def train(
     steps: int | None = setting_option("steps"),
     seed: int | None = setting_option("seed"),
     init_logit: float | None = setting_option("init_logit"),
+    init_from: str | None = setting_option("init_from"),
     adversary: str | None = typer.Option(
         None, "--adversary", help="learned (default): train against an adversary in the loop; none."
     ),

@@ -318,6 +318,26 @@ def prompt_stats(logits, ref: Reference):
     return metrics.prompt_stats(ref.full, logits, ref.answers, ref.wrong_answers)
 
 
+FIT_PROMPTS = 256  # prompts a ranking fits on (the first of the batch)
+IG_STEPS = 16  # points on the path of integrated gradients
+
+
+def fit_scorer(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Scorer:
+    """The scorer of the fitting prompts: the first :data:`FIT_PROMPTS` of ``batch``, one replacement."""
+    fit = batch.take(jnp.arange(min(len(batch), FIT_PROMPTS)))
+    return Scorer(scrubber, Reference.of(scrubber, fit, key))
+
+
+def attribution(scorer: Scorer, steps: int = 1) -> np.ndarray:
+    """Attribution patching per unit of ``scorer``'s flat layout (higher = more important): the size of
+    the gradient of the mean logit difference with respect to the keep mask, at keep = 1 (``steps``
+    1: one backward pass) or averaged over ``steps`` points on the path from 0 to 1 (integrated
+    gradients)."""
+    alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps if steps > 1 else np.ones(1, np.float32)
+    grads = scorer.gradients(alphas[:, None] * np.ones((1, scorer.layout.n_units), np.float32), mean_logit_diff)
+    return np.abs(grads.mean(axis=0))
+
+
 def measure(
     scrubber: Scrubber,
     batch: Batch,

@@ -239,6 +239,15 @@ def test_train_from_open_gates_finds_the_planted_truth(tmp_path, cli_here):
     assert result["kept"] == {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1, 2], "unembed.in": [3]}
 
 
+def test_train_from_integrated_gradients_finds_the_planted_truth(tmp_path, cli_here):
+    """``--init-from integrated_gradients`` starts the gates by their units' rank; training from
+    there finds the planted truth, as from open gates."""
+    args = ["--model", "planted-joint", "--init-from", "integrated_gradients", "--adversary", "none"]
+    result = last_json(cli_here("train", *args, "--steps", "400", "--out", tmp_path / "r", "--json", "--no-progress"))
+    assert result["config"]["init_from"] == "integrated_gradients"
+    assert result["kept"] == {"blocks.0.attn.in": [0], "blocks.0.mlp.in": [1, 2], "unembed.in": [3]}
+
+
 def test_truth_needs_a_model_with_ground_truth(tmp_path, cli_here):
     model = tmp_path / "model"
     shutil.copytree(resolve_model("planted-distractor"), model)

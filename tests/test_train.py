@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -111,3 +112,26 @@ def test_site_subset(planted_models):
     e = explainer.explain("planted-joint", sites=["unembed.in"], steps=300, progress=False)
     assert list(e.n_units) == ["unembed.in"] and e.kept["unembed.in"] == [3]
     assert jnp.isfinite(e.faithfulness["kl_mean"])
+
+
+def test_gates_start_by_their_units_integrated_gradients_rank():
+    """``init_from`` names a ranking: the best-ranked unit starts open, the units tied with the
+    lowest score at ``init_logit``, the rest in rank order between; on a planted model the truth's
+    units rank first. From a closed start (``init_from="logit"``) no gates are given."""
+    from explainer.score import IG_STEPS, attribution, fit_scorer
+    from explainer.train.step import OPEN_LOGIT, start_gates
+
+    folder = resolve_model("planted-distractor")
+    data = resolve_task(None, folder).train_data()
+    scrubber = Scrubber.build(explainer.load_model(folder), data)
+    assert start_gates(scrubber, data, TrainConfig()) is None
+    config = TrainConfig.of(init_from="integrated_gradients")
+    gates = start_gates(scrubber, data, config)
+    logits = np.concatenate([np.asarray(gates.logits[s]) for s in scrubber.sites])
+    scores = attribution(fit_scorer(scrubber, data, jax.random.key(0)), IG_STEPS)
+    assert logits.max() == pytest.approx(OPEN_LOGIT) and logits.min() == pytest.approx(-1.0)
+    order = np.argsort(scores, kind="stable")
+    assert np.all(np.diff(logits[order]) >= 0)  # monotone in the score
+    truth = load_truth(folder)
+    in_truth = np.concatenate([np.isin(np.arange(scrubber.n_units[s]), truth.get(s, [])) for s in scrubber.sites])
+    assert logits[in_truth].min() > logits[~in_truth].max()

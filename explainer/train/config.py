@@ -85,6 +85,9 @@ def _names(name: str, value: Any, must: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+INIT_FROM = ("logit", "attribution", "integrated_gradients")  # where the gates start
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimiser:
     """How the gates (and a learned basis, and λ) are optimised."""
@@ -96,6 +99,13 @@ class Optimiser:
         -1.0,
         "Starting gate logit (default {default}: mostly closed, so every unit has to earn its place; 2.0 starts "
         "open, for circuits of several units in series that no single unit opens alone).",
+    )
+    init_from: str = setting(
+        "logit",
+        "Where the gates start (default {default}): logit, every gate at --init-logit; attribution or "
+        "integrated_gradients, each gate between --init-logit and open by its unit's rank under that ranking (one "
+        "backward pass, or 16 along the path from the empty mask, which also sees units whose effect has "
+        "saturated), so the units that matter start open.",
     )
     basis_lr: float = setting(0.001, "Adam learning rate of a learned basis's rotations (default {default}).")
     init_lambda: float = setting(
@@ -113,6 +123,8 @@ class Optimiser:
                 _fail(name, "an integer", getattr(self, name))
         if not _number(self.init_logit):
             _fail("init_logit", "a finite number", self.init_logit)
+        if self.init_from not in INIT_FROM:
+            _fail("init_from", f"one of {', '.join(INIT_FROM)}", self.init_from)
         if not _integer(self.seed) or not 0 <= self.seed < 2**63:
             _fail("seed", "an integer in 0..2**63-1", self.seed)
 
@@ -401,7 +413,7 @@ PLACE: dict[str, str | None] = {
 }
 FLAT_NAMES = (  # the order of the saved records' keys
     *("steps", "batch_size", "lr", "ablation", "kl_budget", "lam", "target_size", "init_lambda", "dual_lr"),
-    *("init_logit", "sites", "adversary_weight", "repair", "trim", "trim_ld_floor", "trim_refit_steps"),
+    *("init_logit", "init_from", "sites", "adversary_weight", "repair", "trim", "trim_ld_floor", "trim_refit_steps"),
     *("open_restart", "close_attacks", "seed", "checkpoint_every", "devices", "remat", "basis", "basis_lr"),
     *("positional", "units", "rewrites", "dtype", "shard_weights"),
 )

@@ -32,7 +32,7 @@ from explainer.metrics import kl_divergence
 from explainer.models.padding import last_columns
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
-from explainer.score import scoring_groups
+from explainer.score import IG_STEPS, attribution, fit_scorer, scoring_groups
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants, build_cache, cache_bytes
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
@@ -360,7 +360,7 @@ def train_gates(
     inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
     """
     optimizer = make_optimizer(config)
-    state = init_state(scrubber, config, optimizer, adversary)
+    state = init_state(scrubber, config, optimizer, adversary, gates=start_gates(scrubber, data, config))
     plain, counter = make_step(scrubber, data, config, optimizer, adversary)
     bound = isinstance(plain, TrainStep)  # else any ``state -> (state, metrics)`` callable
     # the loop steps ``step(state, targets, operands)``: one state has no targets
@@ -394,6 +394,30 @@ def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
 
 
 OPEN_LOGIT = 3.0
+
+
+def start_gates(scrubber: Scrubber, data: Batch, config: TrainConfig) -> Gates | None:
+    """The gates training starts from: ``None`` (every gate at ``init_logit``) unless
+    ``init_from`` names a ranking. Then each gate starts between ``init_logit`` and
+    :data:`OPEN_LOGIT` (or ``init_logit`` itself, if higher) in proportion to its unit's rank under
+    attribution patching or integrated gradients (:func:`explainer.score.attribution`): units whose
+    score ties with the lowest start at ``init_logit``, those with the highest open. A circuit of several
+    units in series, which no single unit opens from a closed start, starts open where the ranking
+    sees it, and the size penalty closes the rest. Attribution at the full model misses units whose
+    effect has saturated (a gradient of zero there); integrated gradients sees them.
+    """
+    opt = config.optimiser
+    if opt.init_from == "logit":
+        return None
+    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
+    steps = IG_STEPS if opt.init_from == "integrated_gradients" else 1
+    scores = attribution(fit_scorer(scrubber, data, jax.random.key(opt.seed)), steps)
+    distinct, rank = np.unique(scores, return_inverse=True)  # ties share a rank
+    rank = rank.reshape(-1) / max(1, len(distinct) - 1)
+    low, high = opt.init_logit, max(opt.init_logit, OPEN_LOGIT)
+    return Gates({s: jnp.asarray(v, jnp.float32) for s, v in layout.split(low + (high - low) * rank).items()})
+
+
 FIXED_LOGIT = 100.0  # a gate logit whose samples are exactly 1 (-FIXED_LOGIT: exactly 0)
 
 
