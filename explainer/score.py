@@ -47,7 +47,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from explainer import metrics
 from explainer.masks import Layout, Mask
 from explainer.metrics import divergence, kl_divergence, logit_diff
-from explainer.models.padding import last_columns, length_groups, lengths, same_length_permutation
+from explainer.models.padding import MIN_SAVING, last_columns, length_groups, lengths, same_length_permutation
 from explainer.parallel import cpu_workers, thread_map
 from explainer.scrub import Replacement, Scrubber, SiteMeans, broadcast_constants
 from explainer.tasks.base import Batch
@@ -423,13 +423,15 @@ def length_references(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> tu
     return groups, [_narrowed(scrubber, batch.take(jnp.asarray(g)).narrowed(), key) for g in groups]
 
 
-def scoring_groups(scrubber: Scrubber, tokens: Int[Array, "batch seq"]) -> list[np.ndarray]:
+def scoring_groups(
+    scrubber: Scrubber, tokens: Int[Array, "batch seq"], min_saving: float = MIN_SAVING
+) -> list[np.ndarray]:
     """The length groups (:func:`~explainer.models.padding.length_groups`) in which
-    :func:`length_references` scores prompts ``tokens``: one group under position-specific masks,
-    which take prompts of one length."""
+    :func:`length_references` scores prompts ``tokens`` (and training samples them, with its own
+    ``min_saving``): one group under position-specific masks, which take prompts of one length."""
     if scrubber.positions is not None:
         return [np.arange(len(tokens))]
-    return length_groups(np.asarray(lengths(jnp.asarray(tokens))))
+    return length_groups(np.asarray(lengths(jnp.asarray(tokens))), min_saving=min_saving)
 
 
 def _narrowed(scrubber: Scrubber, batch: Batch, key: PRNGKeyArray) -> Reference:

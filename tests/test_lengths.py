@@ -216,7 +216,8 @@ def test_a_prompts_file_with_position_maps_trains_and_evaluates(tmp_path):
 def test_training_batches_come_from_one_length_group(ablation, units):
     """Prompts of 3 and of 12 tokens train in two length groups, each padded to its own longest
     prompt; a step on a group computes what the same step computes with the group's prompts padded
-    to the longest of all (padding changes no logit), and each group compiles the step once."""
+    to the longest of all (padding changes no logit), and each group compiles the step once; a run
+    too short to pay for a second compile trains in one group."""
     from explainer.train import TrainConfig, init_state, make_optimizer, make_step
     from explainer.train.loop import LengthGroups
 
@@ -228,8 +229,10 @@ def test_training_batches_come_from_one_length_group(ablation, units):
     )  # fmt: skip
     model = init_random(CONFIGS["llama-gqa"], jax.random.key(0), std=0.3)
     scrubber = Scrubber.build(model, data, ablation=ablation, units=units)
-    config = TrainConfig.of(batch_size=4, steps=8, init_logit=0.0)
+    config = TrainConfig.of(batch_size=4, steps=2000, init_logit=0.0)  # long enough to pay for two compiles
     optimizer = make_optimizer(config)
+    short, _ = make_step(scrubber, data, config.replace(steps=100), optimizer)
+    assert not isinstance(short.operands, LengthGroups)  # a short run trains in one group
     grouped, counter = make_step(scrubber, data, config, optimizer)
     assert isinstance(grouped.operands, LengthGroups) and grouped.operands.sizes == (8, 8)
     widths = sorted(part[1].clean.shape[1] for part in grouped.operands.parts)

@@ -76,12 +76,14 @@ MAX_GROUPS = 4  # length groups of one scored batch, at most: each group's shape
 MIN_SAVING = 0.1  # each group beyond the first must save this share of the batch's padded tokens
 
 
-def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = MAX_GROUPS) -> list[np.ndarray]:
+def length_groups(
+    lengths: Sequence[int] | np.ndarray, max_groups: int = MAX_GROUPS, min_saving: float = MIN_SAVING
+) -> list[np.ndarray]:
     """Prompts cut into at most ``max_groups`` groups of similar length, as index arrays: the
     partition of the prompts sorted by length that needs the fewest padded tokens (group size ×
-    its longest prompt, summed), with a group added only where it saves at least
-    :data:`MIN_SAVING` of the tokens of padding everything together (a group is one more compiled
-    shape). One group is every prompt in the given order.
+    its longest prompt, summed), with a group added only where it saves at least ``min_saving``
+    of the tokens of padding everything together (a group is one more compiled shape). One group
+    is every prompt in the given order.
 
     >>> [g.tolist() for g in length_groups([9, 2, 3, 9, 2, 3, 2, 2])]
     [[1, 4, 6, 7, 2, 5], [0, 3]]
@@ -101,7 +103,7 @@ def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = MAX_GRO
     for g in range(2, min(max_groups, end) + 1):
         for b in range(g, end + 1):
             best[g, b] = min((best[g - 1, a][0] + tokens(a, b), (*best[g - 1, a][1], b)) for a in range(g - 1, b))
-    extra = MIN_SAVING * tokens(0, end)  # what a group beyond the first must save
+    extra = min_saving * tokens(0, end)  # what a group beyond the first must save
     groups = min(range(1, min(max_groups, end) + 1), key=lambda g: best[g, end][0] + (g - 1) * extra)
     if groups == 1:
         return [np.arange(len(order))]

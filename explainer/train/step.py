@@ -29,7 +29,7 @@ from explainer import optimal
 from explainer.faults import checked_step
 from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
-from explainer.models.padding import last_columns
+from explainer.models.padding import MIN_SAVING, last_columns
 from explainer.parallel import DataParallel, data_parallel
 from explainer.progress import Timings, progress_bar
 from explainer.score import IG_STEPS, attribution, fit_scorer, scoring_groups
@@ -95,14 +95,29 @@ class TrainState(eqx.Module):
 
 
 CACHE_LIMIT_BYTES = 256 * 2**20
+# a length group beyond the first compiles the step once more; that is taken to cost about as much
+# as this many steps, so a run groups its prompts only where each group saves that much padding
+COMPILE_STEPS = 200
+
+
+def training_saving(steps: int) -> float:
+    """The share of the padded tokens a length group must save in a run of ``steps`` steps: at
+    least :data:`~explainer.models.padding.MIN_SAVING`, as scoring asks, and enough steps' worth to
+    pay for its compile (:data:`COMPILE_STEPS`), so that a short run trains in one group.
+
+    >>> training_saving(1500), training_saving(100)
+    (0.13333333333333333, 2.0)
+    """
+    return max(MIN_SAVING, COMPILE_STEPS / steps)
 
 
 def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, adversary=None):
     """The jitted training step ``state -> (state, metrics)``, and a dict counting its traces.
 
     The step is traced once per run, or once per length group: prompts of different lengths are
-    grouped as scoring groups them (:func:`explainer.score.scoring_groups`), each group padded only
-    to its own longest prompt, and each step samples its batch from one group
+    grouped as scoring groups them (:func:`explainer.score.scoring_groups`) where a group saves
+    enough for its compile (:func:`training_saving`), each group padded only to its own longest
+    prompt, and each step samples its batch from one group
     (:class:`~explainer.train.loop.LengthGroups`). When the full model's outputs on the training
     prompts fit in ``CACHE_LIMIT_BYTES`` they are computed once, here, instead of in every step.
 
@@ -120,7 +135,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         whole = eqx.combine(learned, scrubber)
         return dataclasses.replace(whole, remat=True) if config.runtime.remat else whole
 
-    groups = scoring_groups(scrubber, data.clean)
+    groups = scoring_groups(scrubber, data.clean, training_saving(config.optimiser.steps))
     parts = [data] if len(groups) == 1 else [data.take(jnp.asarray(g)).narrowed() for g in groups]
     cached = sum(cache_bytes(scrubber, part) for part in parts) <= CACHE_LIMIT_BYTES
     caches = [build_cache(scrubber, part) if cached else None for part in parts]
