@@ -375,7 +375,12 @@ def train_gates(
     inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
     """
     optimizer = make_optimizer(config)
-    state = init_state(scrubber, config, optimizer, adversary, gates=start_gates(scrubber, data, config))
+    timings = Timings() if timings is None else timings
+    gates = None
+    if starts_ranked(config):
+        with timings.phase("init_gates", say=progress):
+            gates = start_gates(scrubber, data, config)
+    state = init_state(scrubber, config, optimizer, adversary, gates=gates)
     plain, counter = make_step(scrubber, data, config, optimizer, adversary)
     bound = isinstance(plain, TrainStep)  # else any ``state -> (state, metrics)`` callable
     # the loop steps ``step(state, targets, operands)``: one state has no targets
@@ -392,7 +397,7 @@ def train_gates(
             describe=lambda m: f"kl {m['kl'][-1]:.4f}  size {m['size'][-1]:.1f}",
             advance=advance,
             place=plain.parallel.put_replicated if bound else None,
-            timings=Timings() if timings is None else timings,
+            timings=timings,
         )
     history["traces"] = [counter["traces"]]
     constants = None if state.constants is None else state.constants[0]
@@ -411,6 +416,12 @@ def finish(gates: Gates, config: TrainConfig) -> dict[str, np.ndarray]:
 OPEN_LOGIT = 3.0
 
 
+def starts_ranked(config: TrainConfig) -> bool:
+    """Whether training starts its gates from a ranking (:func:`start_gates`): ``init_from`` names
+    one and ``init_logit`` is below open (from open gates every rank starts open)."""
+    return config.optimiser.init_from != "logit" and config.optimiser.init_logit < OPEN_LOGIT
+
+
 def start_gates(scrubber: Scrubber, data: Batch, config: TrainConfig) -> Gates | None:
     """The gates training starts from: ``None`` (every gate at ``init_logit``) unless
     ``init_from`` names a ranking. Then each gate starts between ``init_logit`` and
@@ -422,7 +433,7 @@ def start_gates(scrubber: Scrubber, data: Batch, config: TrainConfig) -> Gates |
     effect has saturated (a gradient of zero there); integrated gradients sees them.
     """
     opt = config.optimiser
-    if opt.init_from == "logit":
+    if not starts_ranked(config):
         return None
     layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
     steps = IG_STEPS if opt.init_from == "integrated_gradients" else 1
