@@ -135,3 +135,18 @@ def test_gates_start_by_their_units_integrated_gradients_rank():
     truth = load_truth(folder)
     in_truth = np.concatenate([np.isin(np.arange(scrubber.n_units[s]), truth.get(s, [])) for s in scrubber.sites])
     assert logits[in_truth].min() > logits[~in_truth].max()
+
+
+def test_a_ladder_starts_from_the_ranked_gates_too():
+    """A ladder of sizes whose gates start by their integrated-gradients rank finds the planted
+    units at each rung, as from the default start."""
+    from explainer.frontier.ladder import train_ladder
+
+    folder = resolve_model("planted-distractor")
+    data = resolve_task(None, folder).train_data()
+    scrubber = Scrubber.build(explainer.load_model(folder), data)
+    config = TrainConfig.of(steps=300, init_from="integrated_gradients")
+    rungs = train_ladder(scrubber, data, config, "sizes", [1, 2], direction="up")
+    truth = load_truth(folder)
+    assert [r.size for r in rungs] == [1, 2]
+    assert {s: v.nonzero()[0].tolist() for s, v in rungs[1].keep.items() if v.any()} == truth

@@ -50,6 +50,7 @@ from explainer.train.step import (
     TrainStep,
     init_state,
     make_step,
+    start_gates,
 )
 
 STRATEGIES = ("auto", "vmap", "continuation")
@@ -373,7 +374,7 @@ def train_ladder(
     program.check(config, mode, adversary)
     config = _step_config(config)
     optimizer, ladder_step, operands, counter = program.optimizer, program.checked, program.operands, program.counter
-    start = init_state(scrubber, config, optimizer, adversary)
+    start = init_state(scrubber, config, optimizer, adversary, gates=start_gates(scrubber, data, config))
     log_lambda = _log_lambdas(mode, values, config)
     targets = jnp.asarray(values, jnp.float32)
     folder = Path(checkpoints) if checkpoints is not None else None
