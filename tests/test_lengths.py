@@ -97,8 +97,6 @@ def test_resampling_reads_the_counterfactual_alone(name, units):
 def test_length_groups_keep_a_longer_counterfactuals_first_tokens():
     """Scoring in length groups narrows a group to its longest prompt *or counterfactual*, so a
     counterfactual longer than every clean prompt of its group is not cut."""
-    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
-
     data = longer_corrupt_prompts(24)
     for i, p in enumerate(data["prompts"][:16]):  # many short pairs and a few long: several groups
         p["clean"] = p["clean"][:2]
@@ -107,6 +105,13 @@ def test_length_groups_keep_a_longer_counterfactuals_first_tokens():
     assert len(length_groups(np.asarray(lengths(batch.clean)))) > 1
     model = init_random(CONFIGS["llama-gqa"], jax.random.key(2), std=0.3)
     scrubber = Scrubber.build(model, batch)
+    scored_in_groups_as_at_once(scrubber, batch)
+
+
+def scored_in_groups_as_at_once(scrubber: Scrubber, batch: Batch) -> None:
+    """Scoring ``batch`` in length groups gives what one reference over all of it gives."""
+    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
+
     rng = np.random.default_rng(1)
     masks = [{s: rng.random(n) < 0.5 for s, n in scrubber.n_units.items()} for _ in range(2)]
     full, stats = prompt_scores(scrubber, batch, masks, seed=3)
@@ -117,12 +122,16 @@ def test_length_groups_keep_a_longer_counterfactuals_first_tokens():
     np.testing.assert_allclose(stats, Scorer(scrubber, ref, layout)(flat, prompt_stats, None), atol=1e-4, rtol=1e-5)
 
 
-def test_a_prompts_file_with_longer_counterfactuals_trains_and_evaluates(tmp_path):
+@pytest.mark.parametrize("kind", ["longer", "mapped"])
+def test_a_prompts_file_of_other_length_counterfactuals_trains_and_evaluates(tmp_path, kind):
+    """Counterfactuals longer than their prompts (``"positions": "end"``) or mapped position by
+    position: a run trains, saves, and evaluates again to the same numbers."""
     import explainer
 
-    save_model(init_random(CONFIGS["gpt2"], jax.random.key(0), std=0.3), tmp_path / "model")
+    name, data = ("gpt2", longer_corrupt_prompts(20)) if kind == "longer" else ("llama-gqa", mapped_prompts(20))
+    save_model(init_random(CONFIGS[name], jax.random.key(0), std=0.3), tmp_path / "model")
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(longer_corrupt_prompts(20)))
+    prompts.write_text(json.dumps(data))
     e = explainer.explain(
         tmp_path / "model", prompts, out=tmp_path / "run", steps=10, adversary="none", repair=False,
         open_restart=False, progress=False,
@@ -174,8 +183,6 @@ def test_resampling_reads_the_mapped_counterfactual_positions(name, units):
     """Under a position map, the replacement at each clean position is the counterfactual's own
     activation (computed alone, unpadded) at the position the map names; scoring in length groups,
     which narrows each group's columns, gives what one reference over the whole batch gives."""
-    from explainer.score import Layout, Reference, Scorer, prompt_scores, prompt_stats
-
     model = init_random(CONFIGS[name], jax.random.key(1), std=0.3)
     data = mapped_prompts(24)
     batch = parse_prompts(data)
@@ -188,28 +195,7 @@ def test_resampling_reads_the_mapped_counterfactual_positions(name, units):
         for site, value in alone.items():
             np.testing.assert_allclose(repl[site][i, -n:], value[0, np.asarray(p["positions"])], atol=ATOL, rtol=0)
     assert len(length_groups(np.asarray(lengths(batch.clean)))) > 1
-    rng = np.random.default_rng(1)
-    masks = [{s: rng.random(k) < 0.5 for s, k in scrubber.n_units.items()} for _ in range(2)]
-    _, stats = prompt_scores(scrubber, batch, masks, seed=3)
-    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
-    ref = Reference.of(scrubber, batch, jax.random.fold_in(jax.random.key(3), 0))
-    flat = np.stack([layout.flat(m, np.float32) for m in masks])
-    np.testing.assert_allclose(stats, Scorer(scrubber, ref, layout)(flat, prompt_stats, None), atol=1e-4, rtol=1e-5)
-
-
-def test_a_prompts_file_with_position_maps_trains_and_evaluates(tmp_path):
-    import explainer
-
-    save_model(init_random(CONFIGS["llama-gqa"], jax.random.key(0), std=0.3), tmp_path / "model")
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(mapped_prompts(20)))
-    e = explainer.explain(
-        tmp_path / "model", prompts, out=tmp_path / "run", steps=10, adversary="none", repair=False,
-        open_restart=False, progress=False,
-    )  # fmt: skip
-    again = explainer.load(tmp_path / "run").evaluate()
-    assert np.isfinite(e.faithfulness["kl_mean"])
-    assert again["faithfulness"]["kl_mean"] == pytest.approx(e.faithfulness["kl_mean"], abs=1e-5)
+    scored_in_groups_as_at_once(scrubber, batch)
 
 
 @pytest.mark.parametrize(("ablation", "units"), [("resample", "dims"), ("optimal", "dims")])
