@@ -41,7 +41,7 @@ def together(monkeypatch):
     """Within the block: every batch padded together (one length group), as before groups."""
 
     def padded_together():
-        monkeypatch.setattr(explainer.score, "length_groups", lambda n: [np.arange(len(n))])
+        monkeypatch.setattr(explainer.score, "length_groups", lambda n, **_: [np.arange(len(n))])
 
     return padded_together
 

@@ -39,7 +39,7 @@ def setup():
 def test_the_kl_oracle_scores_groups_as_the_prompts_at_once(setup, monkeypatch):
     scrubber, batch = setup
     grouped = KLOracle(scrubber, batch, seed=1, max_prompts=20, screen_prompts=12)
-    monkeypatch.setattr(explainer.score, "length_groups", lambda n: [np.arange(len(n))])  # padded together
+    monkeypatch.setattr(explainer.score, "length_groups", lambda n, **_: [np.arange(len(n))])  # padded together
     whole = KLOracle(scrubber, batch, seed=1, max_prompts=20, screen_prompts=12)
     assert len(grouped.scorer.groups) > 1 and len(grouped.screen.scorer.groups) > 1
     assert len(whole.scorer.groups) == 1 and whole.scorer.refs[0].tokens.shape == (20, 14)

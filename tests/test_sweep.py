@@ -253,7 +253,7 @@ def test_a_ladder_split_across_threads_trains_what_one_batch_does(distractor, st
     calls = []
     original = sweep_module._Threads.run
     monkeypatch.setattr(
-        sweep_module._Threads, "run", lambda self, k, first: calls.append(k) or original(self, k, first)
+        sweep_module._Threads, "run", lambda self, n, k, first: calls.append(k) or original(self, n, k, first)
     )
     config = TrainConfig.of(steps=150)
     ladders = {}
