@@ -25,5 +25,5 @@ def write_record(path: Path, args: argparse.Namespace, **fields) -> None:
         **fields,
     }
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")  # paths as strings
     os.replace(tmp, path)
