@@ -82,6 +82,14 @@ def capture(
     return model.run(tokens, capture=sites)
 
 
+@eqx.filter_jit
+def _capture(model: Transformer, tokens: Int[Array, "batch seq"], sites, units: str):
+    """:func:`capture`, compiled with the model as an argument: a function that closed over it would
+    bake its weights into the program as constants (gigabytes, and minutes of compiling, on a model
+    of Qwen2.5-0.5B's size)."""
+    return capture(model, tokens, sites, units)
+
+
 def broadcast_constants(constants: SiteMeans, n: int) -> Replacement:
     """Per-position constants (means, optimal ablation) as the replacement of ``n`` prompts."""
     return {s: jnp.broadcast_to(c, (n, *c.shape)) for s, c in constants.items()}
@@ -284,7 +292,7 @@ def cache_bytes(scrubber: Scrubber, data: Batch) -> int:
 def build_cache(scrubber: Scrubber, data: Batch, chunk: int = 256) -> ReferenceCache:
     """Run the full model once over ``data`` and keep what every training step would recompute."""
     model, sites = scrubber.model, scrubber.sites
-    run = eqx.filter_jit(lambda t: capture(model, t, sites, scrubber.units))
+    run = lambda t: _capture(model, t, sites, scrubber.units)  # noqa: E731
     permute = scrubber.ablation == "resample" and data.corrupt is None
     fulls, sources = [], {}
     for start in range(0, len(data), chunk):
@@ -305,7 +313,7 @@ def site_means(
     """Per-position mean of the full model's residual at each site over ``tokens`` (edges: of every
     writer's output, ``{"writers": [seq, writers, d_model]}``). Left padding is left out: the mean
     at a position is over the prompts that reach it (and zero where none does)."""
-    run = eqx.filter_jit(lambda t: capture(model, t, sites, units)[1])
+    run = lambda t: _capture(model, t, sites, units)[1]  # noqa: E731
     padded = bool((tokens < 0).any())
     totals: dict[str, jax.Array] = {}
     for start in range(0, tokens.shape[0], chunk):
