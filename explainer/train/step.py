@@ -129,10 +129,12 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
     parallel = data_parallel(config.runtime.devices, batch_size, config.runtime.shard_weights)
     _, scrubber = scrubber.split_learned()  # a learned basis trains in the state, not here
 
-    def attach(learned) -> Scrubber:
-        """The scrubber with the learned bases as they stand (and remat, which the state's learned
-        half, split from the scrubber as given, does not carry)."""
-        whole = eqx.combine(learned, scrubber)
+    def attach(learned, base: Scrubber) -> Scrubber:
+        """``base``, the step's scrubber operand, with the learned bases as they stand (and remat,
+        which the state's learned half, split from the scrubber as given, does not carry). The step
+        passes its operand: closing over the scrubber here baked the model's weights into the
+        compiled step as constants."""
+        whole = eqx.combine(learned, base)
         return dataclasses.replace(whole, remat=True) if config.runtime.remat else whole
 
     groups = scoring_groups(scrubber, data.clean, training_saving(config.optimiser.steps))
@@ -169,7 +171,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         ref, repl = parallel.shard((ref, last_columns(repl, width)))
         lam = jnp.exp(state.log_lambda)
         adv_params, adv_opt = state.adversary if adversary is not None else (None, None)
-        current = attach(state.learned)  # learned bases, if any, as they stand
+        current = attach(state.learned, scrubber)  # learned bases, if any, as they stand
         values, const_opt = state.constants if state.constants is not None else (None, None)
         if values is not None:  # optimal ablation: the constants as they stand replace excluded units
             repl = last_columns(broadcast_constants(values, batch.clean.shape[0]), width)
@@ -192,7 +194,7 @@ def make_step(scrubber: Scrubber, data: Batch, config: TrainConfig, optimizer, a
         def loss_fn(params):
             (gates, learned), adv, consts = params
             keep = gates.sample(k_gate, straight_through=adversary is not None)
-            scr = attach(learned)  # learned bases train with the gates
+            scr = attach(learned, scrubber)  # learned bases train with the gates
             replacement = repl if consts is None else last_columns(broadcast_constants(consts, len(batch)), width)
             scrubbed = scr.logits(batch.clean, keep, replacement)
             kl = kl_divergence(ref, scrubbed).mean()
