@@ -95,16 +95,18 @@ def main(argv: list[str] | None = None) -> None:
         prompts.write_text(json.dumps(random_prompts(args.prompts, args.seq, args.vocab)))
         settings = work / "settings.toml"
         settings.write_text("" if args.batch_size is None else f"[optimiser]\nbatch_size = {args.batch_size}\n")
-        rows = {}
+        rows = []
         for units in args.units.split(","):
             command = ["train", "--model", str(work / "model"), "--task", str(prompts), "--config", str(settings)]
             command += ["--units", units, "--out", str(work / f"run-{units}"), "--json", "--no-progress"]
             command += [] if args.steps is None else ["--steps", str(args.steps)]
             ran = run_cli(command, work / f"train-{units}.log", args.timeout)
             total = ran["result"].get("total_units")
-            rows[units] = {**phase_row(f"train {units}", ran, total, 0.0), "size": ran["result"].get("size")}
-            del rows[units]["forward_flops"]
-            print(f"train {units}: {json.dumps(rows[units])}", file=sys.stderr, flush=True)
+            row = {"units_kind": units, **phase_row(f"train {units}", ran, total, 0.0)}
+            row["size"] = ran["result"].get("size")
+            del row["forward_flops"]
+            rows.append(row)
+            print(f"train {units}: {json.dumps(row)}", file=sys.stderr, flush=True)
     write_record(
         out,
         args,
