@@ -137,16 +137,21 @@ def test_gates_start_by_their_units_integrated_gradients_rank():
     assert logits[in_truth].min() > logits[~in_truth].max()
 
 
-def test_a_ladder_starts_from_the_ranked_gates_too():
+def test_a_ladder_starts_from_the_ranked_gates_too(monkeypatch):
     """A ladder of sizes whose gates start by their integrated-gradients rank finds the planted
     units at each rung, as from the default start."""
+    import explainer.frontier.ladder as ladder_module
     from explainer.frontier.ladder import train_ladder
 
     folder = resolve_model("planted-distractor")
     data = resolve_task(None, folder).train_data()
     scrubber = Scrubber.build(explainer.load_model(folder), data)
     config = TrainConfig.of(steps=300, init_from="integrated_gradients")
+    started = []
+    real = ladder_module.start_gates
+    monkeypatch.setattr(ladder_module, "start_gates", lambda *a: started.append(real(*a)) or started[-1])
     rungs = train_ladder(scrubber, data, config, "sizes", [1, 2], direction="up")
+    assert len(started) == 1 and started[0] is not None  # the ladder started from the ranked gates
     truth = load_truth(folder)
     assert [r.size for r in rungs] == [1, 2]
     assert {s: v.nonzero()[0].tolist() for s, v in rungs[1].keep.items() if v.any()} == truth

@@ -391,12 +391,12 @@ def prompts_json(batch: Batch) -> dict[str, Any]:
         return [t for t in np.asarray(row).tolist() if t != PAD]
 
     out = []
-    width = batch.clean.shape[1]
+    width, mapped = batch.clean.shape[1], _mapped_rows(batch, "batch")
     for i in range(len(batch)):
         p = {"clean": ids(batch.clean[i])}
         if batch.corrupt is not None:
             p["corrupt"] = ids(batch.corrupt[i])
-        if batch.position_map is not None and (np.asarray(batch.position_map[i]) != np.arange(width)).any():
+        if mapped[i]:
             first_clean, first_corrupt = width - len(p["clean"]), width - len(p["corrupt"])
             p["positions"] = (np.asarray(batch.position_map[i])[first_clean:] - first_corrupt).tolist()
         p["answers"] = np.asarray(batch.answers[i]).tolist()

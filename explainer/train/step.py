@@ -437,13 +437,13 @@ def start_gates(scrubber: Scrubber, data: Batch, config: TrainConfig) -> Gates |
     opt = config.optimiser
     if not starts_ranked(config):
         return None
-    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
     steps = IG_STEPS if opt.init_from == "integrated_gradients" else 1
-    scores = attribution(fit_scorer(scrubber, data, jax.random.key(opt.seed)), steps)
+    scorer = fit_scorer(scrubber, data, jax.random.key(opt.seed))
+    scores = attribution(scorer, steps)
     distinct, rank = np.unique(scores, return_inverse=True)  # ties share a rank
     rank = rank.reshape(-1) / max(1, len(distinct) - 1)
     low, high = opt.init_logit, max(opt.init_logit, OPEN_LOGIT)
-    return Gates({s: jnp.asarray(v, jnp.float32) for s, v in layout.split(low + (high - low) * rank).items()})
+    return Gates({s: jnp.asarray(v, jnp.float32) for s, v in scorer.layout.split(low + (high - low) * rank).items()})
 
 
 FIXED_LOGIT = 100.0  # a gate logit whose samples are exactly 1 (-FIXED_LOGIT: exactly 0)
