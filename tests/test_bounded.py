@@ -1,21 +1,26 @@
 """The finishing passes evaluate a number of masks that does not grow with the number of units.
 
 Repair, prune and trim on random one-layer models of 400 and of 4,000 units (two sites of width
-``d_model``), counted by the oracle (:attr:`explainer.finish.search.KLOracle.evaluations`). On models of up
-to ``EXACT_UNITS`` units every candidate is scored (the small models keep their exact searches);
-beyond, one backward pass ranks them and the rounds are bounded, so the count has a ceiling set by
-the constants alone, the same for 400 units and for 4,000.
+``d_model``), counted by the oracle (:attr:`explainer.finish.search.KLOracle.evaluations`). Where
+scoring every candidate is cheap (at most ``EXACT_UNITS`` units and ``EXACT_FLOPS``) every candidate
+is scored (the small models keep their exact searches); elsewhere one backward pass ranks them and
+the rounds are bounded, so the count has a ceiling set by the constants alone, the same for 400
+units and for 4,000.
 """
+
+import json
 
 import jax
 import numpy as np
 import pytest
 
-from explainer.finish.oracle import EXACT_UNITS, RANK_BOUND, SHORTLIST, KLOracle
+from explainer import edges
+from explainer.finish.oracle import EXACT_FLOPS, EXACT_UNITS, RANK_BOUND, SCREEN_PROMPTS, SHORTLIST, KLOracle, exact
 from explainer.finish.search import MAX_ROUNDS, prune, repair, trim
 from explainer.models import ModelConfig, init_random
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
+from explainer.zoo import resolve_model
 
 # per round: the screen of at most RANK_BOUND candidates, the shortlist on every prompt, and at most
 # log2(EXACT_UNITS) + 1 blocks or prefixes
@@ -67,3 +72,32 @@ def test_a_pass_evaluates_a_bounded_number_of_masks(counts, name):
     small, large = counts[name, 400], counts[name, 4000]
     assert small <= CEILING and large <= CEILING, (small, large, CEILING)  # one ceiling for both sizes
     assert large < 4000 / 2  # well under one mask per unit: no round scores every unit
+
+
+def test_a_round_scores_every_candidate_only_where_that_is_cheap(monkeypatch):
+    """Exact searches are chosen by cost as well as by units: the same units on a model whose masks
+    cost more to score than ``EXACT_FLOPS`` in all are searched in bounded rounds instead."""
+    oracle = oracle_of(8)  # 16 units
+    cost = oracle.n_units * oracle.mask_flops
+    assert oracle.n_units <= EXACT_UNITS and cost <= EXACT_FLOPS and exact(oracle)
+    half = (np.random.default_rng(0).random(oracle.n_units) < 0.5).astype(np.float32)
+    monkeypatch.setattr("explainer.finish.oracle.EXACT_FLOPS", cost / 2)
+    assert not exact(oracle)
+    before = oracle.evaluations
+    repair(oracle, half, 1e-9, max_added=oracle.n_units)
+    assert oracle.evaluations - before <= MAX_ROUNDS * PER_ROUND + 2
+
+
+def test_the_cost_line_keeps_ground_truth_exact_and_not_a_wide_model_of_few_edges():
+    """Every ground-truth model's round fits ``EXACT_FLOPS`` (paren's dimensions, the costliest, with
+    room to spare); a 2-layer model of Qwen2.5-0.5B's width with its 382 edges does not."""
+    paren = ModelConfig.from_json(json.loads((resolve_model("paren") / "config.json").read_text()))
+    paren_units = len(paren.sites) * paren.d_model
+    assert paren_units * SCREEN_PROMPTS * paren.scored_flops(21) < EXACT_FLOPS / 2
+    qwen = ModelConfig(
+        n_layers=2, d_model=896, n_heads=14, d_head=64, n_key_value_heads=2, d_mlp=4864, d_vocab=151936,
+        n_ctx=32768, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
+    )  # fmt: skip
+    units = sum(edges.edge_units(qwen, edges.edge_sites(qwen)).values())
+    assert units == 382 and units <= EXACT_UNITS
+    assert units * SCREEN_PROMPTS * qwen.scored_flops(16) > EXACT_FLOPS

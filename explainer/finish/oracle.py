@@ -10,11 +10,13 @@ Where a round has more candidates than :data:`SHORTLIST`, every candidate is fir
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
 fewer of them), and only the most promising are scored on all of them (:func:`shortlist`).
 
-On models of up to :data:`EXACT_UNITS` units every candidate is evaluated (:func:`exact`). On larger
-models the candidates are first ranked by attribution: the gradient of the KL with respect to the
-mask (one backward pass, :meth:`KLOracle.attribution`) gives each unit's first-order effect, and only
-the best :data:`RANK_BOUND` are screened (:func:`candidates`). :attr:`KLOracle.evaluations` counts
-the masks a search scored.
+Where a round's candidates fit a fixed cost, every candidate is evaluated (:func:`exact`): at most
+:data:`EXACT_UNITS` of them, and at most :data:`EXACT_FLOPS` to score them all on the screen (by
+:meth:`~explainer.models.config.ModelConfig.scored_flops`), so that a wide or deep model of few
+units is not searched exhaustively. Otherwise the candidates are first ranked by attribution: the
+gradient of the KL with respect to the mask (one backward pass, :meth:`KLOracle.attribution`) gives
+each unit's first-order effect, and only the best :data:`RANK_BOUND` are screened
+(:func:`candidates`). :attr:`KLOracle.evaluations` counts the masks a search scored.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SCREEN_PROMPTS = 32  # prompts of the screen that ranks a round's candidates
 SHORTLIST = 32  # candidates of a round scored on every prompt
 MAX_ORACLE_PROMPTS = 256  # prompts an oracle scores, the first of its data
 EXACT_UNITS = 512  # a round with at most this many candidates scores every one (every shipped model)
+EXACT_FLOPS = 1e11  # ... and when scoring them all costs at most this (every ground-truth model)
 RANK_BOUND = 128  # beyond that, the candidates a round screens, ranked first by attribution
 
 
@@ -77,6 +80,8 @@ class KLOracle:
     ):
         n = min(len(data), max_prompts)
         screen = screen_prompts if 0 < screen_prompts < n else 0  # a screen only when it has fewer prompts
+        # the cost of scoring one mask where a round scores every candidate: on the screen if any
+        self.mask_flops = scrubber.model.config.scored_flops(int(data.clean.shape[1])) * (screen or n)
         key = jax.random.key(seed)
         if len(scoring_groups(scrubber, data.clean[:n])) == 1:  # one length: one padded reference
             whole, head = _references(scrubber, data, key, n, screen)
@@ -89,6 +94,7 @@ class KLOracle:
         if heads is not None:
             self.screen = KLOracle.__new__(KLOracle)
             self.screen._set(heads)
+            self.screen.mask_flops = self.mask_flops
             self.screen.screen = None
 
     def _set(self, scorer: GroupedScorer) -> None:
@@ -160,8 +166,8 @@ class KLOracle:
 
 
 def candidates(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float) -> np.ndarray:
-    """``units`` whose mask entries a search would set to ``value``: all of them on a model of at
-    most :data:`EXACT_UNITS` units (:func:`exact`), else the :data:`RANK_BOUND` whose change the
+    """``units`` whose mask entries a search would set to ``value``: all of them where a round
+    scores every candidate (:func:`exact`), else the :data:`RANK_BOUND` whose change the
     KL's gradient predicts to lower the KL most (:meth:`KLOracle.attribution`), in unit order.
 
     >>> from explainer.models import load_model
@@ -182,8 +188,10 @@ def candidates(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: flo
 
 def exact(oracle: KLOracle) -> bool:
     """Whether searches on ``oracle``'s model score every candidate, one unit a round, as long as
-    they need: models of at most :data:`EXACT_UNITS` units (every shipped one)."""
-    return oracle.n_units <= EXACT_UNITS
+    they need: models of at most :data:`EXACT_UNITS` units whose every unit's mask costs at most
+    :data:`EXACT_FLOPS` to score in all (every ground-truth model; not a wide model of few units,
+    such as a 2-layer model of Qwen2.5's width with 382 edges)."""
+    return oracle.n_units <= EXACT_UNITS and oracle.n_units * oracle.mask_flops <= EXACT_FLOPS
 
 
 def within(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: float | None = None) -> bool:

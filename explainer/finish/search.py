@@ -8,10 +8,12 @@ can lose, :func:`prune` those whose removal costs nothing (a sweep's rungs); :fu
 and :func:`best_of_size` score every set of one size where there are few enough.
 
 Masks are scored by a :class:`~explainer.finish.oracle.KLOracle` (a fixed subset of the training
-prompts, one fixed replacement: the results are deterministic). On models of up to
-:data:`~explainer.finish.oracle.EXACT_UNITS` units every candidate is evaluated, one unit a round, so
-a unit that gradients cannot see is still found (the models whose answers are known keep their exact
-searches). On larger models a round screens only the best
+prompts, one fixed replacement: the results are deterministic). Where a round of every candidate
+is cheap (:func:`~explainer.finish.oracle.exact`: at most
+:data:`~explainer.finish.oracle.EXACT_UNITS` units, at most
+:data:`~explainer.finish.oracle.EXACT_FLOPS` to score them) every candidate is evaluated, one unit a
+round, so a unit that gradients cannot see is still found (the models whose answers are known keep
+their exact searches). Elsewhere a round screens only the best
 :data:`~explainer.finish.oracle.RANK_BOUND` candidates by attribution, rounds move blocks of units
 and are at most :data:`MAX_ROUNDS`. So no pass evaluates a number of masks that grows with the
 number of units (:attr:`KLOracle.evaluations` counts them).
@@ -26,7 +28,7 @@ import numpy as np
 
 from explainer.finish.oracle import SHORTLIST, KLOracle, _kl_rows, candidates, exact, shortlist, within
 
-MAX_ROUNDS = 8  # rounds of a search while it has more than EXACT_UNITS candidates (blocks of units)
+MAX_ROUNDS = 8  # rounds of a search that is not exact (blocks of units)
 
 
 def _rounds(oracle: KLOracle) -> int:

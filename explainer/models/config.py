@@ -211,6 +211,20 @@ class ModelConfig:
         """The size of the output vocabulary (``d_vocab`` unless ``d_vocab_out`` is set)."""
         return self.d_vocab if self.d_vocab_out == -1 else self.d_vocab_out
 
+    def scored_flops(self, seq: int) -> float:
+        """FLOPs of the forward pass that scores one prompt of ``seq`` tokens (multiply-adds as two):
+        every layer's attention and MLP matrices at every position, the attention scores and their
+        weighted sum, and the unembedding at the last position alone (what a score reads). An
+        estimate of cost, not a count: norms, activations and the scrubbing's mixing are left out.
+
+        >>> ModelConfig(n_layers=1, d_model=4, n_heads=1, d_head=4, d_mlp=16, d_vocab=10, n_ctx=2).scored_flops(2)
+        912.0
+        """
+        d, inner, kv = self.d_model, self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        mlp = 0 if self.attn_only else (3 if self.gated_mlp else 2) * d * (self.d_mlp or 0)
+        per_token = self.n_layers * (2 * d * inner + 2 * d * kv + mlp)
+        return float(2 * per_token * seq + 4 * self.n_layers * seq * seq * inner + 2 * d * self.vocab_out)
+
     @property
     def scale(self) -> float:
         """The divisor of attention scores."""
