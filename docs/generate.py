@@ -450,6 +450,17 @@ def _growth(data: dict[str, Any], name: str) -> list[str]:
                 + ".",
                 "",
             ]
+    before = data.get("compile_before", {})
+    if before.get("rows"):
+        keys = ["layers", "d_model", "units_kind", "units", "compile_s", "steady_step_s", "peak_rss_gb"]
+        out += [
+            f"The same report on {before.get('commit')} ({before.get('what')}), run beside it:",
+            "",
+            table(keys, [[r.get(k) for k in keys] for r in before["rows"]]),
+            "",
+            "Fitted exponent: " + ", ".join(f"{k} {cell(v)}" for k, v in before.get("exponents", {}).items()) + ".",
+            "",
+        ]
     return out
 
 

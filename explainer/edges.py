@@ -35,17 +35,19 @@ replacement input, i.e. the full model on that input.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
 from explainer.models.norms import LayerNorm
-from explainer.models.transformer import Transformer, _norm
+from explainer.models.transformer import SCAN_LAYERS, Transformer, _norm, same_blocks
 
 Writers = Float[Array, "batch seq writers d_model"]
 WRITERS = "writers"  # the replacement's one key: every writer's output on the replacement input
@@ -175,9 +177,44 @@ def _post_scale(post, total: Float[Array, "batch seq d_model"]) -> Float[Array, 
     return scale if post.w is None else scale * post.w
 
 
-def _plus(x: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x + bias`` for a bias ``[d]`` or per position ``[b, p, d]``, and ``x`` per head or not."""
-    return x + (bias[:, :, None, :] if bias.ndim == 3 and x.ndim == 4 else bias)
+def _index(config: ModelConfig, sizes: dict[str, int], site: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each weight of the readers at ``site`` comes from, ``[rows, writers]``: its entry of
+    the masks laid end to end in the order of ``sizes`` (each masked site's units), or ``ONE``
+    (= ``sum(sizes)``, an unmasked reader's own writers) or ``ONE + 1`` (zero: writers not
+    upstream); and whether it is masked. A q/k/v site has a row per head (head-major units),
+    any other site one row, broadcast to ``rows``."""
+    n, one = n_writers(config, site), sum(sizes.values())
+    index = np.full((rows, len(writer_names(config))), one + 1)
+    masked = np.zeros(index.shape, bool)
+    if site in sizes:
+        offset = sum(sizes[s] for s in itertools.takewhile(lambda s: s != site, sizes))
+        heads = sizes[site] // n  # one row per head, or one shared by every row
+        index[:, :n] = offset + (np.arange(rows)[:, None] % heads) * n + np.arange(n)
+        masked[:, :n] = True
+    else:
+        index[:, :n] = one
+    return index, masked
+
+
+def _layout(config: ModelConfig, sizes: dict[str, int]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Rows of the attention readers (``n_heads + 2 · n_kv_heads`` where some head has its own mask,
+    else one broadcast to every head) and :func:`_index` of the attention, MLP and unembedding
+    readers, stacked over layers: every reader's weights come from one gather of the masks."""
+    heads, kv = config.n_heads, config.n_kv_heads
+    per_head = any(f"blocks.{i}.attn.{x}.in" in sizes for i in range(config.n_layers) for x in _QKV)
+    rows = heads + 2 * kv if per_head else 1
+    attn, mlp = [], []
+    for layer in range(config.n_layers):
+        shared = f"blocks.{layer}.attn.in"
+        if shared in sizes or not per_head:
+            attn.append(_index(config, sizes, shared, rows))
+        else:  # the query, key and value heads' rows in turn
+            qkv = zip(_QKV, (heads, kv, kv), strict=True)
+            parts = [_index(config, sizes, f"blocks.{layer}.attn.{x}.in", r) for x, r in qkv]
+            attn.append(tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+        mlp.append(attn[-1] if config.attn_only else _index(config, sizes, f"blocks.{layer}.mlp.in", 1))
+    stacked = [tuple(np.stack(p) for p in zip(*parts, strict=True)) for parts in (attn, mlp)]
+    return rows, [*stacked, _index(config, sizes, "unembed.in", 1)]
 
 
 def run(
@@ -190,36 +227,48 @@ def run(
     """Logits of the model whose readers see kept edges from this run and the rest from
     ``replacement[WRITERS]``; sites absent from ``keep`` read the plain residual. With ``capture``
     also every writer's output, ``[batch, seq, writers, d_model]``.
+
+    Every writer's output goes into one buffer of all writers, filled layer by layer, and a reader's
+    input is one contraction of it with that reader's row of weights (the mask over the writers
+    upstream, zeros after; the rows of every reader come from one gather of the masks). A layer's
+    query, key and value readers, every head, are one contraction; blocks of one shape run as one
+    ``jax.lax.scan`` body over their stacked weights, so the compiled program does not grow with
+    depth.
     """
     keep = keep or {}
-    cfg, heads = model.config, model.config.n_heads
+    cfg = model.config
+    heads, kv, total, d = cfg.n_heads, cfg.n_kv_heads, len(writer_names(cfg)), cfg.d_model
     embed, pads = model.embed(tokens)
-    writes: list[jax.Array] = [embed]
-    bias = jnp.zeros((cfg.d_model,), writes[0].dtype)  # per position ([b, p, d]) once a post-norm scales one
+    dtype = embed.dtype
+    repl = replacement[WRITERS].astype(dtype) if keep else None  # --dtype
+    rows, layout = _layout(cfg, {site: int(np.prod(m.shape)) for site, m in keep.items()})
+    masks = jnp.concatenate([m.reshape(-1).astype(jnp.float32) for m in keep.values()] + [jnp.ones(1), jnp.zeros(1)])
+    (attn, attn_repl), (mlp, mlp_repl), (unembed, unembed_repl) = (
+        (masks[index], jnp.where(masked, 1.0 - masks[index], 0.0)) for index, masked in layout
+    )  # every reader's weights on its own run's writers and on the replacement's
 
-    def reads(site: str, shape: tuple[int, ...] = ()):
-        """The input of the reader at ``site``: ``[b, p, d]``, or ``[b, p, H, d]`` for q/k/v."""
-        own = jnp.stack(writes, axis=-2)
-        m = keep.get(site)
-        if m is None:
-            x = _plus(own.sum(-2), bias)
-            return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], shape[0], x.shape[-1])) if shape else x
-        m, repl = m.astype(own.dtype), replacement[WRITERS][..., : len(writes), :].astype(own.dtype)  # --dtype
-        if shape:
-            m = m.reshape(shape)
-            return _plus(jnp.einsum("bpwd,hw->bphd", own, m) + jnp.einsum("bpwd,hw->bphd", repl, 1.0 - m), bias)
-        return _plus(jnp.einsum("bpwd,w->bpd", own, m) + jnp.einsum("bpwd,w->bpd", repl, 1.0 - m), bias)
+    def mix(buf, bias, own, rep, upstream: int = total):
+        """The readers' inputs ``[b, p, rows, d]``: kept writers from ``buf``, the rest from ``repl``
+        (a layer not in a loop reads only its ``upstream`` writers: the rest weigh zero)."""
+        x = jnp.einsum("bpwd,rw->bprd", buf[:, :, :upstream], own[:, :upstream].astype(dtype))
+        if repl is not None:
+            x = x + jnp.einsum("bpwd,rw->bprd", repl[:, :, :upstream], rep[:, :upstream].astype(dtype))
+        return x + bias[:, :, None, :]
 
-    for layer, block in enumerate(model.blocks):
-        n, kv = len(writes), cfg.n_kv_heads
-        if f"blocks.{layer}.attn.in" in keep:
-            shared = reads(f"blocks.{layer}.attn.in")[:, :, None, :]
-            xq = jnp.broadcast_to(shared, (*shared.shape[:2], heads, shared.shape[-1]))
-            xk = xv = jnp.broadcast_to(shared, (*shared.shape[:2], kv, shared.shape[-1]))
+    def layer_fn(block, carry, layer, w):
+        buf, bias = carry
+        own, rep, mlp_own, mlp_rep = w
+        first = 1 + layer * (heads + int(not cfg.attn_only))  # this layer's first writer
+        unrolled = isinstance(layer, int)  # a loop's body reads every writer, a layer on its own its upstream
+        x = mix(buf, bias, own, rep, first if unrolled else total)
+        if rows > 1:  # some head has its own mask: a row per query, key and value head
+            xq, xk, xv = x[:, :, :heads], x[:, :, heads : heads + kv], x[:, :, heads + kv :]
         else:
-            readers = zip(_QKV, (heads, kv, kv), strict=True)
-            xq, xk, xv = (reads(f"blocks.{layer}.attn.{x}.in", (r, n)) for x, r in readers)
-        mlp_in = reads(f"blocks.{layer}.mlp.in") if block.parallel and block.mlp is not None else None
+            xq = jnp.broadcast_to(x, (*x.shape[:2], heads, d))
+            xk = xv = jnp.broadcast_to(x, (*x.shape[:2], kv, d))
+        mlp_in = None
+        if block.parallel and block.mlp is not None:
+            mlp_in = mix(buf, bias, mlp_own, mlp_rep, first if unrolled else total)[:, :, 0]
         heads_out = _attention_writes(block, xq, xk, xv, pads)
         if block.ln1_post is None:
             bias = bias + block.attn.b_O
@@ -227,13 +276,33 @@ def run(
             scale = _post_scale(block.ln1_post, heads_out.sum(2) + block.attn.b_O)
             heads_out = heads_out * scale[:, :, None, :]
             bias = bias + block.attn.b_O * scale
-        writes += [heads_out[:, :, h, :] for h in range(heads)]
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, heads_out.astype(dtype), first, axis=2)
         if block.mlp is not None:
-            y = _norm(block.ln2, reads(f"blocks.{layer}.mlp.in") if mlp_in is None else mlp_in)
+            upstream = first + heads if unrolled else total
+            y = _norm(block.ln2, mix(buf, bias, mlp_own, mlp_rep, upstream)[:, :, 0] if mlp_in is None else mlp_in)
             if block.ln2_post is None:
-                writes.append(_mlp_writes(block.mlp, y))
+                out = _mlp_writes(block.mlp, y)
                 bias = bias + block.mlp.b_out
             else:  # the post-norm mixes the bias in: the MLP's writer carries it
-                writes.append(block.ln2_post(block.mlp(y)))
-    logits = model.unembed(reads("unembed.in"))
-    return logits, (jnp.stack(writes, axis=-2) if capture else None)
+                out = block.ln2_post(block.mlp(y))
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, out[:, :, None, :].astype(dtype), first + heads, axis=2)
+        return buf, bias
+
+    carry = (jnp.zeros((*embed.shape[:2], total, d), dtype).at[:, :, 0].set(embed), jnp.zeros_like(embed))
+    weights = (attn, attn_repl, mlp, mlp_repl)  # [layers, rows, writers] each
+    for start, stop in same_blocks(model.blocks):
+        if stop - start < SCAN_LAYERS:  # too few to gain from a loop: each layer reads only its upstream
+            for layer in range(start, stop):
+                carry = layer_fn(model.blocks[layer], carry, layer, tuple(w[layer] for w in weights))
+            continue
+
+        def body(carry, xs):
+            block, layer, w = xs
+            return layer_fn(block, carry, layer, w), None
+
+        blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *model.blocks[start:stop])
+        xs = (blocks, jnp.arange(start, stop), tuple(w[start:stop] for w in weights))
+        carry, _ = jax.lax.scan(body, carry, xs)
+    buf, bias = carry
+    logits = model.unembed(mix(buf, bias, unembed, unembed_repl)[:, :, 0])
+    return logits, (buf if capture else None)

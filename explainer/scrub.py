@@ -37,7 +37,7 @@ from explainer import edges
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import STANDARD, Basis, LearnedBasis, Mask
 from explainer.models.padding import same_length_permutation
-from explainer.models.transformer import Reads, Transformer
+from explainer.models.transformer import Reads, SiteEdits, Transformer
 from explainer.tasks.base import Batch
 
 ABLATIONS = ("resample", "mean", "zero", "optimal")
@@ -114,17 +114,30 @@ def scrubbed_logits(
     the rest from ``replacement``. Sites absent from ``keep`` are left alone. ``remat``: recompute
     each block in the backward pass (``jax.checkpoint``) instead of storing its activations.
     ``last``: the last position's logits alone (``Transformer.run``), as the scrubber reads them."""
-    bases = bases or {}
-
-    def edit(site: str, h: Reads) -> Reads:
-        if site not in keep:
-            return h
-        # every position, or (``last``, after the last block's attention) the last position alone
-        seq, positions = h.shape[-2], replacement[site].shape[-2]
-        m = keep[site].reshape(positions, -1)[positions - seq :] if positional else keep[site]  # (position, unit)
-        return bases.get(site, STANDARD).mix(h, replacement[site][..., positions - seq :, :], m)
-
+    edit = MaskEdits(keep, replacement, dict(bases or {}), positional)
     return model(tokens, edit=edit, remat=remat, last=last)
+
+
+class MaskEdits(SiteEdits):
+    """The scrubbed reads as data per site (so that layers of one shape run as one loop): the
+    site's basis, keep mask and replacement; sites absent from ``keep`` are left alone."""
+
+    keep: Mask
+    replacement: Replacement
+    bases: dict[str, Basis]
+    positional: bool = eqx.field(static=True, default=False)
+
+    def data(self, site: str):
+        if site not in self.keep:
+            return None
+        return self.bases.get(site, STANDARD), self.keep[site], self.replacement[site]
+
+    def apply(self, data, h: Reads) -> Reads:
+        basis, keep, replacement = data
+        # every position, or (``last``, after the last block's attention) the last position alone
+        seq, positions = h.shape[-2], replacement.shape[-2]
+        m = keep.reshape(positions, -1)[positions - seq :] if self.positional else keep  # (position, unit)
+        return basis.mix(h, replacement[..., positions - seq :, :], m)
 
 
 class Scrubber(eqx.Module):

@@ -219,3 +219,59 @@ def test_optimal_ablation_grades_edge_masks(tiny):
     full, empty = out["optimal"]["records"]
     assert abs(full["kl_mean"]) < 1e-5 and full["size"] == 110
     assert empty["kl_mean"] > 0 and empty["size"] == 0
+
+
+def _equations(jaxpr) -> int:
+    """Equations of a jaxpr, those of the programs inside its loops and calls counted once each."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _equations(inner)
+    return total
+
+
+def _program(layers: int, keep_sites) -> int:
+    cfg = ModelConfig(n_layers=layers, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=4)
+    model = init_random(cfg, jax.random.key(0))
+    tokens = jnp.zeros((2, 3), int)
+    sites = edges.edge_sites(cfg, qkv=keep_sites == "qkv")
+    keep = {s: jnp.ones(n) for s, n in edges.edge_units(cfg, sites).items()}
+    _, writers = edges.run(model, tokens, capture=True)
+
+    def loss(keep):
+        return edges.run(model, tokens, keep, {edges.WRITERS: writers})[0].sum()
+
+    return _equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
+
+
+@pytest.mark.parametrize("keep_sites", ["qkv", "shared"])
+def test_the_edge_program_does_not_grow_with_depth(keep_sites):
+    """The edge forward and its gradient trace to the same program at 4 layers and at 12: blocks of
+    one shape run as one loop body, and every reader's weights come from one gather of the masks."""
+    assert _program(edges.SCAN_LAYERS, keep_sites) == _program(12, keep_sites)
+
+
+def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch):
+    """The looped edge forward (every writer read, the ones not upstream weighted zero) equals the
+    forward with each layer on its own, under random masks, and its mask gradients too."""
+    cfg = ModelConfig(n_layers=edges.SCAN_LAYERS, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8)
+    model = init_random(cfg, jax.random.key(0))
+    tokens, other = (jax.random.randint(jax.random.key(i), (3, 5), 0, 11) for i in (1, 2))
+    _, writers = edges.run(model, other, capture=True)
+    sizes = edges.edge_units(cfg, edges.edge_sites(cfg))
+    keys = jax.random.split(jax.random.key(3), len(sizes))
+    keep = {s: jax.random.uniform(k, (n,)) for (s, n), k in zip(sizes.items(), keys, strict=True)}
+
+    def loss(keep):
+        return (edges.run(model, tokens, keep, {edges.WRITERS: writers})[0] ** 2).mean()
+
+    looped = jax.value_and_grad(loss)(keep)
+    monkeypatch.setattr(edges, "SCAN_LAYERS", cfg.n_layers + 1)
+    one_by_one = jax.value_and_grad(loss)(keep)
+    np.testing.assert_allclose(looped[0], one_by_one[0], rtol=1e-5)
+    for site in keep:
+        np.testing.assert_allclose(looped[1][site], one_by_one[1][site], rtol=1e-4, atol=1e-6)

@@ -190,3 +190,71 @@ def test_missing_files_are_named(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(ExplainerError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def _equations(jaxpr) -> int:
+    """Equations of a jaxpr, those of the programs inside its loops and calls counted once each."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _equations(inner)
+    return total
+
+
+def _scrubbed(layers: int, **kwargs):
+    """A random GPT-2-style model of ``layers`` layers, a batch, replacements and random masks."""
+    from explainer.scrub import capture
+
+    cfg = ModelConfig(n_layers=layers, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=6, **kwargs)
+    model = init_random(cfg, jax.random.key(0))
+    tokens, other = (jax.random.randint(jax.random.key(i), (3, 5), 0, 7) for i in (1, 2))
+    _, repl = capture(model, other, model.sites)
+    keys = jax.random.split(jax.random.key(3), len(model.sites))
+    keep = {s: jax.random.uniform(k, (cfg.d_model,)) for s, k in zip(model.sites, keys, strict=True)}
+    return model, tokens, keep, repl
+
+
+def test_the_scrubbed_program_does_not_grow_with_depth():
+    """The scrubbed forward and its mask gradient trace to the same program at 5 layers and at 13:
+    the blocks before the last run as one loop body (the last reads its last position alone)."""
+    from explainer.models.transformer import SCAN_LAYERS
+    from explainer.scrub import scrubbed_logits
+
+    def program(layers):
+        model, tokens, keep, repl = _scrubbed(layers)
+        loss = lambda keep: scrubbed_logits(model, tokens, keep, repl, last=True).sum()  # noqa: E731
+        return _equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
+
+    assert program(SCAN_LAYERS + 1) == program(13)
+
+
+LLAMA = {"positional_embedding_type": "rotary", "n_key_value_heads": 1, "gated_mlp": True, "act_fn": "silu"}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"parallel_attn_mlp": True, "normalization_type": "RMS"}, LLAMA])
+@pytest.mark.parametrize("last", [False, True])
+def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch, kwargs, last):
+    """Layers run as one loop give the logits, captures and mask gradients of layers one by one."""
+    from explainer.models.transformer import SCAN_LAYERS
+    from explainer.scrub import scrubbed_logits
+
+    model, tokens, keep, repl = _scrubbed(SCAN_LAYERS + 1, **kwargs)  # the last layer outside the loop
+
+    def run():
+        loss = lambda keep: (scrubbed_logits(model, tokens, keep, repl, last=last) ** 2).mean()  # noqa: E731
+        return jax.value_and_grad(loss)(keep), model.run(tokens, capture=model.sites, last=last)
+
+    looped = run()
+    monkeypatch.setattr("explainer.models.transformer.SCAN_LAYERS", 100)
+    one_by_one = run()
+    np.testing.assert_allclose(looped[0][0], one_by_one[0][0], rtol=1e-5)
+    for site in keep:
+        np.testing.assert_allclose(looped[0][1][site], one_by_one[0][1][site], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(looped[1][0], one_by_one[1][0], rtol=1e-5, atol=1e-7)  # to float rounding
+    assert looped[1][1].keys() == one_by_one[1][1].keys() == set(model.sites)
+    for site in model.sites:
+        np.testing.assert_allclose(looped[1][1][site], one_by_one[1][1][site], rtol=1e-6, atol=1e-6)
