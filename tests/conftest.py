@@ -77,3 +77,22 @@ def cli_here():
         return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
     return run
+
+
+def _equations(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _equations(inner)
+    return total
+
+
+@pytest.fixture
+def equations():
+    """Equations of a jaxpr, those of the programs inside its loops and calls counted once each:
+    how large a traced program is."""
+    return _equations

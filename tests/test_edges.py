@@ -221,20 +221,7 @@ def test_optimal_ablation_grades_edge_masks(tiny):
     assert empty["kl_mean"] > 0 and empty["size"] == 0
 
 
-def _equations(jaxpr) -> int:
-    """Equations of a jaxpr, those of the programs inside its loops and calls counted once each."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += 1
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _equations(inner)
-    return total
-
-
-def _program(layers: int, keep_sites) -> int:
+def _program(layers: int, keep_sites, equations) -> int:
     cfg = ModelConfig(n_layers=layers, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=4)
     model = init_random(cfg, jax.random.key(0))
     tokens = jnp.zeros((2, 3), int)
@@ -245,14 +232,14 @@ def _program(layers: int, keep_sites) -> int:
     def loss(keep):
         return edges.run(model, tokens, keep, {edges.WRITERS: writers})[0].sum()
 
-    return _equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
+    return equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
 
 
 @pytest.mark.parametrize("keep_sites", ["qkv", "shared"])
-def test_the_edge_program_does_not_grow_with_depth(keep_sites):
+def test_the_edge_program_does_not_grow_with_depth(keep_sites, equations):
     """The edge forward and its gradient trace to the same program at 4 layers and at 12: blocks of
     one shape run as one loop body, and every reader's weights come from one gather of the masks."""
-    assert _program(edges.SCAN_LAYERS, keep_sites) == _program(12, keep_sites)
+    assert _program(edges.SCAN_LAYERS, keep_sites, equations) == _program(12, keep_sites, equations)
 
 
 def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch):

@@ -192,19 +192,6 @@ def test_missing_files_are_named(tmp_path):
         load_model(tmp_path / "nope")
 
 
-def _equations(jaxpr) -> int:
-    """Equations of a jaxpr, those of the programs inside its loops and calls counted once each."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += 1
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _equations(inner)
-    return total
-
-
 def _scrubbed(layers: int, **kwargs):
     """A random GPT-2-style model of ``layers`` layers, a batch, replacements and random masks."""
     from explainer.scrub import capture
@@ -218,7 +205,7 @@ def _scrubbed(layers: int, **kwargs):
     return model, tokens, keep, repl
 
 
-def test_the_scrubbed_program_does_not_grow_with_depth():
+def test_the_scrubbed_program_does_not_grow_with_depth(equations):
     """The scrubbed forward and its mask gradient trace to the same program at 5 layers and at 13:
     the blocks before the last run as one loop body (the last reads its last position alone)."""
     from explainer.models.transformer import SCAN_LAYERS
@@ -227,7 +214,7 @@ def test_the_scrubbed_program_does_not_grow_with_depth():
     def program(layers):
         model, tokens, keep, repl = _scrubbed(layers)
         loss = lambda keep: scrubbed_logits(model, tokens, keep, repl, last=True).sum()  # noqa: E731
-        return _equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
+        return equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
 
     assert program(SCAN_LAYERS + 1) == program(13)
 
