@@ -256,9 +256,9 @@ def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch):
     def loss(keep):
         return (edges.run(model, tokens, keep, {edges.WRITERS: writers})[0] ** 2).mean()
 
-    looped = jax.value_and_grad(loss)(keep)
+    looped = jax.jit(jax.value_and_grad(loss))(keep)  # traced anew: each reads SCAN_LAYERS as it is
     monkeypatch.setattr(edges, "SCAN_LAYERS", cfg.n_layers + 1)
-    one_by_one = jax.value_and_grad(loss)(keep)
+    one_by_one = jax.jit(jax.value_and_grad(loss))(keep)
     np.testing.assert_allclose(looped[0], one_by_one[0], rtol=1e-5)
     for site in keep:
         np.testing.assert_allclose(looped[1][site], one_by_one[1][site], rtol=1e-4, atol=1e-6)

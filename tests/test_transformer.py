@@ -222,8 +222,10 @@ def test_the_scrubbed_program_does_not_grow_with_depth(equations):
 LLAMA = {"positional_embedding_type": "rotary", "n_key_value_heads": 1, "gated_mlp": True, "act_fn": "silu"}
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"parallel_attn_mlp": True, "normalization_type": "RMS"}, LLAMA])
-@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize(
+    "kwargs, last",
+    [({}, False), ({}, True), ({"parallel_attn_mlp": True, "normalization_type": "RMS"}, True), (LLAMA, True)],
+)
 def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch, kwargs, last):
     """Layers run as one loop give the logits, captures and mask gradients of layers one by one."""
     from explainer.models.transformer import SCAN_LAYERS
@@ -233,7 +235,8 @@ def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch, kwargs
 
     def run():
         loss = lambda keep: (scrubbed_logits(model, tokens, keep, repl, last=last) ** 2).mean()  # noqa: E731
-        return jax.value_and_grad(loss)(keep), model.run(tokens, capture=model.sites, last=last)
+        run_model = jax.jit(lambda t: model.run(t, capture=model.sites, last=last))  # traced anew each time
+        return jax.jit(jax.value_and_grad(loss))(keep), run_model(tokens)
 
     looped = run()
     monkeypatch.setattr("explainer.models.transformer.SCAN_LAYERS", 100)
