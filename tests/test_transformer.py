@@ -205,11 +205,14 @@ def _scrubbed(layers: int, **kwargs):
     return model, tokens, keep, repl
 
 
-def test_the_scrubbed_program_does_not_grow_with_depth(equations):
-    """The scrubbed forward and its mask gradient trace to the same program at 5 layers and at 13:
-    the blocks before the last run as one loop body (the last reads its last position alone)."""
+def test_the_scrubbed_program_does_not_grow_with_depth(equations, monkeypatch):
+    """Where the scrubbed forward loops (off the CPU), it and its mask gradient trace to the same
+    program at ``SCAN_LAYERS + 1`` layers and at 13: the blocks before the last run as one loop body
+    (the last reads its last position alone)."""
     from explainer.models.transformer import SCAN_LAYERS
     from explainer.scrub import scrubbed_logits
+
+    monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", True)  # as off the CPU
 
     def program(layers):
         model, tokens, keep, repl = _scrubbed(layers)
@@ -232,6 +235,7 @@ def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch, kwargs
     from explainer.scrub import scrubbed_logits
 
     model, tokens, keep, repl = _scrubbed(SCAN_LAYERS + 1, **kwargs)  # the last layer outside the loop
+    monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", True)  # as off the CPU
 
     def run():
         loss = lambda keep: (scrubbed_logits(model, tokens, keep, repl, last=last) ** 2).mean()  # noqa: E731

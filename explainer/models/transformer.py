@@ -58,10 +58,13 @@ class Block(eqx.Module):
 
 
 _norm = apply_norm  # the name the rest of the package imports
-# Consecutive blocks of one shape from which a forward pass runs them as one loop. A loop's compile
-# does not grow with depth, but on the CPU its steps run slower than the same layers unrolled (about
-# 30% at 8 and 12 layers of width 128), and shallow models compile quickly unrolled.
+# Consecutive blocks of one shape from which a forward pass runs them as one loop: its compile does
+# not grow with depth, and shallow models compile quickly unrolled.
 SCAN_LAYERS = 6
+# On the CPU the plain and scrubbed forwards stay unrolled: there XLA compiles them quickly, and a loop
+# body ran their steps slower and held a stacked copy of the weights (benchmarks/results/growth.json,
+# qwen-shape.json). The edge forward, whose unrolled program is far larger, loops on the CPU too.
+LOOP_ON_CPU = False
 _KINDS = ("attn.in", "mlp.in")
 
 
@@ -114,12 +117,14 @@ def _shape(tree) -> tuple:
 
 def _loops(blocks, edit, final: int | None) -> list[tuple[int, int]]:
     """The forward pass's spans of layers: runs of at least :data:`SCAN_LAYERS` blocks of one shape,
-    edited alike by a :class:`SiteEdits` (or not at all), loop; every other layer (the last under
-    ``last``, a rewritten MLP's) is a span of one."""
+    edited alike by a :class:`SiteEdits` (or not at all), loop (off the CPU, or with
+    :data:`LOOP_ON_CPU`); every other layer (the last under ``last``, a rewritten MLP's) is a span
+    of one."""
     spans: list[tuple[int, int]] = []
     for start, stop in same_blocks(blocks):
         stop_loop = stop if final is None or final >= stop else final  # the last layer runs on its own
-        loops = stop_loop - start >= SCAN_LAYERS and not hasattr(blocks[start].mlp, "fitted")
+        here = LOOP_ON_CPU or jax.default_backend() != "cpu"
+        loops = here and stop_loop - start >= SCAN_LAYERS and not hasattr(blocks[start].mlp, "fitted")
         if loops and edit is not None:
             layers = range(start, stop_loop)
             loops = isinstance(edit, SiteEdits) and all(
