@@ -566,11 +566,12 @@ def plot(record: dict, path: Path) -> None:
         rows = [r for r in record.get("compile", []) if r["units_kind"] == kind]
         if rows:
             ax.plot([r["layers"] for r in rows], [r["compile_s"] for r in rows], marker, label=f"{kind} step")
-        before = [r for r in record.get("compile_before", {}).get("rows", []) if r["units_kind"] == kind]
-        if before:
-            commit = record["compile_before"]["commit"]
-            xs, ys = [r["layers"] for r in before], [r["compile_s"] for r in before]
-            ax.plot(xs, ys, marker[0] + ":", alpha=0.4, label=f"{kind} step on {commit}")
+        for other, style in (("compile_before", ":"), ("compile_looped", "--")):
+            rows = [r for r in record.get(other, {}).get("rows", []) if r["units_kind"] == kind]
+            if rows:
+                label = f"{kind} step on {record[other]['commit']}" + (" (looped)" if other == "compile_looped" else "")
+                xs, ys = [r["layers"] for r in rows], [r["compile_s"] for r in rows]
+                ax.plot(xs, ys, marker[0] + style, alpha=0.4, label=label)
     ax.set_xlabel("layers")
     ax.set_ylabel("compile seconds")
     ax.set_title(f"training-step compile time (d_model {record['compile_width']})", fontsize=10)

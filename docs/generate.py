@@ -450,17 +450,18 @@ def _growth(data: dict[str, Any], name: str) -> list[str]:
                 + ".",
                 "",
             ]
-    before = data.get("compile_before", {})
-    if before.get("rows"):
-        keys = ["layers", "d_model", "units_kind", "units", "compile_s", "steady_step_s", "peak_rss_gb"]
-        out += [
-            f"The same report on {before.get('commit')} ({before.get('what')}), run beside it:",
-            "",
-            table(keys, [[r.get(k) for k in keys] for r in before["rows"]]),
-            "",
-            "Fitted exponent: " + ", ".join(f"{k} {cell(v)}" for k, v in before.get("exponents", {}).items()) + ".",
-            "",
-        ]
+    for other in (data.get("compile_before", {}), data.get("compile_looped", {})):
+        if other.get("rows"):
+            keys = ["layers", "d_model", "units_kind", "units", "compile_s", "steady_step_s", "peak_rss_gb"]
+            exps = ", ".join(f"{k} {cell(v)}" for k, v in other.get("exponents", {}).items())
+            out += [
+                f"The same report on {other.get('commit')} ({other.get('what')}):",
+                "",
+                table(keys, [[r.get(k) for k in keys] for r in other["rows"]]),
+                "",
+                f"Fitted exponent: {exps}.",
+                "",
+            ]
     return out
 
 

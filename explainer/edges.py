@@ -47,7 +47,7 @@ from jaxtyping import Array, Float, Int
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
 from explainer.models.norms import LayerNorm
-from explainer.models.transformer import SCAN_LAYERS, Transformer, _norm, same_blocks
+from explainer.models.transformer import SCAN_LAYERS, Transformer, _norm, loops_here, same_blocks
 
 Writers = Float[Array, "batch seq writers d_model"]
 WRITERS = "writers"  # the replacement's one key: every writer's output on the replacement input
@@ -232,7 +232,8 @@ def run(
     input is one contraction of it with that reader's row of weights (the mask over the writers
     upstream, zeros after; the rows of every reader come from one gather of the masks). A layer's
     query, key and value readers, every head, are one contraction; blocks of one shape run as one
-    ``jax.lax.scan`` body over their stacked weights, so the compiled program does not grow with
+    ``jax.lax.scan`` body over their stacked weights where forward passes loop
+    (:func:`~explainer.models.transformer.loops_here`), so the compiled program does not grow with
     depth.
     """
     keep = keep or {}
@@ -291,7 +292,7 @@ def run(
     carry = (jnp.zeros((*embed.shape[:2], total, d), dtype).at[:, :, 0].set(embed), jnp.zeros_like(embed))
     weights = (attn, attn_repl, mlp, mlp_repl)  # [layers, rows, writers] each
     for start, stop in same_blocks(model.blocks):
-        if stop - start < SCAN_LAYERS:  # too few to gain from a loop: each layer reads only its upstream
+        if stop - start < SCAN_LAYERS or not loops_here():  # unrolled: each layer reads only its upstream
             for layer in range(start, stop):
                 carry = layer_fn(model.blocks[layer], carry, layer, tuple(w[layer] for w in weights))
             continue

@@ -236,9 +236,11 @@ def _program(layers: int, keep_sites, equations) -> int:
 
 
 @pytest.mark.parametrize("keep_sites", ["qkv", "shared"])
-def test_the_edge_program_does_not_grow_with_depth(keep_sites, equations):
-    """The edge forward and its gradient trace to the same program at 4 layers and at 12: blocks of
-    one shape run as one loop body, and every reader's weights come from one gather of the masks."""
+def test_the_edge_program_does_not_grow_with_depth(keep_sites, equations, monkeypatch):
+    """Where the edge forward loops (off the CPU), it and its gradient trace to the same program at
+    ``SCAN_LAYERS`` layers and at 12: blocks of one shape run as one loop body, and every reader's
+    weights come from one gather of the masks."""
+    monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", True)  # as off the CPU
     assert _program(edges.SCAN_LAYERS, keep_sites, equations) == _program(12, keep_sites, equations)
 
 
@@ -256,6 +258,7 @@ def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch):
     def loss(keep):
         return (edges.run(model, tokens, keep, {edges.WRITERS: writers})[0] ** 2).mean()
 
+    monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", True)  # as off the CPU
     looped = jax.jit(jax.value_and_grad(loss))(keep)  # traced anew: each reads SCAN_LAYERS as it is
     monkeypatch.setattr(edges, "SCAN_LAYERS", cfg.n_layers + 1)
     one_by_one = jax.jit(jax.value_and_grad(loss))(keep)

@@ -34,7 +34,18 @@ from explainer.models.mlp import MLP, GatedMLP
 from explainer.models.norms import LayerNorm, Norm, RMSNorm, apply_norm
 from explainer.models.padding import pad_counts, real_positions
 
-__all__ = ["MLP", "Attention", "Block", "GatedMLP", "LayerNorm", "RMSNorm", "SiteEdits", "Transformer", "same_blocks"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "GatedMLP",
+    "LayerNorm",
+    "RMSNorm",
+    "SiteEdits",
+    "Transformer",
+    "loops_here",
+    "same_blocks",
+]
 
 Resid = Float[Array, "batch seq d_model"]
 Edit = Callable[[str, Resid], Resid]
@@ -61,9 +72,9 @@ _norm = apply_norm  # the name the rest of the package imports
 # Consecutive blocks of one shape from which a forward pass runs them as one loop: its compile does
 # not grow with depth, and shallow models compile quickly unrolled.
 SCAN_LAYERS = 6
-# On the CPU the plain and scrubbed forwards stay unrolled: there XLA compiles them quickly, and a loop
-# body ran their steps slower and held a stacked copy of the weights (benchmarks/results/growth.json,
-# qwen-shape.json). The edge forward, whose unrolled program is far larger, loops on the CPU too.
+# On the CPU layers stay unrolled: there XLA compiles them quickly, and a loop body ran the steps
+# slower (and, in the plain and scrubbed forwards, held a stacked copy of the weights), more than its
+# quicker compile saved over a run (benchmarks/results/growth.json, qwen-shape.json).
 LOOP_ON_CPU = False
 _KINDS = ("attn.in", "mlp.in")
 
@@ -99,6 +110,12 @@ def same_blocks(blocks: Sequence[eqx.Module]) -> list[tuple[int, int]]:
     return runs
 
 
+def loops_here() -> bool:
+    """Whether forward passes run layers of one shape as one loop on this backend: off the CPU, or
+    with :data:`LOOP_ON_CPU`."""
+    return LOOP_ON_CPU or jax.default_backend() != "cpu"
+
+
 def _alike(parts: list) -> bool:
     """Whether the per-layer data of one kind of site can be stacked over layers: no layer has
     any, or every layer has data of one shape."""
@@ -123,8 +140,7 @@ def _loops(blocks, edit, final: int | None) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for start, stop in same_blocks(blocks):
         stop_loop = stop if final is None or final >= stop else final  # the last layer runs on its own
-        here = LOOP_ON_CPU or jax.default_backend() != "cpu"
-        loops = here and stop_loop - start >= SCAN_LAYERS and not hasattr(blocks[start].mlp, "fitted")
+        loops = loops_here() and stop_loop - start >= SCAN_LAYERS and not hasattr(blocks[start].mlp, "fitted")
         if loops and edit is not None:
             layers = range(start, stop_loop)
             loops = isinstance(edit, SiteEdits) and all(
