@@ -16,9 +16,10 @@ import pytest
 
 from explainer import edges
 from explainer.finish.oracle import EXACT_FLOPS, EXACT_UNITS, RANK_BOUND, SCREEN_PROMPTS, SHORTLIST, KLOracle, exact
-from explainer.finish.search import MAX_ROUNDS, prune, repair, trim
+from explainer.finish.search import MAX_ROUNDS, _rounds, prune, repair, trim
 from explainer.models import ModelConfig, init_random
 from explainer.scrub import Scrubber
+from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
 from explainer.zoo import resolve_model
 
@@ -80,20 +81,20 @@ def test_a_round_scores_every_candidate_only_where_that_is_cheap(monkeypatch):
     oracle = oracle_of(8)  # 16 units
     cost = oracle.n_units * oracle.mask_flops
     assert oracle.n_units <= EXACT_UNITS and cost <= EXACT_FLOPS and exact(oracle)
-    half = (np.random.default_rng(0).random(oracle.n_units) < 0.5).astype(np.float32)
+    assert _rounds(oracle) == oracle.n_units + 1  # exact: as many rounds as it needs
     monkeypatch.setattr("explainer.finish.oracle.EXACT_FLOPS", cost / 2)
     assert not exact(oracle)
-    before = oracle.evaluations
-    repair(oracle, half, 1e-9, max_added=oracle.n_units)
-    assert oracle.evaluations - before <= MAX_ROUNDS * PER_ROUND + 2
+    assert _rounds(oracle) == MAX_ROUNDS  # the searches take the bounded path
 
 
 def test_the_cost_line_keeps_ground_truth_exact_and_not_a_wide_model_of_few_edges():
-    """Every ground-truth model's round fits ``EXACT_FLOPS`` (paren's dimensions, the costliest, with
-    room to spare); a 2-layer model of Qwen2.5-0.5B's width with its 382 edges does not."""
-    paren = ModelConfig.from_json(json.loads((resolve_model("paren") / "config.json").read_text()))
+    """paren's dimensions, the costliest round of a ground-truth model, fit ``EXACT_FLOPS`` with room
+    to spare; a 2-layer model of Qwen2.5-0.5B's width with its 382 edges does not."""
+    folder = resolve_model("paren")
+    paren = ModelConfig.from_json(json.loads((folder / "config.json").read_text()))
+    seq = resolve_task(None, folder).train_data().clean.shape[1]
     paren_units = len(paren.sites) * paren.d_model
-    assert paren_units * SCREEN_PROMPTS * paren.scored_flops(21) < EXACT_FLOPS / 2
+    assert paren_units * SCREEN_PROMPTS * paren.scored_flops(seq) < EXACT_FLOPS / 2
     qwen = ModelConfig(
         n_layers=2, d_model=896, n_heads=14, d_head=64, n_key_value_heads=2, d_mlp=4864, d_vocab=151936,
         n_ctx=32768, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,

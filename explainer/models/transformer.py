@@ -255,7 +255,7 @@ class Transformer(eqx.Module):
                 captured.update(seen)
                 continue
             layers = range(start, stop)
-            kinds = {k for k in ("attn.in", "mlp.in") if any(f"blocks.{i}.{k}" in capture for i in layers)}
+            kinds = {k for k in _KINDS if any(f"blocks.{i}.{k}" in capture for i in layers)}
             data = {} if edit is None else {k: _stacked([edit.data(f"blocks.{i}.{k}") for i in layers]) for k in _KINDS}
 
             def body(resid, xs, kinds=kinds):
