@@ -286,6 +286,8 @@ def phase_row(name: str, ran: dict, units: int, flops: float) -> dict:
     timings = ran["result"].get("timings") or ran["said"]
     timings = {k: float(v) for k, v in timings.items()}
     train = timings.get("train")
+    if train is not None:  # the open restart's training steps are training steps too
+        train += timings.get("open_restart_train", 0.0)
     overhead = None if train is None or ran["timed_out"] else ran["wall_s"] - train
     return {
         "command": name,
@@ -520,6 +522,7 @@ def show(record: dict) -> None:
 
 
 PHASE_ORDER = ("compile", "train", "repair", "open_restart", "trim", "close", "select", "grade", "evaluate", "save")
+WITHIN = ("open_restart_train",)  # seconds inside another phase (open_restart's training steps)
 
 
 def plot(record: dict, path: Path) -> None:
@@ -543,7 +546,8 @@ def plot(record: dict, path: Path) -> None:
         phases += sorted({p for r in rows for p in r["timings"]} - set(phases))
         for phase in phases:
             ax.plot(units, [r["timings"].get(phase, np.nan) for r in rows], "o-", label=phase)
-        other = [np.nan if r["timed_out"] else r["wall_s"] - sum(r["timings"].values()) for r in rows]
+        timed = [sum(v for k, v in r["timings"].items() if k not in WITHIN) for r in rows]
+        other = [np.nan if r["timed_out"] else r["wall_s"] - t for r, t in zip(rows, timed, strict=True)]
         ax.plot(units, other, "x--", color="grey", label="untimed (start, load, ...)")
         ax.plot(units, [r["wall_s"] for r in rows], "s-", color="black", lw=2, label="wall")
         stopped = [(u, r["wall_s"]) for u, r in zip(units, rows, strict=True) if r["timed_out"]]

@@ -250,3 +250,31 @@ def test_trim_setting_in_training():
     assert trimmed.history["trimmed"][0] == plain.size - trimmed.size > 0
     assert trimmed.history["kl_finished"][0] <= KL_BUDGET
     assert truth_scores(trimmed.kept, load_truth(resolve_model("planted-joint")))["f1"] == 1.0
+
+
+def test_the_open_restart_trains_with_the_first_trainings_compiled_step(monkeypatch):
+    """The open restart differs from the first training only in where the gates start, which the
+    step never reads: it reuses that training's program (one trace in all), its training steps are
+    timed apart, and a program made for other settings is refused."""
+    from explainer.errors import ExplainerError
+    from explainer.finish.passes import Candidate, Context, open_restart
+    from explainer.progress import Timings
+    from explainer.train import step
+    from explainer.train.step import train_gates, train_program
+
+    made, make_step = [], step.make_step
+    monkeypatch.setattr(step, "make_step", lambda *a, **k: made.append(a[2]) or make_step(*a, **k))
+    folder = resolve_model("planted-distractor")
+    data = resolve_task(None, folder).train_data()
+    scrubber, config = Scrubber.build(load_model(folder), data), TrainConfig.of(steps=20)
+    program = train_program(scrubber, data, config)
+    candidate = Candidate.of(train_gates(scrubber, data, config, progress=False, program=program), config)
+    timings = Timings()
+    context = Context(scrubber, data, config, None, False, None, program, timings)
+    open_restart(candidate, context)  # the candidate's KL is unmeasured (inf), so the restart runs
+    assert len(made) == 1 and program.counter["traces"] == 1
+    assert timings["open_restart_train"] > 0
+    with pytest.raises(ExplainerError, match="made for other training settings"):
+        train_gates(scrubber, data, config.replace(lr=0.5), progress=False, program=program)
+    train_gates(scrubber, data, config.replace(init_logit=3.0), progress=False, program=program)
+    assert len(made) == 1 and program.counter["traces"] == 1

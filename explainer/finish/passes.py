@@ -41,7 +41,7 @@ from explainer.progress import Timings
 from explainer.scrub import Scrubber, SiteMeans
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
-from explainer.train.step import OPEN_LOGIT, Trained, finish, refit_bases, train_gates
+from explainer.train.step import OPEN_LOGIT, Trained, TrainProgram, finish, refit_bases, train_gates, train_program
 
 RECORD = ("repaired", "open_restart", "trimmed", "refits", "closed")  # what passes did, in history order
 
@@ -89,6 +89,8 @@ class Context(NamedTuple):
     adversary: Any
     progress: bool
     checkpoints: str | os.PathLike | None
+    program: TrainProgram | None = None  # the first training's, which a second one reuses
+    timings: Timings | None = None  # the run's: a pass that trains adds its steps' seconds
 
     def oracle(self, candidate: Candidate, data: Batch | None = None, seed: int | None = None) -> KLOracle:
         """The KL oracle of ``candidate``'s scrubber (:meth:`Candidate.scrubbing`)."""
@@ -117,7 +119,10 @@ def open_restart(candidate: Candidate, ctx: Context) -> Candidate:
         return candidate
     open_config = config.replace(init_logit=OPEN_LOGIT)
     more = None if ctx.checkpoints is None else os.path.join(ctx.checkpoints, "open-restart")
-    trained = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more)
+    inner = Timings()
+    trained = train_gates(ctx.scrubber, ctx.data, open_config, ctx.adversary, ctx.progress, more, inner, ctx.program)
+    if ctx.timings is not None:  # its training steps, apart from its first (which may compile)
+        ctx.timings["open_restart_train"] = ctx.timings.get("open_restart_train", 0.0) + inner.get("train", 0.0)
     other = Candidate.of(trained, open_config, record=candidate.record)
     other = repaired(other, ctx)
     size, size2 = (sum(int(v.sum()) for v in c.keep.values()) for c in (candidate, other))
@@ -211,11 +216,14 @@ def fit(
     """Train, threshold, then run the finishing passes (:func:`passes_for`). Returns the finished
     candidate (binary keep mask, gates, the scrubber that defines its units, history with the
     passes' record, learned constants);
-    ``timings`` gains each phase's seconds."""
+    ``timings`` gains each phase's seconds, and ``open_restart_train`` the training steps within
+    ``open_restart`` (part of its time)."""
     timings = Timings() if timings is None else timings
-    candidate = Candidate.of(train_gates(scrubber, data, config, adversary, progress, checkpoints, timings), config)
+    program = train_program(scrubber, data, config, adversary)
+    trained = train_gates(scrubber, data, config, adversary, progress, checkpoints, timings, program)
+    candidate = Candidate.of(trained, config)
     steps = passes_for(config, adversary)
-    context = Context(scrubber, data, config, adversary, progress, checkpoints)
+    context = Context(scrubber, data, config, adversary, progress, checkpoints, program, timings)
     for name, run in steps:
         with timings.phase(name, say=progress):
             candidate = run(candidate, context)

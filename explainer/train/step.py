@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from explainer import optimal
+from explainer.errors import ExplainerError
 from explainer.faults import checked_step
 from explainer.masks import Gates, Layout, Mask
 from explainer.metrics import kl_divergence
@@ -358,6 +359,40 @@ class Trained(NamedTuple):
     constants: SiteMeans | None = None
 
 
+class TrainProgram(NamedTuple):
+    """What :func:`train_gates` steps with: the optimiser, the jitted step of :func:`make_step` and
+    its trace counter. Trainings that differ only in where the gates start (``init_logit``,
+    ``init_from``) can share one, and so compile the step once (:func:`train_program`)."""
+
+    optimizer: optax.GradientTransformation
+    step: Callable
+    counter: dict[str, int]
+    config: TrainConfig  # as made, with the gates' start as a training without a ranking has it
+    adversary: InLoopAdversary | None
+
+    def check(self, config: TrainConfig, adversary: InLoopAdversary | None) -> None:
+        """Refuse to train with a step that would differ from this program's."""
+        if _start_free(config) != self.config or adversary is not self.adversary:
+            raise ExplainerError(
+                "this training program was made for other training settings or another adversary; "
+                "make one with train_program(scrubber, data, config, adversary) for these"
+            )
+
+
+def _start_free(config: TrainConfig) -> TrainConfig:
+    """``config`` with the gates' start (which the step never reads) at the defaults."""
+    return config.replace(init_logit=TrainConfig().optimiser.init_logit, init_from="logit")
+
+
+def train_program(
+    scrubber: Scrubber, data: Batch, config: TrainConfig, adversary: InLoopAdversary | None = None
+) -> TrainProgram:
+    """The :class:`TrainProgram` of training ``scrubber`` on ``data`` under ``config``."""
+    optimizer = make_optimizer(config)
+    step, counter = make_step(scrubber, data, config, optimizer, adversary)
+    return TrainProgram(optimizer, step, counter, _start_free(config), adversary)
+
+
 def train_gates(
     scrubber: Scrubber,
     data: Batch,
@@ -366,24 +401,28 @@ def train_gates(
     progress: bool = True,
     checkpoints: str | os.PathLike | None = None,
     timings: Timings | None = None,
+    program: TrainProgram | None = None,
 ) -> Trained:
     """Train the gates, and ``scrubber``'s learned bases with them; returns both (the scrubber as
     trained) with the per-step history (loss, kl, size, lambda, gap) and, under the ``optimal``
     ablation, the constants learned with them (:class:`Trained`).
     ``timings`` gains ``compile`` (the first step, which compiles it) and ``train`` (the rest).
+    ``program``, from :func:`train_program` with ``scrubber``, ``data``, ``adversary`` and a config
+    that differs from ``config`` at most in where the gates start, reuses its compiled step.
 
     With a ``checkpoints`` folder, the state is saved there every ``runtime.checkpoint_every`` steps
     and at the end, and training continues from the newest good checkpoint found there. A NaN or
     inf in a loss term or gradient raises :class:`ExplainerError` naming the step and the term.
     """
-    optimizer = make_optimizer(config)
     timings = Timings() if timings is None else timings
     gates = None
     if starts_ranked(config):
         with timings.phase("init_gates", say=progress):
             gates = start_gates(scrubber, data, config)
+    program = train_program(scrubber, data, config, adversary) if program is None else program
+    program.check(config, adversary)
+    optimizer, plain, counter = program.optimizer, program.step, program.counter
     state = init_state(scrubber, config, optimizer, adversary, gates=gates)
-    plain, counter = make_step(scrubber, data, config, optimizer, adversary)
     bound = isinstance(plain, TrainStep)  # else any ``state -> (state, metrics)`` callable
     # the loop steps ``step(state, targets, operands)``: one state has no targets
     checked = checked_step(lambda state, _, operands: plain(state, *operands))
