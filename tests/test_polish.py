@@ -1,5 +1,6 @@
 """Repair and the open restart: the safeguards that follow training in KL-budget mode."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -276,5 +277,15 @@ def test_the_open_restart_trains_with_the_first_trainings_compiled_step(monkeypa
     assert timings["open_restart_train"] > 0
     with pytest.raises(ExplainerError, match="made for other training settings"):
         train_gates(scrubber, data, config.replace(lr=0.5), progress=False, program=program)
-    train_gates(scrubber, data, config.replace(init_logit=3.0), progress=False, program=program)
-    assert len(made) == 1 and program.counter["traces"] == 1
+    compiled = []
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:  # the step itself, jitted with its fault flags, compiles no more
+        train_gates(scrubber, data, config.replace(init_logit=3.0), progress=False, program=program)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(made) == 1 and program.counter["traces"] == 1 and not compiled

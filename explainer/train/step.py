@@ -367,6 +367,7 @@ class TrainProgram(NamedTuple):
     optimizer: optax.GradientTransformation
     step: Callable
     counter: dict[str, int]
+    checked: tuple[Callable, list[str]]  # what the loop runs: the step, jitted with its fault flags
     config: TrainConfig  # as made, with the gates' start as a training without a ranking has it
     adversary: InLoopAdversary | None
 
@@ -390,7 +391,9 @@ def train_program(
     """The :class:`TrainProgram` of training ``scrubber`` on ``data`` under ``config``."""
     optimizer = make_optimizer(config)
     step, counter = make_step(scrubber, data, config, optimizer, adversary)
-    return TrainProgram(optimizer, step, counter, _start_free(config), adversary)
+    # the loop steps ``step(state, targets, operands)``: one state has no targets
+    checked = checked_step(lambda state, _, operands: step(state, *operands))
+    return TrainProgram(optimizer, step, counter, checked, _start_free(config), adversary)
 
 
 def train_gates(
@@ -421,11 +424,9 @@ def train_gates(
             gates = start_gates(scrubber, data, config)
     program = train_program(scrubber, data, config, adversary) if program is None else program
     program.check(config, adversary)
-    optimizer, plain, counter = program.optimizer, program.step, program.counter
+    optimizer, plain, counter, checked = program.optimizer, program.step, program.counter, program.checked
     state = init_state(scrubber, config, optimizer, adversary, gates=gates)
     bound = isinstance(plain, TrainStep)  # else any ``state -> (state, metrics)`` callable
-    # the loop steps ``step(state, targets, operands)``: one state has no targets
-    checked = checked_step(lambda state, _, operands: plain(state, *operands))
     with progress_bar(progress, config.optimiser.steps) as advance:
         state, history = run_steps(
             checked,
