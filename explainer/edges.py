@@ -177,26 +177,24 @@ def _post_scale(post, total: Float[Array, "batch seq d_model"]) -> Float[Array, 
     return scale if post.w is None else scale * post.w
 
 
-def _index(config: ModelConfig, sizes: dict[str, int], site: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _index(config: ModelConfig, sizes: dict[str, int], site: str, rows: int) -> np.ndarray:
     """Where each weight of the readers at ``site`` comes from, ``[rows, writers]``: its entry of
     the masks laid end to end in the order of ``sizes`` (each masked site's units), or ``ONE``
     (= ``sum(sizes)``, an unmasked reader's own writers) or ``ONE + 1`` (zero: writers not
-    upstream); and whether it is masked. A q/k/v site has a row per head (head-major units),
-    any other site one row, broadcast to ``rows``."""
+    upstream). A q/k/v site has a row per head (head-major units), any other site one row,
+    broadcast to ``rows``."""
     n, one = n_writers(config, site), sum(sizes.values())
     index = np.full((rows, len(writer_names(config))), one + 1)
-    masked = np.zeros(index.shape, bool)
     if site in sizes:
         offset = sum(sizes[s] for s in itertools.takewhile(lambda s: s != site, sizes))
         heads = sizes[site] // n  # one row per head, or one shared by every row
         index[:, :n] = offset + (np.arange(rows)[:, None] % heads) * n + np.arange(n)
-        masked[:, :n] = True
     else:
         index[:, :n] = one
-    return index, masked
+    return index
 
 
-def _layout(config: ModelConfig, sizes: dict[str, int]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+def _layout(config: ModelConfig, sizes: dict[str, int]) -> tuple[int, list[np.ndarray]]:
     """Rows of the attention readers (``n_heads + 2 · n_kv_heads`` where some head has its own mask,
     else one broadcast to every head) and :func:`_index` of the attention, MLP and unembedding
     readers, stacked over layers: every reader's weights come from one gather of the masks."""
@@ -210,11 +208,9 @@ def _layout(config: ModelConfig, sizes: dict[str, int]) -> tuple[int, list[tuple
             attn.append(_index(config, sizes, shared, rows))
         else:  # the query, key and value heads' rows in turn
             qkv = zip(_QKV, (heads, kv, kv), strict=True)
-            parts = [_index(config, sizes, f"blocks.{layer}.attn.{x}.in", r) for x, r in qkv]
-            attn.append(tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+            attn.append(np.concatenate([_index(config, sizes, f"blocks.{layer}.attn.{x}.in", r) for x, r in qkv]))
         mlp.append(attn[-1] if config.attn_only else _index(config, sizes, f"blocks.{layer}.mlp.in", 1))
-    stacked = [tuple(np.stack(p) for p in zip(*parts, strict=True)) for parts in (attn, mlp)]
-    return rows, [*stacked, _index(config, sizes, "unembed.in", 1)]
+    return rows, [np.stack(attn), np.stack(mlp), _index(config, sizes, "unembed.in", 1)]
 
 
 def run(
@@ -244,24 +240,33 @@ def run(
     repl = replacement[WRITERS].astype(dtype) if keep else None  # --dtype
     rows, layout = _layout(cfg, {site: int(np.prod(m.shape)) for site, m in keep.items()})
     masks = jnp.concatenate([m.reshape(-1).astype(jnp.float32) for m in keep.values()] + [jnp.ones(1), jnp.zeros(1)])
-    (attn, attn_repl), (mlp, mlp_repl), (unembed, unembed_repl) = (
-        (masks[index], jnp.where(masked, 1.0 - masks[index], 0.0)) for index, masked in layout
-    )  # every reader's weights on its own run's writers and on the replacement's
+    attn, mlp, unembed = (masks[index] for index in layout)  # every reader's weights on its run's writers
+    # A reader's weights on its upstream writers are m (masked) or 1 (not), and on the replacement's
+    # 1 - m or 0: they sum to 1. So its input is sum_w own_w (out_w - repl_w) + sum_w repl_w: one
+    # contraction of the writers' differences from the replacement (what ``buf`` holds under a
+    # replacement), instead of a contraction of each, and the replacement's sum over the upstream
+    # writers, which, like their biases, every downstream reader adds (``bias`` carries both).
 
-    def mix(buf, bias, own, rep, upstream: int = total):
-        """The readers' inputs ``[b, p, rows, d]``: kept writers from ``buf``, the rest from ``repl``
-        (a layer not in a loop reads only its ``upstream`` writers: the rest weigh zero)."""
-        x = jnp.einsum("bpwd,rw->bprd", buf[:, :, :upstream], own[:, :upstream].astype(dtype))
-        if repl is not None:
-            x = x + jnp.einsum("bpwd,rw->bprd", repl[:, :, :upstream], rep[:, :upstream].astype(dtype))
+    def mix(buf, bias, own, read: int = total):
+        """The readers' inputs ``[b, p, rows, d]``: kept writers from this run, the rest from the
+        replacement. ``read``: how many writers of ``buf`` are read (a layer not in a loop reads
+        only its upstream writers; in a loop the rest weigh zero)."""
+        x = jnp.einsum("bpwd,rw->bprd", buf[:, :, :read], own[:, :read].astype(dtype))
         return x + bias[:, :, None, :]
+
+    def write(buf, bias, out, at):
+        """``buf`` and ``bias`` with the writers ``out`` (``[b, p, n, d]``) from writer ``at`` on."""
+        if repl is not None:
+            theirs = jax.lax.dynamic_slice_in_dim(repl, at, out.shape[2], axis=2)
+            out, bias = out - theirs, bias + theirs.sum(2)
+        return jax.lax.dynamic_update_slice_in_dim(buf, out.astype(dtype), at, axis=2), bias
 
     def layer_fn(block, carry, layer, w):
         buf, bias = carry
-        own, rep, mlp_own, mlp_rep = w
+        own, mlp_own = w
         first = 1 + layer * (heads + int(not cfg.attn_only))  # this layer's first writer
         unrolled = isinstance(layer, int)  # a loop's body reads every writer, a layer on its own its upstream
-        x = mix(buf, bias, own, rep, first if unrolled else total)
+        x = mix(buf, bias, own, first if unrolled else total)
         if rows > 1:  # some head has its own mask: a row per query, key and value head
             xq, xk, xv = x[:, :, :heads], x[:, :, heads : heads + kv], x[:, :, heads + kv :]
         else:
@@ -269,7 +274,7 @@ def run(
             xk = xv = jnp.broadcast_to(x, (*x.shape[:2], kv, d))
         mlp_in = None
         if block.parallel and block.mlp is not None:
-            mlp_in = mix(buf, bias, mlp_own, mlp_rep, first if unrolled else total)[:, :, 0]
+            mlp_in = mix(buf, bias, mlp_own, first if unrolled else total)[:, :, 0]
         heads_out = _attention_writes(block, xq, xk, xv, pads)
         if block.ln1_post is None:
             bias = bias + block.attn.b_O
@@ -277,20 +282,21 @@ def run(
             scale = _post_scale(block.ln1_post, heads_out.sum(2) + block.attn.b_O)
             heads_out = heads_out * scale[:, :, None, :]
             bias = bias + block.attn.b_O * scale
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, heads_out.astype(dtype), first, axis=2)
+        buf, bias = write(buf, bias, heads_out, first)
         if block.mlp is not None:
-            upstream = first + heads if unrolled else total
-            y = _norm(block.ln2, mix(buf, bias, mlp_own, mlp_rep, upstream)[:, :, 0] if mlp_in is None else mlp_in)
+            if mlp_in is None:
+                mlp_in = mix(buf, bias, mlp_own, first + heads if unrolled else total)[:, :, 0]
+            y = _norm(block.ln2, mlp_in)
             if block.ln2_post is None:
                 out = _mlp_writes(block.mlp, y)
                 bias = bias + block.mlp.b_out
             else:  # the post-norm mixes the bias in: the MLP's writer carries it
                 out = block.ln2_post(block.mlp(y))
-            buf = jax.lax.dynamic_update_slice_in_dim(buf, out[:, :, None, :].astype(dtype), first + heads, axis=2)
+            buf, bias = write(buf, bias, out[:, :, None, :], first + heads)
         return buf, bias
 
-    carry = (jnp.zeros((*embed.shape[:2], total, d), dtype).at[:, :, 0].set(embed), jnp.zeros_like(embed))
-    weights = (attn, attn_repl, mlp, mlp_repl)  # [layers, rows, writers] each
+    carry = write(jnp.zeros((*embed.shape[:2], total, d), dtype), jnp.zeros_like(embed), embed[:, :, None, :], 0)
+    weights = (attn, mlp)  # [layers, rows, writers] each
     for start, stop in same_blocks(model.blocks):
         if stop - start < SCAN_LAYERS or not loops_here():  # unrolled: each layer reads only its upstream
             for layer in range(start, stop):
@@ -305,5 +311,7 @@ def run(
         xs = (blocks, jnp.arange(start, stop), tuple(w[start:stop] for w in weights))
         carry, _ = jax.lax.scan(body, carry, xs)
     buf, bias = carry
-    logits = model.unembed(mix(buf, bias, unembed, unembed_repl)[:, :, 0])
+    logits = model.unembed(mix(buf, bias, unembed)[:, :, 0])
+    if capture and repl is not None:  # the writers' outputs, not their differences from the replacement
+        buf = buf + repl
     return logits, (buf if capture else None)
