@@ -462,6 +462,14 @@ def _growth(data: dict[str, Any], name: str) -> list[str]:
                 f"Fitted exponent: {exps}.",
                 "",
             ]
+    pair = data.get("compile_edge_mixing", {})
+    if pair.get("after"):
+        keys = ["compile_s", "steady_step_s", "peak_rss_gb"]
+        rows = [
+            [a["layers"], a["units_kind"], *[f"{cell(b.get(k))} → {cell(a.get(k))}" for k in keys]]
+            for a, b in zip(pair["after"], pair["before"], strict=True)
+        ]
+        out += [f"Before → after: {pair.get('what')}.", "", table(["layers", "units_kind", *keys], rows), ""]
     return out
 
 
