@@ -27,3 +27,10 @@ def write_record(path: Path, args: argparse.Namespace, **fields) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")  # paths as strings
     os.replace(tmp, path)
+
+
+def cold_env() -> dict[str, str]:
+    """The environment of a measured subprocess: no compiled programs kept on disk (the command
+    line's cache, and JAX's), so that every run compiles as a first run does."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "EXPLAINER_COMPILE_CACHE": "off"}

@@ -235,10 +235,12 @@ def run_cli(args: list[str], log: Path, timeout: float | None = None) -> dict:
     ``timeout`` seconds the child is stopped: ``timed_out`` is then true, ``wall_s`` the timeout (a
     lower bound), and ``said``/``running`` the phases it had announced finishing and the one it was in.
     """
+    from _results import cold_env
+
     command = [*explainer_command(), *args]
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
         started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, start_new_session=True)
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, start_new_session=True, env=cold_env())
         timed_out = False
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -426,11 +428,13 @@ def compile_worker(layers: int, width: int, units: str, args: argparse.Namespace
 
 def compile_row(layers: int, width: int, units: str, args: argparse.Namespace) -> dict:
     """:func:`compile_worker` in a fresh interpreter (nothing cached from an earlier compile)."""
+    from _results import cold_env
+
     command = [sys.executable, __file__, "--compile-worker", f"{layers},{width},{units}"]
     command += ["--vocab", str(args.vocab), "--prompts", str(args.prompts), "--seq", str(args.seq)]
     command += ["--seed", str(args.seed)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=cold_env())
         _, status, usage = os.wait4(child.pid, 0)
         out.seek(0), err.seek(0)
         if os.waitstatus_to_exitcode(status) != 0:

@@ -181,10 +181,12 @@ def worker(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, kind: str, remat: bool, dtype: str) -> dict:
     """Run one configuration in a fresh interpreter; its JSON is the last line of its stdout."""
+    from _results import cold_env
+
     command = [sys.executable, __file__, "--worker", kind, "--remat", str(int(remat)), "--dtype", dtype]
     for name in ("prompts", "seq", "batch_size", "repeats", "steps"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=cold_env())
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -22,6 +22,7 @@ from explainer.cli_common import (
     config_from_options,
     given_settings,
     setting_option,
+    use_compile_cache,
 )
 from explainer.errors import ExplainerError
 
@@ -402,8 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: project errors become ``error: ...`` and exit status 2.
 
     Usage errors (an unknown flag, a missing option) are click's: they also exit with status 2.
-    ``argv`` (default: the command line) lets tests run a command in-process.
+    ``argv`` (default: the command line) lets tests run a command in-process. Compiled programs
+    are kept on disk for the next command (:func:`~explainer.cli_common.use_compile_cache`).
     """
+    use_compile_cache()
     try:
         app(args=argv, prog_name="explainer")
     except ExplainerError as e:

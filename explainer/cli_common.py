@@ -7,6 +7,8 @@ Every command takes ``--json`` and then prints one JSON object as its last line 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,47 @@ def config_from_options(config: Path | None, settings: dict[str, Any]):
     from explainer.train.config_files import load_config
 
     return (load_config(config) if config is not None else TrainConfig()).replace(**settings)
+
+
+COMPILE_CACHE_ENV = "EXPLAINER_COMPILE_CACHE"
+COMPILE_CACHE_BYTES = 4 << 30  # beyond this the least recently used programs are dropped
+OFF = ("", "0", "off", "no", "false")
+
+
+def compile_cache_folder(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where the commands keep compiled programs: ``$EXPLAINER_COMPILE_CACHE``, else
+    ``$XDG_CACHE_HOME/explainer/xla`` (``~/.cache/explainer/xla``); ``None`` when that variable
+    says ``off`` (or ``0``, ``no``, ``false``, empty) or when JAX's own ``JAX_COMPILATION_CACHE_DIR``
+    is set (JAX then uses that folder).
+
+    >>> compile_cache_folder({"EXPLAINER_COMPILE_CACHE": "off"}) is None
+    True
+    >>> compile_cache_folder({"XDG_CACHE_HOME": "/c"})
+    '/c/explainer/xla'
+    """
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    where = environ.get(COMPILE_CACHE_ENV)
+    if where is not None:
+        return None if where.strip().lower() in OFF else where
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "explainer", "xla")
+
+
+def use_compile_cache(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Keep the programs XLA compiles (those that took at least a second) on disk, so that a later
+    command with the same model, prompts and settings loads them instead of compiling again (the
+    training step, scoring, evaluation: seconds on a CPU, minutes for large models on a GPU).
+    Returns the folder, or ``None`` when off (:func:`compile_cache_folder`) or not writable."""
+    where = compile_cache_folder(environ)
+    if where is None:
+        return None
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    return where
