@@ -260,3 +260,23 @@ def test_truth_needs_a_model_with_ground_truth(tmp_path, cli_here):
 def test_usage_errors_exit_2():
     proc = cli("train")
     assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_a_later_command_loads_the_programs_an_earlier_one_compiled(tmp_path):
+    """Commands keep compiled programs in ``EXPLAINER_COMPILE_CACHE``: the same run again adds
+    nothing there (every program it needs is loaded, none compiled anew)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(EXPLAINER_COMPILE_CACHE=str(tmp_path / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    folder = tmp_path / "xla"
+
+    def train(out: str) -> set[str]:
+        command = [sys.executable, "-m", "explainer.cli", "train", "--model", "planted-joint", *ANY_RUN]
+        done = subprocess.run([*command, "--out", str(tmp_path / out)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return set(os.listdir(folder))
+
+    first = train("a")
+    assert any(name.startswith("jit_") for name in first)
+    assert train("b") == first
