@@ -470,6 +470,14 @@ def _growth(data: dict[str, Any], name: str) -> list[str]:
             for a, b in zip(pair["after"], pair["before"], strict=True)
         ]
         out += [f"Before → after: {pair.get('what')}.", "", table(["layers", "units_kind", *keys], rows), ""]
+    cache = data.get("compile_cache", {})
+    if cache.get("rows"):
+        phases = ["compile", "repair", "evaluate"]
+        rows = [
+            [r["units_kind"], r["cache"], r["wall_s"], *[r["timings"].get(k) for k in phases]] for r in cache["rows"]
+        ]
+        head = ["units", "cache", "wall_s", *phases]
+        out += [f"Compiled programs kept on disk: {cache.get('what')}.", "", table(head, rows), ""]
     return out
 
 

@@ -86,6 +86,7 @@ def config_from_options(config: Path | None, settings: dict[str, Any]):
 
 COMPILE_CACHE_ENV = "EXPLAINER_COMPILE_CACHE"
 COMPILE_CACHE_BYTES = 4 << 30  # beyond this the least recently used programs are dropped
+COMPILE_CACHE_SECONDS = 0.2  # programs that compiled faster are not kept (scoring's take about this)
 OFF = ("", "0", "off", "no", "false")
 
 
@@ -110,7 +111,8 @@ def compile_cache_folder(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def use_compile_cache(environ: Mapping[str, str] = os.environ) -> str | None:
-    """Keep the programs XLA compiles (those that took at least a second) on disk, so that a later
+    """Keep the programs XLA compiles (those that took at least :data:`COMPILE_CACHE_SECONDS`, unless
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise) on disk, so that a later
     command with the same model, prompts and settings loads them instead of compiling again (the
     training step, scoring, evaluation: seconds on a CPU, minutes for large models on a GPU).
     Returns the folder, or ``None`` when off (:func:`compile_cache_folder`) or not writable."""
@@ -125,4 +127,6 @@ def use_compile_cache(environ: Mapping[str, str] = os.environ) -> str | None:
 
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_SECONDS)
     return where
