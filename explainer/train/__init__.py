@@ -20,6 +20,7 @@ from explainer.train.step import (
     OPEN_LOGIT,
     InLoopAdversary,
     Trained,
+    TrainProgram,
     TrainState,
     TrainStep,
     constants_optimizer,
@@ -30,6 +31,7 @@ from explainer.train.step import (
     make_step,
     refit_bases,
     train_gates,
+    train_program,
 )
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "DualAscent",
     "InLoopAdversary",
     "TrainConfig",
+    "TrainProgram",
     "TrainState",
     "TrainStep",
     "Trained",
@@ -53,4 +56,5 @@ __all__ = [
     "refit_bases",
     "run_steps",
     "train_gates",
+    "train_program",
 ]
