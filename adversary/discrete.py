@@ -13,7 +13,10 @@ over the batch, with one fixed replacement for every candidate set.
 - ``random``: ``samples`` random sets, most of exactly ``budget`` units, some smaller;
 - ``gradient``: rank the remaining units by the gradient of the mean gap with respect to a relaxed
   re-inclusion vector, verify the top ``verify`` exactly, add the best, repeat;
-- ``exhaustive``: every set of 1..``budget`` units; refuses above ``max_sets`` sets.
+- ``exhaustive``: every set of 1..``budget`` units; refuses above ``max_sets`` sets. Among
+  :func:`attack_all`'s methods it runs only where scoring every set is cheap
+  (:data:`EXHAUSTIVE_FLOPS`), so an attack with every method scores a number of sets bounded by
+  the settings, whatever the number of excluded units.
 
 Whatever a method proposes is evaluated exactly, in chunks of ``chunk`` sets vmapped over
 candidates (padded to a fixed size, so each (scrubber, batch) shape compiles once), and the best set
@@ -51,6 +54,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "exhaustive": {"max_sets": 20000, "chunk": CHUNK},
     "learned": {"steps": 200, "restarts": 8, "chunk": CHUNK},
 }
+# attack_all runs exhaustive only where scoring all its sets costs at most this (multiply-adds as two,
+# by ModelConfig.scored_flops over the attacked prompts): every ground-truth model at the budgets it
+# is graded at, and no model whose units are too many or too costly to score one by one
+EXHAUSTIVE_FLOPS = 2e11
 GREEDY_ALL = 128  # greedy's first restart tries every remaining unit per step up to this many
 RANDOM_FULL_SIZE = 0.75  # share of random sets with exactly ``budget`` units
 QUANTILES = (0.5, 0.9, 0.99)
@@ -145,7 +152,8 @@ def attack_all(
     progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> tuple[AttackResult, list[AttackResult]]:
-    """Run every method in ``methods`` (``exhaustive`` only when it has at most ``max_sets`` sets);
+    """Run every method in ``methods`` (``exhaustive`` only when it has at most ``max_sets`` sets
+    and scoring them all costs at most :data:`EXHAUSTIVE_FLOPS`: :func:`exhaustive_fits`);
     return the strongest result (largest mean gap; the earlier method on ties) and all of them.
     ``progress`` is called with each method's name before it runs.
 
@@ -179,7 +187,7 @@ def attack_all(
     results = []
     for method in methods:
         settings = _settings(method, {k: v for k, v in options.items() if k in OPTIONS[method]})
-        if method == "exhaustive" and _count_sets(oracle.n_excluded, budget) > settings["max_sets"]:
+        if method == "exhaustive" and not exhaustive_fits(oracle, budget, settings["max_sets"]):
             continue
         oracle.forget()
         if progress is not None:
@@ -261,6 +269,14 @@ def _check_attack(scrubber: Scrubber, keep: Mapping[str, Any], budget: int, kind
     return keep
 
 
+def exhaustive_fits(oracle: _Oracle, budget: int, max_sets: int) -> bool:
+    """Whether :func:`attack_all` runs ``exhaustive``: at most ``max_sets`` sets of 1..``budget`` of
+    the excluded units, and at most :data:`EXHAUSTIVE_FLOPS` to score them all on the attacked
+    prompts."""
+    count = _count_sets(oracle.n_excluded, budget)
+    return count <= max_sets and count * oracle.mask_flops <= EXHAUSTIVE_FLOPS
+
+
 def _n_excluded(keep: Mapping[str, np.ndarray]) -> int:
     return sum(int((v == 0).sum()) for v in keep.values())
 
@@ -299,6 +315,8 @@ class _Oracle:
         self.scorer = GroupedScorer(scrubber, groups, against, self.layout, chunk)
         self.groups = self.scorer.groups
         self.ref = in_order(self.groups, [r.full for r in against])  # S_m, in the batch's order
+        tokens = np.asarray(batch.clean)
+        self.mask_flops = scrubber.model.config.scored_flops(int(tokens.shape[1])) * int(tokens.shape[0])
         self.cache: dict[UnitSet, float] = {}
 
     @property

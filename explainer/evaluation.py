@@ -157,7 +157,8 @@ def attack_explanation(
 
     ``method`` is ``greedy``, ``random``, ``gradient``, ``exhaustive``, ``learned`` or ``all``
     (every method that fits; the strongest is reported, with the per-method list under
-    ``methods`` and any method left out, e.g. exhaustive with too many sets, under ``skipped``).
+    ``methods`` and any method left out, e.g. exhaustive where its sets are too many or too costly
+    to score them all, under ``skipped``).
     ``adversary_basis`` ``random`` or ``learned`` makes the adversary re-include directions of its
     own rotation of the excluded subspace (:mod:`adversary.rotation`); the result then also
     holds the re-included ``directions`` (residual vectors per site).

@@ -17,6 +17,7 @@ import pytest
 from explainer import edges
 from explainer.finish.oracle import EXACT_FLOPS, EXACT_UNITS, RANK_BOUND, SCREEN_PROMPTS, SHORTLIST, KLOracle, exact
 from explainer.finish.search import MAX_ROUNDS, _rounds, prune, repair, trim
+from explainer.masks import Layout
 from explainer.models import ModelConfig, init_random
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
@@ -29,14 +30,20 @@ PER_ROUND = RANK_BOUND + 2 * SHORTLIST + int(np.log2(EXACT_UNITS)) + 2
 CEILING = MAX_ROUNDS * PER_ROUND + 2
 
 
-def oracle_of(d_model: int) -> KLOracle:
+def setup_of(d_model: int) -> tuple[Scrubber, Batch]:
+    """A random one-layer model of ``2 * d_model`` units and 16 prompts of 5 tokens."""
     cfg = ModelConfig(n_layers=1, d_model=d_model, n_heads=2, d_head=8, d_vocab=13, n_ctx=6, attn_only=True)
     model = init_random(cfg, jax.random.key(0))
     keys = jax.random.split(jax.random.key(1), 3)
     clean, corrupt = (jax.random.randint(k, (16, 5), 0, 13) for k in keys[:2])
     answers = jax.random.randint(keys[2], (16, 1), 0, 13)
     batch = Batch(clean=clean, corrupt=corrupt, answers=answers, wrong_answers=(answers + 1) % 13)
-    return KLOracle(Scrubber.build(model, batch), batch, screen_prompts=8)
+    return Scrubber.build(model, batch), batch
+
+
+def oracle_of(d_model: int) -> KLOracle:
+    scrubber, batch = setup_of(d_model)
+    return KLOracle(scrubber, batch, screen_prompts=8)
 
 
 PASSES = {
@@ -102,3 +109,51 @@ def test_the_cost_line_keeps_ground_truth_exact_and_not_a_wide_model_of_few_edge
     units = sum(edges.edge_units(qwen, edges.edge_sites(qwen)).values())
     assert units == 382 and units <= EXACT_UNITS
     assert units * SCREEN_PROMPTS * qwen.scored_flops(16) > EXACT_FLOPS
+
+
+def _attack_counts(scrubber: Scrubber, batch: Batch) -> dict[str, int]:
+    """Sets each method of an attack with every method scored, at budget 1 against half the units."""
+    from adversary.discrete import attack_all
+
+    n = sum(scrubber.n_units.values())
+    half = (np.random.default_rng(0).random(n) < 0.5).astype(np.float32)
+    keep = Layout.of(scrubber.n_units).split(half)
+    _, every = attack_all(scrubber, batch, keep, 1, jax.random.key(0))
+    return {r.method: r.evaluations for r in every}
+
+
+def test_an_attack_with_every_method_scores_a_bounded_number_of_sets(monkeypatch):
+    """``attack_all`` scores every excluded unit (``exhaustive``) only where that is cheap
+    (``EXHAUSTIVE_FLOPS``, here placed between the two models as the real one lies between the
+    ground-truth models and real ones); its other methods score a number of sets set by their
+    settings alone. So one ceiling holds for the attack on 400 units and on 4,000."""
+    from adversary import discrete
+
+    setups = {2 * d_model: setup_of(d_model) for d_model in (200, 2000)}
+    cost = {n: n / 2 * s.model.config.scored_flops(5) * len(b.clean) for n, (s, b) in setups.items()}
+    monkeypatch.setattr(discrete, "EXHAUSTIVE_FLOPS", 1.5 * cost[400])
+    assert cost[4000] > 1.5 * cost[400]
+    counts = {n: _attack_counts(*setup) for n, setup in setups.items()}
+    assert "exhaustive" in counts[400] and "exhaustive" not in counts[4000]
+    options = discrete.OPTIONS
+    ceiling = (
+        options["greedy"]["restarts"] * discrete.GREEDY_ALL
+        + options["random"]["samples"]
+        + options["gradient"]["verify"]
+        + options["learned"]["restarts"]
+    )  # each method's most sets at budget 1, whatever the number of units
+    assert max(sum(c.values()) for c in counts.values()) <= ceiling, counts  # one ceiling for both sizes
+    assert sum(counts[4000].values()) < 2000 / 2, counts  # well under one set per excluded unit
+
+
+def test_exhaustive_joins_every_ground_truth_attack_it_joined_before():
+    """The bound keeps exhaustive search where the ground-truth models are graded: paren (the
+    largest) at budget 1 and induction at budget 2, every unit excluded."""
+    from adversary.discrete import EXHAUSTIVE_FLOPS, _count_sets
+
+    for name, budget in (("paren", 1), ("induction", 2)):
+        folder = resolve_model(name)
+        config = ModelConfig.from_json(json.loads((folder / "config.json").read_text()))
+        prompts, seq = resolve_task(None, folder).heldout_data().clean.shape
+        units = len(config.sites) * config.d_model
+        assert _count_sets(units, budget) * config.scored_flops(seq) * prompts <= EXHAUSTIVE_FLOPS, name
