@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ from jaxtyping import PRNGKeyArray
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
 from explainer.metrics import DIVERGENCES, accuracy, divergence, logit_diff
+from explainer.progress import Timings
 from explainer.score import Divergence, GroupedScorer, Scorer, in_order, length_references, scrubbed
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
@@ -58,6 +60,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 # by ModelConfig.scored_flops over the attacked prompts): every ground-truth model at the budgets it
 # is graded at, and no model whose units are too many or too costly to score one by one
 EXHAUSTIVE_FLOPS = 2e11
+PROGRESS_EVERY = 10.0  # seconds between a running method's progress lines (with progress)
 GREEDY_ALL = 128  # greedy's first restart tries every remaining unit per step up to this many
 RANDOM_FULL_SIZE = 0.75  # share of random sets with exactly ``budget`` units
 QUANTILES = (0.5, 0.9, 0.99)
@@ -110,12 +113,15 @@ def attack(
     method: str = "greedy",
     key: PRNGKeyArray | None = None,
     divergence: str = "kl",
+    progress: bool = False,
     **options: Any,
 ) -> AttackResult:
     """Find at most ``budget`` excluded units whose re-inclusion moves the scrubbed model most.
 
     ``keep`` is the explanation's binary keep mask over (some of) ``scrubber``'s sites; ``options``
     are the method's settings (see ``OPTIONS``). The same ``key`` gives the same result.
+    ``progress``: the method announced on stderr as a phase (``greedy ...``, ``greedy done [Xs]``),
+    with a line at most every :data:`PROGRESS_EVERY` seconds while it runs.
 
     >>> import jax, numpy as np
     >>> from explainer.models import load_model
@@ -137,8 +143,9 @@ def attack(
     keep = _check_attack(scrubber, keep, budget, divergence)
     if method == "exhaustive":
         _check_count(_n_excluded(keep), budget, settings["max_sets"])
-    oracle = _Oracle(scrubber, batch, keep, divergence, key, settings["chunk"])
-    return _run(oracle, method, budget, settings, key, started)
+    oracle = _Oracle(scrubber, batch, keep, divergence, key, settings["chunk"], progress)
+    with Timings().phase(method, say=progress):
+        return _run(oracle, method, budget, settings, key, started)
 
 
 def attack_all(
@@ -149,13 +156,16 @@ def attack_all(
     key: PRNGKeyArray | None = None,
     divergence: str = "kl",
     methods: Sequence[str] = METHODS,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
+    timings: Timings | None = None,
     **options: Any,
 ) -> tuple[AttackResult, list[AttackResult]]:
     """Run every method in ``methods`` (``exhaustive`` only when it has at most ``max_sets`` sets
     and scoring them all costs at most :data:`EXHAUSTIVE_FLOPS`: :func:`exhaustive_fits`);
     return the strongest result (largest mean gap; the earlier method on ties) and all of them.
-    ``progress`` is called with each method's name before it runs.
+    ``progress``: each method announced on stderr as a phase (``greedy ...``, ``greedy done [Xs]``),
+    with a line at most every :data:`PROGRESS_EVERY` seconds while it runs; ``timings`` (a
+    :class:`~explainer.progress.Timings`) gains each method's seconds.
 
     ``options`` is the union of the methods' settings; each method takes the ones it knows. Each
     per-method result equals :func:`attack` with the same arguments.
@@ -183,16 +193,16 @@ def attack_all(
         raise ExplainerError(f"{what}; valid options: {valid}; methods: {', '.join(METHODS)}")
     chunk = _positive("chunk", options.get("chunk", CHUNK))
     keep = _check_attack(scrubber, keep, budget, divergence)
-    oracle = _Oracle(scrubber, batch, keep, divergence, key, chunk)
+    oracle = _Oracle(scrubber, batch, keep, divergence, key, chunk, progress)
+    timings = Timings() if timings is None else timings
     results = []
     for method in methods:
         settings = _settings(method, {k: v for k, v in options.items() if k in OPTIONS[method]})
         if method == "exhaustive" and not exhaustive_fits(oracle, budget, settings["max_sets"]):
             continue
         oracle.forget()
-        if progress is not None:
-            progress(method)
-        results.append(_run(oracle, method, budget, settings, key))
+        with timings.phase(method, say=progress):
+            results.append(_run(oracle, method, budget, settings, key))
     best = max(results, key=lambda r: r.gap["kl_mean"])  # max keeps the first of equals
     return best, results
 
@@ -302,8 +312,10 @@ class _Oracle:
     only to its own longest prompt, with the resample partners of the whole batch: the same gaps,
     to float rounding, as scoring the batch at once; a batch of one length is scored at once."""
 
-    def __init__(self, scrubber, batch, keep, kind, key, chunk):
+    def __init__(self, scrubber, batch, keep, kind, key, chunk, progress=False):
         self.scrubber, self.batch, self.kind = scrubber, batch, kind
+        self.progress, self.method = progress, ""
+        self.started = self.said = time.perf_counter()
         self.layout = Layout.of({site: len(v) for site, v in keep.items()})
         self.base = np.concatenate(list(keep.values())).astype(np.float32)
         self.excluded = np.flatnonzero(self.base == 0)
@@ -330,6 +342,13 @@ class _Oracle:
     def forget(self) -> None:
         self.cache = {}
 
+    def tell(self, text: str) -> None:
+        """With ``progress``: ``text`` on stderr, at most every :data:`PROGRESS_EVERY` seconds."""
+        now = time.perf_counter()
+        if self.progress and now - self.said >= PROGRESS_EVERY:
+            self.said = now
+            print(f"{self.method}: {text} [{now - self.started:.0f}s]", file=sys.stderr, flush=True)
+
     def masks(self, sets: Sequence[UnitSet]) -> np.ndarray:
         rows = np.repeat(self.base[None], len(sets), axis=0)
         for row, units in zip(rows, sets, strict=True):
@@ -351,6 +370,7 @@ class _Oracle:
         if new:
             means = self.scorer.per_prompt(self.masks(new), Divergence(self.kind)).mean(axis=1)
             self.cache.update(zip(new, means.tolist(), strict=True))
+            self.tell(f"{len(self.cache)} sets scored")
         return np.array([self.cache[s] for s in sets])
 
     def gradients(self, points: np.ndarray) -> np.ndarray:
@@ -413,6 +433,8 @@ def _run(
     started: float | None = None,
 ) -> AttackResult:
     started = time.perf_counter() if started is None else started
+    oracle.method, oracle.started = method, time.perf_counter()
+    oracle.said = oracle.started
     rng = _keys(key)[1]
     SEARCHES[method](oracle, budget, rng, **{k: v for k, v in settings.items() if k != "chunk"})
     best = oracle.best()
@@ -496,7 +518,17 @@ def _learned(oracle: _Oracle, budget: int, rng: np.random.Generator, steps: int,
     adversary = LearnedAdversary(budget=budget, restarts=restarts, divergence=oracle.kind)
     key = jax.random.key(int(rng.integers(0, np.iinfo(np.int32).max)))
     tokens, replacement, scrubbed_m = oracle.prompts()
-    found = learn_reinclusions(adversary, oracle.scrubber, tokens, keep, replacement, scrubbed_m, steps, key)
+    found = learn_reinclusions(
+        adversary,
+        oracle.scrubber,
+        tokens,
+        keep,
+        replacement,
+        scrubbed_m,
+        steps,
+        key,
+        on_step=lambda done: oracle.tell(f"step {done}/{steps}"),
+    )
     position = {int(flat): i for i, flat in enumerate(oracle.excluded)}
     index = oracle.layout.starts
     oracle.gaps([tuple(position[index[s] + u] for s, units in sets.items() for u in units) for sets in found])

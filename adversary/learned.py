@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -221,15 +222,16 @@ def learn_reinclusions(
     scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, list[int]]]:
     """Train the adversary against a fixed explanation; return each restart's hard re-inclusion.
 
     This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
     ``tokens``, ``replacement`` and ``scrubbed`` may be tuples, one entry per length group of the
-    prompts (:func:`train_adversary`).
+    prompts (:func:`train_adversary`). ``on_step`` is called with the steps done after each.
     """
-    params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key)
+    params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key, on_step)
     return [adversary.best(params, keep, r) for r in range(adversary.rows)]
 
 
@@ -242,8 +244,10 @@ def train_adversary(
     scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
+    on_step: Callable[[int], None] | None = None,
 ):
-    """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation.
+    """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation
+    (``on_step``: called with the steps done after each).
 
     ``tokens``, ``replacement`` and ``scrubbed`` are the prompts, their replacement and ``S_m`` on
     them; or tuples of these, one entry per length group (:func:`explainer.score.length_references`),
@@ -257,6 +261,8 @@ def train_adversary(
         params, opt_state = _ascent_step(
             adversary, scrubber, tokens, keep, replacement, scrubbed, params, opt_state, jax.random.fold_in(k_run, i)
         )
+        if on_step is not None:
+            on_step(i + 1)
     return params
 
 

@@ -8,8 +8,6 @@ explanation (saved or not) with the model and task it explains; :func:`run_model
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from explainer.masks import as_mask
 from explainer.models import load_model, weights_sha256
 from explainer.models.transformer import Transformer
 from explainer.optimal import for_mask
+from explainer.progress import Timings
 from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
@@ -166,7 +165,9 @@ def attack_explanation(
     The result says ``verdict`` ``robust`` or ``fragile``: whether the strongest attack's mean KL gap
     stays within ``threshold`` nats (default: the explanation's KL budget), and names the
     re-included units (``reincluded_names``: ``site:unit``, or ``writer->reader`` for edges).
-    ``progress`` prints each method on stderr as it starts.
+    ``progress`` announces each phase on stderr (``prepare``, then each method), with a line at
+    most every ``adversary.discrete.PROGRESS_EVERY`` seconds while a method runs; ``timings`` holds
+    each phase's seconds.
     """
     from adversary.discrete import METHODS, attack, attack_all
     from adversary.rotated import adversary_bases
@@ -178,23 +179,21 @@ def attack_explanation(
         raise ExplainerError(f"unknown attack method {method!r}; {did_you_mean(method, (*METHODS, 'all'))}")
     check_adversary_basis(adversary_basis)
     task.check(model.config)
+    timings = Timings()
     keep = expl.mask()
-    scrubber = run_scrubber(expl, model, task.train_data())
     key = jax.random.key(seed)
     batch = task.heldout_data()
-    bases = adversary_bases(scrubber, batch, keep, adversary_basis, budget, key, divergence)
-    scrubber = scrubber.with_bases(bases)  # kept units mean the same; excluded ones are rotated
+    with timings.phase("prepare", say=progress):  # the scrubber, and the adversary's basis when rotated
+        scrubber = run_scrubber(expl, model, task.train_data())
+        bases = adversary_bases(scrubber, batch, keep, adversary_basis, budget, key, divergence)
+        scrubber = scrubber.with_bases(bases)  # kept units mean the same; excluded ones are rotated
     basis = {"adversary_basis": adversary_basis}
     if method != "all":
-        result = attack(scrubber, batch, keep, budget, method, key, divergence).to_json()
+        with timings.phase(method):
+            result = attack(scrubber, batch, keep, budget, method, key, divergence, progress=progress).to_json()
         result = {**result, "seed": seed, **basis, "directions": directions(bases, result["reincluded"])}
     else:
-        started = time.perf_counter()
-
-        def say(name: str) -> None:
-            print(f"attack: {name} at budget {budget} [{time.perf_counter() - started:.0f}s]", file=sys.stderr)
-
-        best, every = attack_all(scrubber, batch, keep, budget, key, divergence, progress=say if progress else None)
+        best, every = attack_all(scrubber, batch, keep, budget, key, divergence, progress=progress, timings=timings)
         ran = [r.method for r in every]
         result = {
             **best.to_json(),
@@ -206,6 +205,7 @@ def attack_explanation(
             **basis,
             "directions": directions(bases, best.reincluded),
         }
+    result["timings"] = timings.rounded()
     names = unit_names(expl, model, result["reincluded"])
     threshold = float(expl.config.get("kl_budget", 0.01)) if threshold is None else float(threshold)
     text = ", ".join(names) or "nothing"

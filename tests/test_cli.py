@@ -190,6 +190,7 @@ def test_attack_json_contract(run, cli_here):
     assert {"kl_mean", "kl_max"} <= set(result["gap"])
     assert result["gap"]["kl_mean"] < 1e-4  # the planted truth leaves nothing to find
     assert {m["method"] for m in result["methods"]} >= {"greedy", "random", "gradient", "exhaustive"}
+    assert list(result["timings"]) == ["prepare", *(m["method"] for m in result["methods"])]  # phases run, in order
     assert json.loads((out / "attack.json").read_text())["budget"] == 1
     assert "attack" in cli_here("show", out, "--png", out / "m.png").stdout
     single = last_json(cli_here("attack", out, "--budget", "2", "--method", "greedy", "--json"))

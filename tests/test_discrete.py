@@ -171,3 +171,28 @@ def test_bad_input_names_the_fix(setups):
         assert phrase in str(err.value), (kwargs, str(err.value))
     with pytest.raises(ExplainerError, match="unknown option 'restart'"):
         attack_all(scrubber, batch, keep, 1, restart=2)
+
+
+def test_progress_announces_each_method_and_the_learned_steps(setups, getkey, capsys, monkeypatch):
+    """With ``progress`` every method is a phase on stderr (started, then done with its seconds),
+    and a running method says how far it is; ``timings`` gains each method's seconds."""
+    from adversary import discrete
+    from explainer.progress import Timings
+
+    monkeypatch.setattr(discrete, "PROGRESS_EVERY", 0.0)  # every progress line, not one per interval
+    scrubber, batch, truth = setups["planted-cancel"]
+    keep = keep_mask(scrubber, truth, DROPPED["planted-cancel"])
+    timings = Timings()
+    _, every = attack_all(
+        scrubber, batch, keep, 1, getkey(), methods=("greedy", "learned"), progress=True, timings=timings, steps=3
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert list(timings) == ["greedy", "learned"] and [r.method for r in every] == ["greedy", "learned"]
+    for method in ("greedy", "learned"):
+        assert f"{method} ..." in err and any(line.startswith(f"{method} done [") for line in err)
+    assert [line.split(" [")[0] for line in err if line.startswith("learned: step")] == [
+        f"learned: step {i}/3" for i in (1, 2, 3)
+    ]
+    assert any(line.startswith("greedy: ") and "sets scored" in line for line in err)
+    attack_all(scrubber, batch, keep, 1, getkey(), methods=("greedy",))
+    assert capsys.readouterr().err == ""  # silent without progress
