@@ -219,10 +219,14 @@ def run(
     keep: dict[str, Array] | None = None,
     replacement: dict[str, Writers] | None = None,
     capture: bool = False,
-) -> tuple[Float[Array, "batch seq vocab"], Writers | None]:
+    last: bool = False,
+) -> tuple[Float[Array, "batch _ vocab"], Writers | None]:
     """Logits of the model whose readers see kept edges from this run and the rest from
     ``replacement[WRITERS]``; sites absent from ``keep`` read the plain residual. With ``capture``
-    also every writer's output, ``[batch, seq, writers, d_model]``.
+    also every writer's output, ``[batch, seq, writers, d_model]``. ``last`` (not with ``capture``):
+    the last position's logits alone, ``[batch, 1, vocab]``: the final block runs on its own and,
+    from its MLP on, at the last position alone (as ``Transformer.run`` does), so the unembedding
+    reads one position, not every one.
 
     Every writer's output goes into one buffer of all writers, filled layer by layer, and a reader's
     input is one contraction of it with that reader's row of weights (the mask over the writers
@@ -257,7 +261,7 @@ def run(
     def write(buf, bias, out, at):
         """``buf`` and ``bias`` with the writers ``out`` (``[b, p, n, d]``) from writer ``at`` on."""
         if repl is not None:
-            theirs = jax.lax.dynamic_slice_in_dim(repl, at, out.shape[2], axis=2)
+            theirs = jax.lax.dynamic_slice_in_dim(repl[:, -buf.shape[1] :], at, out.shape[2], axis=2)
             out, bias = out - theirs, bias + theirs.sum(2)
         return jax.lax.dynamic_update_slice_in_dim(buf, out.astype(dtype), at, axis=2), bias
 
@@ -283,6 +287,9 @@ def run(
             heads_out = heads_out * scale[:, :, None, :]
             bias = bias + block.attn.b_O * scale
         buf, bias = write(buf, bias, heads_out, first)
+        if unrolled and layer == final:  # only the unembedding reads on: the last position alone
+            buf, bias = buf[:, -1:], bias[:, -1:]
+            mlp_in = None if mlp_in is None else mlp_in[:, -1:]
         if block.mlp is not None:
             if mlp_in is None:
                 mlp_in = mix(buf, bias, mlp_own, first + heads if unrolled else total)[:, :, 0]
@@ -297,7 +304,12 @@ def run(
 
     carry = write(jnp.zeros((*embed.shape[:2], total, d), dtype), jnp.zeros_like(embed), embed[:, :, None, :], 0)
     weights = (attn, mlp)  # [layers, rows, writers] each
-    for start, stop in same_blocks(model.blocks):
+    final = len(model.blocks) - 1 if last and not capture else None
+    spans = same_blocks(model.blocks)
+    if final is not None and final >= 0:  # the final block on its own: its carry narrows to one position
+        start, stop = spans.pop()
+        spans += [(start, stop - 1)] * (stop - 1 > start) + [(final, final + 1)]
+    for start, stop in spans:
         if stop - start < SCAN_LAYERS or not loops_here():  # unrolled: each layer reads only its upstream
             for layer in range(start, stop):
                 carry = layer_fn(model.blocks[layer], carry, layer, tuple(w[layer] for w in weights))
@@ -311,6 +323,8 @@ def run(
         xs = (blocks, jnp.arange(start, stop), tuple(w[start:stop] for w in weights))
         carry, _ = jax.lax.scan(body, carry, xs)
     buf, bias = carry
+    if last and not capture:  # (a model without blocks: the embedding's last position)
+        buf, bias = buf[:, -1:], bias[:, -1:]
     logits = model.unembed(mix(buf, bias, unembed)[:, :, 0])
     if capture and repl is not None:  # the writers' outputs, not their differences from the replacement
         buf = buf + repl

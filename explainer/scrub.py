@@ -249,7 +249,7 @@ class Scrubber(eqx.Module):
     def logits(self, tokens: Int[Array, "batch seq"], keep: Mask, replacement: Replacement):
         """Last-position logits of the scrubbed model."""
         if self.units == "edges":
-            return last(edges.run(self.model, tokens, keep, replacement)[0])
+            return last(edges.run(self.model, tokens, keep, replacement, last=True)[0])
         positional = self.positions is not None
         if positional and tokens.shape[1] != self.positions:
             raise ExplainerError(

@@ -221,7 +221,7 @@ def test_optimal_ablation_grades_edge_masks(tiny):
     assert empty["kl_mean"] > 0 and empty["size"] == 0
 
 
-def _program(layers: int, keep_sites, equations) -> int:
+def _program(layers: int, keep_sites, equations, last: bool) -> int:
     cfg = ModelConfig(n_layers=layers, d_model=8, n_heads=2, d_head=4, d_mlp=16, d_vocab=7, n_ctx=4)
     model = init_random(cfg, jax.random.key(0))
     tokens = jnp.zeros((2, 3), int)
@@ -230,18 +230,47 @@ def _program(layers: int, keep_sites, equations) -> int:
     _, writers = edges.run(model, tokens, capture=True)
 
     def loss(keep):
-        return edges.run(model, tokens, keep, {edges.WRITERS: writers})[0].sum()
+        return edges.run(model, tokens, keep, {edges.WRITERS: writers}, last=last)[0].sum()
 
     return equations(jax.make_jaxpr(jax.grad(loss))(keep).jaxpr)
 
 
+@pytest.mark.parametrize("last", [False, True])
 @pytest.mark.parametrize("keep_sites", ["qkv", "shared"])
-def test_the_edge_program_does_not_grow_with_depth(keep_sites, equations, monkeypatch):
+def test_the_edge_program_does_not_grow_with_depth(keep_sites, last, equations, monkeypatch):
     """Where the edge forward loops (off the CPU), it and its gradient trace to the same program at
-    ``SCAN_LAYERS`` layers and at 12: blocks of one shape run as one loop body, and every reader's
-    weights come from one gather of the masks."""
+    ``SCAN_LAYERS`` layers (one more under ``last``, whose final block runs on its own) and at 12:
+    blocks of one shape run as one loop body, and every reader's weights come from one gather of
+    the masks."""
     monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", True)  # as off the CPU
-    assert _program(edges.SCAN_LAYERS, keep_sites, equations) == _program(12, keep_sites, equations)
+    shallow = _program(edges.SCAN_LAYERS + last, keep_sites, equations, last)
+    assert shallow == _program(12, keep_sites, equations, last)
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_the_last_position_alone_is_the_last_position_of_every_one(loop, monkeypatch):
+    """``last=True`` (what the scrubber reads) gives the last position of the logits at every
+    position, and the same mask gradients, whether the layers run one by one or as a loop with the
+    final block on its own."""
+    monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", loop)
+    cfg = ModelConfig(n_layers=edges.SCAN_LAYERS + 1, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8)
+    model = init_random(cfg, jax.random.key(0))
+    tokens, other = (jax.random.randint(jax.random.key(i), (3, 5), 0, 11) for i in (1, 2))
+    _, writers = edges.run(model, other, capture=True)
+    sizes = edges.edge_units(cfg, edges.edge_sites(cfg))
+    keys = jax.random.split(jax.random.key(3), len(sizes))
+    keep = {s: jax.random.uniform(k, (n,)) for (s, n), k in zip(sizes.items(), keys, strict=True)}
+
+    def loss(keep, last):
+        logits = edges.run(model, tokens, keep, {edges.WRITERS: writers}, last=last)[0]
+        assert logits.shape[1] == (1 if last else tokens.shape[1])
+        return (logits[:, -1] ** 2).mean()
+
+    every = jax.jit(jax.value_and_grad(lambda k: loss(k, False)))(keep)
+    alone = jax.jit(jax.value_and_grad(lambda k: loss(k, True)))(keep)
+    np.testing.assert_allclose(alone[0], every[0], rtol=1e-5)
+    for site in keep:
+        np.testing.assert_allclose(alone[1][site], every[1][site], rtol=1e-4, atol=1e-6)
 
 
 def test_a_loop_of_layers_computes_what_layers_one_by_one_do(monkeypatch):
