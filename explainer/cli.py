@@ -176,7 +176,11 @@ def attack(
     units: str | None = typer.Option(
         None, "--units", help="dims or edges: the run's units (checked; a run is attacked in the units it has)."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say each method as it starts (stderr)."),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        help="Announce each phase on stderr (its seconds; how far a running method is).",
+    ),
     dtype: str | None = typer.Option(None, "--dtype", help=RUN_DTYPE),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (last line)."),
 ) -> None:
