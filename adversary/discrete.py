@@ -165,7 +165,8 @@ def attack_all(
     return the strongest result (largest mean gap; the earlier method on ties) and all of them.
     ``progress``: each method announced on stderr as a phase (``greedy ...``, ``greedy done [Xs]``),
     with a line at most every :data:`PROGRESS_EVERY` seconds while it runs; ``timings`` (a
-    :class:`~explainer.progress.Timings`) gains each method's seconds.
+    :class:`~explainer.progress.Timings`) gains ``reference`` (the scrubbed model's predictions
+    every method is measured against) and each method's seconds.
 
     ``options`` is the union of the methods' settings; each method takes the ones it knows. Each
     per-method result equals :func:`attack` with the same arguments.
@@ -193,12 +194,15 @@ def attack_all(
         raise ExplainerError(f"{what}; valid options: {valid}; methods: {', '.join(METHODS)}")
     chunk = _positive("chunk", options.get("chunk", CHUNK))
     keep = _check_attack(scrubber, keep, budget, divergence)
-    oracle = _Oracle(scrubber, batch, keep, divergence, key, chunk, progress)
     timings = Timings() if timings is None else timings
+    with timings.phase("reference", say=progress):  # S_m and the scorers every method shares
+        oracle = _Oracle(scrubber, batch, keep, divergence, key, chunk, progress)
     results = []
     for method in methods:
         settings = _settings(method, {k: v for k, v in options.items() if k in OPTIONS[method]})
-        if method == "exhaustive" and not exhaustive_fits(oracle, budget, settings["max_sets"]):
+        if method == "exhaustive" and not exhaustive_fits(
+            oracle.n_excluded, budget, settings["max_sets"], oracle.mask_flops
+        ):
             continue
         oracle.forget()
         with timings.phase(method, say=progress):
@@ -273,18 +277,35 @@ def check_keep(scrubber: Scrubber, keep: Mapping[str, Any]) -> dict[str, np.ndar
 
 
 def _check_attack(scrubber: Scrubber, keep: Mapping[str, Any], budget: int, kind: str) -> dict[str, np.ndarray]:
-    _check_divergence(kind)
     keep = check_keep(scrubber, keep)
-    _check_budget(budget, _n_excluded(keep))
+    check_request(keep, budget, kind)
     return keep
 
 
-def exhaustive_fits(oracle: _Oracle, budget: int, max_sets: int) -> bool:
+def check_request(keep: Mapping[str, Any], budget: int, divergence: str) -> None:
+    """Refuse an attack whose ``budget`` or ``divergence`` cannot be run on the binary keep mask
+    ``keep``, with an :class:`~explainer.errors.ExplainerError` that names the fix (before any
+    model is run; :func:`attack` and :func:`attack_all` check this too).
+
+    >>> check_request({"unembed.in": np.array([1.0, 0.0, 0.0])}, 3, "kl")
+    Traceback (most recent call last):
+    ...
+    explainer.errors.ExplainerError: the explanation excludes only 2 units; use --budget 2 or less (got 3)
+    """
+    _check_divergence(divergence)
+    _check_budget(budget, _n_excluded({s: np.asarray(v) for s, v in keep.items()}))
+
+
+def exhaustive_fits(n_excluded: int, budget: int, max_sets: int, mask_flops: float) -> bool:
     """Whether :func:`attack_all` runs ``exhaustive``: at most ``max_sets`` sets of 1..``budget`` of
-    the excluded units, and at most :data:`EXHAUSTIVE_FLOPS` to score them all on the attacked
-    prompts."""
-    count = _count_sets(oracle.n_excluded, budget)
-    return count <= max_sets and count * oracle.mask_flops <= EXHAUSTIVE_FLOPS
+    the ``n_excluded`` units, and at most :data:`EXHAUSTIVE_FLOPS` to score them all at
+    ``mask_flops`` each (``ModelConfig.scored_flops`` of the attacked prompts).
+
+    >>> exhaustive_fits(100, 1, 20000, 1e8), exhaustive_fits(20000, 1, 20000, 1e8)
+    (True, False)
+    """
+    count = _count_sets(n_excluded, budget)
+    return count <= max_sets and count * mask_flops <= EXHAUSTIVE_FLOPS
 
 
 def _n_excluded(keep: Mapping[str, np.ndarray]) -> int:
@@ -342,11 +363,13 @@ class _Oracle:
     def forget(self) -> None:
         self.cache = {}
 
-    def tell(self, text: str) -> None:
-        """With ``progress``: ``text`` on stderr, at most every :data:`PROGRESS_EVERY` seconds."""
+    def tell(self, text: str, wait: Any = None) -> None:
+        """With ``progress``: ``text`` on stderr, at most every :data:`PROGRESS_EVERY` seconds, once
+        the arrays ``wait`` (work that ``text`` reports done) are computed."""
         now = time.perf_counter()
         if self.progress and now - self.said >= PROGRESS_EVERY:
-            self.said = now
+            jax.block_until_ready(wait)
+            now = self.said = time.perf_counter()
             print(f"{self.method}: {text} [{now - self.started:.0f}s]", file=sys.stderr, flush=True)
 
     def masks(self, sets: Sequence[UnitSet]) -> np.ndarray:
@@ -527,7 +550,7 @@ def _learned(oracle: _Oracle, budget: int, rng: np.random.Generator, steps: int,
         scrubbed_m,
         steps,
         key,
-        on_step=lambda done: oracle.tell(f"step {done}/{steps}"),
+        on_step=lambda done, params: oracle.tell(f"step {done}/{steps}", wait=params),
     )
     position = {int(flat): i for i, flat in enumerate(oracle.excluded)}
     index = oracle.layout.starts

@@ -222,14 +222,14 @@ def learn_reinclusions(
     scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, State], None] | None = None,
 ) -> list[dict[str, list[int]]]:
     """Train the adversary against a fixed explanation; return each restart's hard re-inclusion.
 
     This is the in-loop adversary used on its own, as a grader: ``steps`` ascent steps on
     ``combine(gaps) − cost`` with adam, then every restart's top-``budget`` excluded units.
     ``tokens``, ``replacement`` and ``scrubbed`` may be tuples, one entry per length group of the
-    prompts (:func:`train_adversary`). ``on_step`` is called with the steps done after each.
+    prompts (:func:`train_adversary`). ``on_step`` is called after each step (:func:`train_adversary`).
     """
     params = train_adversary(adversary, scrubber, tokens, keep, replacement, scrubbed, steps, key, on_step)
     return [adversary.best(params, keep, r) for r in range(adversary.rows)]
@@ -244,10 +244,11 @@ def train_adversary(
     scrubbed: Float[Array, "batch vocab"] | tuple[Array, ...],
     steps: int,
     key: PRNGKeyArray,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, State], None] | None = None,
 ):
     """The adversary's parameters after ``steps`` adam ascent steps against a fixed explanation
-    (``on_step``: called with the steps done after each).
+    (``on_step``: called after each with the steps done and the parameters, not yet computed: JAX
+    runs them asynchronously).
 
     ``tokens``, ``replacement`` and ``scrubbed`` are the prompts, their replacement and ``S_m`` on
     them; or tuples of these, one entry per length group (:func:`explainer.score.length_references`),
@@ -262,7 +263,7 @@ def train_adversary(
             adversary, scrubber, tokens, keep, replacement, scrubbed, params, opt_state, jax.random.fold_in(k_run, i)
         )
         if on_step is not None:
-            on_step(i + 1)
+            on_step(i + 1, params)
     return params
 
 

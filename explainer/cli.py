@@ -208,7 +208,10 @@ def attack(
         named = {s: u for s, u in r["reincluded"].items() if u}
         lines.append(f"  {r['method']:<10} gap {r['gap']['kl_mean']:.4g}  re-included {named}")
     if "exhaustive" in result.get("skipped", []):
-        lines.append("  exhaustive skipped: too many sets to score them all (--method exhaustive runs it alone)")
+        lines.append(
+            "  exhaustive skipped: scoring every set costs too much here "
+            "(--method exhaustive runs it alone, up to its max_sets sets)"
+        )
     _emit(result, as_json, "\n".join(lines) + f"\nwrote {Path(run) / 'attack.json'}")
 
 

@@ -224,9 +224,9 @@ def run(
     """Logits of the model whose readers see kept edges from this run and the rest from
     ``replacement[WRITERS]``; sites absent from ``keep`` read the plain residual. With ``capture``
     also every writer's output, ``[batch, seq, writers, d_model]``. ``last`` (not with ``capture``):
-    the last position's logits alone, ``[batch, 1, vocab]``: the final block runs on its own and,
-    from its MLP on, at the last position alone (as ``Transformer.run`` does), so the unembedding
-    reads one position, not every one.
+    the last position's logits alone, ``[batch, 1, vocab]``: the final block runs on its own, its
+    attention with the last position's query alone and its MLP at that position (as
+    ``Transformer.run`` does), so the unembedding reads one position, not every one.
 
     Every writer's output goes into one buffer of all writers, filled layer by layer, and a reader's
     input is one contraction of it with that reader's row of weights (the mask over the writers
@@ -236,6 +236,8 @@ def run(
     (:func:`~explainer.models.transformer.loops_here`), so the compiled program does not grow with
     depth.
     """
+    if last and capture:
+        raise ExplainerError("edges.run captures every position's writers; ask for capture or for last, not both")
     keep = keep or {}
     cfg = model.config
     heads, kv, total, d = cfg.n_heads, cfg.n_kv_heads, len(writer_names(cfg)), cfg.d_model
@@ -279,6 +281,9 @@ def run(
         mlp_in = None
         if block.parallel and block.mlp is not None:
             mlp_in = mix(buf, bias, mlp_own, first if unrolled else total)[:, :, 0]
+        if unrolled and layer == final:  # only the unembedding reads on: the last position's query alone
+            xq, buf, bias = xq[:, -1:], buf[:, -1:], bias[:, -1:]
+            mlp_in = None if mlp_in is None else mlp_in[:, -1:]
         heads_out = _attention_writes(block, xq, xk, xv, pads)
         if block.ln1_post is None:
             bias = bias + block.attn.b_O
@@ -287,9 +292,6 @@ def run(
             heads_out = heads_out * scale[:, :, None, :]
             bias = bias + block.attn.b_O * scale
         buf, bias = write(buf, bias, heads_out, first)
-        if unrolled and layer == final:  # only the unembedding reads on: the last position alone
-            buf, bias = buf[:, -1:], bias[:, -1:]
-            mlp_in = None if mlp_in is None else mlp_in[:, -1:]
         if block.mlp is not None:
             if mlp_in is None:
                 mlp_in = mix(buf, bias, mlp_own, first + heads if unrolled else total)[:, :, 0]
@@ -304,7 +306,7 @@ def run(
 
     carry = write(jnp.zeros((*embed.shape[:2], total, d), dtype), jnp.zeros_like(embed), embed[:, :, None, :], 0)
     weights = (attn, mlp)  # [layers, rows, writers] each
-    final = len(model.blocks) - 1 if last and not capture else None
+    final = len(model.blocks) - 1 if last else None
     spans = same_blocks(model.blocks)
     if final is not None and final >= 0:  # the final block on its own: its carry narrows to one position
         start, stop = spans.pop()
@@ -323,7 +325,7 @@ def run(
         xs = (blocks, jnp.arange(start, stop), tuple(w[start:stop] for w in weights))
         carry, _ = jax.lax.scan(body, carry, xs)
     buf, bias = carry
-    if last and not capture:  # (a model without blocks: the embedding's last position)
+    if last:  # (a model without blocks: the embedding's last position)
         buf, bias = buf[:, -1:], bias[:, -1:]
     logits = model.unembed(mix(buf, bias, unembed)[:, :, 0])
     if capture and repl is not None:  # the writers' outputs, not their differences from the replacement

@@ -169,7 +169,7 @@ def attack_explanation(
     most every ``adversary.discrete.PROGRESS_EVERY`` seconds while a method runs; ``timings`` holds
     each phase's seconds.
     """
-    from adversary.discrete import METHODS, attack, attack_all
+    from adversary.discrete import METHODS, attack, attack_all, check_request
     from adversary.rotated import adversary_bases
     from adversary.rotation import check_adversary_basis, directions
 
@@ -181,6 +181,7 @@ def attack_explanation(
     task.check(model.config)
     timings = Timings()
     keep = expl.mask()
+    check_request(keep, budget, divergence)  # before anything is announced or run
     key = jax.random.key(seed)
     batch = task.heldout_data()
     with timings.phase("prepare", say=progress):  # the scrubber, and the adversary's basis when rotated

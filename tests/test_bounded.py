@@ -1,11 +1,13 @@
-"""The finishing passes evaluate a number of masks that does not grow with the number of units.
+"""The finishing passes and the attacks evaluate a number of masks that does not grow with the
+number of units.
 
 Repair, prune and trim on random one-layer models of 400 and of 4,000 units (two sites of width
 ``d_model``), counted by the oracle (:attr:`explainer.finish.search.KLOracle.evaluations`). Where
 scoring every candidate is cheap (at most ``EXACT_UNITS`` units and ``EXACT_FLOPS``) every candidate
 is scored (the small models keep their exact searches); elsewhere one backward pass ranks them and
 the rounds are bounded, so the count has a ceiling set by the constants alone, the same for 400
-units and for 4,000.
+units and for 4,000. The same holds for an attack with every method (``attack_all``), whose
+exhaustive search runs only where scoring every set is cheap (``EXHAUSTIVE_FLOPS``).
 """
 
 import json
@@ -149,11 +151,12 @@ def test_an_attack_with_every_method_scores_a_bounded_number_of_sets(monkeypatch
 def test_exhaustive_joins_every_ground_truth_attack_it_joined_before():
     """The bound keeps exhaustive search where the ground-truth models are graded: paren (the
     largest) at budget 1 and induction at budget 2, every unit excluded."""
-    from adversary.discrete import EXHAUSTIVE_FLOPS, _count_sets
+    from adversary.discrete import OPTIONS, exhaustive_fits
 
+    max_sets = OPTIONS["exhaustive"]["max_sets"]
     for name, budget in (("paren", 1), ("induction", 2)):
         folder = resolve_model(name)
         config = ModelConfig.from_json(json.loads((folder / "config.json").read_text()))
         prompts, seq = resolve_task(None, folder).heldout_data().clean.shape
         units = len(config.sites) * config.d_model
-        assert _count_sets(units, budget) * config.scored_flops(seq) * prompts <= EXHAUSTIVE_FLOPS, name
+        assert exhaustive_fits(units, budget, max_sets, config.scored_flops(seq) * prompts), name

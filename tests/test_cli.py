@@ -190,7 +190,7 @@ def test_attack_json_contract(run, cli_here):
     assert {"kl_mean", "kl_max"} <= set(result["gap"])
     assert result["gap"]["kl_mean"] < 1e-4  # the planted truth leaves nothing to find
     assert {m["method"] for m in result["methods"]} >= {"greedy", "random", "gradient", "exhaustive"}
-    assert list(result["timings"]) == ["prepare", *(m["method"] for m in result["methods"])]  # phases run, in order
+    assert list(result["timings"]) == ["prepare", "reference", *(m["method"] for m in result["methods"])]  # in order
     assert json.loads((out / "attack.json").read_text())["budget"] == 1
     assert "attack" in cli_here("show", out, "--png", out / "m.png").stdout
     single = last_json(cli_here("attack", out, "--budget", "2", "--method", "greedy", "--json"))
@@ -200,7 +200,10 @@ def test_attack_json_contract(run, cli_here):
 def test_attack_bad_input(run, tmp_path, cli_here):
     out, _ = run
     too_big = cli_here("attack", out, "--budget", "99")
-    assert too_big.returncode == 2 and "excludes only 26 units" in too_big.stderr
+    assert too_big.returncode == 2 and too_big.stderr.startswith("error: ")  # refused before any phase runs
+    assert "excludes only 26 units" in too_big.stderr
+    bad_divergence = cli_here("attack", out, "--divergence", "kll")
+    assert bad_divergence.returncode == 2 and bad_divergence.stderr.startswith("error: unknown divergence")
     bad_method = cli_here("attack", out, "--method", "greedyy")
     assert bad_method.returncode == 2 and "did you mean 'greedy'" in bad_method.stderr
     other = tmp_path / "other"

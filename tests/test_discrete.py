@@ -187,9 +187,9 @@ def test_progress_announces_each_method_and_the_learned_steps(setups, getkey, ca
         scrubber, batch, keep, 1, getkey(), methods=("greedy", "learned"), progress=True, timings=timings, steps=3
     )
     err = capsys.readouterr().err.splitlines()
-    assert list(timings) == ["greedy", "learned"] and [r.method for r in every] == ["greedy", "learned"]
-    for method in ("greedy", "learned"):
-        assert f"{method} ..." in err and any(line.startswith(f"{method} done [") for line in err)
+    assert list(timings) == ["reference", "greedy", "learned"] and [r.method for r in every] == ["greedy", "learned"]
+    for phase in ("reference", "greedy", "learned"):
+        assert f"{phase} ..." in err and any(line.startswith(f"{phase} done [") for line in err)
     assert [line.split(" [")[0] for line in err if line.startswith("learned: step")] == [
         f"learned: step {i}/3" for i in (1, 2, 3)
     ]

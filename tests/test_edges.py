@@ -10,6 +10,7 @@ import pytest
 from explainer import edges
 from explainer.errors import ExplainerError
 from explainer.models import ModelConfig, init_random, load_model
+from explainer.models.padding import PAD
 from explainer.scrub import Scrubber
 from explainer.tasks import resolve_task
 from explainer.tasks.base import Batch
@@ -247,15 +248,28 @@ def test_the_edge_program_does_not_grow_with_depth(keep_sites, last, equations, 
     assert shallow == _program(12, keep_sites, equations, last)
 
 
+FAMILIES = {  # block kinds the final block may be: plain, parallel (NeoX), grouped keys and values, post-norms
+    "gpt2": {},
+    "parallel": {"parallel_attn_mlp": True, "positional_embedding_type": "rotary", "rotary_dim": 2},
+    "gqa": {"n_key_value_heads": 2, "normalization_type": "RMS", "gated_mlp": True, "act_fn": "silu"},
+    "post-norms": {"normalization_type": "RMS", "use_normalization_before_and_after": True},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("loop", [False, True])
-def test_the_last_position_alone_is_the_last_position_of_every_one(loop, monkeypatch):
+def test_the_last_position_alone_is_the_last_position_of_every_one(loop, family, monkeypatch):
     """``last=True`` (what the scrubber reads) gives the last position of the logits at every
     position, and the same mask gradients, whether the layers run one by one or as a loop with the
-    final block on its own."""
+    final block on its own, for each kind of block, on left-padded prompts."""
     monkeypatch.setattr("explainer.models.transformer.LOOP_ON_CPU", loop)
-    cfg = ModelConfig(n_layers=edges.SCAN_LAYERS + 1, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8)
+    cfg = ModelConfig(
+        n_layers=edges.SCAN_LAYERS + 1, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=11, n_ctx=8,
+        **FAMILIES[family],
+    )  # fmt: skip
     model = init_random(cfg, jax.random.key(0))
-    tokens, other = (jax.random.randint(jax.random.key(i), (3, 5), 0, 11) for i in (1, 2))
+    tokens, other = (jax.random.randint(jax.random.key(i), (3, 5), 1, 11) for i in (1, 2))
+    tokens = tokens.at[0, :2].set(PAD)  # a prompt of three tokens, padded on the left
     _, writers = edges.run(model, other, capture=True)
     sizes = edges.edge_units(cfg, edges.edge_sites(cfg))
     keys = jax.random.split(jax.random.key(3), len(sizes))
