@@ -291,6 +291,7 @@ def evaluate_ours(name: str, record: dict, args: argparse.Namespace) -> list[dic
             **settings,
         )
         rows.append(summarize(label, frontier, time.perf_counter() - started))
+        rows[-1]["timings"] = {k: float(v) for k, v in (frontier.get("timings") or {}).items()}  # per phase
         print(f"{name}: {label} CPR {rows[-1]['cpr']:.3f} CMD {rows[-1]['cmd']:.3f}", flush=True)
     for method, entry in record["methods"].items():
         masks = top_k_masks(entry["scores"], names, counts)
@@ -429,6 +430,11 @@ def write_markdown(models: dict, path: Path, command: str, versions: dict) -> No
             for label, v in (entry.get("verdict") or {}).items():
                 state = "pass" if v["passed"] else "FAIL: " + "; ".join(v["losses"])
                 lines.append(f"- {name}, {label}: {state}")
+        for name, entry in models.items():
+            for r in entry.get("ours") or []:
+                if r.get("timings"):  # where our sweep's time went
+                    parts = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in r["timings"].items())
+                    lines.append(f"- {name}, {r['method']}: {r['seconds']:.0f} s in all; {parts}")
         lines.append("")
     else:
         lines += [
