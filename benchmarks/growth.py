@@ -526,7 +526,8 @@ def show(record: dict) -> None:
 
 
 PHASE_ORDER = ("compile", "train", "repair", "open_restart", "trim", "close", "select", "grade", "evaluate", "save")
-WITHIN = ("open_restart_train",)  # seconds inside another phase (open_restart's training steps)
+# seconds inside another phase: open_restart's (or select's) training steps, select's polishing and attacks
+WITHIN = ("open_restart_train", "polish", "select_attacks")
 
 
 def plot(record: dict, path: Path) -> None:

@@ -222,18 +222,24 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
         sweep("planted-distractor", sizes="1,2", continuation_steps=0, adversary="none", progress=False)
 
 
-def test_open_restarts_reuse_the_ladders_compiled_step(distractor):
+def test_open_restarts_reuse_the_ladders_compiled_step(distractor, capsys):
     """A pair of open restarts trains as many states at once as a ladder trained both ways: given
-    the ladder's program, it runs the step compiled for the ladder (one trace in all)."""
+    the ladder's program, it runs the step compiled for the ladder (one trace in all). With
+    progress it says its steps, and its seconds go to ``open_restart_train``."""
     from explainer.frontier.ladder import ladder_program
     from explainer.frontier.select import open_restart
+    from explainer.progress import Timings
 
     scrubber, task = distractor
     data, config = task.train_data(), TrainConfig.of(steps=100)
     program = ladder_program(scrubber, data, config, "sizes")
     rungs = train_ladder(scrubber, data, config, "sizes", [1, 2], program=program)
-    again = open_restart(scrubber, data, config, program=program)([2.0, 1.0])
+    capsys.readouterr()
+    timings = Timings()
+    again = open_restart(scrubber, data, config, program=program, progress=True, timings=timings)([2.0, 1.0])
     assert [r.size for r in again] == [2, 1] and _kept(again[0].keep) == TRUTH
+    assert list(timings) == ["open_restart_train"] and timings["open_restart_train"] > 0
+    assert capsys.readouterr().err.startswith("open restart (2, 1) ")
     assert rungs[0].history["traces"] == again[0].history["traces"] == [1]
     with pytest.raises(ExplainerError, match="ladder program was made for other"):
         train_ladder(scrubber, data, config, "lambdas", [0.1], program=program)

@@ -310,6 +310,7 @@ def train_ladder(
     program: LadderProgram | None = None,
     workers: int | None = None,
     timings: Timings | None = None,
+    label: str | None = None,
 ) -> list[Rung]:
     """Train one explanation per value of ``values`` (target sizes, or penalties for ``lambdas``).
 
@@ -343,6 +344,7 @@ def train_ladder(
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
     ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps).
+    ``label``: what its progress lines start with (by default ``sweep (N rungs, STRATEGY)``).
 
     >>> from explainer.models import load_model
     >>> from explainer.zoo import resolve_model
@@ -384,7 +386,7 @@ def train_ladder(
     starts = [start if way == "up" else init_state(scrubber, _open(config), optimizer, adversary) for way in ways]
     if strategy == "vmap":  # every rung of every way from its start, as one batch (way-major)
         n = len(values)
-        label = f"sweep ({n} rungs, vmap{', both ways' if len(ways) > 1 else ''})"
+        label = label or f"sweep ({n} rungs, vmap{', both ways' if len(ways) > 1 else ''})"
         with progress_bar(progress, steps, label=label) as advance:
             batch = _stack([s for s in starts for _ in values])
             batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
@@ -418,7 +420,7 @@ def train_ladder(
     else:
         more = continuation_steps if continuation_steps is not None else max(1, steps // 4)
         total = steps + more * (len(values) - 1)
-        label = f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
+        label = label or f"sweep ({len(values)} rungs, continuation{', both ways' if len(ways) > 1 else ''})"
         # one way in the folder itself (the way down alone in down/); both ways, in lockstep, in both/
         sub = None if folder is None else folder / {"up": "", "down": "down"}.get("".join(ways), "both")
         with progress_bar(progress, total, label=label) as advance:

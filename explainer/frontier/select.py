@@ -35,6 +35,7 @@ from explainer.frontier.ladder import (
     train_ladder,
 )
 from explainer.masks import Layout
+from explainer.progress import Timings
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
@@ -74,6 +75,7 @@ def at_most(
     exact_sets: int = EXACT_SETS,
     together: int = RESTART_TOGETHER,
     gap: Callable[[np.ndarray], float] | None = None,
+    timings: Timings | None = None,
 ) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
@@ -118,7 +120,11 @@ def at_most(
     This is MIB's "at most ``k`` % of the units": without it, a rung no better than a smaller one
     puts a dominated point on the frontier, and the straight line to it from below lowers the
     area.
+
+    ``timings`` gains ``polish`` (the seconds of :func:`polish`) and, with ``gap``, ``select_attacks``
+    (the attacks that rank sets).
     """
+    timings = Timings() if timings is None else timings
     oracle = KLOracle(scrubber, train, seed)
     total = sum(scrubber.n_units.values())
     order = sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i))
@@ -132,7 +138,8 @@ def at_most(
             return kl
         key = (flat > 0.5).tobytes()
         if key not in gaps:
-            gaps[key] = gap(flat)
+            with timings.phase("select_attacks"):
+                gaps[key] = gap(flat)
         return kl + gaps[key]
 
     def polished(rung: Rung) -> tuple[np.ndarray, float]:
@@ -140,7 +147,8 @@ def at_most(
         flat = oracle.flat(rung.keep)
         if rung.value >= total:
             return flat, float(oracle.kl(flat[None])[0])
-        better = polish(oracle, flat, int(rung.value), kl_budget)
+        with timings.phase("polish"):
+            better = polish(oracle, flat, int(rung.value), kl_budget)
         kl, kl_before = float(oracle.kl(better[None])[0]), float(oracle.kl(flat[None])[0])
         same = np.array_equal(better > 0.5, flat > 0.5)
         if gap is not None and not same and not no_worse(cost(better, kl), cost(flat, kl_before)):
@@ -193,7 +201,8 @@ def at_most(
                 batch = restartable[restartable.index(i) :][:together]
                 restarted.update(zip(batch, restart([rungs[j].value for j in batch]), strict=True))
             again = restarted[i]
-            flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
+            with timings.phase("polish"):
+                flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
         kl2 = float(oracle.kl(flat2[None])[0])
         won = cost(flat2, kl2) < cost(flat, kl)
         history = {key: [float(won)]}
@@ -298,13 +307,17 @@ def open_restart(
     checkpoints: Path | None = None,
     patience: int = PATIENCE,
     program: LadderProgram | None = None,
+    progress: bool = False,
+    timings: Timings | None = None,
 ) -> Callable[[Sequence[float]], list[Rung]]:
     """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (at
     most ``optimiser.steps``, as ``explain``'s open restart, and stopped once every rung's explanation
     has stayed the same for ``patience`` steps: on ioi's 8-point ladder the restart of the 81- and
     41-unit rungs settled at step 775 with the same KL as at 1500), several as one batch;
     checkpoints in ``open-restart-K`` (``open-restart-K1-K2`` for a batch). ``program``: the
-    ladder's (:class:`LadderProgram`), whose compiled step a batch of its shape reuses."""
+    ladder's (:class:`LadderProgram`), whose compiled step a batch of its shape reuses. ``progress``:
+    its steps on stderr (``open restart (K1, K2) ...``); ``timings`` gains ``open_restart_train``,
+    the seconds of its steps and their compile."""
     open_config = _open(config)
 
     def restart(values: Sequence[float]) -> list[Rung]:
@@ -312,7 +325,8 @@ def open_restart(
         more = checkpoints / f"open-restart-{name}" if checkpoints is not None else None
         # one rung: a continuation ladder of one (its checkpoints, as before); several: one batch
         strategy = "continuation" if len(values) == 1 else "vmap"
-        return train_ladder(
+        inner = Timings()
+        rungs = train_ladder(
             scrubber,
             train,
             open_config,
@@ -320,10 +334,16 @@ def open_restart(
             values,
             adversary,
             strategy,
+            progress=progress,
             checkpoints=more,
             direction="up",
             first_patience=patience,
             program=program,
+            timings=inner,
+            label=f"open restart ({', '.join(str(int(v)) for v in values)})",
         )
+        if timings is not None:
+            timings["open_restart_train"] = timings.get("open_restart_train", 0.0) + sum(inner.values())
+        return rungs
 
     return restart

@@ -348,12 +348,16 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
     if mode == "sizes":
-        restart = open_restart(scrubber, train, config, adversary, checkpoints, spec.patience, program)
+        restart = open_restart(
+            scrubber, train, config, adversary, checkpoints, spec.patience, program, spec.progress, timings
+        )
         exact = exact_sets(config, adversary)
         seed = config.optimiser.seed
         gap = adversarial_gap(scrubber, train, spec.budget, seed, spec.progress) if adversary is not None else None
         with timings.phase("select", say=spec.progress):
-            ordered = at_most(scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap)
+            ordered = at_most(
+                scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap, timings=timings
+            )
     with timings.phase("grade"):
         graded = grade_masks(
             scrubber,
