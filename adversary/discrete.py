@@ -114,6 +114,7 @@ def attack(
     key: PRNGKeyArray | None = None,
     divergence: str = "kl",
     progress: bool = False,
+    timings: Timings | None = None,
     **options: Any,
 ) -> AttackResult:
     """Find at most ``budget`` excluded units whose re-inclusion moves the scrubbed model most.
@@ -121,7 +122,8 @@ def attack(
     ``keep`` is the explanation's binary keep mask over (some of) ``scrubber``'s sites; ``options``
     are the method's settings (see ``OPTIONS``). The same ``key`` gives the same result.
     ``progress``: the method announced on stderr as a phase (``greedy ...``, ``greedy done [Xs]``),
-    with a line at most every :data:`PROGRESS_EVERY` seconds while it runs.
+    with a line at most every :data:`PROGRESS_EVERY` seconds while it runs; ``timings`` (a
+    :class:`~explainer.progress.Timings`) gains the method's seconds.
 
     >>> import jax, numpy as np
     >>> from explainer.models import load_model
@@ -143,8 +145,8 @@ def attack(
     keep = _check_attack(scrubber, keep, budget, divergence)
     if method == "exhaustive":
         _check_count(_n_excluded(keep), budget, settings["max_sets"])
-    oracle = _Oracle(scrubber, batch, keep, divergence, key, settings["chunk"], progress)
-    with Timings().phase(method, say=progress):
+    with (Timings() if timings is None else timings).phase(method, say=progress):
+        oracle = _Oracle(scrubber, batch, keep, divergence, key, settings["chunk"], progress)
         return _run(oracle, method, budget, settings, key, started)
 
 

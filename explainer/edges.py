@@ -47,7 +47,7 @@ from jaxtyping import Array, Float, Int
 from explainer.errors import ExplainerError
 from explainer.models.config import ModelConfig
 from explainer.models.norms import LayerNorm
-from explainer.models.transformer import SCAN_LAYERS, Transformer, _norm, loops_here, same_blocks
+from explainer.models.transformer import SCAN_LAYERS, Transformer, _norm, layer_spans, loops_here
 
 Writers = Float[Array, "batch seq writers d_model"]
 WRITERS = "writers"  # the replacement's one key: every writer's output on the replacement input
@@ -306,12 +306,8 @@ def run(
 
     carry = write(jnp.zeros((*embed.shape[:2], total, d), dtype), jnp.zeros_like(embed), embed[:, :, None, :], 0)
     weights = (attn, mlp)  # [layers, rows, writers] each
-    final = len(model.blocks) - 1 if last else None
-    spans = same_blocks(model.blocks)
-    if final is not None and final >= 0:  # the final block on its own: its carry narrows to one position
-        start, stop = spans.pop()
-        spans += [(start, stop - 1)] * (stop - 1 > start) + [(final, final + 1)]
-    for start, stop in spans:
+    final = len(model.blocks) - 1 if last else None  # on its own: its carry narrows to one position
+    for start, stop in layer_spans(model.blocks, None, final):
         if stop - start < SCAN_LAYERS or not loops_here():  # unrolled: each layer reads only its upstream
             for layer in range(start, stop):
                 carry = layer_fn(model.blocks[layer], carry, layer, tuple(w[layer] for w in weights))
@@ -325,7 +321,7 @@ def run(
         xs = (blocks, jnp.arange(start, stop), tuple(w[start:stop] for w in weights))
         carry, _ = jax.lax.scan(body, carry, xs)
     buf, bias = carry
-    if last:  # (a model without blocks: the embedding's last position)
+    if last and not model.blocks:  # no final block narrowed the carry: the embedding's last position
         buf, bias = buf[:, -1:], bias[:, -1:]
     logits = model.unembed(mix(buf, bias, unembed)[:, :, 0])
     if capture and repl is not None:  # the writers' outputs, not their differences from the replacement

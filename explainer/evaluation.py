@@ -190,8 +190,7 @@ def attack_explanation(
         scrubber = scrubber.with_bases(bases)  # kept units mean the same; excluded ones are rotated
     basis = {"adversary_basis": adversary_basis}
     if method != "all":
-        with timings.phase(method):
-            result = attack(scrubber, batch, keep, budget, method, key, divergence, progress=progress).to_json()
+        result = attack(scrubber, batch, keep, budget, method, key, divergence, progress, timings).to_json()
         result = {**result, "seed": seed, **basis, "directions": directions(bases, result["reincluded"])}
     else:
         best, every = attack_all(scrubber, batch, keep, budget, key, divergence, progress=progress, timings=timings)

@@ -43,6 +43,7 @@ __all__ = [
     "RMSNorm",
     "SiteEdits",
     "Transformer",
+    "layer_spans",
     "loops_here",
     "same_blocks",
 ]
@@ -132,7 +133,7 @@ def _shape(tree) -> tuple:
     return structure, tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in leaves)
 
 
-def _loops(blocks, edit, final: int | None) -> list[tuple[int, int]]:
+def layer_spans(blocks, edit, final: int | None) -> list[tuple[int, int]]:
     """The forward pass's spans of layers: runs of at least :data:`SCAN_LAYERS` blocks of one shape,
     edited alike by a :class:`SiteEdits` (or not at all), loop (off the CPU, or with
     :data:`LOOP_ON_CPU`); every other layer (the last under ``last``, a rewritten MLP's) is a span
@@ -248,7 +249,7 @@ class Transformer(eqx.Module):
         resid, pads = self.embed(tokens)
         if last and not self.blocks:
             resid = resid[:, -1:]
-        for start, stop in _loops(self.blocks, edit, final_layer):
+        for start, stop in layer_spans(self.blocks, edit, final_layer):
             if stop - start == 1:
                 fn = functools.partial(layer_fn, read=by_site(start), final=start == final_layer)
                 resid, seen = (jax.checkpoint(fn) if remat else fn)(self.blocks[start], resid)
