@@ -19,7 +19,9 @@ over the batch, with one fixed replacement for every candidate set.
   the settings, whatever the number of excluded units.
 
 Whatever a method proposes is evaluated exactly, in chunks of ``chunk`` sets vmapped over
-candidates (padded to a fixed size, so each (scrubber, batch) shape compiles once), and the best set
+candidates (padded to a fixed size, so each (scrubber, batch) shape compiles once; by default the
+size :func:`explainer.score.mask_chunk` gives every scorer, which holds a fixed amount of work
+whatever the model's width and the prompts' number), and the best set
 any of its evaluations found wins. Re-including a unit can also make the scrubbed model *better*
 (cancellation): the gap measures any change, in either direction.
 """
@@ -48,7 +50,7 @@ from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 
 METHODS = ("greedy", "random", "gradient", "exhaustive", "learned")
-CHUNK = 32
+CHUNK = None  # sets per vmapped call: None is the scorer's own (explainer.score.mask_chunk)
 OPTIONS: dict[str, dict[str, Any]] = {
     "greedy": {"restarts": 4, "sample": None, "chunk": CHUNK},
     "random": {"samples": 256, "chunk": CHUNK},
@@ -194,7 +196,8 @@ def attack_all(
         what = f"unknown option {unknown[0]!r}" if unknown else "no methods given"
         valid = ", ".join(sorted(known))
         raise ExplainerError(f"{what}; valid options: {valid}; methods: {', '.join(METHODS)}")
-    chunk = _positive("chunk", options.get("chunk", CHUNK))
+    chunk = options.get("chunk", CHUNK)
+    chunk = None if chunk is None else _positive("chunk", chunk)
     keep = _check_attack(scrubber, keep, budget, divergence)
     timings = Timings() if timings is None else timings
     with timings.phase("reference", say=progress):  # S_m and the scorers every method shares
@@ -241,7 +244,7 @@ def _settings(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
                 f"unknown option {name!r} for attack method {method!r}; " + did_you_mean(name, tuple(defaults))
             )
     settings = {**defaults, **options}
-    return {k: v if v is None and k == "sample" else _positive(k, v) for k, v in settings.items()}
+    return {k: v if v is None and k in ("sample", "chunk") else _positive(k, v) for k, v in settings.items()}
 
 
 def _check_budget(budget: int, n_excluded: int) -> None:
@@ -471,7 +474,7 @@ def _run(
         evaluations=len(oracle.cache),
         seconds=time.perf_counter() - started,
         divergence=oracle.kind,
-        options=dict(settings),
+        options={**settings, "chunk": oracle.chunk} if "chunk" in settings else dict(settings),
         **effect,
     )
 
