@@ -643,3 +643,30 @@ def test_sweep_searches_exactly_only_without_an_adversary(monkeypatch):
     for adversary in ("none", "learned"):
         sweep("planted-distractor", sizes=[1], adversary=adversary, ablations=(), steps=50, progress=False)
     assert seen == [50, 0]
+
+
+def test_costs_answer_as_if_every_set_were_attacked_and_attack_fewer():
+    from explainer.finish.search import no_worse
+    from explainer.frontier.select import Costs
+
+    rng = np.random.default_rng(0)
+    tests = [no_worse, lambda x, y: x < y, lambda x, bar: not no_worse(bar, x)]
+    skipped = 0
+    for trial in range(300):
+        kls, true_gaps = rng.uniform(0, 1, 2), rng.choice([0.0, 1e-4, 0.05, 0.5], 2)
+        flats = [np.eye(2)[0], np.eye(2)[1]]
+        attacked = []
+
+        def gap(flat, attacked=attacked, true_gaps=true_gaps):
+            attacked.append(int(np.argmax(flat)))
+            return float(true_gaps[int(np.argmax(flat))])
+
+        test = tests[trial % 3]
+        costs = Costs(gap)
+        a = (flats[0], float(kls[0]))
+        b = (flats[1], float(kls[1])) if trial % 2 else float(kls[1] + true_gaps[1])  # a set or a known cost
+        truth = test(kls[0] + true_gaps[0], kls[1] + true_gaps[1])
+        assert costs.holds(test, a, b) == truth
+        assert len(attacked) == len(set(attacked)) <= 2
+        skipped += 2 - len(attacked) if trial % 2 else 1 - len(attacked)
+    assert skipped > 0  # KLs apart by more than the gaps settle comparisons without an attack

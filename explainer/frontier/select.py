@@ -84,7 +84,8 @@ def at_most(
     :func:`adversarial_gap`), that gap. So with an adversary a set that is faithful but fragile
     (dropping a cancelling pair costs no KL, re-including one of it costs a lot) never replaces a
     robust one, whether as the polished form of a rung, as the other way of training it, or as a
-    smaller rung in the envelope.
+    smaller rung in the envelope. A set is attacked only where a comparison needs its gap
+    (:class:`Costs`: a KL above the other set's whole cost settles it).
 
     From the smallest rung up: units whose removal does not raise the KL on the training prompts
     are dropped and, while the KL is above ``kl_budget`` and there is room below the rung's size,
@@ -130,17 +131,8 @@ def at_most(
     order = sorted(range(len(rungs)), key=lambda i: (rungs[i].value, i))
     found: dict[int, tuple[Rung, np.ndarray, float]] = {}
     empty_kl = float(oracle.kl(np.zeros((1, oracle.n_units), np.float32))[0])
-    gaps: dict[bytes, float] = {}
-
-    def cost(flat: np.ndarray, kl: float) -> float:
-        """What training optimised: the KL, plus the adversarial gap when there is an adversary."""
-        if gap is None:
-            return kl
-        key = (flat > 0.5).tobytes()
-        if key not in gaps:
-            with timings.phase("select_attacks"):
-                gaps[key] = gap(flat)
-        return kl + gaps[key]
+    costs = Costs(gap, timings)
+    cost, holds = costs.of, costs.holds
 
     def polished(rung: Rung) -> tuple[np.ndarray, float]:
         """The rung's set polished, or as trained where polishing costs robustness."""
@@ -151,7 +143,7 @@ def at_most(
             better = polish(oracle, flat, int(rung.value), kl_budget)
         kl, kl_before = float(oracle.kl(better[None])[0]), float(oracle.kl(flat[None])[0])
         same = np.array_equal(better > 0.5, flat > 0.5)
-        if gap is not None and not same and not no_worse(cost(better, kl), cost(flat, kl_before)):
+        if gap is not None and not same and not holds(no_worse, (better, kl), (flat, kl_before)):
             return flat, kl_before  # pruning dropped what the adversary needs (a cancelling pair)
         return better, kl
 
@@ -170,7 +162,7 @@ def at_most(
             and not no_worse(empty_kl, float(oracle.kl(other_flat[None])[0]))
         ):
             flat2, kl2 = polished(other)
-            if not no_worse(cost(flat, kl), cost(flat2, kl2)):  # lower beyond float noise
+            if not holds(no_worse, (flat, kl), (flat2, kl2)):  # lower beyond float noise
                 rung, flat, kl = other, flat2, kl2
         found[i] = (rung, flat, kl)
     # the smallest rung that meets the budget (the full model when none does): only rungs below it
@@ -204,7 +196,7 @@ def at_most(
             with timings.phase("polish"):
                 flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
         kl2 = float(oracle.kl(flat2[None])[0])
-        won = cost(flat2, kl2) < cost(flat, kl)
+        won = holds(lambda x, y: x < y, (flat2, kl2), (flat, kl))
         history = {key: [float(won)]}
         if won:
             rung, flat, kl = Rung(rung.mode, rung.value, again.gates, again.keep, again.history), flat2, kl2
@@ -238,12 +230,69 @@ def at_most(
     for i in order:
         rung, flat, kl = found[i]
         keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flat).items()}
-        if rung.value >= total or best is None or not no_worse(best_cost, cost(flat, kl)):
+        if rung.value >= total or best is None or holds(lambda x, bar: not no_worse(bar, x), (flat, kl), best_cost):
             best, best_cost = i, cost(flat, kl)
             out[i] = Rung(rung.mode, rung.value, rung.gates, keep, rung.history)
         else:
             out[i] = Rung(rung.mode, rung.value, out[best].gates, out[best].keep, rung.history)
     return [out[i] for i in range(len(rungs))]
+
+
+class Costs:
+    """What :func:`at_most` ranks sets by (the KL, plus the adversarial gap ``gap`` when there is an
+    adversary), attacking a set only where a comparison needs its gap.
+
+    A gap is never negative, so a set's KL bounds its cost from below: :meth:`holds` compares costs
+    from what is known and attacks the open ones, the lower KL first, only while the bounds leave
+    the answer open. The answers are those of attacking every set; where KLs differ by more than
+    the gaps, one attack settles a comparison of two sets.
+
+    >>> attacked = []
+    >>> costs = Costs(lambda flat: attacked.append(int(flat.sum())) or 0.1)
+    >>> one, two = np.ones(1), np.ones(2)
+    >>> costs.holds(no_worse, (two, 0.2), (one, 0.5)), attacked  # 0.2 + 0.1 is below 0.5: one attack
+    (True, [2])
+    >>> costs.holds(no_worse, (one, 0.5), (two, 0.2)), attacked  # one's KL alone is above 0.3
+    (False, [2])
+    >>> costs.holds(no_worse, (one, 0.25), (two, 0.2)), attacked  # 0.25 could still win: attacked
+    (False, [2, 1])
+    """
+
+    def __init__(self, gap: Callable[[np.ndarray], float] | None, timings: Timings | None = None):
+        self.gap, self.timings = gap, Timings() if timings is None else timings
+        self.gaps: dict[bytes, float] = {}
+
+    def of(self, flat: np.ndarray, kl: float) -> float:
+        """The cost of ``flat`` (its KL ``kl``), attacking it if it was not yet."""
+        if self.gap is None:
+            return kl
+        key = (flat > 0.5).tobytes()
+        if key not in self.gaps:
+            with self.timings.phase("select_attacks"):
+                self.gaps[key] = self.gap(flat)
+        return kl + self.gaps[key]
+
+    def bounds(self, item: tuple[np.ndarray, float] | float) -> tuple[float, float]:
+        """The least and most ``item``'s cost can be (``(flat, kl)``, or a known cost) without
+        attacking it: at least its KL."""
+        if not isinstance(item, tuple):
+            return item, item
+        flat, kl = item
+        if self.gap is None or (flat > 0.5).tobytes() in self.gaps:
+            return self.of(flat, kl), self.of(flat, kl)
+        return kl, math.inf
+
+    def holds(self, test: Callable[[float, float], bool], a, b) -> bool:
+        """``test(cost of a, cost of b)``, for a ``test`` that can only turn false as ``a``'s cost
+        rises or ``b``'s falls (``no_worse``, ``<``); ``a`` and ``b`` as for :meth:`bounds`."""
+        while True:
+            (low_a, high_a), (low_b, high_b) = self.bounds(a), self.bounds(b)
+            if test(high_a, low_b):
+                return True
+            if not test(low_a, high_b):
+                return False
+            unknown = [x for x in (a, b) if isinstance(x, tuple) and self.bounds(x)[1] == math.inf]
+            self.of(*min(unknown, key=lambda x: x[1]))
 
 
 GAP_PROMPTS = 64  # prompts the selection's attacks score (a ranking, not a reported number)
