@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -44,7 +43,7 @@ from jaxtyping import PRNGKeyArray
 from explainer.errors import ExplainerError, did_you_mean
 from explainer.masks import Layout
 from explainer.metrics import DIVERGENCES, accuracy, divergence, logit_diff
-from explainer.progress import Timings
+from explainer.progress import Timings, say
 from explainer.score import Divergence, GroupedScorer, Scorer, in_order, length_references, scrubbed
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
@@ -375,7 +374,7 @@ class _Oracle:
         if self.progress and now - self.said >= PROGRESS_EVERY:
             jax.block_until_ready(wait)
             now = self.said = time.perf_counter()
-            print(f"{self.method}: {text} [{now - self.started:.0f}s]", file=sys.stderr, flush=True)
+            say(f"{self.method}: {text} [{now - self.started:.0f}s]")
 
     def masks(self, sets: Sequence[UnitSet]) -> np.ndarray:
         rows = np.repeat(self.base[None], len(sets), axis=0)

@@ -1,11 +1,53 @@
-"""A progress bar for long loops: rich, on stderr (so ``--json`` output stays clean), or nothing."""
+"""Progress on stderr (so ``--json`` output stays clean): a bar for long loops (rich, or plain lines
+when stderr is not a terminal), announced phases, and a heartbeat that keeps a phase from going
+silent for longer than :data:`SILENCE` seconds where its work has no steps of its own to show."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+SILENCE = 30.0  # seconds an announced phase may go without a line on stderr before its heartbeat
+_last_said = [time.perf_counter()]  # when progress last wrote to stderr (a line or a bar update)
+
+
+def said() -> None:
+    """Note that progress just reached stderr (what a heartbeat waits on)."""
+    _last_said[0] = time.perf_counter()
+
+
+def say(text: str) -> None:
+    """``text`` as a line on stderr, noted as progress."""
+    print(text, file=sys.stderr, flush=True)
+    said()
+
+
+@contextmanager
+def heartbeat(name: str, every: float = SILENCE) -> Iterator[None]:
+    """While the block runs, ``name ... [Ns]`` on stderr whenever nothing has been said for
+    ``every`` seconds (a daemon thread; it stops with the block).
+
+    >>> with heartbeat("repair", every=60.0):
+    ...     pass
+    """
+    started, stop = time.perf_counter(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(0.01, every - (time.perf_counter() - _last_said[0]))):
+            now = time.perf_counter()
+            if now - _last_said[0] >= every:
+                say(f"{name} ... [{now - started:.0f}s]")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class progress_bar:
@@ -43,7 +85,12 @@ class progress_bar:
         )
         self.bar.__enter__()
         task = self.bar.add_task("", total=self.total)
-        return lambda done, text: self.bar.update(task, completed=done, description=text)
+
+        def advance(done: int, text: str) -> None:
+            self.bar.update(task, completed=done, description=text)
+            said()
+
+        return advance
 
     def _lines(self):
         started = last = time.perf_counter()
@@ -62,9 +109,7 @@ class progress_bar:
         return advance
 
     def _print(self, done: int, text: str, elapsed: float) -> None:
-        print(
-            f"{self.label} {done}/{self.total} {text} [{elapsed:.0f}s]".replace("  ", " "), file=sys.stderr, flush=True
-        )
+        say(f"{self.label} {done}/{self.total} {text} [{elapsed:.0f}s]".replace("  ", " "))
 
     def __exit__(self, *exc):
         if self.enabled and self.bar is not None:
@@ -72,6 +117,9 @@ class progress_bar:
         elif self.enabled and getattr(self, "last_line", None) is not None:
             self._print(*self.last_line, time.perf_counter() - self.started)
         return False
+
+
+_say = say  # Timings.phase's parameter of that name hides the function
 
 
 class Timings(dict):
@@ -86,17 +134,19 @@ class Timings(dict):
     """
 
     @contextmanager
-    def phase(self, name: str, say: bool = False) -> Iterator[None]:
-        """Time the block as phase ``name``; ``say``: announce it on stderr, and its time when done."""
+    def phase(self, name: str, say: bool = False, every: float = SILENCE) -> Iterator[None]:
+        """Time the block as phase ``name``; ``say``: announce it on stderr, keep it from going
+        silent for ``every`` seconds (:func:`heartbeat`), and give its time when done."""
         started = time.perf_counter()
         if say:
-            print(f"{name} ...", file=sys.stderr, flush=True)
+            _say(f"{name} ...")
         try:
-            yield
+            with heartbeat(name, every) if say else nullcontext():
+                yield
         finally:
             self[name] = self.get(name, 0.0) + time.perf_counter() - started
             if say:
-                print(f"{name} done [{time.perf_counter() - started:.1f}s]", file=sys.stderr, flush=True)
+                _say(f"{name} done [{time.perf_counter() - started:.1f}s]")
 
     def rounded(self) -> dict[str, float]:
         """The timings as plain floats, to the millisecond (for JSON)."""

@@ -393,7 +393,7 @@ def test_cli_sweep_prints_the_frontier_last(tmp_path):
     assert bad.returncode == 2 and "error:" in bad.stderr
 
 
-def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
+def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor, capsys):
     import jax.numpy as jnp
 
     from explainer.frontier.ladder import Rung
@@ -409,7 +409,10 @@ def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor):
     masks[20] = {s: np.ones(10, np.float32) for s in scrubber.sites}
     gates = Gates({s: jnp.zeros(10) for s in scrubber.sites})
     rungs = [Rung("sizes", float(k), gates, m, {"k": [float(k)]}) for k, m in masks.items()]
-    out = at_most(scrubber, task.train_data(), rungs)
+    out = at_most(scrubber, task.train_data(), rungs, progress=True)
+    said = [line.split(", KL")[0] for line in capsys.readouterr().err.splitlines()]
+    assert said[3] == "select: polished the 3-unit rung's set: 3 → 2 units"  # one line per polished set
+    assert len(said) == 4 and all(line.startswith("select: polished the ") for line in said)
     assert [r.size for r in out] == [0, 0, 2, 2, 20]  # the full model stays
     assert [r.value for r in out] == [0, 1, 2, 3, 20]
     # the 1-unit rung misses the budget with room to spare: every 1-unit set was scored, none better,

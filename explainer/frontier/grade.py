@@ -7,7 +7,6 @@ discrete attack's gap at a budget, MIB's CPR and CMD, and the same numbers under
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from explainer.frontier import (
 from explainer.frontier.ladder import (
     Mask,
 )
-from explainer.progress import progress_bar
+from explainer.progress import progress_bar, say
 from explainer.score import measure
 from explainer.scrub import Scrubber, check_ablation
 from explainer.tasks.base import Batch
@@ -98,7 +97,7 @@ def ablation_frontiers(
     for ablation in ablations:
         check_ablation(ablation)
         if progress:
-            print(f"grade: {len(masks)} masks under the {ablation} ablation", file=sys.stderr)
+            say(f"grade: {len(masks)} masks under the {ablation} ablation")
         other = Scrubber.build(scrubber.model, train, scrubber.sites, ablation, scrubber.bases, units=scrubber.units)
         scores, _, empty_kl = _scores(other, train, heldout, masks, seed)
         keys = ("kl_mean", "kl_p99", "logit_diff_recovered", "accuracy", "normalized_faithfulness", "loss_recovered")

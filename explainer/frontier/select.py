@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from explainer.frontier.ladder import (
     train_ladder,
 )
 from explainer.masks import Layout
-from explainer.progress import Timings
+from explainer.progress import Timings, say
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
@@ -76,6 +76,7 @@ def at_most(
     together: int = RESTART_TOGETHER,
     gap: Callable[[np.ndarray], float] | None = None,
     timings: Timings | None = None,
+    progress: bool = False,
 ) -> list[Rung]:
     """Each rung of a ladder of sizes as the best explanation found with *at most* its size.
 
@@ -123,7 +124,7 @@ def at_most(
     area.
 
     ``timings`` gains ``polish`` (the seconds of :func:`polish`) and, with ``gap``, ``select_attacks``
-    (the attacks that rank sets).
+    (the attacks that rank sets). ``progress``: a line on stderr per polished set.
     """
     timings = Timings() if timings is None else timings
     oracle = KLOracle(scrubber, train, seed)
@@ -133,6 +134,15 @@ def at_most(
     empty_kl = float(oracle.kl(np.zeros((1, oracle.n_units), np.float32))[0])
     costs = Costs(gap, timings)
     cost, holds = costs.of, costs.holds
+    started = time.perf_counter()
+
+    def tell(rung: Rung, before: np.ndarray, after: np.ndarray, kl_before: float, kl: float) -> None:
+        if progress:
+            n, m = int((before > 0.5).sum()), int((after > 0.5).sum())
+            say(
+                f"select: polished the {int(rung.value)}-unit rung's set: {n} → {m} units,"
+                f" KL {kl_before:.4g} → {kl:.4g} [{time.perf_counter() - started:.0f}s]"
+            )
 
     def polished(rung: Rung) -> tuple[np.ndarray, float]:
         """The rung's set polished, or as trained where polishing costs robustness."""
@@ -142,6 +152,7 @@ def at_most(
         with timings.phase("polish"):
             better = polish(oracle, flat, int(rung.value), kl_budget)
         kl, kl_before = float(oracle.kl(better[None])[0]), float(oracle.kl(flat[None])[0])
+        tell(rung, flat, better, kl_before, kl)
         same = np.array_equal(better > 0.5, flat > 0.5)
         if gap is not None and not same and not holds(no_worse, (better, kl), (flat, kl_before)):
             return flat, kl_before  # pruning dropped what the adversary needs (a cancelling pair)
@@ -196,6 +207,9 @@ def at_most(
             with timings.phase("polish"):
                 flat2, key = polish(oracle, oracle.flat(again.keep), int(rung.value), kl_budget), "open_restart"
         kl2 = float(oracle.kl(flat2[None])[0])
+        if exact is None and progress:  # the restart's set polished
+            start = oracle.flat(again.keep)
+            tell(again, start, flat2, float(oracle.kl(start[None])[0]), kl2)
         won = holds(lambda x, y: x < y, (flat2, kl2), (flat, kl))
         history = {key: [float(won)]}
         if won:
@@ -333,7 +347,7 @@ def adversarial_gap(
         done[0] += 1
         if progress:
             size = int((flat > 0.5).sum())
-            print(f"select: attack {done[0]} on a {size}-unit set, gap {best.gap['kl_mean']:.4g}", file=sys.stderr)
+            say(f"select: attack {done[0]} on a {size}-unit set, gap {best.gap['kl_mean']:.4g}")
         return float(best.gap["kl_mean"])
 
     return gap

@@ -356,7 +356,16 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
         gap = adversarial_gap(scrubber, train, spec.budget, seed, spec.progress) if adversary is not None else None
         with timings.phase("select", say=spec.progress):
             ordered = at_most(
-                scrubber, train, ordered, seed, config.penalty.kl_budget, restart, exact, gap=gap, timings=timings
+                scrubber,
+                train,
+                ordered,
+                seed,
+                config.penalty.kl_budget,
+                restart,
+                exact,
+                gap=gap,
+                timings=timings,
+                progress=spec.progress,
             )
     with timings.phase("grade"):
         graded = grade_masks(

@@ -1,0 +1,33 @@
+"""Progress on stderr: announced phases, and the heartbeat that keeps a quiet phase from going silent."""
+
+import threading
+import time
+
+from explainer.progress import Timings, heartbeat, say
+
+
+def _beats(err: str, name: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(f"{name} ... [")]
+
+
+def test_a_quiet_phase_says_it_is_still_running_and_stops_when_it_ends(capsys):
+    timings = Timings()
+    with timings.phase("quiet", say=True, every=0.05):
+        time.sleep(0.4)
+    during = capsys.readouterr().err
+    assert during.splitlines()[0] == "quiet ..." and during.splitlines()[-1].startswith("quiet done [")
+    assert _beats(during, "quiet"), during
+    time.sleep(0.2)  # the heartbeat ended with the phase
+    assert capsys.readouterr().err == ""
+    assert not any(t.name.startswith("heartbeat-") for t in threading.enumerate())
+
+
+def test_no_heartbeat_while_the_phase_talks_or_when_it_is_not_announced(capsys):
+    with heartbeat("talking", every=2.0):
+        for i in range(20):
+            say(f"step {i}")
+            time.sleep(0.02)
+    assert not _beats(capsys.readouterr().err, "talking")
+    with Timings().phase("unsaid", every=0.05):
+        time.sleep(0.2)
+    assert capsys.readouterr().err == ""
