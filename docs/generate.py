@@ -415,6 +415,7 @@ def _growth(data: dict[str, Any], name: str) -> list[str]:
     out = _provenance(data, name)
     keys = ["size", "command", "units", "wall_s", "train_s", "compile_s", "overhead_s", "overhead_ratio", "peak_rss_gb"]
     keys += ["timed_out", "running_at_timeout"]
+    keys += ["commit"] if any("commit" in r for r in data.get("rows", [])) else []  # rows rerun at several commits
     phases = {
         (size["size"], command): ", ".join(f"{k} {cell(v)}" for k, v in row.get("timings", {}).items())
         for size in data.get("sizes", [])
