@@ -88,9 +88,10 @@ def test_trained_against_the_rotated_adversary_an_explanation_withstands_the_rot
 
 def test_close_attacks_keeps_the_key_dimension_not_the_largest_component():
     """planted-cancel's truth plus four spare dimensions of the head's input (0, 1, 3, 4, 8 of
-    ``blocks.0.attn.in``), but not the key dimension 2: the rotated attack mixes dim 2 with a
-    varying excluded dimension, whose component is the larger. Closing the attack keeps dim 2,
-    the one unit that closes every such direction, and the gap goes to zero."""
+    ``blocks.0.attn.in``), but not the key dimension 2: the rotated attack mixes dim 2 with
+    varying excluded dimensions (which of them has the largest component follows the CPU's float
+    path: on some machines one of them, on others dim 2). Closing the attack keeps dim 2, the one
+    unit that closes every such direction, and the gap goes to zero."""
     folder = resolve_model("planted-cancel")
     data = resolve_task(None, folder).train_data()
     scrubber = Scrubber.build(load_model(folder), data)
@@ -100,7 +101,7 @@ def test_close_attacks_keeps_the_key_dimension_not_the_largest_component():
     key = jax.random.key(0)
     gap, found = rotated_attack(scrubber, data, keep, "learned", 1, key)
     direction = np.abs(np.asarray(found["blocks.0.attn.in"][0]))
-    assert gap > 1.0 and int(np.argmax(direction)) != 2 and direction[2] > 0.1
+    assert gap > 1.0 and direction[2] > 0.1 and (np.delete(direction, 2) > 0.1).any()
     closed, added, after = close_attacks(scrubber, data, keep, "learned", 1, 0.01, key)
     assert added == [("blocks.0.attn.in", 2)] and after <= 0.01
     assert np.flatnonzero(closed["blocks.0.attn.in"]).tolist() == [0, 1, 2, 3, 4, 8]
