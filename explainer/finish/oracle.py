@@ -8,7 +8,9 @@ with the scores one thread would give; prompts of mixed lengths in length groups
 
 Where a round has more candidates than :data:`SHORTLIST`, every candidate is first scored on the
 oracle's first :data:`SCREEN_PROMPTS` prompts (its ``screen``: the same prompts and replacement,
-fewer of them), and only the most promising are scored on all of them (:func:`shortlist`).
+fewer of them), and only the most promising are scored on all of them (:func:`shortlist`). A
+search that moves blocks of units may draw them past the shortlist, in the screen's order
+(:func:`extended`): a block is taken only when it holds on every prompt.
 
 Where a round's candidates fit a fixed cost, every candidate is evaluated (:func:`exact`): at most
 :data:`EXACT_UNITS` of them, and at most :data:`EXACT_FLOPS` to score them all on the screen (by
@@ -222,9 +224,28 @@ def shortlist(oracle: KLOracle, rows: np.ndarray, keep: int = SHORTLIST) -> np.n
     >>> int(np.isfinite(kls).sum()), bool(kls.min() == oracle.kl(np.eye(oracle.n_units)).min())
     (3, True)
     """
+    return screened(oracle, rows, keep)[0]
+
+
+def screened(oracle: KLOracle, rows: np.ndarray, keep: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`shortlist`'s KLs, and each row's KL on the screen (``None`` where every row was
+    scored exactly)."""
     if oracle.screen is None or len(rows) <= keep:
-        return _kl_rows(oracle, rows)
-    best = np.argsort(oracle.screen.kl(rows), kind="stable")[:keep]
+        return _kl_rows(oracle, rows), None
+    on_screen = oracle.screen.kl(rows)
+    best = np.argsort(on_screen, kind="stable")[:keep]
     out = np.full(len(rows), np.inf)
     out[best] = oracle.kl(rows[best])
-    return out
+    return out, on_screen
+
+
+def extended(oracle: KLOracle, flat: np.ndarray, order: np.ndarray, kls: np.ndarray, screen, better) -> np.ndarray:
+    """``order`` (indices of rows scored exactly, best first) followed by the rows the shortlist
+    left out whose screen KL ``better(kl, the screen's KL of flat)`` accepts, the best first: the
+    longer list a round's blocks are drawn from. A block is checked on every prompt before it is
+    taken, so the screen only proposes."""
+    if screen is None:
+        return order
+    base = float(oracle.screen.kl(flat)[0])
+    rest = [i for i in np.argsort(screen, kind="stable") if not np.isfinite(kls[i]) and better(float(screen[i]), base)]
+    return np.concatenate([order, np.asarray(rest, order.dtype)])

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from explainer.finish.oracle import SHORTLIST, KLOracle, _kl_rows, candidates, exact, shortlist, within
+from explainer.finish.oracle import KLOracle, _kl_rows, candidates, exact, extended, screened, shortlist, within
 
 MAX_ROUNDS = 8  # rounds of a search that is not exact (blocks of units)
 
@@ -181,9 +181,10 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     helps, or ``max_added`` units were added).
 
     Each round scores every excluded unit's return alone (:func:`shortlist`: the best on the screen
-    exactly, at least twice as many as there is room for), then the returns of the best 1, 2, 4, ...
-    of them together (one vmapped pass), and takes the fewest that reach the budget, or else the
-    prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
+    exactly), then the returns of the best 1, 2, 4, ... of them together (one vmapped pass; past
+    the shortlist, the units whose return helps on the screen, in its order:
+    :func:`~explainer.finish.oracle.extended`), and takes the fewest that reach the budget, or else
+    the prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
     repair costs a few rounds rather than one per unit. Once within the budget, each added unit the
     budget can do without is taken out again, the last added first (at most ``max_added`` masks):
     a doubled prefix can hold a unit that only ranked near the needed ones.
@@ -196,11 +197,12 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
         excluded = candidates(oracle, flat, np.flatnonzero(flat < 0.5), 1.0)
         if len(excluded) == 0:
             break
-        scores = shortlist(oracle, _with(flat, excluded, 1.0), max(SHORTLIST, 2 * (max_added - len(added))))
+        scores, screen = screened(oracle, _with(flat, excluded, 1.0))
         order = np.argsort(scores, kind="stable")
-        helpful = excluded[order][scores[order] < current - 1e-9]
-        if helpful.size == 0:
+        good = order[scores[order] < current - 1e-9]
+        if good.size == 0:
             break
+        helpful = excluded[extended(oracle, flat, good, scores, screen, lambda kl, base: kl < base - 1e-9)]
         lengths = _doubling(min(helpful.size, max_added - len(added)))
         kls = np.concatenate([[scores[order[0]]], _kl_rows(oracle, _prefixes(flat, helpful, lengths[1:], 1.0))])
         within = np.flatnonzero(kls <= budget)
@@ -230,9 +232,10 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
 
     Each round scores every kept unit's removal alone (:func:`shortlist`), then drops the free ones
-    (cheapest first) in the largest block of 1/1, 1/2, 1/4, ... of them whose joint removal does as
-    well as dropping the cheapest one alone (one vmapped pass), so a rung with many spare units
-    takes a few rounds rather than one per unit.
+    (cheapest first; past the shortlist, those free on the screen, in its order:
+    :func:`~explainer.finish.oracle.extended`) in the largest block of 1/1, 1/2, 1/4, ... of them
+    whose joint removal does as well as dropping the cheapest one alone (one vmapped pass, on every
+    prompt), so a rung with many spare units takes a few rounds rather than one per unit.
     """
     flat = np.asarray(flat, np.float32).copy()
     base = float(oracle.kl(flat[None])[0])
@@ -240,11 +243,12 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     while (kept := np.flatnonzero(flat > 0.5)).size and rounds > 0:
         rounds -= 1
         kept = candidates(oracle, flat, kept, 0.0)
-        kls = shortlist(oracle, _with(flat, kept, 0.0))
+        kls, screen = screened(oracle, _with(flat, kept, 0.0))
         order = np.argsort(kls, kind="stable")
-        free = kept[order][[no_worse(float(k), base) for k in kls[order]]]
-        if free.size == 0:
+        cheap = order[[no_worse(float(k), base) for k in kls[order]]]
+        if cheap.size == 0:
             break
+        free = kept[extended(oracle, flat, cheap, kls, screen, no_worse)]
         lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
         joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
         bar = min(base, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
