@@ -12,6 +12,7 @@ exhaustive search runs only where scoring every set is cheap (``EXHAUSTIVE_FLOPS
 
 import json
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -160,3 +161,33 @@ def test_exhaustive_joins_every_ground_truth_attack_it_joined_before():
         prompts, seq = resolve_task(None, folder).heldout_data().clean.shape
         units = len(config.sites) * config.d_model
         assert exhaustive_fits(units, budget, max_sets, config.scored_flops(seq) * prompts), name
+
+
+def test_a_prune_round_drops_free_units_past_the_shortlist(monkeypatch):
+    """A round draws its block from the units free on the screen, not only from the shortlist scored
+    on every prompt: on a model where all but 16 of 600 units read nothing (their weights zero),
+    prune from everything kept drops every free unit, more than ``MAX_ROUNDS`` rounds of
+    ``SHORTLIST`` could, and keeps the KL."""
+    monkeypatch.setattr("explainer.finish.oracle.EXACT_UNITS", 100)  # the bounded rounds
+    cfg = ModelConfig(
+        n_layers=1, d_model=300, n_heads=2, d_head=8, d_vocab=13, n_ctx=6, attn_only=True, normalization_type=None
+    )
+    model = init_random(cfg, jax.random.key(0))
+    read = np.arange(cfg.d_model) < 8  # the dimensions anything reads
+    weight = read.astype(np.float32)
+    attn = model.blocks[0].attn
+    zeroed = {name: getattr(attn, name) * weight[None, :, None] for name in ("W_Q", "W_K", "W_V")}
+    model = eqx.tree_at(
+        lambda m: (m.blocks[0].attn.W_Q, m.blocks[0].attn.W_K, m.blocks[0].attn.W_V, m.W_U),
+        model,
+        (zeroed["W_Q"], zeroed["W_K"], zeroed["W_V"], model.W_U * weight[:, None]),
+    )
+    _, batch = setup_of(8)
+    oracle = KLOracle(Scrubber.build(model, batch), batch, screen_prompts=8)
+    assert oracle.n_units == 600 and not exact(oracle)
+    everything = np.ones(oracle.n_units, np.float32)
+    pruned = prune(oracle, everything)
+    needed = np.concatenate([read, read])  # attn.in, then unembed.in
+    assert not (pruned[~needed] > 0.5).any()  # every free unit dropped
+    assert oracle.n_units - int(pruned.sum()) > MAX_ROUNDS * SHORTLIST
+    assert oracle.kl(pruned)[0] <= oracle.kl(everything)[0] + 1e-5  # float noise: each round may add 1e-6
