@@ -367,7 +367,7 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
                 timings=timings,
                 progress=spec.progress,
             )
-    with timings.phase("grade"):
+    with timings.phase("grade", say=spec.progress):
         graded = grade_masks(
             scrubber,
             train,
