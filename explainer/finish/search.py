@@ -199,15 +199,15 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
             break
         scores, screen = screened(oracle, _with(flat, excluded, 1.0))
         order = np.argsort(scores, kind="stable")
-        good = order[scores[order] < current - 1e-9]
+        good = order[_lowers(scores[order], current)]
         if good.size == 0:
             break
-        helpful = excluded[extended(oracle, flat, good, scores, screen, lambda kl, base: kl < base - 1e-9)]
+        helpful = excluded[extended(oracle, flat, good, scores, screen, _lowers)]
         lengths = _doubling(min(helpful.size, max_added - len(added)))
         kls = np.concatenate([[scores[order[0]]], _kl_rows(oracle, _prefixes(flat, helpful, lengths[1:], 1.0))])
         within = np.flatnonzero(kls <= budget)
         pick = int(within[0]) if within.size else int(np.argmin(kls))
-        if kls[pick] >= current - 1e-9:
+        if not _lowers(kls[pick], current):
             break
         flat[helpful[: lengths[pick]]] = 1.0
         added.extend(int(u) for u in helpful[: lengths[pick]])
@@ -221,6 +221,11 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
                 flat, current = trial, kl
                 added.remove(unit)
     return flat, added
+
+
+def _lowers(kl, base: float):
+    """``kl`` (a number or an array) is below ``base`` by more than float noise: a return that helps."""
+    return kl < base - 1e-9
 
 
 def no_worse(kl: float, base: float) -> bool:
