@@ -171,16 +171,36 @@ def _finish(mode: str, value: float, gates: Gates) -> Mask:
     return layout.split(layout.top(layout.flat(gates.logits, np.float64), value))
 
 
-def _signature(mode: str, values: Sequence[float | int], logits: dict[str, Any]) -> str:
-    """A digest of the finished explanation of every state in a batch (``logits``: site -> (B, n)),
-    as :func:`_finish` would finish state ``b`` at ``values[b]``: its top ``k`` units, or its units
+def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str, Any], Any], adversary=None) -> str:
+    """A digest of the finished explanation of every state in a batch and, with an ``adversary``
+    that names its attacks (``rows`` and ``best``, as :class:`~adversary.learned.LearnedAdversary`),
+    of each restart's best attack on it. ``watched`` is :func:`explainer.train.loop.watched`'s
+    (gate logits: site -> ``(B, n)``; the adversary's state, batched the same way). A state is
+    finished as :func:`_finish` would finish it at ``values[b]``: its top ``k`` units, or its units
     with a positive logit."""
-    flat = np.concatenate([np.asarray(v) for v in logits.values()], axis=-1)
+    logits, attack = watched
+    sites = list(logits)
+    flat = np.concatenate([np.asarray(logits[s]) for s in sites], axis=-1)
+    bounds = np.cumsum([0] + [np.shape(logits[s])[-1] for s in sites])
     digest = hashlib.sha256()
-    for row, value in zip(flat, values, strict=True):
+    for b, (row, value) in enumerate(zip(flat, values, strict=True)):
         kept = np.sort(_top(row, value)) if mode == "sizes" else np.flatnonzero(row > 0)
         digest.update(kept.astype(np.int64).tobytes() + b"|")
+        if adversary is None or attack is None:
+            continue
+        mask = np.zeros(flat.shape[-1], np.float32)
+        mask[kept] = 1.0
+        keep = {s: jnp.asarray(mask[bounds[i] : bounds[i + 1]]) for i, s in enumerate(sites)}
+        params = jax.tree.map(lambda x, b=b: jnp.asarray(np.asarray(x)[b]), attack)
+        for r in range(adversary.rows):
+            digest.update(repr(sorted(adversary.best(params, keep, r).items())).encode() + b";")
     return digest.hexdigest()
+
+
+def _watches(adversary) -> bool:
+    """Whether a ladder can tell when ``adversary``'s attacks sit still (it names them: ``rows``
+    and ``best``), and so may stop a rung whose explanation and attacks have both settled."""
+    return adversary is None or (hasattr(adversary, "best") and hasattr(adversary, "rows"))
 
 
 def _open(config: TrainConfig) -> TrainConfig:
@@ -212,16 +232,18 @@ def _continue(
     first_patience=0,
     workers=1,
     timings=None,
+    adversary=None,
 ):
     """Continuation ladders, one per way in ``ways``, trained in lockstep as one batch (one state
     per way, from ``starts``): ``up`` from the smallest value (each rung warm-started from the one
     below), ``down`` from the largest (sizes only: its start has open gates, and on every later rung
     λ rises as fast as it backs off, since a short rung must close units). Both ways have the same
     rungs and steps, so rung ``j`` of every way is one stretch of the batched step (its states in
-    ``workers`` threads): a step of two states costs little more than a step of one. Every rung after the first stops
-    early once every way's explanation has stayed the same for ``patience`` steps, the first once
-    it has for ``first_patience`` (0: never; see :func:`explainer.train.loop.run_steps`). Returns, per way, each rung's
-    gates and history in the order of ``values``."""
+    ``workers`` threads): a step of two states costs little more than a step of one. Every rung
+    after the first stops early once every way's explanation (and, with an ``adversary``, its
+    attacks) has stayed the same for ``patience`` steps, the first once it has for
+    ``first_patience`` (0: never; see :func:`explainer.train.loop.run_steps`). Returns, per way,
+    each rung's gates and history in the order of ``values``."""
     ascending = sorted(range(len(values)), key=lambda i: values[i])
     orders = [ascending[::-1] if way == "down" else ascending for way in ways]
     gates = [[None] * len(values) for _ in ways]
@@ -238,7 +260,7 @@ def _continue(
         rung = (targets[jnp.asarray(chosen)], jnp.asarray(rise, jnp.float32))
         rung_folder = folder / f"rung-{j}" if folder is not None else None
         ks = [values[i] for i in chosen]
-        settle = lambda logits, ks=ks: _signature(mode, ks, logits)  # noqa: E731
+        settle = lambda watched, ks=ks: _signature(mode, ks, watched, adversary)  # noqa: E731
         state, history = run_steps(
             ladder_step,
             state,
@@ -317,12 +339,14 @@ def train_ladder(
     Returns one :class:`Rung` per value, in the order given. ``continuation_steps`` (default
     ``optimiser.steps // 4``) is the most steps of every rung after the first under ``continuation``:
     such a rung stops once its explanation (every way's) has not changed for ``patience`` steps (0:
-    never stops early). With an ``adversary`` no rung stops early: while the explainer's set sits
-    still the adversary can still be finding the attack that will move it (on planted-cancel,
-    adversary rungs stopped at 100 still steps kept the fragile cancelling pair, gap 8.75 nats at
-    budget 2, where rungs trained to the end keep the robust four units), nor on a ladder of
-    penalties: under a fixed penalty the gates drift steadily, and the units with a positive logit
-    can sit still long before they cross (planted-distractor's λ = 100 rung kept 2 units after 100
+    never stops early). With an ``adversary`` the attacks must have stayed the same too (each
+    restart's ``best`` re-inclusion, :func:`_signature`): while the explainer's set sits still the
+    adversary can still be finding the attack that will move it (on planted-cancel, adversary rungs
+    stopped after 100 steps of a still set alone kept the fragile cancelling pair, gap 8.75 nats at
+    budget 2, where rungs trained to the end keep the robust four units); with an adversary that
+    does not name its attacks no rung stops early. Nor does any on a ladder of penalties: under a
+    fixed penalty the gates drift steadily, and the units with a positive logit can sit still long
+    before they cross (planted-distractor's λ = 100 rung kept 2 units after 100
     still steps, none at the end). ``first_patience`` is the same rule for the first rung under
     ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by default,
     since from the initial gates an explanation can sit still for hundreds of steps and then move
@@ -369,7 +393,7 @@ def train_ladder(
     workers = ladder_workers(scrubber, data, config) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ExplainerError(f"workers must be a whole number of threads >= 1, got {workers!r}")
-    if adversary is not None or mode == "lambdas":  # a still explanation need not be a settled one
+    if not _watches(adversary) or mode == "lambdas":  # a still explanation need not be a settled one
         patience = first_patience = 0
     if program is None:
         program = ladder_program(scrubber, data, config, mode, adversary)
@@ -392,7 +416,7 @@ def train_ladder(
             batch = eqx.tree_at(lambda s: s.log_lambda, batch, jnp.asarray(np.tile(log_lambda, len(ways))))
             rungs = (jnp.tile(targets, len(ways)), jnp.ones(n * len(ways), jnp.float32))
             ks = list(values) * len(ways)
-            settle_all = lambda logits: _signature(mode, ks, logits)  # noqa: E731
+            settle_all = lambda watched: _signature(mode, ks, watched, adversary)  # noqa: E731
             states, history = run_steps(
                 ladder_step,
                 batch,
@@ -444,6 +468,7 @@ def train_ladder(
                         first_patience,
                         workers,
                         timings,
+                        adversary,
                     ),
                     strict=True,
                 )

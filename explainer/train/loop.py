@@ -145,8 +145,14 @@ class _Threads:
     def states(self):
         return _join(tuple(self.parts))
 
-    def logits(self):
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get([p.gates.logits for p in self.parts]))
+    def watched(self):
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get([watched(p) for p in self.parts]))
+
+
+def watched(state) -> tuple[Any, Any]:
+    """What a settle check reads of a batch of states: the gate logits (site -> ``(B, n)``) and the
+    in-loop adversary's learned state (``None`` without one), on the host."""
+    return jax.device_get((state.gates.logits, state.adversary[0] if state.adversary is not None else None))
 
 
 def _quiet(done: int, text: str) -> None:
@@ -190,10 +196,11 @@ def run_steps(
     - ``advance(done + n, text)``: progress every 50 steps, at each checkpoint and at the end, with
       ``describe(history)`` as text (by default ``label`` and the last step's mean KL). ``label``
       is also saved in each checkpoint's meta.
-    - ``settle`` (gate logits of the batch, on the host -> a digest of its finished explanations)
-      and ``patience``: the run stops early once that digest, read every ``SETTLE_EVERY`` steps, has
-      not changed for ``patience`` steps. The digest and the step it last changed at are saved with
-      each checkpoint, so a resumed run stops where an uninterrupted one would.
+    - ``settle`` (:func:`watched`: the batch's gate logits and adversary state, on the host -> a
+      digest of its finished explanations and attacks) and ``patience``: the run stops early once
+      that digest, read every ``SETTLE_EVERY`` steps, has not changed for ``patience`` steps. The
+      digest and the step it last changed at are saved with each checkpoint, so a resumed run
+      stops where an uninterrupted one would.
     - ``workers`` above 1: a batch is cut into that many equal parts where it divides
       (:func:`_parts`), each part stepped in its own thread between the points where the run reads
       its states (every ``SETTLE_EVERY`` steps, each checkpoint, the end); metrics, checks,
@@ -220,12 +227,12 @@ def run_steps(
     threads = None
     if n_parts > 1:
         threads = _Threads(step, _split(state, n_parts), _split(targets, n_parts), operands)
-        current, logits = threads.states, threads.logits
+        current, read = threads.states, threads.watched
     else:
-        current, logits = (lambda: state), (lambda: jax.device_get(state.gates.logits))
+        current, read = (lambda: state), (lambda: watched(state))
     signature, since = meta.get("signature"), meta.get("since", first)
     if watch and signature is None:
-        signature, since = settle(logits()), first
+        signature, since = settle(read()), first
     if first:
         advance(done + first, "")
     clock = time.perf_counter()
@@ -250,7 +257,7 @@ def run_steps(
         n = stop
         settled = False
         if watch and n % SETTLE_EVERY == 0 and n < steps:
-            now = settle(logits())
+            now = settle(read())
             if now != signature:
                 signature, since = now, n
             settled = n - since >= patience
