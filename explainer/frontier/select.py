@@ -374,9 +374,10 @@ def open_restart(
     timings: Timings | None = None,
 ) -> Callable[[Sequence[float]], list[Rung]]:
     """:func:`at_most`'s ``restart``: rungs of the given sizes trained again from open gates (at
-    most ``optimiser.steps``, as ``explain``'s open restart, and stopped once every rung's explanation
-    has stayed the same for ``patience`` steps: on ioi's 8-point ladder the restart of the 81- and
-    41-unit rungs settled at step 775 with the same KL as at 1500), several as one batch;
+    most ``optimiser.steps``, as ``explain``'s open restart, and stopped once every rung's explanation,
+    and with an adversary its attacks, have stayed the same for ``patience`` steps: on ioi's
+    8-point ladder the restart of the 81- and 41-unit rungs settled at step 775 with the same KL as
+    at 1500), several as one batch;
     checkpoints in ``open-restart-K`` (``open-restart-K1-K2`` for a batch). ``program``: the
     ladder's (:class:`LadderProgram`), whose compiled step a batch of its shape reuses. ``progress``:
     its steps on stderr (``open restart (K1, K2) ...``); ``timings`` gains ``open_restart_train``,
