@@ -34,7 +34,7 @@ from explainer.progress import Timings
 from explainer.score import evaluate_keep
 from explainer.scrub import Scrubber
 from explainer.tasks import Task, resolve_task
-from explainer.train.config import TrainConfig, check_dtype
+from explainer.train.config import TrainConfig, check_dtype, resolved_start
 from explainer.train.config_files import from_dict, load_config
 from explainer.train.step import InLoopAdversary
 from explainer.verdicts import check_target_size, train_warnings
@@ -147,7 +147,7 @@ def explain(
     """
     if not isinstance(config, TrainConfig):
         config = load_config(config) if config is not None else TrainConfig()
-    config = config.replace(**settings)
+    config = resolved_start(config.replace(**settings), ladder=False)
     if out is not None and not resume:
         check_writable(Path(out), overwrite)
         if not overwrite:
@@ -244,7 +244,8 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
 def _check_same_run(out: str | os.PathLike, record: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with anything other than what it was started with."""
     recorded = runs.read_record(out)
-    recorded["config"] = from_dict(recorded["config"], source=f"run {str(out)!r}").to_json()  # older records too
+    config = from_dict(recorded["config"], source=f"run {str(out)!r}")  # older records too
+    recorded["config"] = resolved_start(config, ladder=False).to_json()
     if not recorded["overwrite"] and (Path(out) / "explanation.json").is_file():
         runs.finish(out)
         raise ExplainerError(f"run {str(out)!r} has finished; there is nothing to resume")

@@ -230,6 +230,7 @@ def test_train_without_adversary_flag(tmp_path, cli_here):
         )
     )
     assert result["config"]["adversary"] is None
+    assert result["config"]["init_from"] == "logit"  # "auto", made concrete: one run starts closed
     assert result["kept"]["unembed.in"] == [1]
     bad = cli_here("train", "--model", "planted-cancel", "--adversary", "lerned", "--out", tmp_path / "r2")
     assert bad.returncode == 2 and "did you mean 'learned'" in bad.stderr

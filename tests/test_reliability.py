@@ -326,7 +326,7 @@ def test_concurrent_attacks_do_not_collide(tmp_path):
         ({"lr": float("inf")}, "'lr' must be a finite number"),
         ({"kl_budget": -1.0}, "'kl_budget' must be a positive number"),
         ({"init_logit": "open"}, "'init_logit' must be a finite number"),
-        ({"init_from": "attributions"}, "'init_from' must be one of logit, attribution, integrated_gradients"),
+        ({"init_from": "attributions"}, "'init_from' must be one of auto, logit, attribution, integrated_gradients"),
         ({"seed": -1}, "'seed' must be an integer in"),
         ({"seed": 2**70}, "'seed' must be an integer in"),
         ({"steps": 1.5}, "'steps' must be an integer"),

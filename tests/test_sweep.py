@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,8 @@ def test_sweep_saves_runs_every_command_accepts(tmp_path):
         expl, _, _ = open_run(record["run"])
         assert expl.size == record["size"]
     middle = saved["records"][1]
+    recorded = json.loads((Path(middle["run"]) / "explanation.json").read_text())["config"]
+    assert recorded["init_from"] == "integrated_gradients"  # init_from "auto" on a ladder, made concrete
     assert evaluate(middle["run"])["faithfulness"]["kl_mean"] == pytest.approx(middle["kl_mean"], abs=1e-5)
     assert (out / "frontier.png").is_file()
     assert saved["cpr"] == pytest.approx(result["cpr"])

@@ -59,7 +59,7 @@ from explainer.models.folders import swap_into_place
 from explainer.parallel import data_parallel
 from explainer.progress import Timings
 from explainer.scrub import ABLATIONS, Scrubber, check_ablation
-from explainer.train.config import Dims, KLBudget, TrainConfig, flag
+from explainer.train.config import Dims, KLBudget, TrainConfig, flag, resolved_start
 from explainer.train.config_files import from_dict, load_config
 from explainer.train.step import (
     InLoopAdversary,
@@ -266,6 +266,7 @@ def prepare(
     if not isinstance(config, TrainConfig):
         config = load_config(config) if config is not None else TrainConfig()
     config = config.replace(**settings)
+    config = resolved_start(config, ladder=True)
     check_sweepable(config)
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")

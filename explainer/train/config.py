@@ -85,7 +85,7 @@ def _names(name: str, value: Any, must: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-INIT_FROM = ("logit", "attribution", "integrated_gradients")  # where the gates start
+INIT_FROM = ("auto", "logit", "attribution", "integrated_gradients")  # where the gates start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +101,11 @@ class Optimiser:
         "open, for circuits of several units in series that no single unit opens alone).",
     )
     init_from: str = setting(
-        "logit",
-        "Where the gates start (default {default}): logit, every gate at --init-logit; attribution or "
-        "integrated_gradients, each gate between --init-logit and open by its unit's rank under that ranking (one "
-        "backward pass, or 16 along the path from the empty mask, which also sees units whose effect has "
-        "saturated), so the units that matter start open.",
+        "auto",
+        "Where the gates start (default {default}: integrated_gradients for a sweep's ladder, logit for train): "
+        "logit, every gate at --init-logit; attribution or integrated_gradients, each gate between --init-logit "
+        "and open by its unit's rank under that ranking (one backward pass, or 16 along the path from the empty "
+        "mask, which also sees units whose effect has saturated), so the units that matter start open.",
     )
     basis_lr: float = setting(0.001, "Adam learning rate of a learned basis's rotations (default {default}).")
     init_lambda: float = setting(
@@ -418,6 +418,21 @@ FLAT_NAMES = (  # the order of the saved records' keys
     *("positional", "units", "rewrites", "dtype", "shard_weights"),
 )
 assert set(FLAT_NAMES) == set(PLACE), "every flat setting has one place"
+
+
+def resolved_start(config: TrainConfig, ladder: bool) -> TrainConfig:
+    """``config`` with ``init_from = "auto"`` made concrete: ``integrated_gradients`` for a sweep's
+    ladder (on the peer race's ioi and induction edge ladders it gave a lower CMD than closed gates,
+    ``benchmarks/results/peers.json``), ``logit`` for one run. Run records store the concrete value.
+
+    >>> resolved_start(TrainConfig(), ladder=True).optimiser.init_from
+    'integrated_gradients'
+    >>> resolved_start(TrainConfig.of(init_from="attribution"), ladder=True).optimiser.init_from
+    'attribution'
+    """
+    if config.optimiser.init_from != "auto":
+        return config
+    return config.replace(init_from="integrated_gradients" if ladder else "logit")
 
 
 def flat_names() -> list[str]:

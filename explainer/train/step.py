@@ -462,8 +462,9 @@ OPEN_LOGIT = 3.0
 
 def starts_ranked(config: TrainConfig) -> bool:
     """Whether training starts its gates from a ranking (:func:`start_gates`): ``init_from`` names
-    one and ``init_logit`` is below open (from open gates every rank starts open)."""
-    return config.optimiser.init_from != "logit" and config.optimiser.init_logit < OPEN_LOGIT
+    one (``auto``, not yet made concrete, counts as ``logit``) and ``init_logit`` is below open (from
+    open gates every rank starts open)."""
+    return config.optimiser.init_from not in ("logit", "auto") and config.optimiser.init_logit < OPEN_LOGIT
 
 
 def start_gates(scrubber: Scrubber, data: Batch, config: TrainConfig) -> Gates | None:
