@@ -51,6 +51,7 @@ from explainer.train.step import (
     init_state,
     make_step,
     start_gates,
+    starts_ranked,
 )
 
 STRATEGIES = ("auto", "vmap", "continuation")
@@ -367,7 +368,8 @@ def train_ladder(
     states is split across (:func:`explainer.train.loop.run_steps`; by default :func:`ladder_workers`: the CPU's cores
     where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
     rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
-    ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps).
+    ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps), and
+    ``init_gates`` where the gates start from a ranking (:func:`~explainer.train.step.start_gates`).
     ``label``: what its progress lines start with (by default ``sweep (N rungs, STRATEGY)``).
 
     >>> from explainer.models import load_model
@@ -400,7 +402,11 @@ def train_ladder(
     program.check(config, mode, adversary)
     config = _step_config(config)
     optimizer, ladder_step, operands, counter = program.optimizer, program.checked, program.operands, program.counter
-    start = init_state(scrubber, config, optimizer, adversary, gates=start_gates(scrubber, data, config))
+    gates = None
+    if starts_ranked(config):  # its own phase: the ranking's backward passes are not training steps
+        with (timings if timings is not None else Timings()).phase("init_gates", say=progress):
+            gates = start_gates(scrubber, data, config)
+    start = init_state(scrubber, config, optimizer, adversary, gates=gates)
     log_lambda = _log_lambdas(mode, values, config)
     targets = jnp.asarray(values, jnp.float32)
     folder = Path(checkpoints) if checkpoints is not None else None

@@ -345,7 +345,7 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
         ):
             rungs[r.value] = r
     train_seconds = time.perf_counter() - t0
-    timings["train"] = train_seconds - timings.get("compile", 0.0)
+    timings["train"] = train_seconds - timings.get("compile", 0.0) - timings.get("init_gates", 0.0)
     for v in trivial:
         rungs[v] = _trivial_rung(mode, v, scrubber.n_units, keep_all=v >= total)
     ordered = [rungs[v] for v in values]
