@@ -180,9 +180,8 @@ def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str
     finished as :func:`_finish` would finish it at ``values[b]``: its top ``k`` units, or its units
     with a positive logit."""
     logits, attack = watched
-    sites = list(logits)
-    flat = np.concatenate([np.asarray(logits[s]) for s in sites], axis=-1)
-    bounds = np.cumsum([0] + [np.shape(logits[s])[-1] for s in sites])
+    layout = Layout.of({s: np.shape(v)[-1] for s, v in logits.items()})
+    flat = np.concatenate([np.asarray(logits[s]) for s in layout.sites], axis=-1)
     digest = hashlib.sha256()
     for b, (row, value) in enumerate(zip(flat, values, strict=True)):
         kept = np.sort(_top(row, value)) if mode == "sizes" else np.flatnonzero(row > 0)
@@ -191,7 +190,7 @@ def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str
             continue
         mask = np.zeros(flat.shape[-1], np.float32)
         mask[kept] = 1.0
-        keep = {s: jnp.asarray(mask[bounds[i] : bounds[i + 1]]) for i, s in enumerate(sites)}
+        keep = layout.split(jnp.asarray(mask))
         params = jax.tree.map(lambda x, b=b: jnp.asarray(np.asarray(x)[b]), attack)
         for r in range(adversary.rows):
             digest.update(repr(sorted(adversary.best(params, keep, r).items())).encode() + b";")
