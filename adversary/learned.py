@@ -106,6 +106,14 @@ class LearnedAdversary:
         return self.restarts + (self.basis != "own")
 
     @property
+    def named(self) -> bool:
+        """Whether :meth:`best` names each restart's whole attack: units of a basis that does not
+        move (its own, or a rotation fixed at a random start). A learned rotation moves the basis
+        itself, which no set of units names, so a ladder never takes its still units for a settled
+        attack (:func:`explainer.frontier.ladder.train_ladder`)."""
+        return self.basis != "learned"
+
+    @property
     def closes(self) -> bool:
         """Whether closing the rotated attacks (:func:`explainer.finish.passes.close_rotated`) can
         change an explanation: in a rotated basis only."""

@@ -208,6 +208,34 @@ def test_signature_with_an_adversary_reads_its_attacks_on_the_excluded_units():
     assert _signature("sizes", [2], (logits, attack)) == _signature("sizes", [2], (logits, None))  # none named
 
 
+def test_a_ladder_settles_against_a_fixed_rotation_and_never_against_a_learned_one(distractor):
+    """Against a random rotation, fixed at its start, the restarts' units name their attacks: later
+    rungs stop once explanation and attacks sit still. A learned rotation moves its basis under
+    units that sit still, so against it every rung trains all its steps."""
+    from adversary.learned import make_adversary
+    from explainer.frontier.ladder import _watches
+
+    scrubber, task = distractor
+    steps, watches = {}, {}
+    for basis in ("random", "learned"):
+        adversary = make_adversary("learned", basis=basis)
+        rungs = train_ladder(
+            scrubber,
+            task.train_data(),
+            TrainConfig.of(steps=100),
+            "sizes",
+            [1, 2, 3],
+            adversary,
+            continuation_steps=150,
+            patience=25,
+        )
+        steps[basis] = sorted(len(r.history["kl"]) for r in rungs)
+        watches[basis] = _watches(adversary)
+    assert steps["random"][-1] == 100 and all(25 <= n < 150 for n in steps["random"][:-1]), steps
+    assert steps["learned"] == [100, 150, 150], steps
+    assert watches == {"random": True, "learned": False}
+
+
 @pytest.mark.parametrize("mode", ["sizes", "lambdas"])
 def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     """On a ladder of sizes, a rung after the first stops once every way's finished explanation has

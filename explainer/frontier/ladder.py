@@ -174,7 +174,8 @@ def _finish(mode: str, value: float, gates: Gates) -> Mask:
 
 def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str, Any], Any], adversary=None) -> str:
     """A digest of the finished explanation of every state in a batch and, with an ``adversary``
-    that names its attacks (``rows`` and ``best``, as :class:`~adversary.learned.LearnedAdversary`),
+    that names its attacks (``named``, ``rows`` and ``best``, as
+    :class:`~adversary.learned.LearnedAdversary` outside a learned rotation),
     of each restart's best attack on it. ``watched`` is :func:`explainer.train.loop.watched`'s
     (gate logits: site -> ``(B, n)``; the adversary's state, batched the same way). A state is
     finished as :func:`_finish` would finish it at ``values[b]``: its top ``k`` units, or its units
@@ -198,9 +199,12 @@ def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str
 
 
 def _watches(adversary) -> bool:
-    """Whether a ladder can tell when ``adversary``'s attacks sit still (it names them: ``rows``
-    and ``best``), and so may stop a rung whose explanation and attacks have both settled."""
-    return adversary is None or (hasattr(adversary, "best") and hasattr(adversary, "rows"))
+    """Whether a ladder can tell when ``adversary``'s attacks sit still (it names them: ``named``,
+    with ``rows`` and ``best``), and so may stop a rung whose explanation and attacks have both
+    settled. A learned rotation does not: its basis moves under units that sit still."""
+    if adversary is None:
+        return True
+    return bool(getattr(adversary, "named", False)) and hasattr(adversary, "best") and hasattr(adversary, "rows")
 
 
 def _open(config: TrainConfig) -> TrainConfig:
@@ -344,9 +348,10 @@ def train_ladder(
     adversary can still be finding the attack that will move it (on planted-cancel, adversary rungs
     stopped after 100 steps of a still set alone kept the fragile cancelling pair, gap 8.75 nats at
     budget 2, where rungs trained to the end keep the robust four units); with an adversary that
-    does not name its attacks no rung stops early. Nor does any on a ladder of penalties: under a
-    fixed penalty the gates drift steadily, and the units with a positive logit can sit still long
-    before they cross (planted-distractor's λ = 100 rung kept 2 units after 100
+    does not name its attacks (a learned rotation, whose basis moves under still units) no rung
+    stops early. Nor does any on a ladder of penalties: under a fixed penalty the gates drift
+    steadily, and the units with a positive logit can sit still long before they cross
+    (planted-distractor's λ = 100 rung kept 2 units after 100
     still steps, none at the end). ``first_patience`` is the same rule for the first rung under
     ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by default,
     since from the initial gates an explanation can sit still for hundreds of steps and then move
