@@ -351,8 +351,8 @@ def train_ladder(
     does not name its attacks (a learned rotation, whose basis moves under still units) no rung
     stops early. Nor does any on a ladder of penalties: under a fixed penalty the gates drift
     steadily, and the units with a positive logit can sit still long before they cross
-    (planted-distractor's λ = 100 rung kept 2 units after 100
-    still steps, none at the end). ``first_patience`` is the same rule for the first rung under
+    (planted-distractor's λ = 100 rung kept 2 units after 100 still steps, none at the end).
+    ``first_patience`` is the same rule for the first rung under
     ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by default,
     since from the initial gates an explanation can sit still for hundreds of steps and then move
     (induction's one-unit rung changed at step 650 after 600 still ones); :func:`at_most`'s restarts

@@ -52,9 +52,10 @@ class InLoopAdversary(Protocol):
     With ``warm_start`` false the state is re-initialised at every explainer step. An adversary
     may also say it ``closes`` (a rotated basis, with its ``basis``, ``budget`` and ``divergence``):
     :func:`explainer.finish.passes.fit` then closes the rotated attacks left open on the finished
-    explanation (see there). One that names its attacks (``named`` true, ``rows``, and ``best(params, keep,
-    restart)``: a restart's whole re-inclusion as units per site) lets a ladder's rung stop once the
-    explanation and every attack on it have sat still (:func:`explainer.frontier.ladder.train_ladder`).
+    explanation (see there). One that names its attacks (``named`` true, ``rows``, and
+    ``best(params, keep, restart)``: a restart's whole re-inclusion as units per site) lets a
+    ladder's rung stop once the explanation and every attack on it have sat still
+    (:func:`explainer.frontier.ladder.train_ladder`).
     """
 
     name: str
