@@ -190,4 +190,4 @@ def test_a_prune_round_drops_free_units_past_the_shortlist(monkeypatch):
     needed = oracle.flat({"blocks.0.attn.in": read, "unembed.in": read}) > 0.5
     assert not (pruned[~needed] > 0.5).any()  # every free unit dropped
     assert oracle.n_units - int(pruned.sum()) > MAX_ROUNDS * SHORTLIST
-    assert oracle.kl(pruned)[0] <= oracle.kl(everything)[0] + 1e-5  # float noise: each round may add 1e-6
+    assert oracle.kl(pruned)[0] <= oracle.kl(everything)[0] + 1e-6  # float noise, once over all rounds

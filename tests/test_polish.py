@@ -108,6 +108,26 @@ def test_prune_drops_more_free_units_than_one_shortlist(sort_oracle):
     np.testing.assert_array_equal(prune(oracle, padded), truth)
 
 
+class CreepingOracle(KLOracle):
+    """Ten units, each of whose removals raises the KL by 0.9e-6 (within float noise alone, not
+    together), scored exactly."""
+
+    def __init__(self):
+        self.n_units, self.mask_flops, self.screen = 10, 0.0, None
+
+    def kl(self, rows):
+        return 0.05 + 0.9e-6 * (self.n_units - (np.atleast_2d(rows) > 0.5).sum(axis=1))
+
+
+def test_prune_never_raises_the_kl_past_float_noise_in_steps():
+    """Each removal is within float noise of the KL before it, but "costs nothing" is measured from
+    the lowest KL reached: one unit goes, not all ten (which would raise the KL by 9e-6)."""
+    oracle, everything = CreepingOracle(), np.ones(10, np.float32)
+    pruned = prune(oracle, everything)
+    assert int(pruned.sum()) == 9
+    assert oracle.kl(pruned)[0] <= oracle.kl(everything)[0] + 1e-6
+
+
 def test_repair_leaves_a_faithful_explanation_alone(sort_oracle):
     oracle, truth = sort_oracle
     repaired, added = repair(oracle, truth, KL_BUDGET)

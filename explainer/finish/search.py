@@ -241,26 +241,30 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     :func:`~explainer.finish.oracle.extended`) in the largest block of 1/1, 1/2, 1/4, ... of them
     whose joint removal does as well as dropping the cheapest one alone (one vmapped pass, on every
     prompt), so a rung with many spare units takes a few rounds rather than one per unit.
+
+    "Costs nothing" is measured against the lowest KL the prune has reached, not the last one: a
+    removal within float noise of it may raise the KL a little, and a chain of such removals, each
+    measured from the one before, would raise it by a little every round.
     """
     flat = np.asarray(flat, np.float32).copy()
-    base = float(oracle.kl(flat[None])[0])
+    lowest = float(oracle.kl(flat[None])[0])  # the lowest KL reached: what "costs nothing" means
     rounds = _rounds(oracle)
     while (kept := np.flatnonzero(flat > 0.5)).size and rounds > 0:
         rounds -= 1
         kept = candidates(oracle, flat, kept, 0.0)
         kls, screen = screened(oracle, _with(flat, kept, 0.0))
         order = np.argsort(kls, kind="stable")
-        cheap = order[[no_worse(float(k), base) for k in kls[order]]]
+        cheap = order[[no_worse(float(k), lowest) for k in kls[order]]]
         if cheap.size == 0:
             break
         free = kept[extended(oracle, flat, cheap, kls, screen, no_worse)]
         lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
         joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
-        bar = min(base, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
+        bar = min(lowest, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
         ok = [i for i, k in enumerate(joint) if no_worse(float(k), bar)]
-        length, new_base = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
+        length, kl = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
         flat[free[:length]] = 0.0
-        base = new_base
+        lowest = min(lowest, kl)
     return flat
 
 
