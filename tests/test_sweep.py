@@ -511,6 +511,35 @@ def test_at_most_keeps_the_way_whose_polished_rung_is_better():
     assert _kept(searched.keep) == pathway and searched.history["exact_search"] == [1.0]
 
 
+def test_at_most_takes_a_rankings_top_set_where_it_beats_the_rungs():
+    """A rung stuck on planted-cancel's cancelling pair, with no exact search and no other way:
+    attribution's top two units are the pathway, so the ranked candidate replaces the pair
+    (``ranked``: 1); a ranking that puts the pair first changes nothing (``ranked``: 0)."""
+    import jax.numpy as jnp
+
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most, rankings_of
+    from explainer.masks import Gates
+
+    folder = resolve_model("planted-cancel")
+    task = resolve_task(None, folder)
+    data = task.train_data()
+    scrubber = Scrubber.build(load_model(folder), data)
+    keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+    keep["unembed.in"][[6, 7]] = 1
+    stuck = Rung("sizes", 2.0, Gates({s: jnp.zeros(10) for s in scrubber.sites}), keep, {})
+    pathway = {"blocks.0.attn.in": [0], "unembed.in": [1]}
+    (alone,) = at_most(scrubber, data, [stuck], exact_sets=0)
+    assert _kept(alone.keep) == {"unembed.in": [6, 7]}
+    rankings = rankings_of(scrubber, data)
+    (ranked,) = at_most(scrubber, data, [stuck], exact_sets=0, rankings=rankings)
+    assert _kept(ranked.keep) == pathway and ranked.history["ranked"] == [1.0]
+    pair_first = np.zeros(20)
+    pair_first[[16, 17]] = 1.0  # unembed.in's units 6 and 7 (the second site's)
+    (kept,) = at_most(scrubber, data, [stuck], exact_sets=0, rankings=[pair_first])
+    assert _kept(kept.keep) == {"unembed.in": [6, 7]} and kept.history["ranked"] == [0.0]
+
+
 def test_at_most_leaves_an_alternative_that_learned_nothing_unpolished(monkeypatch):
     """Polishing an alternative no better than the empty explanation would be a search from scratch;
     ``at_most`` polishes only the rung then, and both ways otherwise."""

@@ -53,6 +53,7 @@ from explainer.frontier.select import (
     at_most,
     exact_sets,
     open_restart,
+    rankings_of,
 )
 from explainer.masks import Gates
 from explainer.models.folders import swap_into_place
@@ -357,6 +358,8 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
         seed = config.optimiser.seed
         gap = adversarial_gap(scrubber, train, spec.budget, seed, spec.progress) if adversary is not None else None
         with timings.phase("select", say=spec.progress):
+            with timings.phase("rank"):  # the rankings whose top sets each rung is compared with
+                rankings = rankings_of(scrubber, train, seed)
             ordered = at_most(
                 scrubber,
                 train,
@@ -368,6 +371,7 @@ def _sweep(spec: SweepSpec, checkpoints: Path | None) -> dict[str, Any]:
                 gap=gap,
                 timings=timings,
                 progress=spec.progress,
+                rankings=rankings,
             )
     with timings.phase("grade", say=spec.progress):
         graded = grade_masks(
