@@ -130,9 +130,9 @@ def at_most(
     searched again: of each ranking's top units, as many as the rung's size, the set with the
     lowest KL. Where it costs less than the rung's set beyond float noise, it is polished and,
     still lower, replaces it (``ranked`` in the rung's history, 1 when it won): training from
-    either way can settle in a worse set than a ranking's (induction's 14-edge rung: KL 0.0015 on
-    the training prompts against attribution's 0.0001), at the price of one mask a ranking and a
-    rung, and at most one more polish a rung.
+    either way can settle in a set of higher KL than a ranking's top units on the training prompts
+    (induction's 14-edge rung without the adversary: ``benchmarks/results/peers.json``), at the
+    price of one mask a ranking and a rung, and at most one more polish a rung.
 
     ``timings`` gains ``polish`` (the seconds of :func:`polish`) and, with ``gap``, ``select_attacks``
     (the attacks that rank sets). ``progress``: a line on stderr per polished set.
