@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from explainer.baselines import rank
 from explainer.finish.oracle import KLOracle
 from explainer.finish.search import (
     best_of_size,
@@ -37,6 +36,7 @@ from explainer.frontier.ladder import (
 )
 from explainer.masks import Layout
 from explainer.progress import Timings, say
+from explainer.score import IG_STEPS, attribution, fit_scorer
 from explainer.scrub import Scrubber
 from explainer.tasks.base import Batch
 from explainer.train.config import TrainConfig
@@ -267,7 +267,7 @@ def at_most(
     for i in order:
         rung, flat, kl = found[i]
         keep = {s: np.asarray(v, np.float32) for s, v in oracle.split(flat).items()}
-        if rung.value >= total or best is None or holds(lambda x, bar: not no_worse(bar, x), (flat, kl), best_cost):
+        if rung.value >= total or best is None or holds(_lower, (flat, kl), best_cost):
             best, best_cost = i, cost(flat, kl)
             out[i] = Rung(rung.mode, rung.value, rung.gates, keep, rung.history)
         else:
@@ -275,16 +275,13 @@ def at_most(
     return [out[i] for i in range(len(rungs))]
 
 
-RANKED_STARTS = ("attribution", "integrated_gradients")  # the rankings whose top sets selection tries
-
-
 def rankings_of(scrubber: Scrubber, train: Batch, seed: int = 0) -> list[np.ndarray]:
-    """Each of :data:`RANKED_STARTS`' scores per unit on ``train``, flat in the scrubber's unit order
-    (what :func:`at_most`'s ``rankings`` takes): one backward pass for attribution patching, a
-    few for integrated gradients."""
-    layout = Layout.of([(s, scrubber.n_units[s]) for s in scrubber.sites])
-    key = jax.random.key(seed)
-    return [layout.flat(rank(method, scrubber, train, key), np.float64) for method in RANKED_STARTS]
+    """Attribution patching's and integrated gradients' scores per unit on ``train``, flat in the
+    scrubber's unit order (what :func:`at_most`'s ``rankings`` takes), on one fitted scorer: one
+    backward pass, then :data:`~explainer.score.IG_STEPS`. The scores of
+    :func:`explainer.baselines.rank` with the same seed."""
+    scorer = fit_scorer(scrubber, train, jax.random.split(jax.random.key(seed))[0])  # rank's replacement
+    return [np.asarray(attribution(scorer, steps), np.float64) for steps in (1, IG_STEPS)]
 
 
 def _lower(kl: float, bar: float) -> bool:
