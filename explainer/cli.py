@@ -343,8 +343,9 @@ def sweep(
     patience: int | None = typer.Option(
         None,
         "--patience",
-        help="On a ladder of sizes, a later rung or an open restart stops once its explanation, and the "
-        "adversary's attacks on it, have not changed for N steps (default 100; 0: never stops early).",
+        help="On a ladder of sizes, a later rung, the first one when the gates start from a ranking (the "
+        "default), or an open restart stops once its explanation, and the adversary's attacks on it, have "
+        "not changed for N steps (default 100; 0: never stops early).",
     ),
     seed: int | None = setting_option("seed"),
     checkpoint_every: int | None = setting_option("checkpoint_every"),

@@ -236,12 +236,31 @@ def test_a_ladder_settles_against_a_fixed_rotation_and_never_against_a_learned_o
     assert watches == {"random": True, "learned": False}
 
 
+def test_the_first_rung_settles_where_the_gates_start_from_a_ranking(distractor):
+    """From a ranking (a sweep's default start) the first rung stops once its explanation has sat
+    still for ``patience`` steps, as the later ones do, and ends with the set it has when trained
+    to the end; from closed gates it trains all its steps, and so it does with ``patience=0``."""
+    scrubber, task = distractor
+    steps, kept = {}, {}
+    for start in ("logit", "integrated_gradients"):
+        config = TrainConfig.of(steps=300, init_from=start)
+        for p in (0, 50):
+            rungs = train_ladder(
+                scrubber, task.train_data(), config, "sizes", [1, 2], continuation_steps=100, patience=p, direction="up"
+            )
+            steps[start, p] = len(rungs[0].history["kl"])
+            kept[start, p] = [_kept(r.keep) for r in rungs]
+    assert steps["logit", 0] == steps["logit", 50] == steps["integrated_gradients", 0] == 300, steps
+    assert 50 <= steps["integrated_gradients", 50] < 300 and steps["integrated_gradients", 50] % 25 == 0, steps
+    assert kept["integrated_gradients", 50] == kept["integrated_gradients", 0]
+
+
 @pytest.mark.parametrize("mode", ["sizes", "lambdas"])
 def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     """On a ladder of sizes, a rung after the first stops once every way's finished explanation has
     stayed the same for ``patience`` steps (read every 25), and finishes as the rung trained to the
     end does; with ``patience=0`` every rung trains all its steps, and so does every rung of
-    penalties or with an adversary. The first rung always trains all of its."""
+    penalties or with an adversary. From closed gates the first rung trains all of its."""
     scrubber, task = distractor
     config = TrainConfig.of(steps=300)
     values = [1, 2, 3] if mode == "sizes" else [0.01, 0.1, 1.0]

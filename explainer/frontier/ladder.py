@@ -12,9 +12,9 @@ A *ladder* is a list of fixed penalties (``lambdas``, nats per kept unit) or of 
   for good at the one-unit rung; shrinking alone loses units that matter only together, such as a
   cancelling pair.
 
-Each rung of sizes keeps the way with the lower KL on the training prompts. Without an adversary
-a rung stops once its top ``k`` units have not changed for ``patience`` steps; with one no rung
-stops early, since the adversary may still be finding the attack that moves the set.
+Each rung of sizes keeps the way with the lower KL on the training prompts. A rung after the
+first, and the first where the gates start from a ranking, stops once its top ``k`` units (and an
+in-loop adversary's attacks on them) have not changed for ``patience`` steps.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def train_ladder(
     checkpoints: str | os.PathLike | None = None,
     direction: str = "both",
     patience: int = PATIENCE,
-    first_patience: int = 0,
+    first_patience: int | None = None,
     program: LadderProgram | None = None,
     workers: int | None = None,
     timings: Timings | None = None,
@@ -352,29 +352,33 @@ def train_ladder(
     stops early. Nor does any on a ladder of penalties: under a fixed penalty the gates drift
     steadily, and the units with a positive logit can sit still long before they cross
     (planted-distractor's λ = 100 rung kept 2 units after 100 still steps, none at the end).
-    ``first_patience`` is the same rule for the first rung under
-    ``continuation`` and for the whole batch under ``vmap`` (every rung settled): 0 by default,
-    since from the initial gates an explanation can sit still for hundreds of steps and then move
-    (induction's one-unit rung changed at step 650 after 600 still ones); :func:`at_most`'s restarts
-    use it. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes trains
-    (penalties always go up): under ``continuation`` up from the smallest or down from the largest,
-    under ``vmap`` every rung from the initial gates (``up``) or from open gates (``down``).
-    ``both`` records ``descending`` (1 or 0: the way down or from open gates won) in each rung's
-    history and gives each rung the other way's as its ``alternative`` (:func:`at_most` polishes
-    both). A rung that a whole run from open gates at its own size trained (every rung of ``vmap``
-    that way, the largest of ``continuation``) records ``opened``: :func:`at_most` does not restart
-    it. See the module docstring for the strategies. With a ``checkpoints`` folder, training is
-    saved there every ``runtime.checkpoint_every`` steps (``vmap``: in the folder itself;
+    ``first_patience`` is the same rule for the first rung under ``continuation`` and for the whole
+    batch under ``vmap`` (every rung settled). By default it is ``patience`` where the gates start
+    from a ranking (:func:`~explainer.train.step.starts_ranked`, a sweep's default) and 0 otherwise:
+    from uniform initial gates an explanation can sit still for hundreds of steps and then move
+    (induction's one-unit rung changed at step 650 after 600 still ones), while from a ranking the
+    first rung starts where that ranking puts it (the peer race's induction edge ladders, with and
+    without the adversary, kept the same sets under either rule); :func:`at_most`'s restarts, from
+    open gates, pass it. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
+    trains (penalties always go up): under ``continuation`` up from the smallest or down from the
+    largest, under ``vmap`` every rung from the initial gates (``up``) or from open gates
+    (``down``). ``both`` records ``descending`` (1 or 0: the way down or from open gates won) in
+    each rung's history and gives each rung the other way's as its ``alternative`` (:func:`at_most`
+    polishes both). A rung that a whole run from open gates at its own size trained (every rung of
+    ``vmap`` that way, the largest of ``continuation``) records ``opened``: :func:`at_most` does not
+    restart it. See the module docstring for the strategies. With a ``checkpoints`` folder, training
+    is saved there every ``runtime.checkpoint_every`` steps (``vmap``: in the folder itself;
     ``continuation``: each rung in its own ``rung-J``; both ways, trained in lockstep, in
     ``both/rung-J``, the way down alone in ``down/rung-J``; so a resumed ladder reloads finished
     rungs) and continued from what is there. ``program`` is the step to run (:func:`ladder_program`;
     by default one is made for this ladder). ``workers`` is the most threads a stretch's batch of
-    states is split across (:func:`explainer.train.loop.run_steps`; by default :func:`ladder_workers`: the CPU's cores
-    where a step is work enough, else 1); each state trains as in one vmapped batch, up to float
-    rounding (which can move when a rung settles: tracr-sort's rungs took other step counts).
-    ``timings`` gains ``compile`` (each stretch's first step) and ``train`` (the other steps), and
-    ``init_gates`` where the gates start from a ranking (:func:`~explainer.train.step.start_gates`).
-    ``label``: what its progress lines start with (by default ``sweep (N rungs, STRATEGY)``).
+    states is split across (:func:`explainer.train.loop.run_steps`; by default
+    :func:`ladder_workers`: the CPU's cores where a step is work enough, else 1); each state trains
+    as in one vmapped batch, up to float rounding (which can move when a rung settles: tracr-sort's
+    rungs took other step counts). ``timings`` gains ``compile`` (each stretch's first step) and
+    ``train`` (the other steps), and ``init_gates`` where the gates start from a ranking
+    (:func:`~explainer.train.step.start_gates`). ``label``: what its progress lines start with (by
+    default ``sweep (N rungs, STRATEGY)``).
 
     >>> from explainer.models import load_model
     >>> from explainer.zoo import resolve_model
@@ -395,6 +399,8 @@ def train_ladder(
     if direction not in DIRECTIONS:
         raise ExplainerError(f"unknown ladder direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     check_patience(patience)
+    if first_patience is None:  # from a ranking the first rung settles as the others do
+        first_patience = patience if starts_ranked(config) else 0
     check_patience(first_patience)
     workers = ladder_workers(scrubber, data, config) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

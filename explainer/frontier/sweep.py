@@ -251,8 +251,9 @@ def prepare(
     task and resolve the ladder and the strategy.
 
     ``direction`` is the way a continuation ladder of sizes trains (:func:`train_ladder`:
-    ``both``, ``up`` or ``down``). A rung after the first (at most ``continuation_steps`` steps)
-    and an open restart (at most ``steps``) stop once their explanation, and the adversary's
+    ``both``, ``up`` or ``down``). A rung after the first (at most ``continuation_steps`` steps),
+    the first where the gates start from a ranking (at most ``steps``; the default start) and an
+    open restart (at most ``steps``) stop once their explanation, and the adversary's
     attacks on it, have stayed the same for ``patience`` steps (0: never early), on a ladder of
     sizes. ``resume``
     continues an unfinished sweep in ``out`` (:func:`resume_sweep` reads its settings back).
