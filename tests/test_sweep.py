@@ -187,6 +187,21 @@ def test_signature_reads_the_finished_explanation_only():
     assert _signature("lambdas", [0.1], (logits, None)) != _signature("lambdas", [0.1], (flipped, None))
 
 
+def test_signature_does_not_wait_on_a_tie_at_the_boundary():
+    """Kept units within ``TIE_LOGIT`` of the best unit left out swap places under the gates' noise:
+    such a swap leaves the digest as it was; a kept unit falling into the tie, or one rising clear
+    of it, changes it."""
+    from explainer.frontier.ladder import TIE_LOGIT, _signature
+
+    def digest(row):
+        return _signature("sizes", [2], ({"a": np.array([row])}, None))
+
+    base = digest([3.0, 0.3, 0.0, -2.0])  # unit 0 clear; unit 1 ties with unit 2, left out
+    assert digest([3.0, 0.0, 0.3, -2.0]) == base  # the second place changes hands within the tie
+    assert digest([3.0, 0.3 + TIE_LOGIT, 0.0, -2.0]) != base  # unit 1 clears the boundary
+    assert digest([0.2, 0.3, 0.0, -2.0]) != base  # unit 0 falls into the tie
+
+
 def test_signature_with_an_adversary_reads_its_attacks_on_the_excluded_units():
     """With an adversary that names its attacks, the digest also holds each restart's best
     re-inclusion among the units the explanation excludes: it changes when an attack moves to

@@ -58,6 +58,9 @@ STRATEGIES = ("auto", "vmap", "continuation")
 DIRECTIONS = ("both", "up", "down")
 DIRECTIONS_BOTH = ("up", "down")
 PATIENCE = 100  # steps a continuation rung's explanation must stay unchanged before the rung stops
+# gate logits closer than this swap order often under the gates' noise (logistic, of scale 1):
+# a tie that settling does not wait on
+TIE_LOGIT = 1.0
 TRIVIAL_LOGIT = 10.0  # gate logit recorded for the untrained rungs (size 0 or every unit)
 Mask = dict[str, np.ndarray]
 
@@ -165,6 +168,20 @@ def _top(logits: np.ndarray, k: float | int) -> np.ndarray:
     return np.argsort(-logits, kind="stable")[: int(k)]
 
 
+def _clear(logits: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The ``kept`` units whose logit is above every other unit's by more than :data:`TIE_LOGIT`:
+    those that the gates' noise does not swap with a unit left out.
+
+    >>> _clear(np.array([3.0, 0.4, 0.0, -2.0]), np.array([0, 1])).tolist()  # 1 and 2 tie
+    [0]
+    """
+    out = np.ones(len(logits), bool)
+    out[kept] = False
+    if not out.any():
+        return np.sort(kept)
+    return np.sort(kept[logits[kept] > logits[out].max() + TIE_LOGIT])
+
+
 def _finish(mode: str, value: float, gates: Gates) -> Mask:
     if mode == "lambdas":
         return {s: np.asarray(v > 0, np.float32) for s, v in gates.logits.items()}
@@ -179,14 +196,19 @@ def _signature(mode: str, values: Sequence[float | int], watched: tuple[dict[str
     of each restart's best attack on it. ``watched`` is :func:`explainer.train.loop.watched`'s
     (gate logits: site -> ``(B, n)``; the adversary's state, batched the same way). A state is
     finished as :func:`_finish` would finish it at ``values[b]``: its top ``k`` units, or its units
-    with a positive logit."""
+    with a positive logit. Of the top ``k`` the digest names those clear of the units left out
+    (:func:`_clear`): units tied at the boundary swap places under the gates' noise for as long as
+    training runs (on ioi's edge ladder the first rung's two ways, up at one edge and down from
+    open gates, swapped units at their boundary for as long as they trained), so a rung that has
+    settled all but such a tie stops."""
     logits, attack = watched
     layout = Layout.of({s: np.shape(v)[-1] for s, v in logits.items()})
     flat = np.concatenate([np.asarray(logits[s]) for s in layout.sites], axis=-1)
     digest = hashlib.sha256()
     for b, (row, value) in enumerate(zip(flat, values, strict=True)):
         kept = np.sort(_top(row, value)) if mode == "sizes" else np.flatnonzero(row > 0)
-        digest.update(kept.astype(np.int64).tobytes() + b"|")
+        named = _clear(row, kept) if mode == "sizes" else kept
+        digest.update(named.astype(np.int64).tobytes() + b"|")
         if adversary is None or attack is None:
             continue
         mask = np.zeros(flat.shape[-1], np.float32)
