@@ -275,7 +275,8 @@ def test_later_rungs_stop_once_their_explanation_settles(distractor, mode):
     """On a ladder of sizes, a rung after the first stops once every way's finished explanation has
     stayed the same for ``patience`` steps (read every 25), and finishes as the rung trained to the
     end does; with ``patience=0`` every rung trains all its steps, and so does every rung of
-    penalties or with an adversary. From closed gates the first rung trains all of its."""
+    penalties; with an adversary a rung of sizes settles with its attacks. From closed gates the
+    first rung trains all of its."""
     scrubber, task = distractor
     config = TrainConfig.of(steps=300)
     values = [1, 2, 3] if mode == "sizes" else [0.01, 0.1, 1.0]

@@ -379,8 +379,8 @@ def train_ladder(
     from a ranking (:func:`~explainer.train.step.starts_ranked`, a sweep's default) and 0 otherwise:
     from uniform initial gates an explanation can sit still for hundreds of steps and then move
     (induction's one-unit rung changed at step 650 after 600 still ones), while from a ranking the
-    first rung starts where that ranking puts it (the peer race's induction edge ladders, with and
-    without the adversary, kept the same sets under either rule); :func:`at_most`'s restarts, from
+    first rung starts where that ranking puts it (the peer race's induction edge sweeps, with and
+    without the adversary, reached the same CMD under either rule); :func:`at_most`'s restarts, from
     open gates, pass it. ``direction`` (``both``, ``up`` or ``down``) is the way a ladder of sizes
     trains (penalties always go up): under ``continuation`` up from the smallest or down from the
     largest, under ``vmap`` every rung from the initial gates (``up``) or from open gates
