@@ -119,6 +119,22 @@ def test_grade_masks_scores_the_truth_and_an_unfaithful_set(distractor):
     assert e > 1.0 and result["kl_area"] == pytest.approx(e * 0.049 + (e + t) / 2 * 0.05 + t * 0.9)
 
 
+def test_a_mask_given_twice_is_attacked_once(distractor, monkeypatch):
+    import adversary.discrete
+
+    scrubber, task = distractor
+    half = {s: np.zeros(10) for s in scrubber.sites}
+    half["blocks.0.attn.in"][0] = 1
+    other = {s: v.copy() for s, v in half.items()}
+    other["unembed.in"][1] = 1
+    attacked = []
+    attack_all = adversary.discrete.attack_all
+    monkeypatch.setattr(adversary.discrete, "attack_all", lambda *a, **k: attacked.append(1) or attack_all(*a, **k))
+    records = grade_masks(scrubber, task.train_data(), task.heldout_data(), [half, other, half], budget=1)["records"]
+    assert len(attacked) == 2
+    assert records[0]["gap"] == records[2]["gap"] > 1.0 and records[0]["attack"] == records[2]["attack"]
+
+
 def test_sweep_saves_runs_every_command_accepts(tmp_path):
     out = tmp_path / "sweep"
     result = sweep(

@@ -146,12 +146,15 @@ def grade_masks(
     masks = [{s: np.asarray(m[s], np.float32) for s in scrubber.sites} for m in masks]
     scores, constants, empty_kl = _scores(scrubber, train, heldout, masks, seed)
     records = []
+    gaps: dict[Any, dict[str, Any]] = {}  # a mask given again (a rung a smaller one replaced): one attack
     with progress_bar(progress, len(masks), label="attacks") as advance:
         for i, (mask, s) in enumerate(zip(masks, scores, strict=True)):
-            graded = scrubber
-            if constants is not None:
-                graded = eqx.tree_at(lambda x: x.means, scrubber, constants[i])
-            records.append({"size": _size(mask), **s, **_gap(graded, heldout, mask, budget, seed, attack_methods)})
+            graded, key = scrubber, b"".join((mask[site] > 0.5).tobytes() for site in scrubber.sites)
+            if constants is not None:  # each mask's own constants: no two attacks are the same
+                graded, key = eqx.tree_at(lambda x: x.means, scrubber, constants[i]), i
+            if key not in gaps:
+                gaps[key] = _gap(graded, heldout, mask, budget, seed, attack_methods)
+            records.append({"size": _size(mask), **s, **gaps[key]})
             records[-1]["kept"] = _kept(mask)
             advance(i + 1, f"size {records[-1]['size']}")
     total = sum(scrubber.n_units.values())
