@@ -366,7 +366,9 @@ class Costs:
             self.of(*min(unknown, key=lambda x: x[1]))
 
 
-GAP_PROMPTS = 64  # prompts the selection's attacks score (a ranking, not a reported number)
+# prompts the selection's attacks score: a ranking, not a reported number (the gaps it tells apart
+# differ by orders of magnitude)
+GAP_PROMPTS = 32
 GAP_RESTARTS = 1  # greedy restarts of the selection's attacks (the first tries every unit, to GREEDY_ALL)
 
 
