@@ -317,8 +317,8 @@ class Costs:
     (False, [2, 1])
 
     With ``nothing``, the empty explanation's KL, a set whose KL is no lower explains nothing: its
-    cost is its KL, unattacked (on ioi's edges the one- and two-edge rungs learned nothing, and
-    telling such sets apart by their gaps took a sixth of the selection's attacks).
+    cost is its KL, unattacked (on ioi's edges the one- and two-edge rungs learned nothing, and the
+    selection attacked such sets only to tell them apart).
 
     >>> Costs(lambda flat: attacked.append(int(flat.sum())) or 0.1, nothing=0.5).of(two, 0.5), attacked
     (0.5, [2, 1])
