@@ -163,11 +163,9 @@ def test_exhaustive_joins_every_ground_truth_attack_it_joined_before():
         assert exhaustive_fits(units, budget, max_sets, config.scored_flops(seq) * prompts), name
 
 
-def test_a_prune_round_drops_free_units_past_the_shortlist(monkeypatch):
-    """A round draws its block from the units free on the screen, not only from the shortlist scored
-    on every prompt: on a model where all but 16 of 600 units read nothing (their weights zero),
-    prune from everything kept drops every free unit, more than ``MAX_ROUNDS`` rounds of
-    ``SHORTLIST`` could, and keeps the KL."""
+def _sparse_reader(monkeypatch) -> tuple[KLOracle, np.ndarray]:
+    """A model of 600 units where all but 16 read nothing (their weights zero), in the bounded
+    regime, and the mask of the units something reads."""
     monkeypatch.setattr("explainer.finish.oracle.EXACT_UNITS", 100)  # the bounded rounds
     cfg = ModelConfig(
         n_layers=1, d_model=300, n_heads=2, d_head=8, d_vocab=13, n_ctx=6, attn_only=True, normalization_type=None
@@ -185,9 +183,30 @@ def test_a_prune_round_drops_free_units_past_the_shortlist(monkeypatch):
     _, batch = setup_of(8)
     oracle = KLOracle(Scrubber.build(model, batch), batch, screen_prompts=8)
     assert oracle.n_units == 600 and not exact(oracle)
+    return oracle, oracle.flat({"blocks.0.attn.in": read, "unembed.in": read}) > 0.5
+
+
+def test_a_bounded_prune_drops_free_units_in_blocks(monkeypatch):
+    """Bounded rounds drop blocks of free units, in the orders the gradient predicts: prune from
+    everything kept drops every unit that reads nothing, more than ``MAX_ROUNDS`` rounds of
+    ``SHORTLIST`` could, and keeps the KL. Everything kept is the KL's minimum, where its gradient
+    is zero: only the order halfway to the removal tells the units apart."""
+    oracle, needed = _sparse_reader(monkeypatch)
     everything = np.ones(oracle.n_units, np.float32)
     pruned = prune(oracle, everything)
-    needed = oracle.flat({"blocks.0.attn.in": read, "unembed.in": read}) > 0.5
     assert not (pruned[~needed] > 0.5).any()  # every free unit dropped
     assert oracle.n_units - int(pruned.sum()) > MAX_ROUNDS * SHORTLIST
     assert oracle.kl(pruned)[0] <= oracle.kl(everything)[0] + 1e-6  # float noise, once over all rounds
+
+
+def test_a_bounded_repair_brings_back_the_units_read(monkeypatch):
+    """From nothing kept, a bounded repair (two backward passes and a few masks a round) adds back
+    the units something reads, within a budget only they reach, and no unit that reads nothing."""
+    oracle, needed = _sparse_reader(monkeypatch)
+    nothing = np.zeros(oracle.n_units, np.float32)
+    budget = 1e-6 + float(oracle.kl(needed.astype(np.float32))[0])
+    before = oracle.evaluations
+    repaired, added = repair(oracle, nothing, budget, max_added=oracle.n_units)
+    assert oracle.kl(repaired)[0] <= budget
+    assert not (repaired[~needed] > 0.5).any(), np.flatnonzero(repaired[~needed] > 0.5)
+    assert oracle.evaluations - before < CEILING

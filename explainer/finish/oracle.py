@@ -18,7 +18,8 @@ Where a round's candidates fit a fixed cost, every candidate is evaluated (:func
 units is not searched exhaustively. Otherwise the candidates are first ranked by attribution: the
 gradient of the KL with respect to the mask (one backward pass, :meth:`KLOracle.attribution`) gives
 each unit's first-order effect, and only the best :data:`RANK_BOUND` are screened
-(:func:`candidates`). :attr:`KLOracle.evaluations` counts the masks a search scored.
+(:func:`candidates`; repair and prune score prefixes of that order instead:
+:mod:`explainer.finish.search`). :attr:`KLOracle.evaluations` counts the masks a search scored.
 """
 
 from __future__ import annotations
@@ -127,10 +128,13 @@ class KLOracle:
     def attribution(self, flat: np.ndarray) -> np.ndarray:
         """Each unit's first-order effect on the KL at ``flat``: ``∂KL/∂m``, on the screen's prompts
         when there is a screen (one backward pass per length group)."""
+        return self.gradient((np.asarray(flat, np.float32) > 0.5).astype(np.float32))
+
+    def gradient(self, point: np.ndarray) -> np.ndarray:
+        """``∂KL/∂m`` at a relaxed flat mask ``point`` (entries in [0, 1]), as :meth:`attribution`."""
         source = self.screen if getattr(self, "screen", None) is not None else self
         self.gradients += 1
-        row = (np.asarray(flat, np.float32) > 0.5).astype(np.float32)
-        return source.scorer.gradients(row[None], mean_kl)[0]
+        return source.scorer.gradients(np.asarray(point, np.float32)[None], mean_kl)[0]
 
     def kl(self, masks: np.ndarray) -> np.ndarray:
         """Mean KL of each row of ``masks`` (``[k, units]``).

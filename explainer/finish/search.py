@@ -13,10 +13,13 @@ is cheap (:func:`~explainer.finish.oracle.exact`: at most
 :data:`~explainer.finish.oracle.EXACT_UNITS` units, at most
 :data:`~explainer.finish.oracle.EXACT_FLOPS` to score them) every candidate is evaluated, one unit a
 round, so a unit that gradients cannot see is still found (the models whose answers are known keep
-their exact searches). Elsewhere a round screens only the best
-:data:`~explainer.finish.oracle.RANK_BOUND` candidates by attribution, rounds move blocks of units
-and are at most :data:`MAX_ROUNDS`. So no pass evaluates a number of masks that grows with the
-number of units (:attr:`KLOracle.evaluations` counts them).
+their exact searches). Elsewhere rounds move blocks of units and are at most :data:`MAX_ROUNDS`:
+a round of :func:`trim` screens only the best :data:`~explainer.finish.oracle.RANK_BOUND`
+candidates by attribution, and a round of :func:`repair` or :func:`prune` scores only the first 1,
+2, 4, ... units of the orders the KL's gradient predicts (two backward passes, two masks per
+doubling: the sweep polishes every rung with both). So no pass evaluates a number of masks that
+grows with the number of units, beyond the doublings' logarithm (:attr:`KLOracle.evaluations`
+counts them).
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ import math
 
 import numpy as np
 
-from explainer.finish.oracle import KLOracle, _kl_rows, candidates, exact, extended, screened, shortlist, within
+from explainer.finish.oracle import (
+    SHORTLIST,
+    KLOracle,
+    _kl_rows,
+    candidates,
+    exact,
+    extended,
+    screened,
+    shortlist,
+    within,
+)
 
+Block = tuple[np.ndarray, float]  # units a round changes, and the KL after the change
 MAX_ROUNDS = 8  # rounds of a search that is not exact (blocks of units)
 
 
@@ -129,6 +143,29 @@ def nearest_drop(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: fl
     return rows[best]
 
 
+def _ranked(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float, most: int) -> list[Block]:
+    """The first 1, 2, 4, ... (at most ``most``) of ``units`` set to ``value``, with the KL of each
+    such change, in the two orders the KL's gradient predicts it lowers most: the gradient at
+    ``flat`` (attribution patching) and halfway along the change (every one of ``units`` at the
+    midpoint: the midpoint rule for the change's integral, which still tells units apart where
+    ``flat`` is a minimum of the KL, as with every unit kept). Two backward passes (on the screen),
+    and two masks per doubling on every prompt (one vmapped pass)."""
+    units = np.asarray(units)
+    lengths = _doubling(min(units.size, most))
+    if not lengths:
+        return []
+    now = (np.asarray(flat) > 0.5).astype(np.float32)
+    halfway = now.copy()
+    halfway[units] = (now[units] + value) / 2
+    orders = [
+        units[np.argsort(oracle.gradient(point)[units] * (value - now[units]), kind="stable")]
+        for point in (now, halfway)
+    ]
+    prefixes = [order[:length] for order in orders for length in lengths]
+    kls = _kl_rows(oracle, np.concatenate([_prefixes(now, order, lengths, value) for order in orders]))
+    return [(prefix, float(kl)) for prefix, kl in zip(prefixes, kls, strict=True)]
+
+
 def _doubling(n: int) -> list[int]:
     """1, 2, 4, ... up to and including ``n``."""
     lengths, length = [], 1
@@ -180,40 +217,41 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     """Add back excluded units, most helpful first, until the KL is within ``budget`` (or nothing
     helps, or ``max_added`` units were added).
 
-    Each round scores every excluded unit's return alone (:func:`shortlist`: the best on the screen
-    exactly), then the returns of the best 1, 2, 4, ... of them together (one vmapped pass; past
-    the shortlist, the units whose return helps on the screen, in its order:
-    :func:`~explainer.finish.oracle.extended`), and takes the fewest that reach the budget, or else
-    the prefix with the lowest KL. A unit that alone reaches the budget is thus added alone, and a long
-    repair costs a few rounds rather than one per unit. Once within the budget, each added unit the
-    budget can do without is taken out again, the last added first (at most ``max_added`` masks):
-    a doubled prefix can hold a unit that only ranked near the needed ones.
+    Each round orders the excluded units, scores the returns of the first 1, 2, 4, ... of them
+    together (one vmapped pass), and takes the fewest that reach the budget, or else the prefix
+    with the lowest KL. On an :func:`~explainer.finish.oracle.exact` model the order is every
+    excluded unit's return scored alone (:func:`shortlist`: the best on the screen exactly; past the
+    shortlist, the units whose return helps on the screen, in its order:
+    :func:`~explainer.finish.oracle.extended`); elsewhere it is the two orders the KL's gradient
+    predicts (:func:`_ranked`: two backward passes, and a round scores two masks per doubling). A
+    unit that alone reaches the budget is thus added alone, and a long repair costs a
+    few rounds rather than one per unit. Once within the budget, each added unit the budget can do
+    without is taken out again, the last added first (at most ``max_added`` masks, and at most
+    :data:`~explainer.finish.oracle.SHORTLIST` elsewhere): a doubled prefix can hold a unit that
+    only ranked near the needed ones.
     """
     flat, added = np.asarray(flat, np.float32).copy(), []
     current = float(oracle.kl(flat)[0])
     rounds = _rounds(oracle)
     while current > budget and len(added) < max_added and rounds > 0:
         rounds -= 1
-        excluded = candidates(oracle, flat, np.flatnonzero(flat < 0.5), 1.0)
-        if len(excluded) == 0:
+        excluded, room = np.flatnonzero(flat < 0.5), max_added - len(added)
+        if exact(oracle):
+            changes = _returns(oracle, flat, excluded, current, room)
+        else:
+            changes = _ranked(oracle, flat, excluded, 1.0, room)
+        reach = [change for change in changes if change[1] <= budget]
+        if reach:  # the fewest units that reach the budget
+            units, kl = min(reach, key=lambda change: (change[0].size, change[1]))
+        elif changes:  # else the lowest KL
+            units, kl = min(changes, key=lambda change: change[1])
+        if not changes or not _lowers(kl, current):
             break
-        scores, screen = screened(oracle, _with(flat, excluded, 1.0))
-        order = np.argsort(scores, kind="stable")
-        good = order[_lowers(scores[order], current)]
-        if good.size == 0:
-            break
-        helpful = excluded[extended(oracle, flat, good, scores, screen, _lowers)]
-        lengths = _doubling(min(helpful.size, max_added - len(added)))
-        kls = np.concatenate([[scores[order[0]]], _kl_rows(oracle, _prefixes(flat, helpful, lengths[1:], 1.0))])
-        within = np.flatnonzero(kls <= budget)
-        pick = int(within[0]) if within.size else int(np.argmin(kls))
-        if not _lowers(kls[pick], current):
-            break
-        flat[helpful[: lengths[pick]]] = 1.0
-        added.extend(int(u) for u in helpful[: lengths[pick]])
-        current = float(kls[pick])
+        flat[units] = 1.0
+        added.extend(int(u) for u in units)
+        current = kl
     if current <= budget:  # a doubled prefix can hold units the budget does not need: the last first
-        for unit in reversed(list(added)):
+        for unit in list(reversed(added))[: None if exact(oracle) else SHORTLIST]:
             trial = flat.copy()
             trial[unit] = 0.0
             kl = float(oracle.kl(trial)[0])
@@ -221,6 +259,20 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
                 flat, current = trial, kl
                 added.remove(unit)
     return flat, added
+
+
+def _returns(oracle: KLOracle, flat: np.ndarray, excluded: np.ndarray, current: float, room: int) -> list[Block]:
+    """An exact repair round's changes: the best 1, 2, 4, ... (at most ``room``) returns of
+    ``excluded`` units, each scored alone first, with their KLs (none when no return helps)."""
+    scores, screen = screened(oracle, _with(flat, excluded, 1.0))
+    order = np.argsort(scores, kind="stable")
+    good = order[_lowers(scores[order], current)]
+    if good.size == 0:
+        return []
+    helpful = excluded[extended(oracle, flat, good, scores, screen, _lowers)]
+    lengths = _doubling(min(helpful.size, room))
+    kls = np.concatenate([[scores[order[0]]], _kl_rows(oracle, _prefixes(flat, helpful, lengths[1:], 1.0))])
+    return [(helpful[:length], float(kl)) for length, kl in zip(lengths, kls, strict=True)]
 
 
 def _lowers(kl, base: float):
@@ -236,11 +288,15 @@ def no_worse(kl: float, base: float) -> bool:
 def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     """Drop kept units whose removal costs nothing (KL), until every kept unit costs something.
 
-    Each round scores every kept unit's removal alone (:func:`shortlist`), then drops the free ones
-    (cheapest first; past the shortlist, those free on the screen, in its order:
-    :func:`~explainer.finish.oracle.extended`) in the largest block of 1/1, 1/2, 1/4, ... of them
-    whose joint removal does as well as dropping the cheapest one alone (one vmapped pass, on every
-    prompt), so a rung with many spare units takes a few rounds rather than one per unit.
+    On an :func:`~explainer.finish.oracle.exact` model each round scores every kept unit's removal
+    alone (:func:`shortlist`), then drops the free ones (cheapest first; past the shortlist, those
+    free on the screen, in its order: :func:`~explainer.finish.oracle.extended`) in the largest
+    block of 1/1, 1/2, 1/4, ... of them whose joint removal does as well as dropping the cheapest
+    one alone (one vmapped pass, on every prompt), so a rung with many spare units takes a few
+    rounds rather than one per unit. Elsewhere a round orders the kept units by the removal the
+    KL's gradient predicts to cost least (:func:`_ranked`: two orders, two backward passes) and
+    drops the longest of the first 1, 2, 4, ... of them whose joint removal costs nothing (one
+    vmapped pass); the prune stops at a round where none does.
 
     "Costs nothing" is measured against the lowest KL the prune has reached, not the last one: a
     removal within float noise of it may raise the KL a little, and a chain of such removals, each
@@ -251,21 +307,36 @@ def prune(oracle: KLOracle, flat: np.ndarray) -> np.ndarray:
     rounds = _rounds(oracle)
     while (kept := np.flatnonzero(flat > 0.5)).size and rounds > 0:
         rounds -= 1
-        kept = candidates(oracle, flat, kept, 0.0)
-        kls, screen = screened(oracle, _with(flat, kept, 0.0))
-        order = np.argsort(kls, kind="stable")
-        cheap = order[[no_worse(float(k), lowest) for k in kls[order]]]
-        if cheap.size == 0:
+        block = _free_block(oracle, flat, kept, lowest) if exact(oracle) else _free_prefix(oracle, flat, kept, lowest)
+        if block is None:
             break
-        free = kept[extended(oracle, flat, cheap, kls, screen, no_worse)]
-        lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
-        joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
-        bar = min(lowest, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
-        ok = [i for i, k in enumerate(joint) if no_worse(float(k), bar)]
-        length, kl = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
-        flat[free[:length]] = 0.0
+        units, kl = block
+        flat[units] = 0.0
         lowest = min(lowest, kl)
     return flat
+
+
+def _free_block(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: float) -> Block | None:
+    """An exact prune round: the units to drop and the KL without them (``None``: none is free)."""
+    kls, screen = screened(oracle, _with(flat, kept, 0.0))
+    order = np.argsort(kls, kind="stable")
+    cheap = order[[no_worse(float(k), lowest) for k in kls[order]]]
+    if cheap.size == 0:
+        return None
+    free = kept[extended(oracle, flat, cheap, kls, screen, no_worse)]
+    lengths = _doubling(free.size)[::-1][:-1]  # the longest first; a single free unit is known
+    joint = _kl_rows(oracle, _prefixes(flat, free, lengths, 0.0))
+    bar = min(lowest, float(kls[order[0]]))  # a block must do as well as dropping the best one alone
+    ok = [i for i, k in enumerate(joint) if no_worse(float(k), bar)]
+    length, kl = (lengths[ok[0]], float(joint[ok[0]])) if ok else (1, float(kls[order[0]]))
+    return free[:length], kl
+
+
+def _free_prefix(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: float) -> Block | None:
+    """A bounded prune round: the longest prefix of the gradient's orders whose removal costs
+    nothing (:func:`_ranked`), and the KL without it (``None``: no prefix is free)."""
+    free = [change for change in _ranked(oracle, flat, kept, 0.0, kept.size) if no_worse(change[1], lowest)]
+    return max(free, key=lambda c: (c[0].size, -c[1])) if free else None
 
 
 def searchable(n_units: int, size: int, max_sets: int) -> bool:
