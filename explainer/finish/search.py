@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,6 +43,7 @@ from explainer.finish.oracle import (
 )
 
 Block = tuple[np.ndarray, float]  # units a round changes, and the KL after the change
+DOUBLINGS = 4  # prefix lengths a bounded round scores at a time
 MAX_ROUNDS = 8  # rounds of a search that is not exact (blocks of units)
 
 
@@ -143,27 +145,38 @@ def nearest_drop(oracle: KLOracle, flat: np.ndarray, budget: float, ld_floor: fl
     return rows[best]
 
 
-def _ranked(oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float, most: int) -> list[Block]:
+def _ranked(
+    oracle: KLOracle, flat: np.ndarray, units: np.ndarray, value: float, most: int, further: Callable[[Block], bool]
+) -> list[Block]:
     """The first 1, 2, 4, ... (at most ``most``) of ``units`` set to ``value``, with the KL of each
     such change, in the two orders the KL's gradient predicts it lowers most: the gradient at
     ``flat`` (attribution patching) and halfway along the change (every one of ``units`` at the
     midpoint: the midpoint rule for the change's integral, which still tells units apart where
-    ``flat`` is a minimum of the KL, as with every unit kept). Two backward passes (on the screen),
-    and two masks per doubling on every prompt (one vmapped pass)."""
+    ``flat`` is a minimum of the KL, as with every unit kept). Two backward passes (on the screen).
+
+    The lengths are scored :data:`DOUBLINGS` at a time (one vmapped pass of both orders), the
+    shortest first, and longer ones only while ``further`` accepts a longest change scored so far
+    (a removal that still costs nothing, a return that still helps): a round that finds a few
+    units scores a few masks."""
     units = np.asarray(units)
-    lengths = _doubling(min(units.size, most))
-    if not lengths:
-        return []
     now = (np.asarray(flat) > 0.5).astype(np.float32)
     halfway = now.copy()
     halfway[units] = (now[units] + value) / 2
+    lengths = _doubling(min(units.size, most))
     orders = [
         units[np.argsort(oracle.gradient(point)[units] * (value - now[units]), kind="stable")]
-        for point in (now, halfway)
+        for point in ((now, halfway) if lengths else ())
     ]
-    prefixes = [order[:length] for order in orders for length in lengths]
-    kls = _kl_rows(oracle, np.concatenate([_prefixes(now, order, lengths, value) for order in orders]))
-    return [(prefix, float(kl)) for prefix, kl in zip(prefixes, kls, strict=True)]
+    changes: list[Block] = []
+    for start in range(0, len(lengths), DOUBLINGS):
+        part = lengths[start : start + DOUBLINGS]
+        kls = _kl_rows(oracle, np.concatenate([_prefixes(now, order, part, value) for order in orders]))
+        batch = [(order[:length], float(kl)) for order, kls_of in zip(orders, np.split(kls, 2), strict=True)
+                 for length, kl in zip(part, kls_of, strict=True)]  # fmt: skip
+        changes += batch
+        if not any(further(change) for change in batch if change[0].size == part[-1]):
+            break
+    return changes
 
 
 def _doubling(n: int) -> list[int]:
@@ -239,7 +252,9 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
         if exact(oracle):
             changes = _returns(oracle, flat, excluded, current, room)
         else:
-            changes = _ranked(oracle, flat, excluded, 1.0, room)
+            changes = _ranked(
+                oracle, flat, excluded, 1.0, room, lambda c, kl=current: c[1] > budget and _lowers(c[1], kl)
+            )
         reach = [change for change in changes if change[1] <= budget]
         if reach:  # the fewest units that reach the budget
             units, kl = min(reach, key=lambda change: (change[0].size, change[1]))
@@ -335,7 +350,8 @@ def _free_block(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: fl
 def _free_prefix(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: float) -> Block | None:
     """A bounded prune round: the longest prefix of the gradient's orders whose removal costs
     nothing (:func:`_ranked`), and the KL without it (``None``: no prefix is free)."""
-    free = [change for change in _ranked(oracle, flat, kept, 0.0, kept.size) if no_worse(change[1], lowest)]
+    changes = _ranked(oracle, flat, kept, 0.0, kept.size, lambda change: no_worse(change[1], lowest))
+    free = [change for change in changes if no_worse(change[1], lowest)]
     return max(free, key=lambda c: (c[0].size, -c[1])) if free else None
 
 
