@@ -4,7 +4,7 @@ number of units.
 Repair, prune and trim on random one-layer models of 400 and of 4,000 units (two sites of width
 ``d_model``), counted by the oracle (:attr:`explainer.finish.search.KLOracle.evaluations`). Where
 scoring every candidate is cheap (at most ``EXACT_UNITS`` units and ``EXACT_FLOPS``) every candidate
-is scored (the small models keep their exact searches); elsewhere one backward pass ranks them and
+is scored (the small models keep their exact searches); elsewhere backward passes rank them and
 the rounds are bounded, so the count has a ceiling set by the constants alone, the same for 400
 units and for 4,000. The same holds for an attack with every method (``attack_all``), whose
 exhaustive search runs only where scoring every set is cheap (``EXHAUSTIVE_FLOPS``).

@@ -16,10 +16,10 @@ round, so a unit that gradients cannot see is still found (the models whose answ
 their exact searches). Elsewhere rounds move blocks of units and are at most :data:`MAX_ROUNDS`:
 a round of :func:`trim` screens only the best :data:`~explainer.finish.oracle.RANK_BOUND`
 candidates by attribution, and a round of :func:`repair` or :func:`prune` scores only the first 1,
-2, 4, ... units of the orders the KL's gradient predicts (two backward passes, two masks per
-doubling: the sweep polishes every rung with both). So no pass evaluates a number of masks that
-grows with the number of units, beyond the doublings' logarithm (:attr:`KLOracle.evaluations`
-counts them).
+2, 4, ... units of the orders the KL's gradient predicts (two backward passes, at most two masks
+per doubling: the sweep polishes every rung with both). So no pass evaluates a number of masks
+that grows with the number of units, beyond the doublings' logarithm
+(:attr:`KLOracle.evaluations` counts them).
 """
 
 from __future__ import annotations
@@ -236,8 +236,8 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
     excluded unit's return scored alone (:func:`shortlist`: the best on the screen exactly; past the
     shortlist, the units whose return helps on the screen, in its order:
     :func:`~explainer.finish.oracle.extended`); elsewhere it is the two orders the KL's gradient
-    predicts (:func:`_ranked`: two backward passes, and a round scores two masks per doubling). A
-    unit that alone reaches the budget is thus added alone, and a long repair costs a
+    predicts (:func:`_ranked`: two backward passes, and a round scores at most two masks per
+    doubling). A unit that alone reaches the budget is thus added alone, and a long repair costs a
     few rounds rather than one per unit. Once within the budget, each added unit the budget can do
     without is taken out again, the last added first (at most ``max_added`` masks, and at most
     :data:`~explainer.finish.oracle.SHORTLIST` elsewhere): a doubled prefix can hold a unit that
