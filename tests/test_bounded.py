@@ -201,7 +201,7 @@ def test_a_bounded_prune_drops_free_units_in_blocks(monkeypatch):
 
 def test_a_bounded_repair_brings_back_the_units_read(monkeypatch):
     """From nothing kept, a bounded repair (two backward passes and a few masks a round) adds back
-    the units something reads, within a budget only they reach, and no unit that reads nothing."""
+    the units something reads, within a budget of their KL, and no unit that reads nothing."""
     oracle, needed = _sparse_reader(monkeypatch)
     nothing = np.zeros(oracle.n_units, np.float32)
     budget = 1e-6 + float(oracle.kl(needed.astype(np.float32))[0])

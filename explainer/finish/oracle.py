@@ -18,8 +18,9 @@ Where a round's candidates fit a fixed cost, every candidate is evaluated (:func
 units is not searched exhaustively. Otherwise the candidates are first ranked by attribution: the
 gradient of the KL with respect to the mask (one backward pass, :meth:`KLOracle.attribution`) gives
 each unit's first-order effect, and only the best :data:`RANK_BOUND` are screened
-(:func:`candidates`; repair and prune score prefixes of that order instead:
-:mod:`explainer.finish.search`). :attr:`KLOracle.evaluations` counts the masks a search scored.
+(:func:`candidates`; repair and prune score prefixes of that order, and of one taken halfway,
+instead: :mod:`explainer.finish.search`). :attr:`KLOracle.evaluations` counts the masks a search
+scored.
 """
 
 from __future__ import annotations

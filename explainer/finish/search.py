@@ -255,12 +255,14 @@ def repair(oracle: KLOracle, flat: np.ndarray, budget: float, max_added: int = 8
             changes = _ranked(
                 oracle, flat, excluded, 1.0, room, lambda c, kl=current: c[1] > budget and _lowers(c[1], kl)
             )
+        if not changes:
+            break
         reach = [change for change in changes if change[1] <= budget]
         if reach:  # the fewest units that reach the budget
             units, kl = min(reach, key=lambda change: (change[0].size, change[1]))
-        elif changes:  # else the lowest KL
+        else:  # else the lowest KL
             units, kl = min(changes, key=lambda change: change[1])
-        if not changes or not _lowers(kl, current):
+        if not _lowers(kl, current):
             break
         flat[units] = 1.0
         added.extend(int(u) for u in units)
@@ -350,8 +352,11 @@ def _free_block(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: fl
 def _free_prefix(oracle: KLOracle, flat: np.ndarray, kept: np.ndarray, lowest: float) -> Block | None:
     """A bounded prune round: the longest prefix of the gradient's orders whose removal costs
     nothing (:func:`_ranked`), and the KL without it (``None``: no prefix is free)."""
-    changes = _ranked(oracle, flat, kept, 0.0, kept.size, lambda change: no_worse(change[1], lowest))
-    free = [change for change in changes if no_worse(change[1], lowest)]
+
+    def costs_nothing(change: Block) -> bool:
+        return no_worse(change[1], lowest)
+
+    free = [change for change in _ranked(oracle, flat, kept, 0.0, kept.size, costs_nothing) if costs_nothing(change)]
     return max(free, key=lambda c: (c[0].size, -c[1])) if free else None
 
 
