@@ -531,6 +531,33 @@ def test_a_rung_no_better_than_a_smaller_one_is_replaced_by_it(distractor, capsy
     assert "subset_search" not in out[0].history  # the empty rung has no set to choose
 
 
+def test_at_most_fills_a_rungs_room_where_that_lowers_the_cost(distractor, monkeypatch):
+    """A rung within the KL budget with room below its size takes the returns that still lower the
+    KL, where they lower the cost: on planted-distractor, half the path (left unpolished here: alone
+    it is no better than nothing) within a loose budget gets the other half, and no distractor; with
+    an adversary whose gap breaks the whole path, it stays as it was."""
+    import jax.numpy as jnp
+
+    from explainer.frontier.ladder import Rung
+    from explainer.frontier.select import at_most
+    from explainer.masks import Gates
+
+    scrubber, task = distractor
+    keep = {s: np.zeros(10, np.float32) for s in scrubber.sites}
+    keep["blocks.0.attn.in"][0] = 1  # half the path
+    rung = Rung("sizes", 3.0, Gates({s: jnp.zeros(10) for s in scrubber.sites}), keep, {})
+    monkeypatch.setattr(sys.modules["explainer.frontier.select"], "polish", lambda oracle, flat, size, budget: flat)
+    (filled,) = at_most(scrubber, task.train_data(), [rung], kl_budget=100.0)
+    assert _kept(filled.keep) == {"blocks.0.attn.in": [0], "unembed.in": [1]}
+    assert filled.history == {"filled": [1.0]}
+
+    def gap(flat):
+        return 50.0 if flat.sum() > 1 else 0.0
+
+    (left,) = at_most(scrubber, task.train_data(), [rung], kl_budget=100.0, gap=gap)
+    assert _kept(left.keep) == {"blocks.0.attn.in": [0]} and left.history == {"filled": [0.0]}
+
+
 def test_at_most_keeps_the_way_whose_polished_rung_is_better():
     """A rung trained both ways carries the other way as ``alternative``; ``at_most`` polishes both
     and keeps the lower KL. On planted-cancel, the cancelling pair (6, 7) cannot be polished into the
@@ -688,7 +715,8 @@ def test_at_most_takes_a_stuck_rungs_best_set_among_the_next_larger_rungs_units(
     assert small.history == {"subset_search": [1.0]} and np.flatnonzero(oracle.flat(small.keep)).tolist() == list(pair)
     assert big.history == {} and big.size == 2  # no better than the smaller rung now: replaced by it
     (left, _) = at_most(scrubber, data, rungs, exact_sets=5)  # 6 pairs: one too many
-    assert left.history == {} and np.array_equal(oracle.flat(left.keep), half)
+    # no subset search; the rung's room takes the return that lowers the KL most: the other half
+    assert left.history == {"filled": [1.0]} and np.flatnonzero(oracle.flat(left.keep)).tolist() == list(pair)
     monkeypatch.undo()  # polished, the larger rung drops its distractors: the smaller takes it whole
     small, big = at_most(scrubber, data, rungs, exact_sets=5)
     assert small.history == {"subset_search": [1.0]} and np.flatnonzero(oracle.flat(small.keep)).tolist() == list(pair)
