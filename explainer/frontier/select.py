@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from explainer.finish.oracle import KLOracle
+from explainer.finish.oracle import exact as every_candidate_scored
 from explainer.finish.search import (
     best_of_size,
     best_subset,
@@ -125,11 +126,15 @@ def at_most(
     ``exact_sets`` is 0, as with an adversary, since both rank sets by KL alone): without the
     adversary, tracr-sort's 2-unit rung learned nothing either way, and is beyond an exact search
     (33,411 pairs), while the best pair of its 5-unit rung's four units has KL 4.0 against the empty
-    explanation's 10.0. A rung with room left below its size then takes, while there is room, the
-    returns that still lower the KL (:func:`grow` to a budget of 0: a rung is the best set of at
-    most its size, and meeting the KL budget leaves room unused), where that lowers the cost
-    (``filled``, 1 when it won; with an adversary, a return can cost more gap than it saves KL):
-    on induction's edges with the adversary, the 14-edge rung had settled in a robust 13-edge set.
+    explanation's 10.0. On a model whose searches score every candidate
+    (:func:`~explainer.finish.oracle.exact`), a rung with room left below its size then takes,
+    while there is room, the returns that still lower the KL (:func:`grow` to a budget of 0: a rung
+    is the best set of at most its size, and meeting the KL budget leaves room unused), where that
+    lowers the cost (``filled``, 1 when it won; with an adversary, a return can cost more gap than
+    it saves KL): on induction's edges with the adversary, the 14-edge rung had settled in a robust
+    13-edge set. Elsewhere each fill is a bounded search and one more attack a rung, which bought
+    small drops in KL for a sixth more of the sweep's time on the random models of
+    ``benchmarks/growth.py`` (``benchmarks/results/growth.json``, ``sweep_filled``).
     Then a rung whose KL is no lower than that
     of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
     its own target and history). The full model's rung stays as it is. Baselines' searches are
@@ -275,7 +280,8 @@ def at_most(
             flat,
             kl,
         )
-    for i in order:  # room below a rung's size: the returns that still lower the KL, where they lower the cost
+    # room below a rung's size: the returns that still lower the KL, where they lower the cost
+    for i in order if every_candidate_scored(oracle) else ():
         rung, flat, kl = found[i]
         if not (flat > 0.5).sum() < rung.value < total:
             continue
