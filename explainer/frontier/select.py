@@ -133,7 +133,7 @@ def at_most(
     lowers the cost (``filled``, 1 when it won; with an adversary, a return can cost more gap than
     it saves KL): on induction's edges with the adversary, the 14-edge rung had settled in a robust
     13-edge set. Elsewhere each fill is a bounded search and one more attack a rung, which bought
-    small drops in KL for a sixth more of the sweep's time on the random models of
+    small drops in KL for up to a sixth more selection time on the random models of
     ``benchmarks/growth.py`` (``benchmarks/results/growth.json``, ``sweep_filled``).
     Then a rung whose KL is no lower than that
     of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
