@@ -134,11 +134,11 @@ def at_most(
     it saves KL): on induction's edges with the adversary, the 14-edge rung had settled in a robust
     13-edge set. Elsewhere each fill is a bounded search and one more attack a rung, which bought
     small drops in KL for up to a sixth more selection time on the random models of
-    ``benchmarks/growth.py`` (``benchmarks/results/growth.json``, ``sweep_filled``).
-    Then a rung whose KL is no lower than that
-    of a smaller rung buys nothing with its extra units, so it is replaced by that rung (keeping
-    its own target and history). The full model's rung stays as it is. Baselines' searches are
-    read the same way (``acdc``'s set for size ``k`` is its largest with at most ``k`` units).
+    ``benchmarks/growth.py`` (``benchmarks/results/growth.json``, ``sweep_filled``). Then a rung
+    whose KL is no lower than that of a smaller rung buys nothing with its extra units, so it is
+    replaced by that rung (keeping its own target and history). The full model's rung stays as it
+    is. Baselines' searches are read the same way (``acdc``'s set for size ``k`` is its largest
+    with at most ``k`` units).
     This is MIB's "at most ``k`` % of the units": without it, a rung no better than a smaller one
     puts a dominated point on the frontier, and the straight line to it from below lowers the
     area.
