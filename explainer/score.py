@@ -318,6 +318,11 @@ def prompt_stats(logits, ref: Reference):
     return metrics.prompt_stats(ref.full, logits, ref.answers, ref.wrong_answers)
 
 
+# the full model's own stats, as one compiled program (op by op, each op compiles for each new
+# number of prompts)
+_full_stats = jax.jit(prompt_stats)
+
+
 FIT_PROMPTS = 256  # prompts a ranking fits on (the first of the batch)
 IG_STEPS = 16  # points on the path of integrated gradients
 
@@ -385,7 +390,7 @@ def prompt_scores(
         for ref in refs:
             width = ref.tokens.shape[1]
             consts = None if constants is None else [last_columns(c, width, axis=0) for c in constants]
-            scored.append((prompt_stats(ref.full, ref), Scorer(scrubber, ref, layout)(rows, prompt_stats, consts)))
+            scored.append((_full_stats(ref.full, ref), Scorer(scrubber, ref, layout)(rows, prompt_stats, consts)))
         fulls.append(in_order(groups, [np.asarray(f) for f, _ in scored]))
         parts.append(in_order(groups, [p for _, p in scored], axis=1))
     return np.concatenate(fulls), np.concatenate(parts, axis=1)
