@@ -480,7 +480,8 @@ def flat_rows(sizes: list[dict]) -> list[dict]:
             t = r["timings"]
             rows.append({
                 "size": s["size"], "command": command, "units": r["units"], "wall_s": r["wall_s"],
-                "train_s": r["train_s"], "compile_s": t.get("compile"), "overhead_s": r["overhead_s"],
+                "train_s": r["train_s"], "compile_s": t.get("compile"), "xla_compile_s": t.get("xla_compile"),
+                "overhead_s": r["overhead_s"],
                 "overhead_ratio": r["overhead_ratio"], "peak_rss_gb": r["peak_rss_gb"],
                 "timed_out": r["timed_out"], "running_at_timeout": r["running_at_timeout"],
             })  # fmt: skip
@@ -526,8 +527,9 @@ def show(record: dict) -> None:
 
 
 PHASE_ORDER = ("compile", "train", "repair", "open_restart", "trim", "close", "select", "grade", "evaluate", "save")
-# seconds inside another phase: open_restart's (or select's) training steps, select's polishing and attacks
-WITHIN = ("open_restart_train", "polish", "select_attacks")
+# seconds inside another phase: open_restart's (or select's) training steps, select's polishing and
+# attacks, and XLA's compiles within every phase
+WITHIN = ("open_restart_train", "polish", "select_attacks", "xla_compile")
 
 
 def plot(record: dict, path: Path) -> None:

@@ -208,7 +208,7 @@ class Explanation:
             "kept": self.kept,
             "faithfulness": self.faithfulness,
             "warnings": list(self.warnings),
-            "timings": {k: round(float(v), 3) for k, v in dict(self.timings).items()},
+            "timings": _rounded(self.timings),
             "versions": self.versions,
         } | ({"rewrites": self.rewrite_report} if self.rewrite_report else {})
 
@@ -372,7 +372,15 @@ def _timings(record: Any) -> Any:
     from explainer.progress import Timings
 
     ok = isinstance(record, dict) and all(isinstance(v, (int, float)) for v in record.values())
-    return Timings(record if ok else {})
+    return Timings.of_record(record if ok else {})
+
+
+def _rounded(timings: Any) -> dict[str, float]:
+    """``timings`` for JSON: a :class:`~explainer.progress.Timings`' own rounding (with ``xla_compile``
+    for a run's live timings), any other mapping's values to the millisecond."""
+    if hasattr(timings, "rounded"):
+        return timings.rounded()
+    return {k: round(float(v), 3) for k, v in dict(timings).items()}
 
 
 def _is_history(history: Any) -> bool:

@@ -122,16 +122,57 @@ class progress_bar:
 _say = say  # Timings.phase's parameter of that name hides the function
 
 
+# JAX's monitoring event of one program's XLA compile (not sent for a program loaded from the
+# compile cache)
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiling = {"seconds": 0.0, "programs": 0, "listening": False}
+_compiling_lock = threading.Lock()
+
+
+def _on_duration(event: str, seconds: float, **_: object) -> None:
+    if event == COMPILE_EVENT:
+        with _compiling_lock:
+            _compiling["seconds"] += seconds
+            _compiling["programs"] += 1
+
+
+def compiled() -> tuple[float, int]:
+    """Seconds XLA has spent compiling programs in this process, and how many, since the first
+    call (which starts the count: JAX's monitoring reports each compile as it finishes, on any
+    thread)."""
+    with _compiling_lock:
+        if not _compiling["listening"]:
+            import jax.monitoring
+
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            _compiling["listening"] = True
+        return float(_compiling["seconds"]), int(_compiling["programs"])
+
+
 class Timings(dict):
     """Seconds per phase of a run (compile, train, each finishing pass, evaluate, save), in the
-    order the phases first ran; a phase that runs again adds to its time.
+    order the phases first ran; a phase that runs again adds to its time. :meth:`rounded` adds
+    ``xla_compile``: the seconds XLA spent compiling programs since the timings were made, within
+    whichever phases did it (the step's first call, scoring's and evaluation's programs, small
+    array operations run one by one); a program loaded from the compile cache costs none.
 
     >>> t = Timings()
     >>> with t.phase("train"):
     ...     pass
-    >>> list(t), t["train"] >= 0
-    (['train'], True)
+    >>> list(t), t["train"] >= 0, list(t.rounded())
+    (['train'], True, ['train', 'xla_compile'])
     """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.compiled_from: float | None = compiled()[0]
+
+    @classmethod
+    def of_record(cls, record: dict[str, float]) -> Timings:
+        """A saved run's timings, as they were recorded (``xla_compile`` included, not counted on)."""
+        out = cls(record)
+        out.compiled_from = None
+        return out
 
     @contextmanager
     def phase(self, name: str, say: bool = False, every: float = SILENCE) -> Iterator[None]:
@@ -149,5 +190,8 @@ class Timings(dict):
                 _say(f"{name} done [{time.perf_counter() - started:.1f}s]")
 
     def rounded(self) -> dict[str, float]:
-        """The timings as plain floats, to the millisecond (for JSON)."""
-        return {k: round(float(v), 3) for k, v in self.items()}
+        """The timings as plain floats, to the millisecond (for JSON), and ``xla_compile``."""
+        out = {k: round(float(v), 3) for k, v in self.items()}
+        if self.compiled_from is None:  # a saved run's, as recorded
+            return out
+        return out | {"xla_compile": round(compiled()[0] - self.compiled_from, 3)}

@@ -190,7 +190,9 @@ def test_attack_json_contract(run, cli_here):
     assert {"kl_mean", "kl_max"} <= set(result["gap"])
     assert result["gap"]["kl_mean"] < 1e-4  # the planted truth leaves nothing to find
     assert {m["method"] for m in result["methods"]} >= {"greedy", "random", "gradient", "exhaustive"}
-    assert list(result["timings"]) == ["prepare", "reference", *(m["method"] for m in result["methods"])]  # in order
+    phases = ["prepare", "reference", *(m["method"] for m in result["methods"])]
+    assert list(result["timings"]) == [*phases, "xla_compile"]  # in order, then the compiles within them
+    assert 0 <= result["timings"]["xla_compile"] <= sum(result["timings"][p] for p in phases)
     assert json.loads((out / "attack.json").read_text())["budget"] == 1
     assert "attack" in cli_here("show", out, "--png", out / "m.png").stdout
     single = last_json(cli_here("attack", out, "--budget", "2", "--method", "greedy", "--json"))

@@ -3,7 +3,10 @@
 import threading
 import time
 
-from explainer.progress import Timings, heartbeat, say
+import jax
+import jax.numpy as jnp
+
+from explainer.progress import Timings, compiled, heartbeat, say
 
 
 def _beats(err: str, name: str) -> list[str]:
@@ -31,3 +34,17 @@ def test_no_heartbeat_while_the_phase_talks_or_when_it_is_not_announced(capsys):
     with Timings().phase("unsaid", every=0.05):
         time.sleep(0.2)
     assert capsys.readouterr().err == ""
+
+
+def test_timings_count_the_seconds_xla_spends_compiling_and_a_saved_record_keeps_its_own():
+    timings = Timings()
+    before = compiled()
+    with timings.phase("work"):
+        # a program of a shape nothing else compiles: XLA compiles it here
+        jax.jit(lambda x: jnp.tanh(x) * 3.0 + x.sum())(jnp.ones((3, 17, 29))).block_until_ready()
+    seconds, programs = compiled()
+    assert programs > before[1] and seconds > before[0]
+    rounded = timings.rounded()
+    assert list(rounded) == ["work", "xla_compile"] and 0 < rounded["xla_compile"] <= rounded["work"] + 1e-3
+    saved = Timings.of_record(rounded)  # as a saved run reads back: its count, not a new one
+    assert saved.rounded() == rounded
