@@ -377,10 +377,10 @@ def _timings(record: Any) -> Any:
 
 def _rounded(timings: Any) -> dict[str, float]:
     """``timings`` for JSON: a :class:`~explainer.progress.Timings`' own rounding (with ``xla_compile``
-    for a run's live timings), any other mapping's values to the millisecond."""
-    if hasattr(timings, "rounded"):
-        return timings.rounded()
-    return {k: round(float(v), 3) for k, v in dict(timings).items()}
+    for a run's live timings), any other mapping's as a record's."""
+    from explainer.progress import Timings
+
+    return (timings if isinstance(timings, Timings) else Timings.of_record(dict(timings))).rounded()
 
 
 def _is_history(history: Any) -> bool:

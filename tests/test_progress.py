@@ -39,9 +39,14 @@ def test_no_heartbeat_while_the_phase_talks_or_when_it_is_not_announced(capsys):
 def test_timings_count_the_seconds_xla_spends_compiling_and_a_saved_record_keeps_its_own():
     timings = Timings()
     before = compiled()
-    with timings.phase("work"):
-        # a program of a shape nothing else compiles: XLA compiles it here
-        jax.jit(lambda x: jnp.tanh(x) * 3.0 + x.sum())(jnp.ones((3, 17, 29))).block_until_ready()
+    cached = jax.config.jax_enable_compilation_cache  # a command run in this process may have turned it on
+    jax.config.update("jax_enable_compilation_cache", False)  # so that XLA compiles, not loads, the program
+    try:
+        with timings.phase("work"):
+            # a program of a shape nothing else compiles: XLA compiles it here
+            jax.jit(lambda x: jnp.tanh(x) * 3.0 + x.sum())(jnp.ones((3, 17, 29))).block_until_ready()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     seconds, programs = compiled()
     assert programs > before[1] and seconds > before[0]
     rounded = timings.rounded()
