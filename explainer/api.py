@@ -210,7 +210,7 @@ def _explanation(scrubber, the_task, folder, task, config, adversary, progress, 
     kept, gates, history, constants = fitted.keep, fitted.gates, fitted.history, fitted.constants
     history["seconds"] = [time.perf_counter() - started]
     scrubber = fitted.scrubber  # a learned basis as trained (and refit)
-    with timings.phase("evaluate"):
+    with timings.phase("evaluate", say=progress):
         faithfulness = evaluate_keep(
             for_mask(scrubber, the_task.train_data(), kept, config.optimiser.seed, constants),  # optimal: fitted
             the_task.heldout_data(),

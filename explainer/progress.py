@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 SILENCE = 30.0  # seconds an announced phase may go without a line on stderr before its heartbeat
@@ -26,20 +26,21 @@ def say(text: str) -> None:
 
 
 @contextmanager
-def heartbeat(name: str, every: float = SILENCE) -> Iterator[None]:
-    """While the block runs, ``name ... [Ns]`` on stderr whenever nothing has been said for
-    ``every`` seconds (a daemon thread; it stops with the block).
+def heartbeat(name: str, every: float = SILENCE, line: Callable[[float], str] | None = None) -> Iterator[None]:
+    """While the block runs, ``name ... [Ns]`` on stderr (``line(N)`` when given) whenever nothing
+    has been said for ``every`` seconds (a daemon thread; it stops with the block).
 
     >>> with heartbeat("repair", every=60.0):
     ...     pass
     """
     started, stop = time.perf_counter(), threading.Event()
+    line = line or (lambda elapsed: f"{name} ... [{elapsed:.0f}s]")
 
     def beat() -> None:
         while not stop.wait(max(0.01, every - (time.perf_counter() - _last_said[0]))):
             now = time.perf_counter()
             if now - _last_said[0] >= every:
-                say(f"{name} ... [{now - started:.0f}s]")
+                say(line(now - started))
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{name}", daemon=True)
     thread.start()
@@ -55,7 +56,8 @@ class progress_bar:
 
     On a terminal it draws a rich bar on stderr; when stderr is not a terminal (a log file, a job
     scheduler, a pipe) it prints a plain line at most every ``interval`` seconds and one at the end,
-    so long work is never silent.
+    and while ``advance`` is not called (a step that compiles, a slow stretch) the last line again
+    once nothing has been said for ``interval`` seconds, so long work is never silent.
 
     >>> with progress_bar(False, 10) as advance:
     ...     advance(5, "halfway")
@@ -94,28 +96,36 @@ class progress_bar:
 
     def _lines(self):
         started = last = time.perf_counter()
-        self.last_line: tuple[int, str] | None = None
+        self.last_line: tuple[int, str] | None = None  # reported by advance, not printed yet
+        latest = [(0, "")]  # what the heartbeat repeats
 
         def advance(done: int, text: str) -> None:
             nonlocal last
             now = time.perf_counter()
-            self.last_line = (done, text)
-            if now - last >= self.interval or done >= self.total:
+            self.last_line = latest[0] = (done, text)
+            if now - max(last, _last_said[0]) >= self.interval or done >= self.total:
                 last = now
                 self._print(done, text, now - started)
                 self.last_line = None
 
         self.started = started
+        self.beating = heartbeat(self.label, self.interval, lambda elapsed: self._line(*latest[0], elapsed))
+        self.beating.__enter__()
         return advance
 
+    def _line(self, done: int, text: str, elapsed: float) -> str:
+        return f"{self.label} {done}/{self.total} {text} [{elapsed:.0f}s]".replace("  ", " ")
+
     def _print(self, done: int, text: str, elapsed: float) -> None:
-        say(f"{self.label} {done}/{self.total} {text} [{elapsed:.0f}s]".replace("  ", " "))
+        say(self._line(done, text, elapsed))
 
     def __exit__(self, *exc):
         if self.enabled and self.bar is not None:
             self.bar.__exit__(*exc)
-        elif self.enabled and getattr(self, "last_line", None) is not None:
-            self._print(*self.last_line, time.perf_counter() - self.started)
+        elif self.enabled and getattr(self, "beating", None) is not None:
+            self.beating.__exit__(None, None, None)
+            if self.last_line is not None:
+                self._print(*self.last_line, time.perf_counter() - self.started)
         return False
 
 

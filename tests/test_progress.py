@@ -6,7 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from explainer.progress import Timings, compiled, heartbeat, say
+from explainer.progress import Timings, compiled, heartbeat, progress_bar, say
 
 
 def _beats(err: str, name: str) -> list[str]:
@@ -34,6 +34,21 @@ def test_no_heartbeat_while_the_phase_talks_or_when_it_is_not_announced(capsys):
     with Timings().phase("unsaid", every=0.05):
         time.sleep(0.2)
     assert capsys.readouterr().err == ""
+
+
+def test_a_bar_off_a_terminal_repeats_its_last_line_while_nothing_advances(capsys):
+    """stderr is not a terminal under capsys: plain lines, and while no step ends (a step that
+    compiles) the last line again every ``interval`` seconds of silence, until the bar closes."""
+    with progress_bar(True, 10, label="steps", interval=0.05) as advance:
+        advance(0, "compiling the step")
+        time.sleep(0.3)
+        during = capsys.readouterr().err.splitlines()
+        assert len(during) >= 2 and all(line.startswith("steps 0/10 compiling the step [") for line in during)
+        advance(10, "kl 0.1")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("steps 10/10 kl 0.1 [")
+    time.sleep(0.2)  # the heartbeat ended with the bar
+    assert capsys.readouterr().err == ""
+    assert not any(t.name.startswith("heartbeat-") for t in threading.enumerate())
 
 
 def test_timings_count_the_seconds_xla_spends_compiling_and_a_saved_record_keeps_its_own():

@@ -35,7 +35,9 @@ def test_the_loop_checkpoints_resumes_and_times_the_compile(tmp_path):
     assert float(state["x"]) == 30 and history["kl"] == list(range(30))
     assert list(timings) == ["compile", "train"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [30, 20]
-    assert seen == [(20, " kl 19.0000"), (30, " kl 29.0000")]
+    # announced before the first step (which compiles), reported after it, then every 50 steps,
+    # at each checkpoint and at the end
+    assert seen == [(0, "compiling the step"), (1, " kl 0.0000"), (20, " kl 19.0000"), (30, " kl 29.0000")]
     # from the checkpoint at step 20 alone, the loop runs the last 10 steps and ends where it did
     (tmp_path / "step-00000030.safetensors").unlink()
     again, resumed = run_steps(_counting(), start, None, jnp.ones(()), 30, checkpoints=tmp_path, every=20)

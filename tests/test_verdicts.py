@@ -114,3 +114,4 @@ def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path):
     proc = cli("train", "--model", "planted-distractor", "--steps", "60", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert "training 60/60" in proc.stderr
+    assert "evaluate ..." in proc.stderr and "evaluate done [" in proc.stderr  # every phase says it runs

@@ -194,8 +194,10 @@ def run_steps(
       ``place`` puts the starting state, fresh or loaded, where the step runs. A fault's error names
       the last good checkpoint.
     - ``advance(done + n, text)``: progress every 50 steps, at each checkpoint and at the end, with
-      ``describe(history)`` as text (by default ``label`` and the last step's mean KL). ``label``
-      is also saved in each checkpoint's meta.
+      ``describe(history)`` as text (by default ``label`` and the last step's mean KL); also before
+      the first step (text ``compiling the step`` where ``done`` and the run start at 0: the first
+      step a bar shows is the one that compiles) and after it. ``label`` is also saved in each
+      checkpoint's meta.
     - ``settle`` (:func:`watched`: the batch's gate logits and adversary state, on the host -> a
       digest of its finished explanations and attacks) and ``patience``: the run stops early once
       that digest, read every ``SETTLE_EVERY`` steps, has not changed for ``patience`` steps. The
@@ -235,14 +237,16 @@ def run_steps(
         signature, since = settle(read()), first
     if first:
         advance(done + first, "")
+    elif not done and last:  # a bar's first step: it compiles (and a slow compile is announced)
+        advance(0, "compiling the step")
     clock = time.perf_counter()
     n = first
     while n < last:
         # the next step the run reads its states at: a settle read, a checkpoint, the end
         stop = min(last, (n // SETTLE_EVERY + 1) * SETTLE_EVERY, (n // every + 1) * every if every else last)
         timed = timings is not None and n == first
-        if timed:
-            stop = n + 1  # the first step alone: it compiles the step, and is timed apart
+        if n == first:
+            stop = n + 1  # the first step alone: it compiles the step, is timed apart and reported
         if threads is not None:
             for metrics in threads.run(n, stop - n, first=n == first):
                 history.append(metrics)
@@ -262,7 +266,7 @@ def run_steps(
                 signature, since = now, n
             settled = n - since >= patience
         due = checkpoints is not None and every and (n % every == 0 or n == steps or settled)
-        if n % 50 == 0 or n == steps or due or settled:
+        if n % 50 == 0 or n == steps or due or settled or n == first + 1:
             history.flush(where)
             note = f" settled at step {n}" if settled else ""
             advance(done + (steps if settled else n), describe(history.values) + note)
