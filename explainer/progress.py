@@ -28,7 +28,7 @@ def say(text: str) -> None:
 @contextmanager
 def heartbeat(name: str, every: float = SILENCE, line: Callable[[float], str] | None = None) -> Iterator[None]:
     """While the block runs, ``name ... [Ns]`` on stderr (``line(N)`` when given) whenever nothing
-    has been said for ``every`` seconds (a daemon thread; it stops with the block).
+    has been said for ``every`` seconds within it (a daemon thread; it stops with the block).
 
     >>> with heartbeat("repair", every=60.0):
     ...     pass
@@ -36,10 +36,10 @@ def heartbeat(name: str, every: float = SILENCE, line: Callable[[float], str] | 
     started, stop = time.perf_counter(), threading.Event()
     line = line or (lambda elapsed: f"{name} ... [{elapsed:.0f}s]")
 
-    def beat() -> None:
-        while not stop.wait(max(0.01, every - (time.perf_counter() - _last_said[0]))):
+    def beat() -> None:  # silence counts from the block's start at the earliest
+        while not stop.wait(max(0.01, every - (time.perf_counter() - max(_last_said[0], started)))):
             now = time.perf_counter()
-            if now - _last_said[0] >= every:
+            if now - max(_last_said[0], started) >= every:
                 say(line(now - started))
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{name}", daemon=True)

@@ -6,6 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from explainer import progress
 from explainer.progress import Timings, compiled, heartbeat, progress_bar, say
 
 
@@ -39,9 +40,12 @@ def test_no_heartbeat_while_the_phase_talks_or_when_it_is_not_announced(capsys):
 def test_a_bar_off_a_terminal_repeats_its_last_line_while_nothing_advances(capsys):
     """stderr is not a terminal under capsys: plain lines, and while no step ends (a step that
     compiles) the last line again every ``interval`` seconds of silence, until the bar closes."""
-    with progress_bar(True, 10, label="steps", interval=0.05) as advance:
+    progress._last_said[0] -= 100.0  # silent work before the bar opened does not make it beat at once
+    with progress_bar(True, 10, label="steps", interval=0.5) as advance:
         advance(0, "compiling the step")
-        time.sleep(0.3)
+        time.sleep(0.1)
+        assert capsys.readouterr().err == ""
+        time.sleep(1.3)
         during = capsys.readouterr().err.splitlines()
         assert len(during) >= 2 and all(line.startswith("steps 0/10 compiling the step [") for line in during)
         advance(10, "kl 0.1")
