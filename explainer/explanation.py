@@ -35,6 +35,7 @@ import numpy as np
 from explainer.errors import ExplainerError
 from explainer.models.folders import swap_into_place
 from explainer.models.native import read_json, write_json
+from explainer.progress import Timings
 
 SCHEMA_VERSION = 1
 JSON_FILE = "explanation.json"
@@ -369,8 +370,6 @@ def load(path: str | os.PathLike) -> Explanation:
 
 def _timings(record: Any) -> Any:
     """The run's seconds per phase, as a :class:`~explainer.progress.Timings` (empty when absent)."""
-    from explainer.progress import Timings
-
     ok = isinstance(record, dict) and all(isinstance(v, (int, float)) for v in record.values())
     return Timings.of_record(record if ok else {})
 
@@ -378,8 +377,6 @@ def _timings(record: Any) -> Any:
 def _rounded(timings: Any) -> dict[str, float]:
     """``timings`` for JSON: a :class:`~explainer.progress.Timings`' own rounding (with ``xla_compile``
     for a run's live timings), any other mapping's as a record's."""
-    from explainer.progress import Timings
-
     return (timings if isinstance(timings, Timings) else Timings.of_record(dict(timings))).rounded()
 
 

@@ -95,16 +95,15 @@ class progress_bar:
         return advance
 
     def _lines(self):
-        started = last = time.perf_counter()
+        started = time.perf_counter()
         self.last_line: tuple[int, str] | None = None  # reported by advance, not printed yet
         latest = [(0, "")]  # what the heartbeat repeats
 
         def advance(done: int, text: str) -> None:
-            nonlocal last
             now = time.perf_counter()
             self.last_line = latest[0] = (done, text)
-            if now - max(last, _last_said[0]) >= self.interval or done >= self.total:
-                last = now
+            # silence since the bar opened, or since the last line said (this bar's own among them)
+            if now - max(started, _last_said[0]) >= self.interval or done >= self.total:
                 self._print(done, text, now - started)
                 self.last_line = None
 
